@@ -1,0 +1,3 @@
+from epoxi.cli import main
+
+main()

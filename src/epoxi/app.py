@@ -1,0 +1,177 @@
+"""The composition root: builds every part from the settings, starts and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from epoxi.bounce.classify import Classifier
+from epoxi.config import parse_hostport
+from epoxi.delivery.engine import DeliveryEngine
+from epoxi.dns.resolver import Resolver
+from epoxi.events.log import RecordLog
+from epoxi.events.records import Record, RecordType
+from epoxi.queue.headers import take_epoxi_headers
+from epoxi.queue.model import Job, Message, queue_name, split_by_domain
+from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
+from epoxi.reception.server import SmtpServer
+from epoxi.spool import Spool
+from epoxi.spool.records import MessageMeta
+
+if TYPE_CHECKING:
+    from epoxi.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Epoxi:
+    """One Epoxi node: spool, SMTP reception, queues and the delivery engine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        spool = settings.spool
+        self.spool = Spool(
+            settings.data_dir / "spool.db",
+            max_batch=spool.max_batch,
+            max_pending=spool.max_pending,
+            min_free_bytes=spool.min_free_space,
+        )
+        self.records = RecordLog(settings.data_dir / "logs")
+        nameservers = [parse_hostport(n, 53) for n in settings.dns.nameservers] or None
+        self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
+        self.scheduler = Scheduler(release=self._release, on_hold=self._held)
+        self.engine = DeliveryEngine(
+            settings,
+            resolver=self.resolver,
+            classifier=Classifier.from_files(list(settings.delivery.bounce_rules)),
+            records=self.records,
+            spool=self.spool,
+            scheduler=self.scheduler,
+            inject=self.inject,
+        )
+        self.smtp = SmtpServer(settings, ingest=self)
+        self._stopping = asyncio.Event()
+        self._scheduler_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- ingest
+
+    def unhealthy_reason(self) -> str | None:
+        return self.spool.unhealthy_reason()
+
+    async def accept(self, meta: MessageMeta, body: bytes) -> None:
+        """Take a message from reception: spool it durably, record it, queue it."""
+        body, control = take_epoxi_headers(body)
+        if control:
+            meta.tenant = control.get("tenant", meta.tenant)
+            meta.campaign = control.get("campaign", meta.campaign)
+            meta.size = len(body)
+        await self.inject(meta, body)
+
+    async def inject(self, meta: MessageMeta, body: bytes) -> None:
+        """Spool and queue a message made here or received (DSNs, the HTTP API)."""
+        await self.spool.store(meta, body)
+        self.records.emit(
+            Record(
+                type=RecordType.RECEPTION,
+                message_id=meta.id,
+                sender=meta.sender,
+                recipient=",".join(meta.recipients[:10]),
+                peer_address=meta.peer,
+                size=meta.size,
+                reason=meta.origin,
+            )
+        )
+        self.enqueue(meta, body)
+
+    def enqueue(self, meta: MessageMeta, body: bytes | None) -> None:
+        """Split a spooled message into one job per recipient domain and schedule them."""
+        message = Message(meta, body)
+        groups = split_by_domain(meta.recipients)
+        message.open_jobs = len(groups)
+        if not groups:
+            self.spool.remove(meta.id)
+        for domain, recipients in groups.items():
+            self.scheduler.add(
+                Job(
+                    message,
+                    domain,
+                    recipients,
+                    queue_name(domain, meta.tenant, meta.campaign),
+                    attempts=meta.attempts,
+                    due=meta.due,
+                )
+            )
+
+    def _release(self, job: Job) -> None:
+        self.engine.submit(job)
+
+    def _held(self, job: Job, suspension: Suspension) -> None:
+        meta = job.message.meta
+        for recipient in job.recipients:
+            self.records.emit(
+                Record(
+                    type=RecordType.SUSPENDED,
+                    message_id=meta.id,
+                    queue=job.queue,
+                    sender=meta.sender,
+                    recipient=recipient,
+                    size=meta.size,
+                    reason=f"{suspension.kind} {suspension.value} suspended: {suspension.reason}",
+                )
+            )
+
+    # ----------------------------------------------------------------- admin (in-process)
+
+    def suspend(
+        self, kind: SuspendKind, value: str, reason: str = "", duration: float | None = None
+    ) -> None:
+        until = time.time() + duration if duration else None
+        self.scheduler.suspend(Suspension(kind, value, reason, until))
+
+    def resume(self, kind: SuspendKind, value: str) -> int:
+        return self.scheduler.resume(kind, value)
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spool.open()
+        await self.records.start()
+        count = await self._load_spool()
+        log.info("spool %s holds %d messages", self.spool.path, count)
+        self._scheduler_task = asyncio.get_running_loop().create_task(self.scheduler.run())
+        self.engine.start()
+        await self.smtp.start()
+
+    async def _load_spool(self) -> int:
+        """Queue everything the spool holds (bodies stay on disk until their attempt)."""
+        batches = await asyncio.to_thread(lambda: list(self.spool.iter_meta()))
+        for batch in batches:
+            for meta in batch:
+                self.enqueue(meta, None)
+        return sum(len(batch) for batch in batches)
+
+    async def stop(self) -> None:
+        log.info("shutting down")
+        await self.smtp.stop()
+        await self.engine.stop()
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+        await self.records.stop()
+        await self.spool.close()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        log.info("Epoxi %s ready", self.settings.hostname)
+        await self._stopping.wait()
+        await self.stop()

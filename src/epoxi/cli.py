@@ -1,0 +1,109 @@
+"""The ``epoxi`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvloop
+
+from epoxi import __version__
+from epoxi.config import Settings, load_settings
+from epoxi.errors import ConfigError
+
+app = typer.Typer(
+    help="Epoxi, a Mail Transfer Agent.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+users_app = typer.Typer(help="Manage SMTP AUTH users.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(users_app, name="users")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (see examples/epoxi.toml).",
+        exists=False,
+        dir_okay=False,
+    ),
+]
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"epoxi: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run Epoxi in the foreground until SIGTERM or SIGINT.
+
+    Environment variables (EPOXI_SMTP_LISTEN, EPOXI_DATA_DIR, ...) override the file.
+    """
+    from epoxi.app import Epoxi
+
+    settings = _load(config)
+    _configure_logging(settings.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(Epoxi(settings).run())
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate a configuration file (and the EPOXI_* environment) without starting."""
+    settings = _load(config)
+    listeners = ", ".join(f"{lst.address} ({lst.tls})" for lst in settings.smtp.listeners)
+    typer.echo(
+        f"configuration OK: hostname {settings.hostname}, SMTP on {listeners}, "
+        f"data in {settings.data_dir}"
+    )
+
+
+@users_app.command("hash")
+def users_hash(
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Print a password hash for the [users] table of the configuration."""
+    from epoxi.reception.auth import hash_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            typer.echo("epoxi: the passwords differ", err=True)
+            raise typer.Exit(1)
+    if not password:
+        typer.echo("epoxi: empty password", err=True)
+        raise typer.Exit(1)
+    typer.echo(hash_password(password))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"epoxi {__version__}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,361 @@
+"""Settings: a TOML file plus ``EPOXI_*`` environment overrides, validated into frozen models.
+
+Validation happens once, at start. An unknown key or a bad value raises
+:class:`~epoxi.errors.ConfigError` whose message names the key and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from epoxi.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"30s"``, ``"5m"``, ``"5d"``, ``"250ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '5d'")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '5d'")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """Octets from a number or a string such as ``"25MiB"``, ``"512k"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError("a size is a number of octets or a string like '512k', '25MiB', '1G'")
+    unit = (match.group(2) or "").lower()[:1] or None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or a bare host."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if not host or (port and not port.isdigit()) or not 0 <= int(port or default_port) <= 65535:
+        raise ValueError("expected host:port, such as 127.0.0.1:2525 or [::1]:25")
+    return host, int(port or default_port)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+
+def _comma_list(value: Any) -> Any:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(_Model):
+    """One SMTP listening address and its own rules."""
+
+    address: str
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    auth: bool = True  # offer AUTH (after TLS unless auth_plaintext)
+    auth_plaintext: bool = False  # allow AUTH on an unencrypted connection
+    require_auth: bool = False  # submission: relaying needs AUTH even from trusted networks
+    trusted_networks: tuple[str, ...] | None = None  # None: the global setting
+    local_domains: tuple[str, ...] | None = None  # None: the global setting
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _check_networks(cls, value: Any) -> Any:
+        return _validate_networks(_comma_list(value)) if value is not None else None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+class SmtpSettings(_Model):
+    """Limits and behaviour of the SMTP server, shared by every listener."""
+
+    listeners: tuple[Listener, ...] = (Listener(address="127.0.0.1:2525"),)
+    max_message_size: Size = 50 * 1024 * 1024
+    max_recipients: int = Field(1000, ge=1)
+    max_connections: int = Field(2000, ge=1)
+    max_connections_per_ip: int = Field(200, ge=1)
+    max_errors: int = Field(10, ge=1)  # bad commands before 421 and close
+    max_line_length: int = Field(1000, ge=80)  # octets including CRLF (RFC 5321 §4.5.3.1.6)
+    idle_timeout: Duration = 300.0  # waiting for a command (RFC 5321 §4.5.3.2.7: 5 min)
+    data_timeout: Duration = 180.0  # waiting for the next DATA/BDAT block
+    reject_bare_cr_lf: bool = True  # 554 5.6.0 for bare CR or LF in DATA (smuggling defence)
+    auth_max_failures: int = Field(5, ge=1)  # per client IP within auth_failure_window
+    auth_failure_window: Duration = 300.0
+    tls_cert: Path | None = None  # PEM; a self-signed pair is generated in data_dir if unset
+    tls_key: Path | None = None
+    banner: str = "ESMTP Epoxi"
+
+
+class SpoolSettings(_Model):
+    max_pending: int = Field(20_000, ge=1)  # queued writes before new mail gets 452 4.3.1
+    min_free_space: Size = 256 * 1024 * 1024  # below this free disk, new mail gets 452 4.3.1
+    max_batch: int = Field(512, ge=1)
+
+
+class RelaySettings(_Model):
+    """A smarthost that receives all outbound mail."""
+
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    tls: Literal["opportunistic", "required", "disabled", "implicit"] = "opportunistic"
+
+
+class DnsSettings(_Model):
+    nameservers: tuple[str, ...] = ()  # host:port; empty means /etc/resolv.conf
+    timeout: Duration = 5.0
+
+    @field_validator("nameservers", mode="before")
+    @classmethod
+    def _check_nameservers(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        for item in value:
+            parse_hostport(item, 53)
+        return value
+
+
+class ShapingSettings(_Model):
+    """Limits for one destination; unset fields inherit from the defaults."""
+
+    connection_limit: int | None = Field(None, ge=1)  # open connections per ready queue
+    max_deliveries_per_connection: int | None = Field(None, ge=1)
+    idle_timeout: Duration | None = None  # close a connection idle this long
+    max_message_rate: str | None = None  # e.g. "100/s", "2000/h"
+    max_connection_rate: str | None = None  # new connections, e.g. "10/s"
+    max_recipients_per_transaction: int | None = Field(None, ge=1)
+    tls: Literal["opportunistic", "required", "disabled"] | None = None
+    tls_verify: bool | None = None
+
+    @field_validator("max_message_rate", "max_connection_rate")
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            from epoxi.shaping.throttle import Rate
+
+            Rate.parse(value)
+        return value
+
+
+DEFAULT_SHAPING = ShapingSettings(
+    connection_limit=10,
+    max_deliveries_per_connection=100,
+    idle_timeout=5.0,
+    max_recipients_per_transaction=100,
+    tls="opportunistic",
+    tls_verify=False,
+)
+
+
+class RouteSettings(_Model):
+    """A static route: mail for ``domains`` goes to ``hosts`` instead of the MX hosts."""
+
+    domains: tuple[str, ...]  # "*" matches every domain
+    hosts: tuple[str, ...]  # host:port, tried in order
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    tls: Literal["opportunistic", "required", "disabled", "implicit"] = "opportunistic"
+    tls_verify: bool = False
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("a route needs at least one host")
+        for item in value:
+            parse_hostport(item)
+        return value
+
+
+class SourceSettings(_Model):
+    """An egress source: the local address connections come from, and the EHLO name."""
+
+    name: str
+    bind: str | None = None  # local IP address; None lets the kernel choose
+    ehlo: str | None = None  # None: the hostname
+
+
+class TimeoutSettings(_Model):
+    """Delivery client timeouts, one per SMTP phase (seconds or '30s', '5m')."""
+
+    connect: Duration = 30.0
+    banner: Duration = 300.0
+    ehlo: Duration = 300.0
+    starttls: Duration = 300.0
+    auth: Duration = 300.0
+    mail: Duration = 300.0
+    rcpt: Duration = 300.0
+    data: Duration = 120.0
+    data_end: Duration = 600.0
+    rset: Duration = 60.0
+    quit: Duration = 10.0
+
+
+class DeliverySettings(_Model):
+    """Retries, expiry, shaping, routes and sources of outbound delivery."""
+
+    retry_interval: Duration = 300.0  # first retry; doubles with each attempt (plus jitter)
+    max_retry_interval: Duration = 14400.0
+    max_age: Duration = 5 * 86400.0  # expire (and DSN) after this long in the queue
+    dsn: bool = True  # send RFC 3464 DSNs for bounces and expiries
+    ready_queue_limit: int = Field(10_000, ge=1)  # jobs per ready queue before holding back
+    expiry_sweep_interval: Duration = 30.0
+    mx_port: int = Field(25, ge=1, le=65535)  # port of MX hosts (tests point it at sinks)
+    defaults: ShapingSettings = DEFAULT_SHAPING
+    shaping: dict[str, ShapingSettings] = Field(default_factory=dict)  # by domain or site
+    routes: tuple[RouteSettings, ...] = ()
+    sources: tuple[SourceSettings, ...] = (SourceSettings(name="default"),)
+    timeouts: TimeoutSettings = TimeoutSettings()
+    bounce_rules: tuple[Path, ...] = ()  # extra TOML rule files, before the shipped ones
+
+
+class Settings(_Model):
+    """Everything Epoxi reads at start."""
+
+    hostname: str = Field(default_factory=socket.getfqdn)
+    data_dir: Path = Path("./data")
+    local_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    users: dict[str, str] = Field(default_factory=dict, repr=False)  # name -> password hash
+    http_listen: tuple[str, ...] = ("127.0.0.1:4000",)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    smtp: SmtpSettings = SmtpSettings()
+    spool: SpoolSettings = SpoolSettings()
+    relay: RelaySettings | None = None
+    dns: DnsSettings = DnsSettings()
+    delivery: DeliverySettings = DeliverySettings()
+
+    @field_validator("local_domains", mode="before")
+    @classmethod
+    def _lower_domains(cls, value: Any) -> Any:
+        return [d.lower().rstrip(".") for d in _comma_list(value)]
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _check_networks(cls, value: Any) -> Any:
+        return _validate_networks(_comma_list(value))
+
+    @field_validator("http_listen", mode="before")
+    @classmethod
+    def _check_http_listen(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        for item in value:
+            parse_hostport(item, 4000)
+        return value
+
+
+def _validate_networks(value: list[str]) -> list[str]:
+    for item in value:
+        ipaddress.ip_network(item, strict=False)
+    return value
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), apply ``EPOXI_*`` overrides from ``env``, validate."""
+    raw = _read_toml(path) if path is not None else {}
+    apply_env_overrides(raw, os.environ if env is None else env)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Overlay the documented ``EPOXI_*`` variables on the parsed file, in place."""
+    simple = {
+        "EPOXI_HTTP_LISTEN": "http_listen",
+        "EPOXI_DATA_DIR": "data_dir",
+        "EPOXI_HOSTNAME": "hostname",
+        "EPOXI_TRUSTED_NETWORKS": "trusted_networks",
+        "EPOXI_LOCAL_DOMAINS": "local_domains",
+        "EPOXI_LOG_LEVEL": "log_level",
+    }
+    for var, key in simple.items():
+        if var in env:
+            raw[key] = env[var]
+    if "EPOXI_SMTP_LISTEN" in env:
+        _override_listeners(raw, _comma_list(env["EPOXI_SMTP_LISTEN"]))
+    if "EPOXI_DNS_NAMESERVERS" in env:
+        raw.setdefault("dns", {})["nameservers"] = env["EPOXI_DNS_NAMESERVERS"]
+    _override_relay(raw, env)
+
+
+def _override_listeners(raw: dict[str, Any], addresses: list[str]) -> None:
+    """Replace the listeners' addresses; settings of the file's first listener carry over."""
+    smtp = raw.setdefault("smtp", {})
+    listeners = smtp.get("listeners") or [{}]
+    template = {k: v for k, v in listeners[0].items() if k != "address"}
+    smtp["listeners"] = [{**template, "address": address} for address in addresses]
+
+
+def _override_relay(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    if "EPOXI_SMTP_RELAY" not in env:
+        return
+    relay = raw.setdefault("relay", {})
+    relay["host"] = env["EPOXI_SMTP_RELAY"]
+    for var, key in (
+        ("EPOXI_SMTP_PORT", "port"),
+        ("EPOXI_SMTP_USERNAME", "username"),
+        ("EPOXI_SMTP_PASSWORD", "password"),
+    ):
+        if var in env:
+            relay[key] = env[var]
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = "<hidden>" if "password" in key or key.startswith("users") else repr(err["input"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}unknown key {key!r} (value {value})")
+        else:
+            lines.append(f"{where}{key} = {value}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,1 @@
+"""Outbound delivery: the pipelined SMTP client, dispatchers and TLS policy."""

@@ -1,0 +1,101 @@
+"""Where mail for a domain goes: the smarthost, a static route, or the domain's MX hosts.
+
+The answer is a :class:`Destination`, whose ``site`` names the ready queue: domains whose
+MX hosts are the same set share one site, and so one ready queue and its limits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from epoxi.config import RouteSettings, Settings, parse_hostport
+from epoxi.delivery.client import ClientAuth, TlsPolicy
+from epoxi.dns.mx import resolve_mx
+from epoxi.dns.resolver import Resolver
+
+_ROUTE_CACHE_SECONDS = 60.0  # MX answers are cached by the resolver too; this skips the await
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The hosts to try, in order, and how to talk to them."""
+
+    site: str
+    hosts: tuple[tuple[str, int], ...]  # (host name or IP, port), most preferred first
+    tls: TlsPolicy
+    auth: ClientAuth | None = None
+    via_mx: bool = False  # hosts came from DNS: failures fall back to the next host
+
+
+class Router:
+    """Routes domains; static answers are immediate, MX answers are cached briefly."""
+
+    def __init__(self, settings: Settings, resolver: Resolver) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self._static = self._static_routes(settings)
+        self._cache: dict[str, tuple[float, Destination]] = {}
+
+    @staticmethod
+    def _static_routes(settings: Settings) -> list[RouteSettings]:
+        routes = list(settings.delivery.routes)
+        if settings.relay is not None:
+            relay = settings.relay
+            routes.insert(
+                0,
+                RouteSettings(
+                    domains=("*",),
+                    hosts=(f"{relay.host}:{relay.port}",),
+                    username=relay.username,
+                    password=relay.password,
+                    tls=relay.tls,
+                ),
+            )
+        return routes
+
+    def static(self, domain: str) -> Destination | None:
+        """The destination from a static route (or the smarthost), or None for MX routing."""
+        for exact in (True, False):
+            for route in self._static:
+                if (domain in route.domains) if exact else ("*" in route.domains):
+                    return _route_destination(route)
+        return None
+
+    def cached(self, domain: str) -> Destination | None:
+        """A destination known without waiting: static, or MX looked up recently."""
+        static = self.static(domain)
+        if static is not None:
+            return static
+        entry = self._cache.get(domain)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        return None
+
+    async def route(self, domain: str) -> Destination:
+        """Route ``domain``; raises DnsPermanent (bounce) or DnsTransient (retry later)."""
+        known = self.cached(domain)
+        if known is not None:
+            return known
+        plan = await resolve_mx(self.resolver, domain)
+        shaping = self.settings.delivery.defaults
+        port = self.settings.delivery.mx_port
+        destination = Destination(
+            site=plan.site,
+            hosts=tuple((h.name, port) for h in plan.hosts),
+            tls=TlsPolicy(mode=shaping.tls or "opportunistic", verify=bool(shaping.tls_verify)),
+            via_mx=True,
+        )
+        self._cache[domain] = (time.monotonic() + _ROUTE_CACHE_SECONDS, destination)
+        return destination
+
+
+def _route_destination(route: RouteSettings) -> Destination:
+    hosts = tuple(parse_hostport(h) for h in route.hosts)
+    auth = ClientAuth(route.username, route.password or "") if route.username else None
+    return Destination(
+        site="route:" + ",".join(f"{h}:{p}" for h, p in hosts),
+        hosts=hosts,
+        tls=TlsPolicy(mode=route.tls, verify=route.tls_verify),
+        auth=auth,
+    )

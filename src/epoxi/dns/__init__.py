@@ -1,0 +1,1 @@
+"""DNS resolution for delivery: a TTL-honouring cache, MX resolution and site names."""

@@ -1,0 +1,59 @@
+"""The one exception tree of Epoxi.
+
+::
+
+    EpoxiError
+     +-- ConfigError            a setting is unknown or has a bad value (names key and value)
+     +-- SpoolError             the durable store failed
+     |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
+     +-- DnsError               a lookup could not be answered
+     |    +-- DnsTransient      SERVFAIL, timeout: try again later
+     |    +-- DnsPermanent      NXDOMAIN, null MX: the domain cannot receive mail
+     +-- DeliveryError          talking to a remote server failed
+          +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
+          +-- ProtocolError     the server broke the protocol (garbage, early close)
+
+Foreign errors are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class EpoxiError(Exception):
+    """Base of every error Epoxi raises on purpose."""
+
+
+class ConfigError(EpoxiError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+class SpoolError(EpoxiError):
+    """The spool failed to store, load or remove a message."""
+
+
+class SpoolUnavailable(SpoolError):
+    """The spool is refusing new work for now (disk nearly full, writer behind, closed)."""
+
+
+class DnsError(EpoxiError):
+    """A DNS lookup failed."""
+
+
+class DnsTransient(DnsError):
+    """A DNS lookup failed in a way that may succeed later (SERVFAIL, timeout)."""
+
+
+class DnsPermanent(DnsError):
+    """A DNS answer says the domain cannot receive mail (NXDOMAIN, null MX)."""
+
+
+class DeliveryError(EpoxiError):
+    """Talking to a remote SMTP server failed."""
+
+
+class ConnectionFailed(DeliveryError):
+    """Connecting, reading the banner or the TLS handshake failed."""
+
+
+class ProtocolError(DeliveryError):
+    """The remote server sent something that is not SMTP, or closed unexpectedly."""

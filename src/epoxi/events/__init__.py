@@ -1,0 +1,1 @@
+"""Typed records of every state change, and the JSON-lines log they are written to."""

@@ -1,0 +1,65 @@
+"""Typed records: one per state change of a message, the source of truth for tests and tools.
+
+Written as JSON lines (msgspec) to ``<data_dir>/logs/records.jsonl`` by :mod:`epoxi.events.log`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import msgspec
+
+from epoxi.smtp.replies import Reply
+
+
+class RecordType(enum.Enum):
+    RECEPTION = "Reception"
+    DELIVERY = "Delivery"
+    TRANSIENT_FAILURE = "TransientFailure"
+    BOUNCE = "Bounce"
+    EXPIRATION = "Expiration"
+    ADMIN_BOUNCE = "AdminBounce"
+    SUSPENDED = "Suspended"
+
+
+class Response(msgspec.Struct, frozen=True):
+    code: int
+    enhanced: str = ""
+    text: str = ""
+
+    @classmethod
+    def of(cls, reply: Reply) -> Response:
+        return cls(reply.code, reply.enhanced, reply.text)
+
+
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One state change. Fields that do not apply are left at their defaults."""
+
+    type: RecordType
+    message_id: str
+    timestamp: float = msgspec.field(default_factory=time.time)
+    queue: str = ""  # scheduled queue name: campaign:tenant@domain
+    site: str = ""  # ready queue site (the MX host set) where known
+    source: str = ""  # egress source name
+    sender: str = ""
+    recipient: str = ""  # one record per recipient for outcomes
+    response: Response | None = None
+    peer_address: str = ""  # the remote server (or the client, for Reception)
+    attempt: int = 0
+    classification: str = ""  # bounce category for failures
+    size: int = 0
+    reason: str = ""  # free text where no reply exists (expiry, admin action, DNS)
+    next_attempt: float = 0.0  # for TransientFailure: when it will be tried again
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Record)
+
+
+def encode_record(record: Record) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_record(line: bytes) -> Record:
+    return _decoder.decode(line)

@@ -1,0 +1,1 @@
+"""Scheduled and ready queues, retry schedule, expiry, suspend/resume."""

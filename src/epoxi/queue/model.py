@@ -1,0 +1,58 @@
+"""Messages and jobs as the queues hold them in memory.
+
+A spooled message may have recipients in several domains. Each domain's share is a
+:class:`Job`: the unit that is scheduled, routed to a ready queue and delivered in one
+SMTP transaction (or a few, when there are many recipients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from epoxi.spool.records import MessageMeta
+
+
+@dataclass(eq=False)
+class Message:
+    """A spooled message and how many of its jobs are still under way."""
+
+    meta: MessageMeta
+    body: bytes | None  # kept until the first attempt; re-read from the spool after that
+    open_jobs: int = 0
+
+
+@dataclass(eq=False)
+class Job:
+    """The recipients of one message in one domain."""
+
+    message: Message
+    domain: str
+    recipients: list[str]
+    queue: str  # scheduled queue name: campaign:tenant@domain
+    attempts: int = 0
+    due: float = 0.0
+    site: str = ""  # set once routed
+    seq: int = field(default=0, compare=False)
+
+    @property
+    def id(self) -> str:
+        return self.message.meta.id
+
+
+def queue_name(domain: str, tenant: str = "", campaign: str = "") -> str:
+    """``campaign:tenant@domain``, each part optional (KumoMTA's scheduled queue naming)."""
+    name = f"{tenant}@{domain}" if tenant else domain
+    return f"{campaign}:{name}" if campaign else name
+
+
+def recipient_domain(recipient: str) -> str:
+    """The domain part, lower-cased; ``postmaster`` alone has none."""
+    at = recipient.rfind("@")
+    return recipient[at + 1 :].lower().rstrip(".") if at >= 0 else ""
+
+
+def split_by_domain(recipients: list[str]) -> dict[str, list[str]]:
+    by_domain: dict[str, list[str]] = {}
+    for recipient in recipients:
+        by_domain.setdefault(recipient_domain(recipient), []).append(recipient)
+    return by_domain

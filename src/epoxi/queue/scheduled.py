@@ -1,0 +1,183 @@
+"""Scheduled queues: jobs wait here until due, then are released to routing.
+
+One timer (a heap ordered by due time) serves every queue; each queue keeps its counts and
+can be suspended. A due job whose queue, domain, tenant or campaign is suspended is held
+until the suspension is lifted or runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from epoxi.queue.model import Job
+
+log = logging.getLogger(__name__)
+
+SuspendKind = Literal["queue", "domain", "tenant", "campaign"]
+
+
+@dataclass(frozen=True)
+class Suspension:
+    kind: SuspendKind
+    value: str
+    reason: str = ""
+    until: float | None = None  # unix time; None lasts until resumed
+
+    def matches(self, job: Job) -> bool:
+        meta = job.message.meta
+        actual = {
+            "queue": job.queue,
+            "domain": job.domain,
+            "tenant": meta.tenant,
+            "campaign": meta.campaign,
+        }[self.kind]
+        return actual == self.value
+
+
+@dataclass
+class ScheduledQueue:
+    name: str
+    scheduled: int = 0  # waiting for their due time
+    held: list[Job] = field(default_factory=list)  # due, but suspended
+
+
+class Scheduler:
+    """Releases each job to ``release`` once due and not suspended."""
+
+    def __init__(
+        self,
+        release: Callable[[Job], None],
+        clock: Callable[[], float] = time.time,
+        on_hold: Callable[[Job, Suspension], None] | None = None,
+    ) -> None:
+        self._release = release
+        self._on_hold = on_hold
+        self._clock = clock
+        self._heap: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self.queues: dict[str, ScheduledQueue] = {}
+        self.suspensions: list[Suspension] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, job: Job) -> None:
+        """Schedule ``job`` at ``job.due``; due now and not suspended means released at once."""
+        queue = self.queues.get(job.queue)
+        if queue is None:
+            queue = self.queues[job.queue] = ScheduledQueue(job.queue)
+        if job.due <= self._clock():
+            self._release_or_hold(job, queue)
+            return
+        queue.scheduled += 1
+        job.seq = next(self._seq)
+        if not self._heap or job.due < self._heap[0][0]:
+            self._wake.set()
+        heapq.heappush(self._heap, (job.due, job.seq, job))
+
+    def _release_or_hold(self, job: Job, queue: ScheduledQueue) -> None:
+        suspension = self.suspension_for(job) if self.suspensions else None
+        if suspension is None:
+            self._release(job)
+            return
+        queue.held.append(job)
+        if self._on_hold is not None:
+            self._on_hold(job, suspension)
+
+    def suspension_for(self, job: Job) -> Suspension | None:
+        now = self._clock()
+        for suspension in self.suspensions:
+            if (suspension.until is None or suspension.until > now) and suspension.matches(job):
+                return suspension
+        return None
+
+    async def run(self) -> None:
+        """Release due jobs forever (cancel to stop)."""
+        while True:
+            self._release_due()
+            self._expire_suspensions()
+            timeout = self._next_wait()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _next_wait(self) -> float:
+        waits = [1.0]
+        if self._heap:
+            waits.append(self._heap[0][0] - self._clock())
+        return max(0.0, min(waits))
+
+    def _release_due(self) -> None:
+        now = self._clock()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, job = heapq.heappop(self._heap)
+            queue = self.queues[job.queue]
+            queue.scheduled -= 1
+            self._release_or_hold(job, queue)
+
+    # ----------------------------------------------------------------- suspend / resume
+
+    def suspend(self, suspension: Suspension) -> None:
+        self.suspensions.append(suspension)
+        log.info(
+            "suspended %s %s until %s: %s",
+            suspension.kind,
+            suspension.value,
+            suspension.until or "resumed",
+            suspension.reason,
+        )
+
+    def resume(self, kind: SuspendKind, value: str) -> int:
+        """Lift suspensions of ``kind``/``value``; returns how many held jobs were released."""
+        self.suspensions = [s for s in self.suspensions if (s.kind, s.value) != (kind, value)]
+        return self._release_held()
+
+    def _expire_suspensions(self) -> None:
+        now = self._clock()
+        if any(s.until is not None and s.until <= now for s in self.suspensions):
+            self.suspensions = [s for s in self.suspensions if s.until is None or s.until > now]
+            self._release_held()
+
+    def _release_held(self) -> int:
+        released = 0
+        for queue in self.queues.values():
+            held, queue.held = queue.held, []
+            for job in held:
+                self._release_or_hold(job, queue)
+            released += len(held) - len(queue.held)
+        return released
+
+    # ----------------------------------------------------------------- inspection and admin
+
+    def jobs(self) -> Iterator[Job]:
+        """Every job waiting here, scheduled or held."""
+        yield from (job for _, _, job in self._heap)
+        for queue in self.queues.values():
+            yield from queue.held
+
+    def take(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        """Remove and return every waiting job that matches."""
+        taken = [job for job in self.jobs() if predicate(job)]
+        if taken:
+            ids = {id(job) for job in taken}
+            self._heap = [e for e in self._heap if id(e[2]) not in ids]
+            heapq.heapify(self._heap)
+            for queue in self.queues.values():
+                queue.held = [j for j in queue.held if id(j) not in ids]
+            self._recount()
+        return taken
+
+    def _recount(self) -> None:
+        for queue in self.queues.values():
+            queue.scheduled = 0
+        for _, _, job in self._heap:
+            self.queues[job.queue].scheduled += 1

@@ -1,0 +1,1 @@
+"""The SMTP server: listeners, sessions, AUTH, STARTTLS, relay rules and limits."""

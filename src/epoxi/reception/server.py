@@ -1,0 +1,137 @@
+"""The SMTP server: one asyncio server per listener, shared limits, timeouts and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+from epoxi.config import Listener, Settings
+from epoxi.reception.auth import Authenticator
+from epoxi.reception.ingest import Ingest
+from epoxi.reception.policy import AuthThrottle, ConnectionTracker, RelayPolicy
+from epoxi.reception.session import SessionContext, SmtpSession
+from epoxi.reception.tls import ensure_self_signed, server_context
+
+log = logging.getLogger(__name__)
+
+_SWEEP_INTERVAL = 1.0  # seconds between timeout checks
+
+
+@dataclass
+class _Bound:
+    listener: Listener
+    context: SessionContext
+    server: asyncio.Server
+
+
+class SmtpServer:
+    """Owns every listener; limits are shared across them."""
+
+    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        smtp = settings.smtp
+        self.tracker = ConnectionTracker(smtp.max_connections, smtp.max_connections_per_ip)
+        self.auth_throttle = AuthThrottle(smtp.auth_max_failures, smtp.auth_failure_window)
+        self.authenticator = Authenticator(settings.users)
+        self._tls: ssl.SSLContext | None = None
+        self._bound: list[_Bound] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where each listener actually listens (ports resolved when 0 was asked)."""
+        out = []
+        for bound in self._bound:
+            for sock in bound.server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append((str(host), int(port)))
+        return out
+
+    @property
+    def sessions(self) -> int:
+        return sum(len(b.context.sessions) for b in self._bound)
+
+    def tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            smtp = self.settings.smtp
+            if smtp.tls_cert and smtp.tls_key:
+                cert, key = smtp.tls_cert, smtp.tls_key
+            else:
+                cert, key = ensure_self_signed(self.settings.data_dir, self.settings.hostname)
+            self._tls = server_context(cert, key)
+        return self._tls
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.settings.smtp.listeners:
+            context = self._context_for(listener)
+            host, port = listener.host_port
+            server = await loop.create_server(
+                lambda ctx=context: SmtpSession(ctx),
+                host,
+                port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=self.tls_context() if listener.tls == "implicit" else None,
+            )
+            self._bound.append(_Bound(listener, context, server))
+            log.info("SMTP listening on %s (tls=%s)", listener.address, listener.tls)
+        self._sweeper = loop.create_task(self._sweep_timeouts())
+
+    def _context_for(self, listener: Listener) -> SessionContext:
+        settings = self.settings
+        relay = RelayPolicy.build(
+            listener.local_domains
+            if listener.local_domains is not None
+            else settings.local_domains,
+            listener.trusted_networks
+            if listener.trusted_networks is not None
+            else settings.trusted_networks,
+            require_auth=listener.require_auth,
+        )
+        return SessionContext(
+            hostname=settings.hostname,
+            settings=settings.smtp,
+            relay=relay,
+            ingest=self.ingest,
+            tracker=self.tracker,
+            authenticator=self.authenticator,
+            auth_throttle=self.auth_throttle,
+            tls_context=self.tls_context() if listener.tls == "starttls" else None,
+            offer_auth=listener.auth,
+            auth_plaintext=listener.auth_plaintext,
+        )
+
+    async def _sweep_timeouts(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for bound in self._bound:
+                for session in list(bound.context.sessions):
+                    session.check_timeout(now)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; let transactions in progress finish for up to ``grace`` seconds."""
+        for bound in self._bound:
+            bound.server.close()
+            bound.context.draining = True
+            for session in list(bound.context.sessions):
+                session.drain()
+        waiters = [s.closed.wait() for b in self._bound for s in b.context.sessions]
+        if waiters:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waiters], timeout=grace)
+        for bound in self._bound:
+            for session in list(bound.context.sessions):
+                session.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for bound in self._bound:
+            await bound.server.wait_closed()
+        log.info("SMTP server stopped")

@@ -1,0 +1,1 @@
+"""Traffic shaping: per domain / site / source limits and the throttles that enforce them."""

@@ -1,0 +1,68 @@
+"""Rate limits such as ``"100/s"`` or ``"2000/h"``, enforced with GCRA (a leaky bucket).
+
+GCRA keeps one number per throttle, the theoretical arrival time, so it is cheap to check.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h|hour|d|day)\s*$")
+_PERIODS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` events per ``period`` seconds."""
+
+    count: float
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.match(text)
+        if not match or float(match.group(1)) <= 0:
+            raise ValueError("a rate looks like '100/s', '600/m', '2000/h' or '50000/d'")
+        return cls(float(match.group(1)), _PERIODS[match.group(2)])
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+
+class Throttle:
+    """GCRA: allows a burst of up to ``burst`` events, then one per interval."""
+
+    def __init__(
+        self, rate: Rate, burst: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = rate.interval
+        self.tolerance = self.interval * ((burst if burst is not None else 1) - 1)
+        self._clock = clock
+        self._tat = 0.0  # theoretical arrival time
+
+    def delay(self) -> float:
+        """Seconds to wait before the next event may happen; 0 means it may happen now."""
+        return max(0.0, self._tat - self.tolerance - self._clock())
+
+    def acquire(self) -> float:
+        """Take one event if allowed (returns 0), else return the seconds to wait."""
+        now = self._clock()
+        tat = max(self._tat, now)
+        wait = tat - self.tolerance - now
+        if wait > 0:
+            return wait
+        self._tat = tat + self.interval
+        return 0.0

@@ -1,0 +1,1 @@
+"""Pure SMTP protocol code: commands, replies, addresses. No I/O lives here."""

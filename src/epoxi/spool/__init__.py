@@ -1,0 +1,1 @@
+"""Durable message store: records, the group-commit writer, start-up enumeration."""

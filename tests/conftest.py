@@ -1,0 +1,83 @@
+"""Shared fixtures: free ports, and Epoxi itself as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class EpoxiProcess:
+    """``epoxi serve`` in a child process, on a free port, with its own data dir."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "epoxi.log"
+
+    def start(self, config: Path | None = None) -> None:
+        env = {
+            **os.environ,
+            "EPOXI_SMTP_LISTEN": f"127.0.0.1:{self.port}",
+            "EPOXI_DATA_DIR": str(self.data_dir),
+            "EPOXI_HOSTNAME": "mx.test",
+            "EPOXI_LOCAL_DOMAINS": "local.test",
+            **self.extra_env,
+        }
+        args = [sys.executable, "-m", "epoxi", "serve"] + (["-c", str(config)] if config else [])
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+        wait_for_port("127.0.0.1", self.port, proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def epoxi_process(tmp_path: Path) -> Iterator[EpoxiProcess]:
+    process = EpoxiProcess(tmp_path / "data")
+    yield process
+    if process.proc is not None:
+        process.stop(signal.SIGKILL)

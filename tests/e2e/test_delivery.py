@@ -1,0 +1,338 @@
+"""Delivery end to end: Epoxi between smtplib and sinks on 127.0.0.x, DNS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import smtplib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flufl.bounce import all_failures
+
+from epoxi.app import Epoxi
+from epoxi.config import Settings
+from epoxi.events.records import Record, RecordType
+from epoxi.testing.dnsserver import DnsServer, Zone
+from epoxi.testing.sink import Sink
+from tests.conftest import free_port
+
+SINK_HOSTS = ("127.0.0.2", "127.0.0.3")
+
+
+def zone_for_tests() -> Zone:
+    zone = Zone()
+    zone.add("a.test", "MX", "10 mx1.a.test.")
+    zone.add("a.test", "MX", "20 mx2.a.test.")
+    zone.add("mx1.a.test", "A", "127.0.0.2")
+    zone.add("mx2.a.test", "A", "127.0.0.3")
+    zone.add("fallback.test", "MX", "10 dead.fallback.test.")
+    zone.add("fallback.test", "MX", "20 mx2.a.test.")
+    zone.add("dead.fallback.test", "A", "127.0.0.9")
+    zone.add("plain.test", "A", "127.0.0.2")
+    zone.add("nullmx.test", "MX", "0 .")
+    zone.add("shared.test", "MX", "5 mx2.a.test.")
+    zone.add("shared.test", "MX", "1 mx1.a.test.")
+    zone.add("later.test", "MX", "10 mx.later.test.")
+    zone.add("mx.later.test", "A", "127.0.0.6")
+    zone.add("sender.test", "MX", "10 mx1.a.test.")
+    return zone
+
+
+@dataclass
+class World:
+    app: Epoxi
+    port: int  # Epoxi's SMTP port
+    sinks: dict[str, Sink]
+    sink_port: int
+    records: list[Record] = field(default_factory=list)
+
+    def send(
+        self,
+        rcpts: list[str],
+        sender: str = "s@sender.test",
+        body: bytes | None = None,
+        count: int = 1,
+    ) -> list[str]:
+        body = body or b"Subject: hello\r\nFrom: s@sender.test\r\n\r\nHi.\r\n"
+        ids = []
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as smtp:
+            for _ in range(count):
+                smtp.mail(sender)
+                for rcpt in rcpts:
+                    smtp.rcpt(rcpt)
+                code, text = smtp.data(body)
+                assert code == 250, text
+                ids.append(text.split()[-1].decode())
+        return ids
+
+    async def wait_records(
+        self,
+        kind: RecordType,
+        count: int,
+        timeout: float = 15.0,
+        where: Callable[[Record], bool] = lambda r: True,
+    ) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [r for r in self.records if r.type is kind and where(r)]
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(
+            f"expected {count} {kind.value} records, have: "
+            f"{[(r.type.value, r.recipient, r.response) for r in self.records]}"
+        )
+
+
+MakeWorld = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_world(tmp_path: Path) -> AsyncIterator[MakeWorld]:
+    running: list[Any] = []
+
+    async def make(sink_options: dict[str, Any] | None = None, **overrides: Any) -> World:
+        zone = overrides.pop("zone", None) or zone_for_tests()
+        dns = DnsServer(zone, host="127.0.0.1", port=0)
+        await dns.start()
+        running.append(dns)
+        sink_port = free_port(SINK_HOSTS[0])
+        sinks = {}
+        for host in SINK_HOSTS:
+            sink = Sink(host, sink_port, **(sink_options or {}))
+            await sink.start()
+            running.append(sink)
+            sinks[host] = sink
+        port = free_port()
+        delivery = {
+            "retry_interval": 0.5,
+            "max_retry_interval": 1,
+            "mx_port": sink_port,
+            "expiry_sweep_interval": 0.2,
+            "defaults": {"idle_timeout": 0.5, "connection_limit": 4},
+            "timeouts": {"connect": 2, "banner": 5, "data_end": 5},
+            **overrides.pop("delivery", {}),
+        }
+        settings = Settings.model_validate(
+            {
+                "hostname": "mx.test",
+                "data_dir": tmp_path / "data",
+                "local_domains": ["local.test"],
+                "smtp": {"listeners": [{"address": f"127.0.0.1:{port}"}]},
+                "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 2},
+                "delivery": delivery,
+                **overrides,
+            }
+        )
+        app = Epoxi(settings)
+        world = World(app, port, sinks, sink_port)
+        app.records.subscribe(world.records.append)
+        await app.start()
+        running.append(app)
+        return world
+
+    yield make
+    for item in reversed(running):
+        await item.stop()
+
+
+async def send(world: World, *args: Any, **kwargs: Any) -> list[str]:
+    return await asyncio.to_thread(world.send, *args, **kwargs)
+
+
+async def test_delivers_to_the_preferred_mx(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    (queue_id,) = await send(world, ["x@a.test"])
+    (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert record.message_id == queue_id and record.peer_address == "127.0.0.2"
+    assert record.site == "mx1.a.test,mx2.a.test" and record.queue == "a.test"
+    (message,) = world.sinks["127.0.0.2"].messages
+    assert message.rcpt_tos == ["x@a.test"] and message.mail_from == "s@sender.test"
+    assert [r.type for r in world.records][:1] == [RecordType.RECEPTION]
+
+
+async def test_falls_back_to_the_next_mx(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["x@fallback.test"])
+    (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert record.peer_address == "127.0.0.3"
+
+
+async def test_no_mx_uses_the_address_record(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["x@plain.test"])
+    (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert record.peer_address == "127.0.0.2"
+
+
+async def test_null_mx_bounces_with_a_dsn(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    (queue_id,) = await send(world, ["x@nullmx.test"])
+    (bounce,) = await world.wait_records(RecordType.BOUNCE, 1)
+    assert bounce.message_id == queue_id and bounce.response and bounce.response.code >= 500
+    (dsn,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert dsn.recipient == "s@sender.test" and dsn.sender == ""
+
+
+async def test_domains_sharing_mx_hosts_share_a_site(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["x@a.test", "y@shared.test"])
+    records = await world.wait_records(RecordType.DELIVERY, 2)
+    assert {r.site for r in records} == {"mx1.a.test,mx2.a.test"}
+    assert len(world.app.engine.ready) == 1
+
+
+async def test_connection_reuse_and_pipelining(make_world: MakeWorld) -> None:
+    world: World = await make_world(
+        delivery={"defaults": {"connection_limit": 2, "idle_timeout": 2}}
+    )
+    await send(world, ["x@a.test"], count=40)
+    await world.wait_records(RecordType.DELIVERY, 40)
+    sink = world.sinks["127.0.0.2"]
+    assert len(sink.messages) == 40
+    assert sink.connections <= 2
+    assert all(m.envelope_flights == 1 for m in sink.messages)
+
+
+async def test_connection_limit_and_message_rate(make_world: MakeWorld) -> None:
+    world: World = await make_world(
+        delivery={
+            "defaults": {"connection_limit": 1, "max_message_rate": "20/s", "idle_timeout": 2}
+        }
+    )
+    await send(world, ["x@a.test"], count=20)
+    await world.wait_records(RecordType.DELIVERY, 20)
+    sink = world.sinks["127.0.0.2"]
+    assert sink.max_concurrent_connections == 1
+    times = sorted(m.received_at for m in sink.messages)
+    assert times[-1] - times[0] >= 0.8  # 20 messages at 20/s: about 0.95 s
+
+
+async def test_transient_failure_is_retried_then_delivered(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    (queue_id,) = await send(world, ["x@later.test"])
+    (failure,) = await world.wait_records(RecordType.TRANSIENT_FAILURE, 1)
+    assert failure.message_id == queue_id and failure.next_attempt > failure.timestamp
+    sink = Sink("127.0.0.6", world.sink_port)
+    await sink.start()
+    try:
+        (delivery,) = await world.wait_records(RecordType.DELIVERY, 1)
+        assert delivery.attempt >= 2 and delivery.peer_address == "127.0.0.6"
+    finally:
+        await sink.stop()
+
+
+async def test_tempfail_reply_is_a_transient_failure(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["tempfail-x@a.test", "ok@a.test"])
+    await world.wait_records(RecordType.DELIVERY, 1)
+    (failure, *_) = await world.wait_records(RecordType.TRANSIENT_FAILURE, 1)
+    assert failure.recipient == "tempfail-x@a.test" and failure.response
+    assert failure.response.code == 450
+
+
+async def test_permanent_failure_bounces_with_a_parseable_dsn(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["reject-x@a.test", "ok@a.test"])
+    (bounce,) = await world.wait_records(RecordType.BOUNCE, 1)
+    assert bounce.recipient == "reject-x@a.test" and bounce.classification
+    await world.wait_records(RecordType.DELIVERY, 2)
+    dsn = next(m for m in world.sinks["127.0.0.2"].messages if m.mail_from == "")
+    assert dsn.rcpt_tos == ["s@sender.test"]
+    parsed = email.message_from_bytes(
+        dsn.data.split(b"\r\n", 1)[1] if dsn.data.startswith(b"Received:") else dsn.data,
+        policy=email.policy.default,
+    )
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    temporary, permanent = all_failures(email.message_from_bytes(dsn.data))
+    assert b"reject-x@a.test" in {a if isinstance(a, bytes) else a.encode() for a in permanent}
+
+
+async def test_no_dsn_for_the_null_sender(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    await send(world, ["reject-x@a.test"], sender="")
+    await world.wait_records(RecordType.BOUNCE, 1)
+    await asyncio.sleep(0.5)
+    assert not any(
+        r.type is RecordType.RECEPTION and r.sender == "" and r.reason == "dsn"
+        for r in world.records
+    )
+
+
+async def test_expiry_of_a_message_stuck_in_a_ready_queue(make_world: MakeWorld) -> None:
+    world: World = await make_world(
+        sink_options={"slow_delay": 4.0},
+        delivery={
+            "max_age": 1.5,
+            "defaults": {"connection_limit": 1, "idle_timeout": 5},
+            "timeouts": {"data_end": 10},
+        },
+    )
+    first, second = await send(world, ["slow-x@a.test"], count=2)
+    (expired,) = await world.wait_records(
+        RecordType.EXPIRATION, 1, timeout=6, where=lambda r: r.message_id == second
+    )
+    assert expired.response and expired.response.enhanced == "4.4.7"
+
+
+async def test_suspend_and_resume_a_domain(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    world.app.suspend("domain", "a.test", reason="maintenance")
+    await send(world, ["x@a.test"])
+    (held,) = await world.wait_records(RecordType.SUSPENDED, 1)
+    assert "maintenance" in held.reason
+    await asyncio.sleep(0.3)
+    assert not world.sinks["127.0.0.2"].messages
+    assert world.app.resume("domain", "a.test") == 1
+    await world.wait_records(RecordType.DELIVERY, 1)
+
+
+async def test_tenant_and_campaign_headers_name_the_queue_and_are_removed(
+    make_world: MakeWorld,
+) -> None:
+    world: World = await make_world()
+    body = b"X-Epoxi-Tenant: acme\r\nX-Epoxi-Campaign: spring\r\nSubject: s\r\n\r\nhi\r\n"
+    await send(world, ["x@a.test"], body=body)
+    (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert record.queue == "spring:acme@a.test"
+    assert b"X-Epoxi" not in world.sinks["127.0.0.2"].messages[0].data
+
+
+async def test_smarthost_with_starttls_and_auth(make_world: MakeWorld, tmp_path: Path) -> None:
+    from epoxi.testing.certs import make_test_tls_context
+
+    context, _, _ = make_test_tls_context("relay.test")
+    relay_port = free_port("127.0.0.5")
+    relay = Sink(
+        "127.0.0.5",
+        relay_port,
+        tls=context,
+        auth={"user": "pw"},
+        require_tls=True,
+        require_auth=True,
+    )
+    await relay.start()
+    try:
+        world: World = await make_world(
+            relay={
+                "host": "127.0.0.5",
+                "port": relay_port,
+                "username": "user",
+                "password": "pw",
+                "tls": "required",
+            }
+        )
+        await send(world, ["x@anywhere.example"])
+        (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+        (message,) = relay.messages
+        assert message.tls and message.auth_user == "user"
+        assert record.site.startswith("route:127.0.0.5")
+    finally:
+        await relay.stop()

@@ -1,0 +1,110 @@
+"""Epoxi as a real process: kill -9 after 250s loses nothing; SIGTERM exits cleanly; the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from epoxi.reception.auth import verify_password
+from epoxi.spool import Spool
+from tests.conftest import EpoxiProcess
+
+BODY = b"Subject: durable\r\n\r\n" + b"x" * 5000 + b"\r\n"
+
+
+def send_batch(port: int, count: int) -> list[str]:
+    """Send ``count`` messages on one connection; return the queue ids from the 250 replies."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.ehlo("client.test")
+        for _ in range(count):
+            smtp.mail("a@x.test")
+            smtp.rcpt("b@local.test")
+            code, text = smtp.data(BODY)
+            assert code == 250, text
+            ids.append(text.split()[-1].decode())
+    return ids
+
+
+def spooled_ids(data_dir: Path) -> set[str]:
+    async def read() -> set[str]:
+        spool = Spool(data_dir / "spool.db")
+        spool.open()
+        try:
+            return {m.id for batch in spool.iter_meta() for m in batch}
+        finally:
+            await spool.close()
+
+    return asyncio.run(read())
+
+
+def test_sigkill_after_250_loses_nothing(epoxi_process: EpoxiProcess) -> None:
+    epoxi_process.start()
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: send_batch(epoxi_process.port, 50), range(8)))
+    epoxi_process.kill()  # at once, right after the last 250
+    acknowledged = {queue_id for batch in batches for queue_id in batch}
+    assert len(acknowledged) == 400
+    assert acknowledged <= spooled_ids(epoxi_process.data_dir)
+
+
+def test_restart_keeps_the_spool(epoxi_process: EpoxiProcess) -> None:
+    epoxi_process.start()
+    ids = send_batch(epoxi_process.port, 5)
+    epoxi_process.kill()
+    epoxi_process.start()
+    assert "spool" in epoxi_process.log() and "holds 5 messages" in epoxi_process.log()
+    epoxi_process.stop()
+    assert set(ids) <= spooled_ids(epoxi_process.data_dir)
+
+
+def test_sigterm_shuts_down_cleanly(epoxi_process: EpoxiProcess) -> None:
+    epoxi_process.start()
+    send_batch(epoxi_process.port, 3)
+    assert epoxi_process.stop() == 0
+    assert "SMTP server stopped" in epoxi_process.log()
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "epoxi", *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_config_check_names_bad_key_and_value(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('colour = "blue"\n[smtp]\nmax_recipients = "many"\n')
+    result = run_cli("config", "check", "-c", str(config))
+    assert result.returncode == 2
+    assert "unknown key 'colour' (value 'blue')" in result.stderr
+    assert "smtp.max_recipients = 'many'" in result.stderr
+
+
+def test_config_check_accepts_the_example() -> None:
+    result = run_cli(
+        "config", "check", "-c", str(Path(__file__).parents[2] / "examples/epoxi.toml")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[smtp]\nidle_timeout = "soon"\n')
+    result = run_cli("serve", "-c", str(config))
+    assert result.returncode == 2 and "smtp.idle_timeout = 'soon'" in result.stderr
+
+
+def test_users_hash_prints_a_verifiable_hash() -> None:
+    result = run_cli("users", "hash", "--password-stdin", stdin="hunter2\n")
+    assert result.returncode == 0
+    encoded = result.stdout.strip()
+    assert verify_password("hunter2", encoded) and not verify_password("hunter3", encoded)
