@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from epoxi.testing.dnsserver import DnsServer, Zone
+from epoxi.testing.sink import Sink
 from flufl.bounce import all_failures
 
 from epoxi.app import Epoxi
 from epoxi.config import Settings
 from epoxi.events.records import Record, RecordType
-from epoxi.testing.dnsserver import DnsServer, Zone
-from epoxi.testing.sink import Sink
 from tests.conftest import free_port
 
 SINK_HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -251,7 +251,7 @@ async def test_permanent_failure_bounces_with_a_parseable_dsn(make_world: MakeWo
     )
     assert parsed.get_content_type() == "multipart/report"
     assert parsed.get_param("report-type") == "delivery-status"
-    temporary, permanent = all_failures(email.message_from_bytes(dsn.data))
+    _temporary, permanent = all_failures(email.message_from_bytes(dsn.data))
     assert b"reject-x@a.test" in {a if isinstance(a, bytes) else a.encode() for a in permanent}
 
 
@@ -275,7 +275,7 @@ async def test_expiry_of_a_message_stuck_in_a_ready_queue(make_world: MakeWorld)
             "timeouts": {"data_end": 10},
         },
     )
-    first, second = await send(world, ["slow-x@a.test"], count=2)
+    _first, second = await send(world, ["slow-x@a.test"], count=2)
     (expired,) = await world.wait_records(
         RecordType.EXPIRATION, 1, timeout=6, where=lambda r: r.message_id == second
     )
