@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, LoopFactory]:
+    """End-to-end tests run on uvloop, as production does; ``both_loops`` tests on both."""
+    if item.get_closest_marker("both_loops") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    if "/e2e/" in str(item.path):
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+_handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free now and not handed out before in this test run."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_port(
@@ -41,6 +64,7 @@ class EpoxiProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.relay_port = free_port()  # nothing listens here unless a test starts a sink
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "epoxi.log"
@@ -52,12 +76,14 @@ class EpoxiProcess:
             "EPOXI_DATA_DIR": str(self.data_dir),
             "EPOXI_HOSTNAME": "mx.test",
             "EPOXI_LOCAL_DOMAINS": "local.test",
+            "EPOXI_SMTP_RELAY": "127.0.0.1",
+            "EPOXI_SMTP_PORT": str(self.relay_port),
             **self.extra_env,
         }
         args = [sys.executable, "-m", "epoxi", "serve"] + (["-c", str(config)] if config else [])
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

@@ -18,6 +18,11 @@ Foreign errors are translated at the boundary with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from epoxi.smtp.replies import Reply
+
 
 class EpoxiError(Exception):
     """Base of every error Epoxi raises on purpose."""
@@ -48,7 +53,11 @@ class DnsPermanent(DnsError):
 
 
 class DeliveryError(EpoxiError):
-    """Talking to a remote SMTP server failed."""
+    """Talking to a remote SMTP server failed; ``reply`` is the server's answer, if any."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class ConnectionFailed(DeliveryError):

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from epoxi.app import Epoxi
 from epoxi.config import Settings
@@ -19,14 +18,6 @@ from tests.conftest import free_port
 
 PASSWORD = "s3cret"
 PASSWORD_HASH = hash_password(PASSWORD, ln=4)
-
-
-@pytest.fixture(params=["uvloop"], scope="session")
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Run end-to-end tests on uvloop, as production does."""
-    return (
-        uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
-    )
 
 
 @dataclass

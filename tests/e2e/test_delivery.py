@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from epoxi.testing.dnsserver import DnsServer, Zone
-from epoxi.testing.sink import Sink
 from flufl.bounce import all_failures
 
 from epoxi.app import Epoxi
 from epoxi.config import Settings
 from epoxi.events.records import Record, RecordType
+from epoxi.testing.dnsserver import DnsServer, Zone
+from epoxi.testing.sink import Sink
 from tests.conftest import free_port
 
 SINK_HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -62,6 +62,7 @@ class World:
         body = body or b"Subject: hello\r\nFrom: s@sender.test\r\n\r\nHi.\r\n"
         ids = []
         with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
             for _ in range(count):
                 smtp.mail(sender)
                 for rcpt in rcpts:

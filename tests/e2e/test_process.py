@@ -13,7 +13,7 @@ from epoxi.reception.auth import verify_password
 from epoxi.spool import Spool
 from tests.conftest import EpoxiProcess
 
-BODY = b"Subject: durable\r\n\r\n" + b"x" * 5000 + b"\r\n"
+BODY = b"Subject: durable\r\n\r\n" + (b"x" * 76 + b"\r\n") * 65
 
 
 def send_batch(port: int, count: int) -> list[str]:

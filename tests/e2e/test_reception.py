@@ -32,7 +32,9 @@ def send_smtplib(
             smtp.ehlo("client.test")
         if login:
             smtp.login("alice", PASSWORD)
-        smtp.mail(sender)
+        code, text = smtp.mail(sender)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, text, sender)
         for rcpt in rcpts:
             code, text = smtp.rcpt(rcpt)
             if code != 250:
@@ -100,7 +102,9 @@ async def test_starttls_then_auth_may_relay(make_server: MakeServer) -> None:
         login=True,
     )
     assert code == 250
-    (meta,) = await server.spooled()
+    spooled = await server.spooled()
+    assert len(spooled) == 1, spooled
+    (meta,) = spooled
     assert meta.auth_user == "alice" and meta.recipients == ["c@far.test"]
 
 
@@ -170,8 +174,8 @@ async def test_swaks_starttls_auth_pipelining(make_server: MakeServer) -> None:
     )
     assert code == 0, out
     assert "<~  250 2.0.0 Ok: queued as" in out
-    (meta,) = await server.spooled()
-    assert meta.recipients == ["c@far.test", "d@far.test"]
+    spooled = await server.spooled()
+    assert [m.recipients for m in spooled] == [["c@far.test", "d@far.test"]], spooled
 
 
 async def test_swaks_auth_login(make_server: MakeServer) -> None:
@@ -224,59 +228,64 @@ async def test_swaks_bad_password(make_server: MakeServer) -> None:
     assert "535 5.7.8" in out
 
 
-def raw_session(port: int, script: list[tuple[bytes, str]]) -> list[str]:
-    """Send each chunk and read one reply; return the replies."""
-    client = RawClient(port)
-    try:
-        return [client.command(data) for data, _ in script]
-    finally:
-        client.close()
+# The raw-socket clients below block, so each runs in a thread while the server runs here.
 
 
 async def test_every_command_over_the_wire(make_server: MakeServer) -> None:
     server: Running = await make_server()
-    client = RawClient(server.ports.open)
-    try:
-        assert client.greeting.startswith("220 mx.test ESMTP Epoxi")
-        ehlo = client.command(b"EHLO c.test\r\n")
-        for ext in (
-            "PIPELINING",
-            "SIZE",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-            "STARTTLS",
-        ):
-            assert ext in ehlo
-        assert client.command(b"HELO c.test\r\n").startswith("250 mx.test")
-        assert client.command(b"NOOP\r\n").startswith("250 2.0.0")
-        assert client.command(b"VRFY someone\r\n").startswith("252 2.5.0")
-        assert client.command(b"HELP\r\n").startswith("214")
-        assert client.command(b"MAIL FROM:<a@x.test> BODY=8BITMIME\r\n").startswith("250 2.1.0")
-        assert client.command(b"RSET\r\n").startswith("250 2.0.0")
-        client.command(b"EHLO c.test\r\n")
-        client.command(b"MAIL FROM:<a@x.test>\r\n")
-        client.command(b"RCPT TO:<b@local.test>\r\n")
-        assert client.command(b"BDAT 6 LAST\r\nhi\r\n\r\n").startswith("250 2.0.0 Ok: queued")
-        assert client.command(b"QUIT\r\n").startswith("221 2.0.0")
-    finally:
-        client.close()
+
+    def talk() -> None:
+        client = RawClient(server.ports.open)
+        try:
+            assert client.greeting.startswith("220 mx.test ESMTP Epoxi")
+            ehlo = client.command(b"EHLO c.test\r\n")
+            for ext in (
+                "PIPELINING",
+                "SIZE",
+                "8BITMIME",
+                "SMTPUTF8",
+                "ENHANCEDSTATUSCODES",
+                "CHUNKING",
+                "STARTTLS",
+            ):
+                assert ext in ehlo
+            assert client.command(b"HELO c.test\r\n").startswith("250 mx.test")
+            assert client.command(b"NOOP\r\n").startswith("250 2.0.0")
+            assert client.command(b"VRFY someone\r\n").startswith("252 2.5.0")
+            assert client.command(b"HELP\r\n").startswith("214")
+            assert client.command(b"MAIL FROM:<a@x.test> BODY=8BITMIME\r\n").startswith("250 2.1.0")
+            assert client.command(b"RSET\r\n").startswith("250 2.0.0")
+            client.command(b"EHLO c.test\r\n")
+            client.command(b"MAIL FROM:<a@x.test>\r\n")
+            client.command(b"RCPT TO:<b@local.test>\r\n")
+            assert client.command(b"BDAT 6 LAST\r\nhi\r\n\r\n").startswith("250 2.0.0 Ok: queued")
+            assert client.command(b"QUIT\r\n").startswith("221 2.0.0")
+        finally:
+            client.close()
+
+    await asyncio.to_thread(talk)
+    assert len(await server.spooled()) == 1
 
 
 async def test_pipelined_replies_come_back_together(make_server: MakeServer) -> None:
     server: Running = await make_server()
-    client = RawClient(server.ports.open)
-    try:
-        client.command(b"EHLO c.test\r\n")
-        client.send(
-            b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\nRCPT TO:<c@local.test>\r\nDATA\r\n"
-        )
-        replies = [client.read_reply()[:9] for _ in range(4)]
-        assert replies == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End d"]
-        assert client.command(b"hi\r\n.\r\n").startswith("250 2.0.0")
-    finally:
-        client.close()
+
+    def talk() -> list[str]:
+        client = RawClient(server.ports.open)
+        try:
+            client.command(b"EHLO c.test\r\n")
+            client.send(
+                b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\n"
+                b"RCPT TO:<c@local.test>\r\nDATA\r\n"
+            )
+            replies = [client.read_reply()[:9] for _ in range(4)]
+            replies.append(client.command(b"hi\r\n.\r\n")[:9])
+            return replies
+        finally:
+            client.close()
+
+    replies = await asyncio.to_thread(talk)
+    assert replies == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End d", "250 2.0.0"]
 
 
 @pytest.mark.parametrize(
@@ -293,20 +302,25 @@ async def test_pipelined_replies_come_back_together(make_server: MakeServer) -> 
 )
 async def test_smuggling_over_the_wire(make_server: MakeServer, smuggle: bytes) -> None:
     server: Running = await make_server()
-    client = RawClient(server.ports.open)
-    try:
-        client.command(b"EHLO c.test\r\n")
-        client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
-        for _ in range(3):
-            client.read_reply()
-        client.send(
-            b"Subject: one\r\n\r\nhi" + smuggle + b"MAIL FROM:<evil@x.test>\r\n"
-            b"RCPT TO:<victim@local.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
-        )
-        final = client.read_reply()
-        assert client.command(b"NOOP\r\n").startswith("250")  # nothing else was pending
-    finally:
-        client.close()
+
+    def talk() -> tuple[str, str]:
+        client = RawClient(server.ports.open)
+        try:
+            client.command(b"EHLO c.test\r\n")
+            client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+            for _ in range(3):
+                client.read_reply()
+            client.send(
+                b"Subject: one\r\n\r\nhi" + smuggle + b"MAIL FROM:<evil@x.test>\r\n"
+                b"RCPT TO:<victim@local.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
+            )
+            final = client.read_reply()
+            return final, client.command(b"NOOP\r\n")  # nothing else was pending
+        finally:
+            client.close()
+
+    final, noop = await asyncio.to_thread(talk)
+    assert noop.startswith("250")
     spooled = await server.spooled()
     assert len(spooled) <= 1 and all(m.sender == "a@x.test" for m in spooled)
     if b"\x00" not in smuggle:
@@ -315,81 +329,114 @@ async def test_smuggling_over_the_wire(make_server: MakeServer, smuggle: bytes) 
 
 async def test_starttls_discards_injected_commands(make_server: MakeServer) -> None:
     server: Running = await make_server()
-    client = RawClient(server.ports.open)
-    try:
-        client.command(b"EHLO c.test\r\n")
-        reply = client.command(b"STARTTLS\r\nEHLO injected\r\nMAIL FROM:<evil@x.test>\r\n")
-        assert reply.startswith("220 2.0.0")
-        tls = server.client_tls().wrap_socket(client.sock, server_hostname="mx.test")
-        tls.sendall(b"RCPT TO:<b@local.test>\r\n")
-        assert tls.recv(4096).decode().startswith("503 5.5.1")  # no EHLO, no MAIL survived
-        tls.close()
-    finally:
-        client.close()
+    context = server.client_tls()
+
+    def talk() -> tuple[str, str]:
+        client = RawClient(server.ports.open)
+        try:
+            client.command(b"EHLO c.test\r\n")
+            reply = client.command(b"STARTTLS\r\nEHLO injected\r\nMAIL FROM:<evil@x.test>\r\n")
+            tls = context.wrap_socket(client.sock, server_hostname="mx.test")
+            tls.sendall(b"RCPT TO:<b@local.test>\r\n")
+            after = tls.recv(4096).decode()
+            tls.close()
+            return reply, after
+        finally:
+            client.close()
+
+    reply, after = await asyncio.to_thread(talk)
+    assert reply.startswith("220 2.0.0")
+    assert after.startswith("503 5.5.1")  # neither the injected EHLO nor MAIL survived
 
 
 async def test_limits_over_the_wire(make_server: MakeServer) -> None:
     server: Running = await make_server(
-        smtp={"max_recipients": 2, "max_message_size": 2000, "max_errors": 3}
+        smtp={"max_recipients": 2, "max_message_size": 2000, "max_errors": 4}
     )
-    client = RawClient(server.ports.open)
-    try:
-        client.command(b"EHLO c.test\r\n")
-        assert client.command(b"MAIL FROM:<a@x.test> SIZE=5000\r\n").startswith("552 5.3.4")
-        client.command(b"MAIL FROM:<a@x.test>\r\n")
-        client.command(b"RCPT TO:<a@local.test>\r\n")
-        client.command(b"RCPT TO:<b@local.test>\r\n")
-        assert client.command(b"RCPT TO:<c@local.test>\r\n").startswith("452 4.5.3")
-        client.command(b"DATA\r\n")
-        assert client.command(b"x" * 3000 + b"\r\n.\r\n").startswith("552 5.3.4")
-        assert client.command(b"NOOP " + b"y" * 1100 + b"\r\n").startswith("500 5.5.6")
-        assert client.command(b"MAIL FROM:<broken\r\n").startswith("501 5.5.4")
-        assert client.command(b"BOGUS\r\n").startswith("500 5.5.2\r\n421 4.7.0")
-    finally:
-        client.close()
+
+    def talk() -> None:
+        client = RawClient(server.ports.open)
+        try:
+            client.command(b"EHLO c.test\r\n")
+            assert client.command(b"MAIL FROM:<a@x.test> SIZE=5000\r\n").startswith("552 5.3.4")
+            client.command(b"MAIL FROM:<a@x.test>\r\n")
+            client.command(b"RCPT TO:<a@local.test>\r\n")
+            client.command(b"RCPT TO:<b@local.test>\r\n")
+            assert client.command(b"RCPT TO:<c@local.test>\r\n").startswith("452 4.5.3")
+            client.command(b"DATA\r\n")
+            assert client.command(b"x" * 900 + b"\r\n" + b"y" * 2100 + b"\r\n.\r\n").startswith(
+                "552 5.3.4"
+            )
+            assert client.command(b"NOOP " + b"y" * 1100 + b"\r\n").startswith("500 5.5.6")
+            broken = client.command(b"MAIL FROM:<broken\r\n")
+            assert broken.startswith("501 5.5.4"), broken
+            bogus = client.command(b"BOGUS\r\n")
+            assert bogus.startswith("500 5.5.2"), bogus
+            assert client.read_reply().startswith("421 4.7.0")
+        finally:
+            client.close()
+
+    await asyncio.to_thread(talk)
 
 
 async def test_connection_limit_per_ip(make_server: MakeServer) -> None:
     server: Running = await make_server(smtp={"max_connections_per_ip": 2})
-    clients = [RawClient(server.ports.open) for _ in range(2)]
-    extra = RawClient(server.ports.open)
-    assert extra.greeting.startswith("421 4.7.0")
-    for client in [*clients, extra]:
-        client.close()
+
+    def talk() -> str:
+        clients = [RawClient(server.ports.open) for _ in range(2)]
+        extra = RawClient(server.ports.open)
+        for client in [*clients, extra]:
+            client.close()
+        return extra.greeting
+
+    assert (await asyncio.to_thread(talk)).startswith("421 4.7.0")
 
 
 async def test_connection_limit_overall(make_server: MakeServer) -> None:
     server: Running = await make_server(smtp={"max_connections": 1})
-    first = RawClient(server.ports.open)
-    extra = RawClient(server.ports.untrusted)
-    assert extra.greeting.startswith("421 4.7.0")
-    first.close()
-    extra.close()
+
+    def talk() -> str:
+        first = RawClient(server.ports.open)
+        extra = RawClient(server.ports.untrusted)
+        first.close()
+        extra.close()
+        return extra.greeting
+
+    assert (await asyncio.to_thread(talk)).startswith("421 4.7.0")
 
 
 async def test_idle_timeout_over_the_wire(make_server: MakeServer) -> None:
     server: Running = await make_server(smtp={"idle_timeout": 1})
-    client = RawClient(server.ports.open)
-    try:
-        reply = await asyncio.to_thread(client.read_reply)
-        assert reply.startswith("421 4.4.2")
-    finally:
-        client.close()
+
+    def talk() -> str:
+        client = RawClient(server.ports.open)
+        try:
+            return client.read_reply()
+        finally:
+            client.close()
+
+    assert (await asyncio.to_thread(talk)).startswith("421 4.4.2")
 
 
 async def test_auth_brute_force_is_throttled(make_server: MakeServer) -> None:
     server: Running = await make_server(smtp={"auth_max_failures": 2})
-    for attempt in range(3):
+    context = server.client_tls()
+
+    def attempt() -> str:
         client = RawClient(server.ports.untrusted)
         try:
             client.command(b"EHLO c.test\r\n")
             client.command(b"STARTTLS\r\n")
-            tls = server.client_tls().wrap_socket(client.sock, server_hostname="mx.test")
+            tls = context.wrap_socket(client.sock, server_hostname="mx.test")
             tls.sendall(b"EHLO c.test\r\n")
-            tls.recv(4096)
+            while not tls.recv(4096).decode().split("\r\n")[-2].startswith("250 "):
+                pass
             tls.sendall(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n")
             reply = tls.recv(4096).decode()
-            assert reply.startswith("421 4.7.0" if attempt == 2 else "535 5.7.8"), reply
             tls.close()
+            return reply
         finally:
             client.close()
+
+    replies = [await asyncio.to_thread(attempt) for _ in range(3)]
+    assert [r[:9] for r in replies] == ["535 5.7.8", "535 5.7.8", "421 4.7.0"]

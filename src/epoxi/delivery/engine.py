@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from epoxi.bounce.classify import Classifier
 from epoxi.bounce.dsn import RecipientFailure, build_dsn, should_send_dsn
-from epoxi.config import Settings, ShapingSettings
+from epoxi.config import DEFAULT_SHAPING, Settings, ShapingSettings
 from epoxi.delivery.client import ClientTimeouts, SmtpClient
 from epoxi.delivery.ready import ReadyQueue, Shaping
 from epoxi.delivery.routing import Destination, Router
@@ -163,10 +163,14 @@ class DeliveryEngine:
         )
 
     def shaping_for(self, domain: str, site: str) -> Shaping:
-        """Defaults, overridden by the entry for the site, then the entry for the domain."""
-        merged = self.settings.delivery.defaults.model_dump()
-        for key in (site, domain):
-            override = self.settings.delivery.shaping.get(key)
+        """Built-in defaults < ``delivery.defaults`` < the entry for the site < the domain's."""
+        merged = DEFAULT_SHAPING.model_dump()
+        delivery = self.settings.delivery
+        for override in (
+            delivery.defaults,
+            delivery.shaping.get(site),
+            delivery.shaping.get(domain),
+        ):
             if override is not None:
                 merged.update(override.model_dump(exclude_none=True))
         values = ShapingSettings(**merged)
@@ -391,7 +395,10 @@ class DeliveryEngine:
         reply: Reply | None,
         peer: str,
         attempt: int,
-        **extra: object,
+        *,
+        classification: str = "",
+        reason: str = "",
+        next_attempt: float = 0.0,
     ) -> None:
         meta = job.message.meta
         self.records.emit(
@@ -407,9 +414,11 @@ class DeliveryEngine:
                 peer_address=peer,
                 attempt=attempt,
                 size=meta.size,
-                **extra,
+                classification=classification,
+                reason=reason,
+                next_attempt=next_attempt,
             )
-        )  # type: ignore[arg-type]
+        )
 
     # ----------------------------------------------------------------- expiry sweep
 

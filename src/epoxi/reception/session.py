@@ -126,8 +126,7 @@ class SmtpSession(asyncio.Protocol):
     # ----------------------------------------------------------------- connection events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "unknown"
         self.tls_active = transport.get_extra_info("sslcontext") is not None
@@ -140,7 +139,7 @@ class SmtpSession(asyncio.Protocol):
         self._counted = True
         self.ctx.sessions.add(self)
         greeting = Reply(220, "", f"{self.ctx.hostname} {self.ctx.settings.banner}")
-        self.transport.write(greeting.encode())
+        transport.write(greeting.encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted:
