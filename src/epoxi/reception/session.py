@@ -139,7 +139,8 @@ class SmtpSession(asyncio.Protocol):
         self._counted = True
         self.ctx.sessions.add(self)
         greeting = Reply(220, "", f"{self.ctx.hostname} {self.ctx.settings.banner}")
-        transport.write(greeting.encode())
+        self._out.append(greeting.encode())
+        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted:
