@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import sys
@@ -97,6 +98,47 @@ def users_hash(
         typer.echo("epoxi: empty password", err=True)
         raise typer.Exit(1)
     typer.echo(hash_password(password))
+
+
+@app.command()
+def sink(
+    listen: Annotated[
+        str, typer.Option(help="Address to listen on, host:port.")
+    ] = "127.0.0.1:2526",
+    tls: Annotated[
+        bool, typer.Option(help="Offer STARTTLS with a self-signed certificate.")
+    ] = False,
+    auth: Annotated[
+        list[str] | None, typer.Option(help="Accept AUTH for user:password (repeatable).")
+    ] = None,
+    slow_delay: Annotated[float, typer.Option(help="Delay of replies to slow-* recipients.")] = 2.0,
+) -> None:
+    """Run a test SMTP sink that accepts and counts everything.
+
+    Recipients whose local part starts with tempfail-, reject-, quota-, tempfail-data-,
+    reject-data-, slow-, disconnect-in-data- or reset-after-data- get that misbehaviour.
+    """
+    from epoxi.config import parse_hostport
+    from epoxi.testing.certs import make_test_tls_context
+    from epoxi.testing.sink import run_sink
+
+    host, port = parse_hostport(listen, 2526)
+    users = dict(item.split(":", 1) for item in auth or [])
+    context = make_test_tls_context(host)[0] if tls else None
+    with (
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        runner.run(
+            run_sink(
+                host,
+                port,
+                tls=context,
+                auth=users or None,
+                auth_plaintext=not tls,
+                slow_delay=slow_delay,
+            )
+        )
 
 
 @app.command()

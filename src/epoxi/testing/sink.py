@@ -105,6 +105,7 @@ class Sink:
         self.max_size, self.fail_connections = max_size, fail_connections
         self._server: asyncio.Server | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sessions: set[_SinkSession] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -130,6 +131,9 @@ class Sink:
         self._port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop listening and drop every open connection."""
+        for session in list(self._sessions):
+            session._abort()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -199,6 +203,7 @@ class _SinkSession(asyncio.Protocol):
         self.peer = str(transport.get_extra_info("peername")[0])
         self.local = str(transport.get_extra_info("sockname")[0])
         self.index = self.sink._connected()
+        self.sink._sessions.add(self)
         if self.index <= self.sink.fail_connections:
             self._send(Reply(421, "4.3.2", "Not now"))
             self._close()
@@ -210,6 +215,7 @@ class _SinkSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.sink.current_connections -= 1
+        self.sink._sessions.discard(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
