@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Running:
     app: Epoxi
     ports: Ports
     data_dir: Path
+    records: list[Any] = field(default_factory=list)
 
     def client_tls(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.data_dir / "tls-cert.pem"))
@@ -50,6 +51,7 @@ class Running:
 MakeServer = Callable[..., Any]
 
 
+
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     started: list[Epoxi] = []
@@ -65,6 +67,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
             ],
             **overrides.pop("smtp", {}),
         }
+        # Outbound mail goes to a port where nothing listens: it stays in the spool.
         settings = Settings.model_validate(
             {
                 "hostname": "mx.test",
@@ -72,13 +75,16 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
                 "local_domains": ["local.test"],
                 "users": {"alice": PASSWORD_HASH},
                 "smtp": smtp,
+                "relay": {"host": "127.0.0.1", "port": free_port()},
                 **overrides,
             }
         )
         app = Epoxi(settings)
+        running = Running(app, ports, settings.data_dir)
+        app.records.subscribe(running.records.append)
         await app.start()
         started.append(app)
-        return Running(app, ports, settings.data_dir)
+        return running
 
     yield make
     for app in started:

@@ -175,7 +175,7 @@ async def test_swaks_starttls_auth_pipelining(make_server: MakeServer) -> None:
     assert code == 0, out
     assert "<~  250 2.0.0 Ok: queued as" in out
     spooled = await server.spooled()
-    assert [m.recipients for m in spooled] == [["c@far.test", "d@far.test"]], spooled
+    assert [m.recipients for m in spooled] == [["c@far.test", "d@far.test"]]
 
 
 async def test_swaks_auth_login(make_server: MakeServer) -> None:
