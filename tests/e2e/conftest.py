@@ -51,7 +51,6 @@ class Running:
 MakeServer = Callable[..., Any]
 
 
-
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     started: list[Epoxi] = []

@@ -17,7 +17,7 @@ from flufl.bounce import all_failures
 
 from epoxi.app import Epoxi
 from epoxi.config import Settings
-from epoxi.events.records import Record, RecordType
+from epoxi.events.records import Record, RecordType, decode_record
 from epoxi.testing.dnsserver import DnsServer, Zone
 from epoxi.testing.sink import Sink
 from tests.conftest import free_port
@@ -337,3 +337,36 @@ async def test_smarthost_with_starttls_and_auth(make_world: MakeWorld, tmp_path:
         assert record.site.startswith("route:127.0.0.5")
     finally:
         await relay.stop()
+
+
+async def test_egress_source_binds_its_address(make_world: MakeWorld) -> None:
+    world: World = await make_world(
+        delivery={"sources": [{"name": "pool-a", "bind": "127.0.0.10", "ehlo": "out.example"}]}
+    )
+    await send(world, ["x@a.test"])
+    (record,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert record.source == "pool-a"
+    assert world.sinks["127.0.0.2"].messages[0].peer == "127.0.0.10"
+    assert "pool-a->mx1.a.test,mx2.a.test" in world.app.engine.ready
+
+
+async def test_records_are_written_as_json_lines(make_world: MakeWorld) -> None:
+    world: World = await make_world()
+    (queue_id,) = await send(world, ["x@a.test"])
+    await world.wait_records(RecordType.DELIVERY, 1)
+    await world.app.records.flush()
+    lines = (world.app.settings.data_dir / "logs" / "records.jsonl").read_bytes().splitlines()
+    records = [decode_record(line) for line in lines]
+    assert [(r.type, r.message_id) for r in records] == [
+        (RecordType.RECEPTION, queue_id),
+        (RecordType.DELIVERY, queue_id),
+    ]
+    assert records[1].response is not None and records[1].response.code == 250
+
+
+async def test_dsn_can_be_turned_off(make_world: MakeWorld) -> None:
+    world: World = await make_world(delivery={"dsn": False})
+    await send(world, ["reject-x@a.test"])
+    await world.wait_records(RecordType.BOUNCE, 1)
+    await asyncio.sleep(0.3)
+    assert [r.type for r in world.records] == [RecordType.RECEPTION, RecordType.BOUNCE]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from epoxi.reception.auth import verify_password
 from epoxi.spool import Spool
-from tests.conftest import EpoxiProcess
+from epoxi.testing.sink import Sink
+from tests.conftest import EpoxiProcess, free_port, wait_for_port
 
 BODY = b"Subject: durable\r\n\r\n" + (b"x" * 76 + b"\r\n") * 65
 
@@ -108,3 +109,44 @@ def test_users_hash_prints_a_verifiable_hash() -> None:
     assert result.returncode == 0
     encoded = result.stdout.strip()
     assert verify_password("hunter2", encoded) and not verify_password("hunter3", encoded)
+
+
+async def test_restart_mid_run_delivers_everything_queued(tmp_path: Path) -> None:
+    """Mail queued while the smarthost is down survives a kill -9 and is delivered later."""
+    process = EpoxiProcess(tmp_path / "data")
+    config = tmp_path / "epoxi.toml"
+    config.write_text('[delivery]\nretry_interval = "1s"\nmax_retry_interval = "2s"\n')
+    try:
+        await asyncio.to_thread(process.start, config)
+        ids = await asyncio.to_thread(send_batch, process.port, 20)
+        await asyncio.to_thread(process.kill)
+        async with Sink("127.0.0.1", process.relay_port) as sink:
+            await asyncio.to_thread(process.start, config)
+            await sink.wait_for(20, timeout=30)
+            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
+            assert received == set(ids)
+    finally:
+        if process.proc is not None:
+            await asyncio.to_thread(process.kill)
+
+
+async def test_sink_command_counts_messages() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "epoxi",
+        "sink",
+        "--listen",
+        f"127.0.0.1:{port}",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", port)
+        await asyncio.to_thread(send_batch, port, 3)
+        assert proc.stderr is not None
+        while b"messages=3" not in await asyncio.wait_for(proc.stderr.readline(), 10):
+            pass
+    finally:
+        proc.terminate()
+        await proc.wait()
