@@ -192,6 +192,7 @@ class RouteSettings(_Model):
     password: str | None = Field(None, repr=False)
     tls: Literal["opportunistic", "required", "disabled", "implicit"] = "opportunistic"
     tls_verify: bool = False
+    dsn: bool = True  # send DSNs for mail bounced or expired on this route
 
     @field_validator("hosts")
     @classmethod
@@ -234,6 +235,7 @@ class DeliverySettings(_Model):
     max_retry_interval: Duration = 14400.0
     max_age: Duration = 5 * 86400.0  # expire (and DSN) after this long in the queue
     dsn: bool = True  # send RFC 3464 DSNs for bounces and expiries
+    dsn_disabled_tenants: tuple[str, ...] = ()  # tenants that handle bounces themselves
     ready_queue_limit: int = Field(10_000, ge=1)  # jobs per ready queue before holding back
     expiry_sweep_interval: Duration = 30.0
     mx_port: int = Field(25, ge=1, le=65535)  # port of MX hosts (tests point it at sinks)

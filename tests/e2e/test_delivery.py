@@ -364,9 +364,29 @@ async def test_records_are_written_as_json_lines(make_world: MakeWorld) -> None:
     assert records[1].response is not None and records[1].response.code == 250
 
 
-async def test_dsn_can_be_turned_off(make_world: MakeWorld) -> None:
-    world: World = await make_world(delivery={"dsn": False})
-    await send(world, ["reject-x@a.test"])
+@pytest.mark.parametrize("delivery", [{"dsn": False}, {"dsn_disabled_tenants": ["acme"]}])
+async def test_dsn_can_be_turned_off(make_world: MakeWorld, delivery: dict[str, Any]) -> None:
+    world: World = await make_world(delivery=delivery)
+    body = b"X-Epoxi-Tenant: acme\r\nSubject: s\r\n\r\nhi\r\n"
+    await send(world, ["reject-x@a.test"], body=body)
     await world.wait_records(RecordType.BOUNCE, 1)
     await asyncio.sleep(0.3)
     assert [r.type for r in world.records] == [RecordType.RECEPTION, RecordType.BOUNCE]
+
+
+async def test_connection_rate_and_deliveries_per_connection(make_world: MakeWorld) -> None:
+    world: World = await make_world(
+        delivery={
+            "defaults": {
+                "max_deliveries_per_connection": 1,
+                "max_connection_rate": "10/s",
+                "idle_timeout": 2,
+            }
+        }
+    )
+    await send(world, ["x@a.test"], count=8)
+    await world.wait_records(RecordType.DELIVERY, 8)
+    sink = world.sinks["127.0.0.2"]
+    assert sink.connections == 8 and all(m.transaction == 1 for m in sink.messages)
+    times = sorted(sink.connection_times)
+    assert times[-1] - times[0] >= 0.6  # 8 connections at 10/s: about 0.7 s

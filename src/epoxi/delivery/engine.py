@@ -337,7 +337,7 @@ class DeliveryEngine:
 
     async def _send_dsn(self, job: Job, failures: list[_Outcome], kind: str) -> None:
         meta = job.message.meta
-        if not self.settings.delivery.dsn or not meta.sender:
+        if not meta.sender or not self._dsn_wanted(job):
             return
         body = job.message.body or await self.spool.load_body(meta.id)
         headers = body.split(b"\r\n\r\n", 1)[0] + b"\r\n"
@@ -373,6 +373,13 @@ class DeliveryEngine:
             meta.sender,
             len(failures),
         )
+
+    def _dsn_wanted(self, job: Job) -> bool:
+        delivery = self.settings.delivery
+        if not delivery.dsn or job.message.meta.tenant in delivery.dsn_disabled_tenants:
+            return False
+        route = self.router.static(job.domain)
+        return route is None or route.dsn
 
     def _remove_recipients(self, meta: MessageMeta, finished: list[str]) -> None:
         if finished:

@@ -26,6 +26,7 @@ class Destination:
     tls: TlsPolicy
     auth: ClientAuth | None = None
     via_mx: bool = False  # hosts came from DNS: failures fall back to the next host
+    dsn: bool = True  # DSNs for failures on this destination
 
 
 class Router:
@@ -98,4 +99,5 @@ def _route_destination(route: RouteSettings) -> Destination:
         hosts=hosts,
         tls=TlsPolicy(mode=route.tls, verify=route.tls_verify),
         auth=auth,
+        dsn=route.dsn,
     )
