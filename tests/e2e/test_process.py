@@ -139,13 +139,13 @@ async def test_sink_command_counts_messages() -> None:
         "sink",
         "--listen",
         f"127.0.0.1:{port}",
-        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         await asyncio.to_thread(wait_for_port, "127.0.0.1", port)
         await asyncio.to_thread(send_batch, port, 3)
-        assert proc.stderr is not None
-        while b"messages=3" not in await asyncio.wait_for(proc.stderr.readline(), 10):
+        assert proc.stdout is not None
+        while b"messages=3" not in await asyncio.wait_for(proc.stdout.readline(), 10):
             pass
     finally:
         proc.terminate()

@@ -1,227 +1,474 @@
-"""Reply classification: code + RFC 3463 enhanced code + text -> a bounce category.
+"""Reply classification: (code, RFC 3463 enhanced code, text) -> a bounce category.
 
-Rules are data (TOML). The first matching rule wins; user rule files are consulted before the
-shipped ``rules.toml``. With no rule matching, the enhanced code's class and subject decide,
-then the reply code alone. Results are cached by (code, enhanced, text), so a repeated reply
-costs a dictionary lookup.
+Rules are data (TOML, see ``rules.toml``). The first rule that matches decides, in file order;
+user rule files come before the shipped ones. When no rule matches, the enhanced code's
+subject and detail decide (RFC 3463, RFC 7372, RFC 7505), then the reply code alone, ending
+in ``Other``. Permanence follows the reply code (4xx transient, 5xx permanent) unless the
+rule that matched says otherwise.
+
+Text rules run over the *normalised* text (see :func:`normalize_text`): lowercased, mail
+addresses replaced by ``@``, and long id-like runs (queue ids, timestamps, IP addresses,
+numbered host names) by ``#``. Two replies that differ only in those parts are one cache
+entry, so a server that puts a fresh id into every reply still hits the cache.
+
+Connection-level failures, where there is no reply: the delivery code builds a synthetic
+reply with :func:`connection_error_reply` and classifies it like any other, so records and
+DSNs always carry a reply; :func:`classify_connection_error` gives the same answer without
+a classifier.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.resources
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from epoxi.errors import ConfigError
 from epoxi.smtp.replies import Reply
 
-_CACHE_LIMIT = 20_000
+SHIPPED_RULES = "rules.toml"
+DEFAULT_CACHE_SIZE = 4096
 
 
 class BounceCategory(enum.Enum):
-    INVALID_RECIPIENT = "InvalidRecipient"
-    BAD_DOMAIN = "BadDomain"
-    MAILBOX_FULL = "MailboxFull"
-    MESSAGE_TOO_LARGE = "MessageTooLarge"
-    SPAM_BLOCK = "SpamBlock"
-    POLICY_REJECTION = "PolicyRejection"
-    CONTENT_REJECTED = "ContentRejected"
-    RATE_LIMITED = "RateLimited"
-    AUTH_REQUIRED = "AuthRequired"
-    TLS_REQUIRED = "TLSRequired"
-    RELAY_DENIED = "RelayDenied"
-    TRANSIENT_NETWORK = "TransientNetwork"
-    ROUTING_ERROR = "RoutingError"
-    PROTOCOL_ERROR = "ProtocolError"
-    EXPIRED = "Expired"
-    OTHER = "Other"
+    """Why a reply failed. Names and values are stable: they go into records and APIs."""
+
+    InvalidRecipient = "InvalidRecipient"  # the mailbox does not exist or is disabled
+    BadDomain = "BadDomain"  # the recipient domain does not exist or takes no mail
+    BadSender = "BadSender"  # the envelope sender was refused (RFC 3463 X.1.7, X.1.8)
+    MailboxFull = "MailboxFull"
+    MessageTooLarge = "MessageTooLarge"
+    SpamBlock = "SpamBlock"  # spam, blocklist, reputation
+    PolicyRejection = "PolicyRejection"  # local policy, DMARC/SPF/DKIM, reverse DNS
+    RelayDenied = "RelayDenied"
+    RateLimited = "RateLimited"  # volume, connections, greylisting, too many recipients
+    AuthRequired = "AuthRequired"
+    TLSRequired = "TLSRequired"
+    TransientNetwork = "TransientNetwork"  # connect, timeout, lost connection
+    ContentRejected = "ContentRejected"  # virus, attachment type, content filter
+    RoutingError = "RoutingError"  # unroutable, mail loop, DNS trouble
+    MailSystemError = "MailSystemError"  # the remote system is full or broken (X.3.x)
+    ProtocolError = "ProtocolError"  # syntax, sequence, unsupported feature (X.5.x)
+    Expired = "Expired"  # too long in a queue (X.4.7)
+    Other = "Other"
 
 
 @dataclass(frozen=True, slots=True)
 class Classification:
+    """The verdict on one reply. ``rule`` names what decided, for debugging."""
+
     category: BounceCategory
     permanent: bool
-    rule: str  # the id of the rule that decided, or "enhanced:X.Y" / "code:NNN"
+    rule: str  # a rule id, or "rfc3463:X.S.D", "rfc3463:X.S", "code:NNN", "code:Nxx"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
+    """One compiled rule; every matcher given must match."""
+
     id: str
     category: BounceCategory
-    code: re.Pattern[str] | None = None  # "550", "5xx", "55x"
-    enhanced: re.Pattern[str] | None = None  # "5.1.1", "5.7.*", "x.7.*"
-    text: re.Pattern[str] | None = None
+    codes: frozenset[int] | None = None
+    enhanced: re.Pattern[str] | None = None  # fullmatch against the enhanced code
+    text: re.Pattern[str] | None = None  # search in the normalised text
     permanent: bool | None = None  # None: from the reply code
 
-    def matches(self, code: str, enhanced: str, text: str) -> bool:
+    def matches(self, code: int, enhanced: str, text: str) -> bool:
+        """True when the reply parts satisfy every matcher of this rule."""
         return (
-            (self.code is None or self.code.fullmatch(code) is not None)
+            (self.codes is None or code in self.codes)
             and (self.enhanced is None or self.enhanced.fullmatch(enhanced) is not None)
             and (self.text is None or self.text.search(text) is not None)
         )
 
 
-# Fallback by the enhanced code's subject (RFC 3463 §3) and detail.
-_BY_ENHANCED: dict[str, BounceCategory] = {
-    "1.1": BounceCategory.INVALID_RECIPIENT,
-    "1.2": BounceCategory.BAD_DOMAIN,
-    "1.3": BounceCategory.INVALID_RECIPIENT,
-    "1.6": BounceCategory.INVALID_RECIPIENT,
-    "1.10": BounceCategory.BAD_DOMAIN,
-    "2.1": BounceCategory.INVALID_RECIPIENT,
-    "2.2": BounceCategory.MAILBOX_FULL,
-    "2.3": BounceCategory.MESSAGE_TOO_LARGE,
-    "3.4": BounceCategory.MESSAGE_TOO_LARGE,
-    "4.1": BounceCategory.TRANSIENT_NETWORK,
-    "4.2": BounceCategory.TRANSIENT_NETWORK,
-    "4.4": BounceCategory.ROUTING_ERROR,
-    "4.7": BounceCategory.EXPIRED,
-    "7.0": BounceCategory.POLICY_REJECTION,
-    "7.1": BounceCategory.POLICY_REJECTION,
-    "7.8": BounceCategory.AUTH_REQUIRED,
-    "7.11": BounceCategory.TLS_REQUIRED,
-}
-_BY_SUBJECT: dict[str, BounceCategory] = {
-    "1": BounceCategory.INVALID_RECIPIENT,
-    "2": BounceCategory.INVALID_RECIPIENT,
-    "3": BounceCategory.OTHER,
-    "4": BounceCategory.TRANSIENT_NETWORK,
-    "5": BounceCategory.PROTOCOL_ERROR,
-    "6": BounceCategory.CONTENT_REJECTED,
-    "7": BounceCategory.POLICY_REJECTION,
-}
+# ------------------------------------------------------------------------- normalisation
+
+# Each pattern starts with a literal or a small set, so re skips ahead in C: a few µs a reply.
+_AT_TAIL = re.compile(r"@[^\s<>()\[\]{}\"',;]+")  # "@example.com"; reversed: the local part
+_DIGIT_RUN = re.compile(r"[0-9][0-9A-Za-z_.:+=-]{6,}")
+
+
+def normalize_text(text: str) -> str:
+    """The text that text rules see, and the cache key: lowercase, variable parts masked.
+
+    Line breaks become spaces; a mail address becomes ``@``; from a digit on, a run of 7 or
+    more characters of ``[0-9A-Za-z_.:+=-]`` becomes ``#`` (``d9443c01a73-1e0b`` -> ``d#``,
+    ``192.0.2.1`` -> ``#``, ``mta1234.mail.example.net`` -> ``mta#``). Short codes such as
+    ``5.7.1``, ``TSS04``, ``S3150`` and numbers such as ``300`` are kept.
+    """
+    if "\n" in text:
+        text = text.replace("\r", "").replace("\n", " ")
+    if "@" in text:
+        text = _AT_TAIL.sub("@", text)  # the domain
+        text = _AT_TAIL.sub("@", text[::-1])[::-1]  # the local part, read backwards
+    return _DIGIT_RUN.sub("#", text).lower()
+
+
+# ------------------------------------------------------------------------------ classifier
 
 
 class Classifier:
-    """Classifies replies with rules; cached, a few microseconds per repeated reply."""
+    """Classifies replies with rules, first match wins; results are cached (LRU).
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
-        self.rules = list(rules)
-        self._cache: dict[tuple[int, str, str], Classification] = {}
+    A repeated reply costs one cache lookup; a reply that differs from a cached one only in
+    masked parts (ids, addresses) costs a normalisation and a lookup.
+    """
+
+    def __init__(self, rules: Sequence[Rule], *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        self._by_exact = functools.lru_cache(maxsize=cache_size)(self._classify_exact)
+        self._by_normalized = functools.lru_cache(maxsize=cache_size)(self._classify_normalized)
 
     @classmethod
     def default(cls) -> Classifier:
-        return cls.from_files([])
+        """A classifier with the shipped rules only."""
+        return cls(_shipped_rules())
 
     @classmethod
-    def from_files(cls, paths: Sequence[Path]) -> Classifier:
+    def from_files(cls, paths: Iterable[str | Path]) -> Classifier:
         """User rule files first, in the order given, then the shipped rules."""
         rules: list[Rule] = []
         for path in paths:
-            rules += load_rules(_read(path), str(path))
-        shipped = importlib.resources.files("epoxi.bounce").joinpath("rules.toml").read_text()
-        rules += load_rules(shipped, "epoxi/bounce/rules.toml")
-        return cls(rules)
+            rules += load_rules(_read_rules_file(Path(path)), str(path))
+        return cls([*rules, *_shipped_rules()])
 
     def classify(self, reply: Reply) -> Classification:
-        key = (reply.code, reply.enhanced, reply.text)
-        found = self._cache.get(key)
-        if found is None:
-            found = self._classify(reply)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
-        return found
+        """Category and permanence of a failed ``reply``."""
+        return self._by_exact(reply.code, reply.enhanced, reply.text)
 
-    def _classify(self, reply: Reply) -> Classification:
-        code, enhanced, text = str(reply.code), reply.enhanced, reply.text
-        default_permanent = reply.code >= 500
+    def cache_clear(self) -> None:
+        """Forget every cached verdict (for benchmarks and tests)."""
+        self._by_exact.cache_clear()
+        self._by_normalized.cache_clear()
+
+    def _classify_exact(self, code: int, enhanced: str, text: str) -> Classification:
+        return self._by_normalized(code, enhanced, normalize_text(text))
+
+    def _classify_normalized(self, code: int, enhanced: str, text: str) -> Classification:
         for rule in self.rules:
             if rule.matches(code, enhanced, text):
-                permanent = default_permanent if rule.permanent is None else rule.permanent
+                permanent = code >= 500 if rule.permanent is None else rule.permanent
                 return Classification(rule.category, permanent, rule.id)
-        return _fallback(reply, default_permanent)
+        return fallback(code, enhanced)
 
 
-def _fallback(reply: Reply, permanent: bool) -> Classification:
-    parts = reply.enhanced.split(".")
-    if len(parts) == 3:
-        detail = f"{parts[1]}.{parts[2]}"
-        if detail in _BY_ENHANCED:
-            return Classification(_BY_ENHANCED[detail], permanent, f"enhanced:{detail}")
-        if parts[1] in _BY_SUBJECT:
-            return Classification(_BY_SUBJECT[parts[1]], permanent, f"enhanced:{parts[1]}")
-    category = BounceCategory.TRANSIENT_NETWORK if reply.code == 421 else BounceCategory.OTHER
-    return Classification(category, permanent, f"code:{reply.code}")
+# -------------------------------------------------------------------------------- fallback
+
+_C = BounceCategory
+
+# RFC 3463 (with RFC 7372 and RFC 7505 additions): subject.detail -> category.
+_BY_DETAIL: dict[str, BounceCategory] = {
+    "1.0": _C.InvalidRecipient,
+    "1.1": _C.InvalidRecipient,
+    "1.2": _C.BadDomain,
+    "1.3": _C.InvalidRecipient,
+    "1.4": _C.InvalidRecipient,
+    "1.6": _C.InvalidRecipient,
+    "1.7": _C.BadSender,
+    "1.8": _C.BadSender,
+    "1.10": _C.BadDomain,
+    "2.0": _C.InvalidRecipient,
+    "2.1": _C.InvalidRecipient,
+    "2.2": _C.MailboxFull,
+    "2.3": _C.MessageTooLarge,
+    "3.4": _C.MessageTooLarge,
+    "4.3": _C.RoutingError,
+    "4.4": _C.RoutingError,
+    "4.5": _C.RateLimited,
+    "4.6": _C.RoutingError,
+    "4.7": _C.Expired,
+    "5.3": _C.RateLimited,
+    "7.8": _C.AuthRequired,
+    "7.9": _C.AuthRequired,
+    "7.10": _C.TLSRequired,
+    "7.11": _C.TLSRequired,
+    "7.12": _C.AuthRequired,
+    "7.13": _C.InvalidRecipient,
+    "7.17": _C.InvalidRecipient,
+    "7.18": _C.BadDomain,
+    "7.27": _C.BadSender,
+    "7.28": _C.SpamBlock,
+    "7.30": _C.TLSRequired,
+}
+_BY_SUBJECT: dict[str, BounceCategory] = {
+    "1": _C.InvalidRecipient,
+    "2": _C.InvalidRecipient,
+    "3": _C.MailSystemError,
+    "4": _C.TransientNetwork,
+    "5": _C.ProtocolError,
+    "6": _C.ContentRejected,
+    "7": _C.PolicyRejection,
+}
+# RFC 5321, RFC 4954, RFC 7504: reply code alone. 550 and 554 say too little to guess.
+_BY_CODE: dict[int, BounceCategory] = {
+    421: _C.TransientNetwork,
+    451: _C.MailSystemError,
+    452: _C.MailSystemError,
+    500: _C.ProtocolError,
+    501: _C.ProtocolError,
+    502: _C.ProtocolError,
+    503: _C.ProtocolError,
+    504: _C.ProtocolError,
+    521: _C.BadDomain,
+    530: _C.AuthRequired,
+    534: _C.AuthRequired,
+    535: _C.AuthRequired,
+    538: _C.TLSRequired,
+    551: _C.InvalidRecipient,
+    553: _C.InvalidRecipient,
+    555: _C.ProtocolError,
+    556: _C.BadDomain,
+}
+_ENHANCED_SHAPE = re.compile(r"[245]\.(\d{1,3})\.(\d{1,3})")
 
 
-def _read(path: Path) -> str:
+def fallback(code: int, enhanced: str) -> Classification:
+    """The verdict when no rule matched: enhanced code, then reply code, then ``Other``."""
+    permanent = code >= 500
+    shape = _ENHANCED_SHAPE.fullmatch(enhanced)
+    if shape is not None:
+        subject, detail = shape.groups()
+        found = _BY_DETAIL.get(f"{subject}.{detail}")
+        if found is not None:
+            return Classification(found, permanent, f"rfc3463:X.{subject}.{detail}")
+        found = _BY_SUBJECT.get(subject)
+        if found is not None:
+            return Classification(found, permanent, f"rfc3463:X.{subject}")
+    found = _BY_CODE.get(code)
+    if found is not None:
+        return Classification(found, permanent, f"code:{code}")
+    return Classification(_C.Other, permanent, f"code:{code // 100}xx")
+
+
+# ---------------------------------------------------------------- connection-level failures
+
+ConnectionErrorKind = Literal[
+    "refused",  # TCP connection refused
+    "timeout",  # no answer: connect, banner or a reply timed out
+    "lost",  # connection reset or closed in the middle
+    "tls",  # TLS handshake failed
+    "tls-unavailable",  # TLS required by our policy, not offered by the server
+    "protocol",  # the server sent something that is not SMTP
+    "dns-temporary",  # SERVFAIL, DNS timeout
+    "dns-nxdomain",  # the domain does not exist
+    "null-mx",  # RFC 7505: the domain takes no mail
+]
+
+
+def _connection(
+    kind: str, reply: Reply, category: BounceCategory
+) -> tuple[str, tuple[Reply, Classification]]:
+    return kind, (reply, Classification(category, reply.code >= 500, f"connection:{kind}"))
+
+
+_CONNECTION_ERRORS: dict[str, tuple[Reply, Classification]] = dict(
+    [
+        _connection("refused", Reply(421, "4.4.1", "connection refused"), _C.TransientNetwork),
+        _connection("timeout", Reply(421, "4.4.1", "connection timed out"), _C.TransientNetwork),
+        _connection("lost", Reply(421, "4.4.2", "connection lost"), _C.TransientNetwork),
+        _connection("tls", Reply(421, "4.4.2", "TLS handshake failed"), _C.TransientNetwork),
+        _connection(
+            "tls-unavailable", Reply(421, "4.7.10", "TLS required but not offered"), _C.TLSRequired
+        ),
+        _connection("protocol", Reply(421, "4.5.0", "protocol error"), _C.ProtocolError),
+        _connection("dns-temporary", Reply(451, "4.4.3", "DNS lookup failed"), _C.RoutingError),
+        _connection("dns-nxdomain", Reply(550, "5.1.2", "domain does not exist"), _C.BadDomain),
+        _connection(
+            "null-mx", Reply(556, "5.1.10", "domain does not accept mail (null MX)"), _C.BadDomain
+        ),
+    ]
+)
+
+
+def connection_error_reply(kind: ConnectionErrorKind, detail: str = "") -> Reply:
+    """A synthetic reply for a failure without one; ``detail`` is appended to the text."""
+    reply = _CONNECTION_ERRORS[kind][0]
+    return Reply(reply.code, reply.enhanced, f"{reply.text}: {detail}" if detail else reply.text)
+
+
+def classify_connection_error(kind: ConnectionErrorKind) -> Classification:
+    """The verdict for a failure without a reply; agrees with the shipped rules."""
+    return _CONNECTION_ERRORS[kind][1]
+
+
+# ------------------------------------------------------------------------------ rule files
+
+_RULE_KEYS = frozenset({"id", "category", "code", "enhanced", "text", "permanent"})
+_MATCH_KEYS = ("code", "enhanced", "text")
+_CODE_SHAPE = re.compile(r"[2-5][0-9xX][0-9xX]")
+_ENHANCED_PATTERN_SHAPE = re.compile(r"([245xX*])\.(\d{1,3}|\*)\.(\d{1,3}|\*)")
+
+
+@functools.cache
+def _shipped_rules() -> tuple[Rule, ...]:
+    resource = importlib.resources.files("epoxi.bounce").joinpath(SHIPPED_RULES)
+    return tuple(load_rules(resource.read_text(encoding="utf-8"), f"epoxi/bounce/{SHIPPED_RULES}"))
+
+
+def _read_rules_file(path: Path) -> str:
     try:
-        return path.read_text()
-    except OSError as exc:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read bounce rules: {exc}") from exc
 
 
 def load_rules(text: str, source: str) -> list[Rule]:
-    """Parse a rules file: ``[[rule]]`` tables with id, category and what to match."""
+    """Parse a rules file: ``[[rule]]`` tables. Errors name ``source``, rule number and key."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    unknown = set(data) - {"rule"}
+    unknown = sorted(set(data) - {"rule"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
-    return [
-        _parse_rule(entry, f"{source}: rule {index}")
-        for index, entry in enumerate(data.get("rule", []))
-    ]
+        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; expected [[rule]]")
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'rule' must be an array of tables ([[rule]])")
+    rules = [_parse_rule(entry, f"{source}: [[rule]] #{n}") for n, entry in enumerate(entries, 1)]
+    _check_unique_ids(rules, source)
+    return rules
 
 
-_RULE_KEYS = {"id", "category", "code", "enhanced", "text", "permanent"}
+def _check_unique_ids(rules: list[Rule], source: str) -> None:
+    seen: set[str] = set()
+    for n, rule in enumerate(rules, 1):
+        if rule.id in seen:
+            raise ConfigError(f"{source}: [[rule]] #{n}: id = {rule.id!r} is used twice")
+        seen.add(rule.id)
 
 
-def _parse_rule(entry: dict[str, Any], where: str) -> Rule:
-    unknown = set(entry) - _RULE_KEYS
+def _parse_rule(entry: Any, where: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table, got {entry!r}")
+    unknown = sorted(set(entry) - _RULE_KEYS)
     if unknown:
-        key = sorted(unknown)[0]
+        key = unknown[0]
         raise ConfigError(f"{where}: unknown key {key!r} (value {entry[key]!r})")
-    try:
-        category = BounceCategory(entry.get("category"))
-    except ValueError:
-        raise ConfigError(
-            f"{where}: category = {entry.get('category')!r} is not one of "
-            f"{[c.value for c in BounceCategory]}"
-        ) from None
-    permanent = entry.get("permanent")
-    if permanent is not None and not isinstance(permanent, bool):
-        raise ConfigError(f"{where}: permanent = {permanent!r} must be true or false")
+    if not any(key in entry for key in _MATCH_KEYS):
+        raise ConfigError(f"{where}: matches everything; give code, enhanced or text")
     return Rule(
-        id=str(entry.get("id", where)),
-        category=category,
-        code=_pattern(entry, "code", where),
-        enhanced=_pattern(entry, "enhanced", where),
-        text=_regex(entry, where),
-        permanent=permanent,
+        id=_rule_id(entry, where),
+        category=_category(entry, where),
+        codes=_codes(entry.get("code"), where),
+        enhanced=_enhanced(entry.get("enhanced"), where),
+        text=_text(entry.get("text"), where),
+        permanent=_permanent(entry.get("permanent"), where),
     )
 
 
-def _pattern(entry: dict[str, Any], key: str, where: str) -> re.Pattern[str] | None:
-    """``5xx``, ``55x``, ``5.7.*``, ``x.1.1``, ``x.1.2|x.1.10`` -> a pattern (fullmatch)."""
-    value = entry.get(key)
-    if value is None:
-        return None
-    text = str(value)
-    if not re.fullmatch(r"[0-9xX*.|]+", text):
-        raise ConfigError(
-            f"{where}: {key} = {value!r}: use digits, x, * and | (e.g. '5xx', '5.7.*', '4xx|5xx')"
-        )
-    return re.compile("|".join(_wildcard(part) for part in text.split("|")))
+def _rule_id(entry: dict[str, Any], where: str) -> str:
+    value = entry.get("id")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: id = {value!r}: every rule needs a non-empty string id")
+    return value
 
 
-def _wildcard(part: str) -> str:
-    return re.escape(part).replace("x", "[0-9]").replace("X", "[0-9]").replace(r"\*", "[0-9]+")
-
-
-def _regex(entry: dict[str, Any], where: str) -> re.Pattern[str] | None:
-    value = entry.get("text")
-    if value is None:
-        return None
+def _category(entry: dict[str, Any], where: str) -> BounceCategory:
+    value = entry.get("category")
     try:
-        return re.compile(str(value), re.IGNORECASE)
+        return BounceCategory(value)
+    except ValueError:
+        names = ", ".join(c.value for c in BounceCategory)
+        raise ConfigError(f"{where}: category = {value!r} is not one of {names}") from None
+
+
+def _permanent(value: Any, where: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{where}: permanent = {value!r} must be true or false")
+    return value
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _codes(value: Any, where: str) -> frozenset[int] | None:
+    """``550``, ``"55x"``, ``"5xx"`` or a list of them -> the set of codes they cover."""
+    if value is None:
+        return None
+    codes: set[int] = set()
+    for item in _as_list(value):
+        text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+        if not isinstance(text, str) or not _CODE_SHAPE.fullmatch(text):
+            raise ConfigError(
+                f"{where}: code = {value!r}: use a reply code or class like 550, '55x', '5xx'"
+            )
+        codes.update(_expand_code(text.lower()))
+    return frozenset(codes)
+
+
+def _expand_code(pattern: str) -> set[int]:
+    return {
+        n
+        for n in range(200, 600)
+        if all(p in ("x", d) for p, d in zip(pattern, str(n), strict=True))
+    }
+
+
+def _enhanced(value: Any, where: str) -> re.Pattern[str] | None:
+    """``"5.1.1"``, ``"5.7.*"``, ``"X.7.*"``, ``""`` (no enhanced code) or a list of them."""
+    if value is None:
+        return None
+    alternatives: list[str] = []
+    for item in _as_list(value):
+        shape = _ENHANCED_PATTERN_SHAPE.fullmatch(item) if isinstance(item, str) else None
+        if shape is None and item != "":
+            raise ConfigError(
+                f"{where}: enhanced = {value!r}: use codes like '5.1.1', '5.7.*', 'X.1.1', "
+                "or '' for replies without one"
+            )
+        alternatives.append(_enhanced_regex(shape.groups()) if shape else "")
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
+
+
+def _enhanced_regex(parts: tuple[str, ...]) -> str:
+    klass, subject, detail = parts
+    klass_regex = "[245]" if klass in ("x", "X", "*") else klass
+    return r"\.".join(
+        [
+            klass_regex,
+            r"\d{1,3}" if subject == "*" else subject,
+            r"\d{1,3}" if detail == "*" else detail,
+        ]
+    )
+
+
+def _text(value: Any, where: str) -> re.Pattern[str] | None:
+    """A regex, or a list of them meaning any of them; compiled as one alternation."""
+    if value is None:
+        return None
+    items = _as_list(value)
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ConfigError(
+            f"{where}: text = {value!r} must be a regular expression or a list of them"
+        )
+    for item in items:
+        _compile_text(item, where)  # so that an error names the one that is wrong
+    return _compile_text("|".join(items), where)
+
+
+def _compile_text(pattern: str, where: str) -> re.Pattern[str]:
+    flags = 0 if _is_lowercase_pattern(pattern) else re.IGNORECASE
+    try:
+        return re.compile(pattern, flags)
     except re.error as exc:
-        raise ConfigError(f"{where}: text = {value!r} is not a valid regex: {exc}") from exc
+        raise ConfigError(f"{where}: text = {pattern!r} is not a valid regex: {exc}") from exc
+
+
+_ESCAPE = re.compile(r"\\.")
+_CODEPOINT_ESCAPE = re.compile(r"\\[xuUN0-7]")
+
+
+def _is_lowercase_pattern(pattern: str) -> bool:
+    """True when ``pattern`` can only match lowercase letters, so that searching lowercased
+    text without IGNORECASE (much faster in re) finds what IGNORECASE would."""
+    if _CODEPOINT_ESCAPE.search(pattern):
+        return False
+    return not any(c.isupper() for c in _ESCAPE.sub("", pattern))

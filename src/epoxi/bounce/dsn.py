@@ -1,51 +1,113 @@
-"""Delivery Status Notifications (RFC 3464) for bounced and expired recipients.
+"""Delivery Status Notifications (RFC 3464) for bounced, expired and delayed recipients.
 
-A DSN is sent with the null reverse-path ``<>`` to the original sender, so a DSN that fails
-is never answered with another one.
+Envelope of a DSN, for the caller that spools it: the sender is the null reverse-path ``""``
+(``MAIL FROM:<>``) and the one recipient is the original message's envelope sender. The null
+sender is what makes a DSN that itself fails never produce another DSN (RFC 5321 4.5.5); call
+:func:`should_send_dsn` first so that no DSN is sent about a DSN or an automatic message.
+
+The message is ``multipart/report; report-type=delivery-status`` with three parts: a
+``text/plain`` explanation for people, the ``message/delivery-status`` fields for programs,
+and the original headers as ``text/rfc822-headers``.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from dataclasses import dataclass
-from email.message import Message
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.policy import SMTP
+from email.message import EmailMessage, Message, MIMEPart
+from email.parser import BytesHeaderParser
+from email.policy import SMTP, SMTPUTF8, Policy
 from email.utils import formatdate
 from typing import Literal
 
 from epoxi.smtp.replies import Reply
 from epoxi.spool.records import MessageMeta
 
-_NO_DSN_SENDERS = re.compile(r"^(mailer-daemon|postmaster|double-bounce)@", re.IGNORECASE)
-_REPORT_HEADER = re.compile(rb"^content-type:\s*multipart/report", re.IGNORECASE | re.MULTILINE)
+DsnKind = Literal["failed", "delayed"]
+
+_AUTOMATIC_SENDERS = frozenset(
+    {"mailer-daemon", "mailer_daemon", "mailerdaemon", "postmaster", "double-bounce"}
+)
+_REPORT_TYPES = ("multipart/report",)
+_XTEXT_SPECIALS = frozenset("\\+=")
+_PART_POLICY = SMTP.clone(cte_type="7bit")  # parts stay 7-bit clean: no 8BITMIME needed
+_FOLD_AT = 78  # the delivery-status fields are folded here, at spaces, by _fold
+_MAX_DIAGNOSTIC = 2000  # characters of a remote reply kept in Diagnostic-Code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecipientFailure:
+    """One recipient in a DSN and why it was not delivered.
+
+    ``reply`` is the remote server's reply, or None when there was none (expiry without a
+    reply, a local reason); then ``reason`` explains. ``action`` None follows the DSN's kind.
+    ``status`` overrides the RFC 3463 status; by default it comes from the reply's enhanced
+    code, else its reply code (``5.0.0`` / ``4.0.0``), else ``4.4.7`` (delivery time expired)
+    for a failed recipient and ``4.0.0`` for a delayed one.
+    """
+
     recipient: str
     reply: Reply | None
     remote_mta: str = ""
-    reason: str = ""  # for failures without a remote reply (expiry, DNS)
-    action: Literal["failed", "delayed"] = "failed"
+    reason: str = ""
+    action: DsnKind | None = None
+    status: str = ""
 
-    @property
-    def status(self) -> str:
+    def status_code(self) -> str:
+        """The RFC 3463 status for the ``Status:`` field."""
+        if self.status:
+            return self.status
         if self.reply is not None and self.reply.enhanced:
             return self.reply.enhanced
         if self.reply is not None:
-            return f"{self.reply.code // 100}.0.0"
-        return "5.0.0" if self.action == "failed" else "4.0.0"
+            return "5.0.0" if self.reply.code >= 500 else "4.0.0"
+        return "4.0.0" if self.action == "delayed" else "4.4.7"
+
+    def explanation(self) -> str:
+        """What happened, in one line, for people."""
+        if self.reply is not None:
+            said = f"{self.remote_mta} said" if self.remote_mta else "the remote server said"
+            return f"{said}: {_one_line(str(self.reply))}"
+        return _one_line(self.reason) or "no reason recorded"
+
+
+# ------------------------------------------------------------------------------ loop guard
 
 
 def should_send_dsn(meta: MessageMeta, original_headers: bytes) -> bool:
-    """False for the null sender, for DSNs, and for mailer-daemon senders (no loops)."""
-    if not meta.sender or _NO_DSN_SENDERS.match(meta.sender):
+    """Whether a failure of this message may be reported to its sender.
+
+    False for the null sender, for senders that are mail systems (mailer-daemon,
+    postmaster), and for messages that are themselves reports or automatic
+    (``Content-Type: multipart/report``, ``Auto-Submitted`` other than ``no``,
+    ``X-Failed-Recipients``), so a DSN never answers a DSN.
+    """
+    if not meta.sender or _is_system_sender(meta.sender):
         return False
-    return _REPORT_HEADER.search(original_headers) is None
+    return not _is_automatic(original_headers)
+
+
+def _is_system_sender(sender: str) -> bool:
+    local = sender.rpartition("@")[0] or sender
+    return local.lower() in _AUTOMATIC_SENDERS
+
+
+def _is_automatic(original_headers: bytes) -> bool:
+    headers = BytesHeaderParser().parsebytes(original_headers)
+    auto = _first_token(headers.get("Auto-Submitted", "no"))
+    content_type = _first_token(headers.get("Content-Type", ""))
+    return auto != "no" or content_type in _REPORT_TYPES or "X-Failed-Recipients" in headers
+
+
+def _first_token(value: object) -> str:
+    """``auto-replied (comment); x=y`` -> ``auto-replied``."""
+    text = re.sub(r"\([^)]*\)", " ", str(value))
+    return text.split(";", 1)[0].strip().lower()
+
+
+# -------------------------------------------------------------------------------- building
 
 
 def build_dsn(
@@ -54,77 +116,191 @@ def build_dsn(
     original: MessageMeta,
     original_headers: bytes,
     failures: list[RecipientFailure],
+    kind: DsnKind = "failed",
     dsn_id: str,
     now: float | None = None,
 ) -> bytes:
-    """The DSN as wire bytes (CRLF line ends), ready to spool."""
+    """The DSN as wire bytes with CRLF line ends, ready to spool.
+
+    Send it from ``""`` (the null sender) to ``original.sender``. ``dsn_id`` becomes the
+    local part of its Message-ID; ``now`` (unix time) dates it and the last attempts.
+    """
+    if not failures:
+        raise ValueError("a DSN needs at least one recipient")
     now = time.time() if now is None else now
-    report = MIMEMultipart("report", report_type="delivery-status")
-    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report = _report_envelope(reporting_mta, original, kind, dsn_id, now)
+    parts: list[Message | str] = [
+        _human_part(reporting_mta, original, failures, kind),
+        _status_part(reporting_mta, original, failures, kind, now),
+        _headers_part(original_headers),
+    ]
+    report.set_payload(parts)
+    return report.as_bytes(policy=_policy_for(original.sender))
+
+
+def _policy_for(sender: str) -> Policy:
+    """SMTP, or SMTPUTF8 when the address we answer is internationalised (RFC 6531).
+
+    Lines may reach RFC 5322's 998 octets: the delivery-status fields are folded by
+    :func:`_fold`, and a reply token too long to fold must not become an RFC 2047 word.
+    """
+    policy = SMTP if sender.isascii() else SMTPUTF8
+    return policy.clone(max_line_length=998)
+
+
+def _report_envelope(
+    mta: str, original: MessageMeta, kind: DsnKind, dsn_id: str, now: float
+) -> EmailMessage:
+    report = EmailMessage(policy=_policy_for(original.sender))
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{mta}>"
     report["To"] = original.sender
-    report["Subject"] = _subject(failures)
+    report["Subject"] = _subject(kind)
     report["Date"] = formatdate(now)
-    report["Message-ID"] = f"<{dsn_id}@{reporting_mta}>"
+    report["Message-ID"] = f"<{dsn_id}@{mta}>"
     report["Auto-Submitted"] = "auto-replied"
-    report.attach(MIMEText(_human_text(reporting_mta, original, failures), "plain", "utf-8"))
-    report.attach(_status_part(reporting_mta, original, failures, now))
-    report.attach(_headers_part(original_headers))
-    return report.as_bytes(policy=SMTP)
+    report["MIME-Version"] = "1.0"
+    report["Content-Type"] = "multipart/report"
+    report.set_param("report-type", "delivery-status")
+    return report
 
 
-def _subject(failures: list[RecipientFailure]) -> str:
-    if all(f.action == "delayed" for f in failures):
+def _subject(kind: DsnKind) -> str:
+    if kind == "delayed":
         return "Delayed Mail (still being retried)"
     return "Undelivered Mail Returned to Sender"
 
 
-def _human_text(mta: str, original: MessageMeta, failures: list[RecipientFailure]) -> str:
-    lines = [
-        f"This is the mail system at {mta}.",
-        "",
-        "Your message could not be delivered to the following recipients:",
-        "",
-    ]
-    for failure in failures:
-        why = str(failure.reply) if failure.reply else failure.reason
-        lines.append(f"<{failure.recipient}>: {why}")
-    lines += [
-        "",
-        f"The message was received on {formatdate(original.received_at)} "
-        f"with id {original.id}. Its headers are attached.",
-    ]
-    return "\r\n".join(lines) + "\r\n"
-
-
-def _status_part(
-    mta: str, original: MessageMeta, failures: list[RecipientFailure], now: float
-) -> MIMEBase:
-    per_message = Message()
-    per_message["Reporting-MTA"] = f"dns; {mta}"
-    per_message["X-Epoxi-Queue-ID"] = original.id
-    per_message["Arrival-Date"] = formatdate(original.received_at)
-    blocks: list[Message] = [per_message] + [_recipient_block(f, now) for f in failures]
-    part = MIMEBase("message", "delivery-status")
-    part.set_payload(blocks)  # type: ignore[arg-type]  # written as blocks by the generator
+def _human_part(
+    mta: str, original: MessageMeta, failures: list[RecipientFailure], kind: DsnKind
+) -> MIMEPart:
+    text = _human_text(mta, original, failures, kind)
+    part = MIMEPart(policy=_PART_POLICY)
+    if text.isascii():
+        part.set_content(text, charset="us-ascii", cte="7bit")
+    else:
+        part.set_content(text, charset="utf-8", cte="quoted-printable")
     return part
 
 
-def _recipient_block(failure: RecipientFailure, now: float) -> Message:
-    block = Message()
-    block["Final-Recipient"] = f"rfc822; {failure.recipient}"
-    block["Action"] = failure.action
-    block["Status"] = failure.status
+def _human_text(
+    mta: str, original: MessageMeta, failures: list[RecipientFailure], kind: DsnKind
+) -> str:
+    received = formatdate(original.received_at)
+    lines = [f"This is a delivery report from the mail server {mta}.", ""]
+    if kind == "delayed":
+        lines.append("Your message has not been delivered yet to these recipients:")
+    else:
+        lines.append("Your message could not be delivered to these recipients:")
+    lines.append("")
+    for failure in failures:
+        lines.append(f"  <{failure.recipient}>")
+        lines += _wrap(failure.explanation())
+        lines.append("")
+    if kind == "delayed":
+        lines += ["Delivery will be tried again; you do not need to resend it yet.", ""]
+    lines.append(f"The message arrived on {received} (queue id {original.id}).")
+    lines.append("Its headers are attached below.")
+    return "\n".join(lines) + "\n"
+
+
+def _status_part(
+    mta: str,
+    original: MessageMeta,
+    failures: list[RecipientFailure],
+    kind: DsnKind,
+    now: float,
+) -> MIMEPart:
+    part = MIMEPart(policy=_PART_POLICY)
+    part["Content-Type"] = "message/delivery-status"
+    blocks: list[Message | str] = [_per_message_fields(mta, original)]
+    blocks += [_per_recipient_fields(failure, kind, now) for failure in failures]
+    part.set_payload(blocks)  # one header block each, as RFC 3464 lays them out
+    return part
+
+
+def _per_message_fields(mta: str, original: MessageMeta) -> Message:
+    block = Message()  # compat32: stores our pre-folded values as they are
+    block["Reporting-MTA"] = f"dns; {mta}"
+    block["X-Epoxi-Queue-ID"] = original.id
+    block["Arrival-Date"] = formatdate(original.received_at)
+    return block
+
+
+def _per_recipient_fields(failure: RecipientFailure, kind: DsnKind, now: float) -> Message:
+    block = Message()  # compat32: stores our pre-folded values as they are
+    block["Final-Recipient"] = _address_field(failure.recipient)
+    block["Action"] = failure.action or kind
+    block["Status"] = failure.status_code()
     if failure.remote_mta:
-        block["Remote-MTA"] = f"dns; {failure.remote_mta}"
+        block["Remote-MTA"] = f"dns; {_ascii(failure.remote_mta)}"
     if failure.reply is not None:
-        block["Diagnostic-Code"] = f"smtp; {failure.reply}"
+        block["Diagnostic-Code"] = _diagnostic("smtp", str(failure.reply))
     elif failure.reason:
-        block["Diagnostic-Code"] = f"X-Epoxi; {failure.reason}"
+        block["Diagnostic-Code"] = _diagnostic("X-Epoxi", failure.reason)
     block["Last-Attempt-Date"] = formatdate(now)
     return block
 
 
-def _headers_part(original_headers: bytes) -> MIMEText:
-    text = original_headers.decode("utf-8", "replace")
-    charset = "us-ascii" if text.isascii() else "utf-8"
-    return MIMEText(text, "rfc822-headers", charset)
+def _address_field(address: str) -> str:
+    """``rfc822; addr``, or RFC 6533 ``utf-8; `` with ``\\x{HEX}`` escapes when not ASCII."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    escaped = "".join(
+        f"\\x{{{ord(c):X}}}" if not c.isascii() or c in _XTEXT_SPECIALS else c for c in address
+    )
+    return f"utf-8; {escaped}"
+
+
+def _diagnostic(kind: str, text: str) -> str:
+    """``smtp; 550 5.1.1 ...``: one line of ASCII, folded at spaces."""
+    value = f"{kind}; {_ascii(_one_line(text))[:_MAX_DIAGNOSTIC]}"
+    return _fold(value, len("Diagnostic-Code: "))
+
+
+def _fold(value: str, used: int) -> str:
+    """Fold at spaces so lines stay within _FOLD_AT where the words allow (RFC 5322 2.2.3)."""
+    lines: list[str] = []
+    line = ""
+    for word in value.split(" "):
+        if line and used + len(line) + 1 + len(word) > _FOLD_AT:
+            lines.append(line)
+            line, used = word, 1
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\n ".join(lines)
+
+
+def _headers_part(original_headers: bytes) -> MIMEPart:
+    """The original headers as ``text/rfc822-headers``: 7bit, or quoted-printable UTF-8.
+
+    Bytes that are not UTF-8 (legacy 8-bit headers) become U+FFFD.
+    """
+    text = original_headers.replace(b"\r\n", b"\n").decode("utf-8", "replace")
+    part = MIMEPart(policy=_PART_POLICY)
+    if text.isascii():
+        part.set_content(text, subtype="rfc822-headers", charset="us-ascii", cte="7bit")
+    else:
+        part.set_content(text, subtype="rfc822-headers", cte="quoted-printable")
+    return part
+
+
+def _wrap(text: str) -> list[str]:
+    indent = "    "
+    return textwrap.wrap(
+        text,
+        76,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _ascii(text: str) -> str:
+    """Fields of message/delivery-status are ASCII; replace what is not."""
+    return text.encode("ascii", "replace").decode("ascii")

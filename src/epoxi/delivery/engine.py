@@ -43,9 +43,11 @@ Inject = Callable[[MessageMeta, bytes], Awaitable[None]]
 @dataclass
 class _Outcome:
     recipient: str
-    reply: Reply
+    reply: Reply | None  # None: no remote reply (expiry); ``reason`` says why
     category: str = ""
     permanent: bool = False
+    peer: str = ""  # the server that answered
+    reason: str = ""
 
 
 class DeliveryEngine:
@@ -259,7 +261,7 @@ class DeliveryEngine:
                 continue
             classification = self.classifier.classify(reply)
             outcome = _Outcome(
-                recipient, reply, classification.category.value, classification.permanent
+                recipient, reply, classification.category.value, classification.permanent, peer
             )
             (bounced if classification.permanent else deferred).append(outcome)
         for outcome in bounced:
@@ -308,8 +310,10 @@ class DeliveryEngine:
     def expire(self, job: Job, last: Reply | None = None) -> None:
         """Give up on ``job``: an Expiration record per recipient, a DSN, then done."""
         reason = f"message expired after {self.retry.max_age / 86400:g} days in the queue"
-        reply = Reply(451, "4.4.7", reason + (f"; last reply: {last}" if last else ""))
-        outcomes = [_Outcome(r, reply, "Expired", True) for r in job.recipients]
+        if last is not None:
+            reason += f"; last reply: {last}"
+        reply = Reply(451, "4.4.7", reason)  # for the record only: no server said this
+        outcomes = [_Outcome(r, None, "Expired", True, reason=reason) for r in job.recipients]
         for outcome in outcomes:
             self._record(
                 RecordType.EXPIRATION,
@@ -350,7 +354,7 @@ class DeliveryEngine:
             original_headers=headers,
             failures=[
                 RecipientFailure(
-                    recipient=f.recipient, reply=f.reply, remote_mta=job.site, reason=""
+                    recipient=f.recipient, reply=f.reply, remote_mta=f.peer, reason=f.reason
                 )
                 for f in failures
             ],
@@ -362,6 +366,7 @@ class DeliveryEngine:
             recipients=[meta.sender],
             received_at=time.time(),
             size=len(dsn),
+            smtputf8=not meta.sender.isascii(),
             origin="dsn",
             metadata={"dsn_for": meta.id, "dsn_kind": kind},
         )
