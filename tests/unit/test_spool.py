@@ -1,20 +1,31 @@
-"""The SQLite spool: durability, group commit, health, quarantine."""
+"""The SQLite spool: durability, group commit, health, quarantine, schema upgrades.
+
+Everything runs against real database files in ``tmp_path``. To hold the writer back
+deterministically, a test takes SQLite's write lock from a second connection
+(``writer_blocked``): the writer then waits in ``BEGIN IMMEDIATE`` while work piles up.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from epoxi.errors import SpoolUnavailable
+from epoxi.errors import SpoolError, SpoolUnavailable
 from epoxi.spool import Spool
 from epoxi.spool.ids import is_message_id, new_message_id
-from epoxi.spool.records import MessageMeta
+from epoxi.spool.records import MessageMeta, encode_meta
+from epoxi.spool.sqlite import SCHEMA_VERSION
 
 
 def meta(n: int = 0) -> MessageMeta:
@@ -23,121 +34,346 @@ def meta(n: int = 0) -> MessageMeta:
     )
 
 
-def all_metas(spool: Spool) -> list[MessageMeta]:
-    return [m for batch in spool.iter_meta(batch=7) for m in batch]
+def all_metas(spool: Spool, batch: int = 7) -> list[MessageMeta]:
+    return [m for page in spool.iter_meta(batch=batch) for m in page]
 
 
-async def test_store_update_remove_and_reopen(tmp_path: Path) -> None:
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def writer_blocked(path: Path) -> Iterator[None]:
+    """Hold SQLite's write lock, so the spool's writer waits (up to its busy timeout)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+        conn.close()
+
+
+async def wait_until_healthy(spool: Spool, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while spool.unhealthy_reason() is not None:
+        assert time.monotonic() < deadline, spool.unhealthy_reason()
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     spool = Spool(tmp_path / "spool.db")
     spool.open()
-    first, second = meta(1), meta(2)
-    await spool.store(first, b"body one")
-    await spool.store(second, b"body two")
-    first.attempts = 3
-    await spool.update(first)
-    await spool.remove(second.id)
-    assert await spool.load_body(first.id) == b"body one"
+    yield spool
     await spool.close()
-    reopened = Spool(tmp_path / "spool.db")
-    reopened.open()
-    (loaded,) = all_metas(reopened)
-    assert loaded.id == first.id and loaded.attempts == 3
-    await reopened.close()
 
 
-async def test_concurrent_stores_share_commits(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db")
-    spool.open()
+# ----------------------------------------------------------------------------- storing
+
+
+async def test_store_then_reopen_and_enumerate_in_id_order(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "spool.db")
+    first.open()
+    stored = [meta(i) for i in range(20)]
+    for m in reversed(stored):
+        await first.store(m, f"body {m.id}".encode())
+    await first.close()
+
+    again = Spool(tmp_path / "spool.db")
+    again.open()
+    pages = list(again.iter_meta(batch=7))
+    assert [len(p) for p in pages] == [7, 7, 6]
+    assert [m for p in pages for m in p] == sorted(stored, key=lambda m: m.id)
+    assert await again.load_body(stored[3].id) == f"body {stored[3].id}".encode()
+    assert again.count() == 20
+    await again.close()
+
+
+async def test_concurrent_stores_share_commits(spool: Spool) -> None:
     await asyncio.gather(*(spool.store(meta(i), b"x" * 5000) for i in range(500)))
-    assert spool.committed == 500 and spool.commits < 100
-    assert len(all_metas(spool)) == 500
-    await spool.close()
+    assert spool.committed == 500
+    assert spool.commits < 50  # one fsync serves many sessions
+    assert spool.count() == 500
 
 
-async def test_store_many(tmp_path: Path) -> None:
+async def test_store_many_is_one_commit(spool: Spool) -> None:
+    await spool.store_many([(meta(i), b"b%d" % i) for i in range(50)])
+    assert (spool.commits, spool.committed) == (1, 50)
+    assert spool.count() == 50
+    await spool.store_many([])
+    assert spool.commits == 1
+
+
+async def test_a_cancelled_store_is_still_committed(spool: Spool) -> None:
+    m = meta()
+    with writer_blocked(spool.path):
+        task = asyncio.create_task(spool.store(m, b"x"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await spool.remove("nothing")  # a later write: the store's group is done by now
+    assert await spool.load_body(m.id) == b"x"
+
+
+# ----------------------------------------------------------------------------- update, remove, read
+
+
+async def test_update_replaces_meta_and_keeps_body(tmp_path: Path, spool: Spool) -> None:
+    m = meta(1)
+    await spool.store(m, b"the body")
+    m.attempts, m.due, m.recipients = 2, 1234.5, ["left@y.test"]
+    future = spool.update(m)
+    m.attempts = 99  # encoded at call time: later changes do not leak in
+    await future
+    (loaded,) = all_metas(spool)
+    assert (loaded.attempts, loaded.due, loaded.recipients) == (2, 1234.5, ["left@y.test"])
+    assert await spool.load_body(m.id) == b"the body"
+
+
+async def test_remove_deletes_meta_and_body(spool: Spool) -> None:
+    keep, gone = meta(1), meta(2)
+    await spool.store_many([(keep, b"keep"), (gone, b"gone")])
+    await spool.remove(gone.id)
+    assert [m.id for m in all_metas(spool)] == [keep.id]
+    with pytest.raises(SpoolError, match="not in the spool"):
+        await spool.load_body(gone.id)
+    assert query(spool.path, "SELECT id FROM bodies") == [(keep.id,)]
+
+
+async def test_unawaited_updates_and_removes_are_written_by_close(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db")
     spool.open()
-    await spool.store_many([(meta(i), b"b") for i in range(50)])
-    assert spool.count() == 50
+    a, b = meta(1), meta(2)
+    await spool.store_many([(a, b"a"), (b, b"b")])
+    a.attempts = 5
+    spool.update(a)  # fire and forget, as the delivery engine does
+    spool.remove(b.id)
     await spool.close()
+    assert query(spool.path, "SELECT count(*) FROM messages") == [(1,)]
+    again = Spool(tmp_path / "spool.db")
+    again.open()
+    assert [(m.id, m.attempts) for m in all_metas(again)] == [(a.id, 5)]
+    await again.close()
 
 
-async def test_unhealthy_when_disk_nearly_full_or_closed(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", min_free_bytes=1 << 62)
+async def test_load_body_of_unknown_message_raises(spool: Spool) -> None:
+    with pytest.raises(SpoolError, match="NOPE"):
+        await spool.load_body("NOPE")
+
+
+# ----------------------------------------------------------------------------- quarantine
+
+
+async def test_corrupt_meta_rows_are_quarantined_and_the_rest_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path / "spool.db")
     spool.open()
-    assert "disk nearly full" in (spool.unhealthy_reason() or "")
-    with pytest.raises(SpoolUnavailable):
-        await spool.store(meta(), b"x")
+    good = [meta(i) for i in range(10)]
+    await spool.store_many([(m, b"ok") for m in good])
+    other = meta(99)
+    with sqlite3.connect(spool.path) as conn:
+        conn.execute("INSERT INTO messages VALUES ('00BROKEN', x'c1ff00')")
+        conn.execute("INSERT INTO bodies VALUES ('00BROKEN', x'0102')")
+        conn.execute("INSERT INTO messages VALUES ('00WRONGID', ?)", (encode_meta(other),))
+    conn.close()
+
+    assert [m.id for m in all_metas(spool, batch=3)] == [m.id for m in good]
+    assert "00BROKEN" in caplog.text and "00WRONGID" in caplog.text
+    assert "quarantine" in caplog.text
+    rows = query(spool.path, "SELECT id, body FROM quarantine ORDER BY id")
+    assert rows == [("00BROKEN", b"\x01\x02"), ("00WRONGID", None)]
+    assert query(spool.path, "SELECT count(*) FROM bodies WHERE id LIKE '00%'") == [(0,)]
+    assert spool.count() == 10
     await spool.close()
-    assert spool.unhealthy_reason() == "spool closed"
-    with pytest.raises(SpoolUnavailable):
-        await spool.store(meta(), b"x")
+
+
+# ----------------------------------------------------------------------------- health
 
 
 async def test_unhealthy_when_writer_is_behind(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db", max_pending=3)
     spool.open()
-    futures = [spool.update(meta(i)) for i in range(5)]  # queued faster than committed
-    assert "writer behind" in (spool.unhealthy_reason() or "")
+    with writer_blocked(spool.path):
+        futures = [spool.update(meta(i)) for i in range(5)]
+        assert spool.pending == 5
+        assert spool.unhealthy_reason() == "spool writer behind"
+        with pytest.raises(SpoolUnavailable, match="writer behind"):
+            await spool.store(meta(), b"x")
     await asyncio.gather(*futures)
     assert spool.unhealthy_reason() is None
+    await spool.store(meta(), b"x")
     await spool.close()
 
 
-async def test_close_drains_queued_writes(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db")
+async def test_unhealthy_when_disk_nearly_full_then_recovers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", min_free_bytes=1 << 62)
     spool.open()
-    stores = [asyncio.ensure_future(spool.store(meta(i), b"x")) for i in range(100)]
-    await asyncio.sleep(0)
+    assert "disk nearly full" in (spool.unhealthy_reason() or "")
+    assert spool.free_bytes > 0
+    with pytest.raises(SpoolUnavailable, match="disk nearly full"):
+        await spool.store(meta(), b"x")
+    await spool.remove("whatever")  # removes and updates still go through: they free space
+    spool.min_free_bytes = 0  # as if space came back: the writer's next statvfs sees it
+    await wait_until_healthy(spool)
+    await spool.store(meta(), b"x")
     await spool.close()
-    await asyncio.gather(*stores)
-    check = Spool(tmp_path / "spool.db")
-    check.open()
-    assert check.count() == 100
-    await check.close()
 
 
-async def test_corrupt_record_is_quarantined(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_full_database_fails_the_group_marks_unhealthy_and_recovers(
+    tmp_path: Path,
 ) -> None:
-    spool = Spool(tmp_path / "spool.db")
+    # A long checkpoint interval keeps the writer's connection idle, so the test may set a
+    # page limit on it: SQLite then fails the commit with SQLITE_FULL, as on a full disk.
+    spool = Spool(tmp_path / "spool.db", checkpoint_interval=3600)
     spool.open()
-    good = meta(1)
-    await spool.store(good, b"ok")
-    await spool.close()
-    with sqlite3.connect(tmp_path / "spool.db") as conn:
-        conn.execute("INSERT INTO messages VALUES ('BROKEN', x'c1ff00', x'00')")
-    spool = Spool(tmp_path / "spool.db")
-    spool.open()
-    assert [m.id for m in all_metas(spool)] == [good.id]
-    assert "BROKEN" in caplog.text and "quarantine" in caplog.text
-    with sqlite3.connect(tmp_path / "spool.db") as conn:
-        assert conn.execute("SELECT id FROM quarantine").fetchall() == [("BROKEN",)]
+    await spool.store(meta(), b"x")
+    writer = spool._conn
+    assert writer is not None
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolError) as failure:
+        await spool.store(meta(), os.urandom(100_000))
+    assert isinstance(failure.value.__cause__, sqlite3.Error)
+    assert "write failed" in (spool.unhealthy_reason() or "")
+    assert spool.failed_commits == 1
+    writer.execute("PRAGMA max_page_count=1073741823")
+    await wait_until_healthy(spool)  # the next statvfs after the failure shows room
+    await spool.store(meta(), b"y")
+    assert spool.count() == 2
     await spool.close()
 
 
-def test_sigkill_after_store_keeps_the_row(tmp_path: Path) -> None:
+async def test_other_commit_failures_raise_but_keep_the_spool_healthy(spool: Spool) -> None:
+    with sqlite3.connect(spool.path) as conn:
+        conn.execute("DROP TABLE bodies")
+    conn.close()
+    with pytest.raises(SpoolError, match="commit failed") as failure:
+        await spool.store(meta(), b"x")
+    assert isinstance(failure.value.__cause__, sqlite3.Error)
+    assert spool.unhealthy_reason() is None
+    assert spool.failed_commits == 1
+
+
+async def test_closed_spool_refuses_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    assert spool.unhealthy_reason() == "spool closed"  # not opened yet
+    spool.open()
+    with pytest.raises(SpoolError, match="already open"):
+        spool.open()
+    await spool.close()
+    await spool.close()  # twice is fine
+    assert spool.unhealthy_reason() == "spool closed"
+    with pytest.raises(SpoolUnavailable):
+        await spool.store(meta(), b"x")
+    with pytest.raises(SpoolUnavailable):
+        await spool.store_many([(meta(), b"x")])
+    with pytest.raises(SpoolUnavailable):
+        spool.update(meta())
+    with pytest.raises(SpoolUnavailable):
+        spool.remove("x")
+
+
+# ----------------------------------------------------------------------------- close, crash, schema
+
+
+async def test_close_drains_pending_work(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    metas = [meta(i) for i in range(100)]
+    with writer_blocked(spool.path):
+        stores = [asyncio.create_task(spool.store(m, b"x")) for m in metas]
+        await asyncio.sleep(0.01)  # all queued behind the blocked writer
+        assert spool.pending == 100
+        closing = asyncio.create_task(spool.close())
+        await asyncio.sleep(0.01)
+    await closing
+    await asyncio.gather(*stores)
+    assert spool.committed == 100 and spool.pending == 0
+    assert query(tmp_path / "spool.db", "SELECT count(*) FROM messages") == [(100,)]
+    wal = tmp_path / "spool.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed (TRUNCATE) on close
+
+
+def test_sigkill_right_after_store_keeps_the_rows(tmp_path: Path) -> None:
+    # The child never checkpoints, so the rows survive only through the WAL it fsynced.
     script = textwrap.dedent(f"""
-        import asyncio, os, signal, sys
+        import asyncio, time
         from pathlib import Path
         from epoxi.spool import Spool
+        from epoxi.spool.ids import new_message_id
         from epoxi.spool.records import MessageMeta
+
         async def main():
-            spool = Spool(Path({str(tmp_path / "spool.db")!r}))
+            spool = Spool(Path({str(tmp_path / "spool.db")!r}), checkpoint_interval=3600)
             spool.open()
-            ids = [f"ID{{i:018d}}" for i in range(200)]
-            await asyncio.gather(*(spool.store(MessageMeta(id=i, sender='', recipients=['r@x'],
-                                    received_at=0, size=1), b'x' * 1000) for i in ids))
+            def one(i):
+                m = MessageMeta(id=new_message_id(), sender='', recipients=['r@x.test'],
+                                received_at=0.0, size=1000)
+                return spool.store(m, bytes([i % 256]) * 1000)
+            await asyncio.gather(*(one(i) for i in range(200)))
             print('stored', flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # blocks everything; the parent kills us now
+
         asyncio.run(main())
     """)
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert result.stdout.strip() == "stored" and result.returncode == -9
-    with sqlite3.connect(tmp_path / "spool.db") as conn:
-        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 200
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        _, err = child.communicate(timeout=30)
+    assert line.strip() == "stored", err
+    assert child.returncode == -signal.SIGKILL
+    assert (tmp_path / "spool.db-wal").stat().st_size > 0  # the rows were only in the WAL
+    assert query(tmp_path / "spool.db", "SELECT count(*) FROM messages") == [(200,)]
+    assert query(tmp_path / "spool.db", "SELECT count(*) FROM bodies") == [(200,)]
+
+
+async def test_schema_version_is_recorded(spool: Spool) -> None:
+    assert query(spool.path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert query(spool.path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_version_1_spool_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    m = meta()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE messages (id TEXT PRIMARY KEY, meta BLOB NOT NULL, body BLOB NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        conn.execute(
+            "CREATE TABLE quarantine (id TEXT, meta BLOB, body BLOB, reason TEXT, at REAL)"
+        )
+        conn.execute("INSERT INTO messages VALUES (?, ?, ?)", (m.id, encode_meta(m), b"old body"))
+        conn.execute("PRAGMA user_version=1")
+    conn.close()
+    spool = Spool(path)
+    spool.open()
+    assert all_metas(spool) == [m]
+    assert await spool.load_body(m.id) == b"old body"
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    await spool.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SpoolError, match="newer"):
+        Spool(path).open()
 
 
 def test_message_ids_sort_by_time() -> None:

@@ -1,25 +1,37 @@
 """The spool: SQLite in WAL mode with ``synchronous=FULL``, written by one thread in groups.
 
-Every write (store, update, remove) goes to a queue. The writer thread takes everything
-queued, up to ``max_batch``, runs it in one transaction and commits: one fsync for the
-whole group. Callers that must not go on before the data is durable (the 250, the 202)
-await the future of their write; the futures of a group are resolved together with one
-call into the event loop.
+Every write (store, update, remove) is put on a queue. The writer thread blocks for the first
+one, takes whatever else is queued (up to ``max_batch``), runs it all in one transaction and
+commits: one fsync for the whole group, however many sessions are waiting on it. The futures
+of a group are then resolved together, with one call into the event loop.
+
+Layout: ``messages(id, meta)`` holds the small msgpack metadata and ``bodies(id, body)`` the
+message. They are separate tables, not separate columns, because SQLite rewrites a whole row
+on UPDATE: with the body in the same row a retry (new attempt count, due time) wrote the body
+again (~9 KB of WAL per update for a 5 KB message, against ~0.5 KB now). Start-up enumeration
+reads only ``messages``.
+
+Order within a group: all stores run first, then updates, then removes, each kind in queue
+order. That equals queue order for every message because a message's writes always come as
+store, update..., remove, and an id is stored once (ids are unique by construction).
+
+Reads (``load_body``, ``count``) use read-only connections of their own; WAL lets them run
+alongside the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from operator import itemgetter
 from pathlib import Path
+from typing import Any, Final
 
 import msgspec
 
@@ -28,34 +40,64 @@ from epoxi.spool.records import MessageMeta, decode_meta, encode_meta
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (id TEXT PRIMARY KEY, meta BLOB NOT NULL, body BLOB NOT NULL)
-    WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS quarantine (id TEXT, meta BLOB, body BLOB, reason TEXT, at REAL);
-"""
-_FREE_SPACE_EVERY = 0.5  # seconds between free-space checks
+MiB: Final = 1024 * 1024
 
-_STORE, _UPDATE, _REMOVE = 0, 1, 2
-_SQL = {
-    _STORE: "INSERT OR REPLACE INTO messages (id, meta, body) VALUES (?, ?, ?)",
-    _UPDATE: "UPDATE messages SET meta = ? WHERE id = ?",
-    _REMOVE: "DELETE FROM messages WHERE id = ?",
+# ----------------------------------------------------------------------------- schema
+
+SCHEMA_VERSION: Final = 2  # PRAGMA user_version of the layout below
+
+_CREATE: Final = (
+    "CREATE TABLE messages (id TEXT PRIMARY KEY, meta BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE bodies (id TEXT PRIMARY KEY, body BLOB NOT NULL)",
+    "CREATE TABLE quarantine (id TEXT NOT NULL, meta BLOB, body BLOB, reason TEXT NOT NULL,"
+    " at REAL NOT NULL)",
+)
+
+# From version N to N + 1. Version 1 (the first draft) kept meta and body in one row.
+_UPGRADES: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        "ALTER TABLE messages RENAME TO messages_v1",
+        _CREATE[0],
+        _CREATE[1],
+        "INSERT INTO messages (id, meta) SELECT id, meta FROM messages_v1",
+        "INSERT INTO bodies (id, body) SELECT id, body FROM messages_v1",
+        "DROP TABLE messages_v1",
+    ),
 }
 
+# Statements of the writer. A store row is (id, meta, body), an update row (id, meta), a
+# remove row (id,); the store rows are split per table with itemgetter (in C, no Python loop).
+_INSERT_META: Final = "INSERT OR REPLACE INTO messages (id, meta) VALUES (?, ?)"
+_INSERT_BODY: Final = "INSERT OR REPLACE INTO bodies (id, body) VALUES (?, ?)"
+_UPDATE_META: Final = "UPDATE messages SET meta = ?2 WHERE id = ?1"
+_DELETE_META: Final = "DELETE FROM messages WHERE id = ?"
+_DELETE_BODY: Final = "DELETE FROM bodies WHERE id = ?"
+_ID_META: Final = itemgetter(0, 1)
+_ID_BODY: Final = itemgetter(0, 2)
 
-@dataclass(slots=True)
-class _Op:
-    kind: int
-    params: tuple[object, ...]
-    future: asyncio.Future[None] | None
+# ----------------------------------------------------------------------------- queue items
 
+_STORE, _STORE_MANY, _UPDATE, _REMOVE, _STOP = range(5)
+# (kind, row or list of rows, future). A plain tuple: the cheapest thing to build per write.
+_Op = tuple[int, Any, asyncio.Future[None] | None]
+_STOP_OP: Final[_Op] = (_STOP, None, None)
+_Rows = list[tuple[Any, ...]]
 
-_STOP = _Op(-1, (), None)
+_FREE_SPACE_EVERY: Final = 0.5  # seconds between free-space checks (and idle wake-ups)
+_BUSY_TIMEOUT_MS: Final = 5000
+_CLOSED: Final = "spool closed"
+_WRITER_BEHIND: Final = "spool writer behind"
+_DISK_ERRORS: Final = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
 
 
 class Spool:
-    """Durable message store. Thread-safe for its callers on one event loop."""
+    """Durable message store: one SQLite database, one writer thread, group commits.
+
+    Writes (``store``, ``store_many``, ``update``, ``remove``) must be called from the thread
+    of the event loop the spool serves (the first loop that uses it); reads may be called
+    from any thread. Counters for metrics: ``commits`` (group commits), ``committed``
+    (writes in them), ``failed_commits``, ``free_bytes`` (last statvfs).
+    """
 
     def __init__(
         self,
@@ -63,307 +105,479 @@ class Spool:
         *,
         max_batch: int = 512,
         max_pending: int = 20_000,
-        min_free_bytes: int = 256 * 1024 * 1024,
+        min_free_bytes: int = 256 * MiB,
         checkpoint_interval: float = 1.0,
-        journal_size_limit: int = 64 * 1024 * 1024,
+        journal_size_limit: int = 64 * MiB,
     ) -> None:
-        self.path = path
+        self.path = Path(path)
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.min_free_bytes = min_free_bytes
         self.checkpoint_interval = checkpoint_interval
         self.journal_size_limit = journal_size_limit
-        self.commits = 0  # group commits so far (for tests and metrics)
-        self.committed = 0  # writes committed so far
+        self.commits = 0
+        self.committed = 0
+        self.failed_commits = 0
+        self.free_bytes = -1
         self._ops: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._enqueued = 0  # only the event loop thread writes this
-        self._done = 0  # only the writer thread writes this
+        self._enqueued = 0  # written by the loop thread only
+        self._done = 0  # written by the writer thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # the writer's; used by its thread only
         self._closed = True
-        self._disk_reason: str | None = None
-        self._write_failed: str | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._reader_lock = threading.Lock()
+        self._disk_reason: str | None = None  # set by the free-space check
+        self._write_failed: str | None = None  # set when a commit hit a full or failing disk
+        self._write_failed_at = 0.0
+        self._dead: str | None = None  # set if the writer thread ever stops unexpectedly
+        self._idle_readers: list[sqlite3.Connection] = []
 
-    # ----------------------------------------------------------------- life cycle
+    # ------------------------------------------------------------------------- life cycle
 
     def open(self) -> None:
-        """Create or open the database and start the writer thread."""
+        """Create or open the database, upgrade its schema, and start the writer thread.
+
+        Blocking (file creation, schema changes): call it at start-up. Works inside a
+        coroutine; the running loop, if any, is the one whose futures the writer resolves
+        (otherwise the loop of the first write).
+        """
+        if self._thread is not None:
+            raise SpoolError(f"{self.path}: spool is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = self._connect()
-        self._migrate(writer)
-        self._check_free_space()
+        self._conn = self._connect_writer()
+        self._check_free_space(time.monotonic())
+        self._loop = _running_loop()
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._run_writer, args=(writer,), name="epoxi-spool-writer", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="epoxi-spool-writer", daemon=True)
         self._thread.start()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(f"PRAGMA journal_size_limit={int(self.journal_size_limit)}")
-        conn.execute("PRAGMA busy_timeout=5000")
+    async def close(self) -> None:
+        """Refuse new writes, let the writer commit everything queued, checkpoint, stop.
+
+        Returns once the thread has joined; every write queued before ``close`` is durable
+        (or its future failed) by then. Safe to call twice.
+        """
+        thread = self._thread
+        if thread is None:
+            return
+        self._closed = True
+        self._ops.put(_STOP_OP)
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+        self._loop = None
+        self._close_readers()
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open the spool: {exc}") from exc
+        try:
+            _set_pragmas(conn, self.journal_size_limit)
+            self._migrate(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise SpoolError(f"{self.path}: cannot prepare the spool: {exc}") from exc
+            raise
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise SpoolError(f"{self.path}: schema {version} is newer than this Epoxi knows")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    async def close(self) -> None:
-        """Refuse new writes, finish every queued one, checkpoint, and stop the thread."""
-        if self._closed:
+            raise SpoolError(f"{self.path}: spool schema {version} is newer than this Epoxi")
+        if version == SCHEMA_VERSION:
             return
-        self._closed = True
-        self._ops.put(_STOP)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        steps = _CREATE if version == 0 else _upgrade_steps(version)
+        _run_in_transaction(conn, [*steps, f"PRAGMA user_version={SCHEMA_VERSION}"])
+        log.info("spool %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
 
-    # ----------------------------------------------------------------- health
+    # ------------------------------------------------------------------------- health
 
     def unhealthy_reason(self) -> str | None:
-        """Why new mail must be refused now, or None. No I/O: safe on the hot path."""
-        if self._closed:
-            return "spool closed"
-        pending = self._enqueued - self._done
-        if pending > self.max_pending:
-            return f"spool writer behind ({pending} writes pending)"
-        return self._disk_reason or self._write_failed
+        """Why new mail must be refused now (answer 4xx), or None.
 
-    def _check_free_space(self) -> None:
+        Cost: a few attribute reads; no I/O, no syscall, no allocation. Safe on the hot
+        path (every MAIL). The free-space figure is refreshed by the writer thread.
+        """
+        if self._closed:
+            return _CLOSED
+        if self._enqueued - self._done > self.max_pending:
+            return _WRITER_BEHIND
+        return self._dead or self._disk_reason or self._write_failed
+
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet committed (or failed)."""
+        return self._enqueued - self._done
+
+    def _check_free_space(self, now: float) -> None:
+        """statvfs the spool directory; writer thread (and ``open``) only."""
         try:
             stat = os.statvfs(self.path.parent)
         except OSError as exc:
-            self._disk_reason = f"cannot stat spool directory: {exc}"
+            self._disk_reason = f"spool disk unreadable: {exc}"
             return
-        free = stat.f_bavail * stat.f_frsize
-        ok = free >= self.min_free_bytes
-        self._disk_reason = None if ok else f"disk nearly full ({free // 1048576} MiB free)"
-        if ok and self._write_failed:
-            self._write_failed = None  # space came back: try writing again
+        self.free_bytes = free = stat.f_bavail * stat.f_frsize
+        if free < self.min_free_bytes:
+            self._disk_reason = f"disk nearly full ({free // MiB} MiB free)"
+            return
+        self._disk_reason = None
+        if self._write_failed and now - self._write_failed_at >= _FREE_SPACE_EVERY:
+            log.info("spool %s: disk has room again, accepting mail", self.path)
+            self._write_failed = None
 
-    # ----------------------------------------------------------------- writes
+    # ------------------------------------------------------------------------- writes
 
     async def store(self, meta: MessageMeta, body: bytes) -> None:
-        """Store a new message; returns once it is committed and fsynced."""
-        await self._submit(_STORE, (meta.id, encode_meta(meta), body), check=True)
+        """Store a new message; returns only once it is committed and fsynced.
 
-    async def store_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
-        """Store several messages in one group; returns once all are durable."""
-        self._refuse_if_unhealthy()
-        futures = [self._enqueue(_STORE, (m.id, encode_meta(m), b), wait=True) for m, b in items]
-        await asyncio.gather(*futures)  # type: ignore[arg-type]
-
-    def update(self, meta: MessageMeta) -> asyncio.Future[None]:
-        """Replace a message's metadata (attempts, due time, recipients left). Batched."""
-        future = self._enqueue(_UPDATE, (encode_meta(meta), meta.id), wait=True)
-        assert future is not None
-        return future
-
-    def remove(self, message_id: str) -> asyncio.Future[None]:
-        """Delete a finished message. Batched."""
-        future = self._enqueue(_REMOVE, (message_id,), wait=True)
-        assert future is not None
-        return future
-
-    def _refuse_if_unhealthy(self) -> None:
+        Raises SpoolUnavailable at once when ``unhealthy_reason()`` is not None, SpoolError
+        when the commit failed. Cancelling the caller does not withdraw the write.
+        """
         reason = self.unhealthy_reason()
         if reason is not None:
             raise SpoolUnavailable(reason)
-
-    async def _submit(self, kind: int, params: tuple[object, ...], *, check: bool) -> None:
-        if check:
-            self._refuse_if_unhealthy()
-        future = self._enqueue(kind, params, wait=True)
-        assert future is not None
+        future = self._future()
+        self._enqueued += 1
+        self._ops.put((_STORE, (meta.id, encode_meta(meta), body), future))
         await future
 
-    def _enqueue(
-        self, kind: int, params: tuple[object, ...], *, wait: bool
-    ) -> asyncio.Future[None] | None:
+    async def store_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
+        """Store several messages in one transaction: all are durable, or none and it raises."""
+        reason = self.unhealthy_reason()
+        if reason is not None:
+            raise SpoolUnavailable(reason)
+        if not items:
+            return
+        rows = [(meta.id, encode_meta(meta), body) for meta, body in items]
+        future = self._future()
+        self._enqueued += len(rows)
+        self._ops.put((_STORE_MANY, rows, future))
+        await future
+
+    def update(self, meta: MessageMeta) -> asyncio.Future[None]:
+        """Replace a message's metadata (encoded now, so ``meta`` may change afterwards).
+
+        Batched with the other writes; await the future to know it is durable, or drop it
+        (a failure is logged by the writer). Accepted while unhealthy; raises
+        SpoolUnavailable only when the spool is closed. No-op if the id is unknown.
+        """
+        return self._put(_UPDATE, (meta.id, encode_meta(meta)))
+
+    def remove(self, message_id: str) -> asyncio.Future[None]:
+        """Delete a message and its body (delivered, bounced, expired). Batched like update."""
+        return self._put(_REMOVE, (message_id,))
+
+    def _put(self, kind: int, row: tuple[Any, ...]) -> asyncio.Future[None]:
         if self._closed:
-            raise SpoolUnavailable("spool closed")
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        future = self._loop.create_future() if wait else None
+            raise SpoolUnavailable(_CLOSED)
+        future = self._future()
         self._enqueued += 1
-        self._ops.put(_Op(kind, params, future))
+        self._ops.put((kind, row, future))
         return future
 
-    # ----------------------------------------------------------------- the writer thread
+    def _future(self) -> asyncio.Future[None]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
 
-    def _run_writer(self, conn: sqlite3.Connection) -> None:
-        last_checkpoint = last_statvfs = time.monotonic()
+    # ------------------------------------------------------------------------- the writer thread
+
+    def _run(self) -> None:
+        """The writer thread: commit groups until told to stop, then checkpoint and close."""
+        conn = self._conn
+        assert conn is not None
         try:
-            while True:
-                batch, stop = self._take_batch()
-                if batch:
-                    self._commit(conn, batch)
-                now = time.monotonic()
-                if now - last_statvfs >= _FREE_SPACE_EVERY or not batch:
-                    self._check_free_space()
-                    last_statvfs = now
-                if now - last_checkpoint >= self.checkpoint_interval:
-                    self._checkpoint(conn, "PASSIVE")
-                    last_checkpoint = now
-                if stop:
-                    break
+            self._write_loop(conn)
+        except BaseException as exc:  # a bug: say so loudly and refuse mail from now on
+            log.critical("spool writer thread died", exc_info=True)
+            self._dead = f"spool writer stopped: {exc!r}"
+            raise
         finally:
-            self._checkpoint(conn, "TRUNCATE")
-            conn.close()
+            self._finish(conn)
 
-    def _take_batch(self) -> tuple[list[_Op], bool]:
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        wait = min(_FREE_SPACE_EVERY, self.checkpoint_interval)
+        next_checkpoint = time.monotonic() + self.checkpoint_interval
+        next_statvfs = 0.0
+        while True:
+            batch, stop = self._next_batch(wait)
+            if batch:
+                self._commit(conn, batch)
+            now = time.monotonic()
+            if now >= next_statvfs:  # after a batch or an idle wait, at most every 0.5 s
+                self._check_free_space(now)
+                next_statvfs = now + _FREE_SPACE_EVERY
+            if now >= next_checkpoint:
+                _checkpoint(conn, "PASSIVE")
+                next_checkpoint = now + self.checkpoint_interval
+            if stop:
+                return
+
+    def _next_batch(self, timeout: float) -> tuple[list[_Op], bool]:
+        """Block up to ``timeout`` for one op, then take what is queued, up to max_batch."""
         try:
-            first = self._ops.get(timeout=self.checkpoint_interval)
+            op = self._ops.get(timeout=timeout)
         except queue.Empty:
             return [], False
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        while len(batch) < self.max_batch:
-            try:
-                op = self._ops.get_nowait()
-            except queue.Empty:
-                break
-            if op is _STOP:
-                self._ops.put(_STOP)  # finish this batch, then stop on the next round
-                break
+        batch: list[_Op] = []
+        take = self._ops.get_nowait
+        while op[0] != _STOP:
             batch.append(op)
-        return batch, False
+            if len(batch) >= self.max_batch:
+                return batch, False
+            try:
+                op = take()
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        error: BaseException | None = None
+        """Run one group in one transaction, then settle all its futures with one call."""
+        stores, updates, removes, futures = _split(batch)
+        error: Exception | None = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for kind, params in _group(batch):
-                conn.executemany(_SQL[kind], params)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            _write(conn, stores, updates, removes)
+        except Exception as exc:  # sqlite3.Error mostly; anything else must not kill us
             error = exc
-            self._rollback(conn)
-            self._note_failure(exc)
-        self.commits += error is None
-        self.committed += len(batch) if error is None else 0
-        self._done += len(batch)
-        self._resolve(batch, error)
+            self._note_failure(exc, len(futures))
+        else:
+            self.commits += 1
+            self.committed += len(stores) + len(updates) + len(removes)
+        self._done += len(stores) + len(updates) + len(removes)
+        self._resolve(futures, error)
 
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-    def _note_failure(self, exc: sqlite3.Error) -> None:
-        log.error("spool commit failed: %s", exc)
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) or "full" in str(exc):
+    def _note_failure(self, exc: Exception, waiting: int) -> None:
+        self.failed_commits += 1
+        log.error("spool %s: commit of %d writes failed: %s", self.path, waiting, exc)
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary code of an extended one
+        if code in _DISK_ERRORS:
             self._write_failed = f"spool write failed: {exc}"
+            self._write_failed_at = time.monotonic()
 
-    def _resolve(self, batch: list[_Op], error: BaseException | None) -> None:
-        futures = [op.future for op in batch if op.future is not None]
-        if futures and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_settle, futures, error)
-
-    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+    def _resolve(self, futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+        loop = self._loop
+        if not futures or loop is None:
+            return
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})")
-        except sqlite3.Error as exc:
-            log.warning("spool checkpoint (%s) failed: %s", mode, exc)
+            loop.call_soon_threadsafe(_settle, futures, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("spool %s: event loop closed, %d futures dropped", self.path, len(futures))
 
-    # ----------------------------------------------------------------- reads
+    def _finish(self, conn: sqlite3.Connection) -> None:
+        _checkpoint(conn, "TRUNCATE")
+        conn.close()
+        self._conn = None
 
-    def _read_conn(self) -> sqlite3.Connection:
-        if self._reader is None:
-            self._reader = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-            )
-        return self._reader
+    # ------------------------------------------------------------------------- reads
 
-    def _load_body_sync(self, message_id: str) -> bytes:
-        with self._reader_lock:
-            try:
-                row = (
-                    self._read_conn()
-                    .execute("SELECT body FROM messages WHERE id = ?", (message_id,))
-                    .fetchone()
-                )
-            except sqlite3.Error as exc:
-                raise SpoolError(f"cannot read message {message_id}: {exc}") from exc
+    async def load_body(self, message_id: str) -> bytes:
+        """The message's body, read in a worker thread. Raises SpoolError if it is missing."""
+        return await asyncio.to_thread(self._load_body, message_id)
+
+    def _load_body(self, message_id: str) -> bytes:
+        row = self._read("SELECT body FROM bodies WHERE id = ?", (message_id,))
         if row is None:
             raise SpoolError(f"message {message_id} is not in the spool")
         return bytes(row[0])
 
-    async def load_body(self, message_id: str) -> bytes:
-        """Read a message's body (in a worker thread)."""
-        return await asyncio.to_thread(self._load_body_sync, message_id)
-
     def count(self) -> int:
-        with self._reader_lock:
-            return int(self._read_conn().execute("SELECT count(*) FROM messages").fetchone()[0])
+        """Messages in the spool (blocking: scans the metadata table)."""
+        row = self._read("SELECT count(*) FROM messages", ())
+        assert row is not None
+        return int(row[0])
+
+    def _read(self, sql: str, params: tuple[str, ...]) -> Any:
+        conn = self._borrow_reader()
+        try:
+            return conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: read failed: {exc}") from exc
+        finally:
+            self._idle_readers.append(conn)
+
+    def _borrow_reader(self) -> sqlite3.Connection:
+        """An idle read-only connection, or a new one (list pop/append are atomic)."""
+        try:
+            return self._idle_readers.pop()
+        except IndexError:
+            pass
+        try:
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open for reading: {exc}") from exc
+
+    def _close_readers(self) -> None:
+        while self._idle_readers:
+            self._idle_readers.pop().close()
 
     def iter_meta(self, batch: int = 5000) -> Iterator[list[MessageMeta]]:
-        """Every message's metadata, in id order, in batches (blocking: call from a thread).
+        """Every message's metadata in id order, ``batch`` at a time (for start-up).
 
-        A row whose metadata cannot be decoded is moved to the quarantine table with a
-        warning, and enumeration goes on.
+        Blocking: run it in a thread. Uses its own connection; each batch is its own read
+        transaction, so a slow consumer holds no snapshot. A row whose metadata cannot be
+        decoded (or names another id) is moved to ``quarantine`` with a warning, and the
+        enumeration goes on. Call after ``open`` (which creates the tables).
         """
-        conn = sqlite3.connect(self.path, isolation_level=None)
         try:
-            yield from self._iter_rows(conn, batch)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open for enumeration: {exc}") from exc
+        try:
+            yield from self._pages(conn, batch)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: enumeration failed: {exc}") from exc
         finally:
             conn.close()
 
-    def _iter_rows(self, conn: sqlite3.Connection, batch: int) -> Iterator[list[MessageMeta]]:
+    def _pages(self, conn: sqlite3.Connection, size: int) -> Iterator[list[MessageMeta]]:
         after = ""
-        while True:
-            rows = conn.execute(
-                "SELECT id, meta FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, batch)
-            ).fetchall()
-            if not rows:
-                return
+        while rows := conn.execute(
+            "SELECT id, meta FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, size)
+        ).fetchall():
             after = rows[-1][0]
-            metas = []
-            for message_id, raw in rows:
-                try:
-                    metas.append(decode_meta(raw))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._quarantine(conn, message_id, str(exc))
-            yield metas
+            metas = [meta for row in rows if (meta := self._decode(conn, *row)) is not None]
+            if metas:
+                yield metas
+
+    def _decode(self, conn: sqlite3.Connection, message_id: str, raw: Any) -> MessageMeta | None:
+        try:
+            meta = decode_meta(raw)
+        except (msgspec.DecodeError, TypeError) as exc:
+            self._quarantine(conn, message_id, f"undecodable metadata: {exc}")
+            return None
+        if meta.id != message_id:
+            self._quarantine(conn, message_id, f"metadata names another id: {meta.id!r}")
+            return None
+        return meta
 
     def _quarantine(self, conn: sqlite3.Connection, message_id: str, reason: str) -> None:
-        log.warning("spool record %s is corrupt (%s): moved to quarantine", message_id, reason)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "INSERT INTO quarantine SELECT id, meta, body, ?, ? FROM messages WHERE id = ?",
+        log.warning("spool message %s quarantined: %s", message_id, reason)
+        try:
+            _run_in_transaction(conn, _quarantine_steps(message_id, reason))
+        except sqlite3.Error as exc:  # skip it this time; it is tried again at next start
+            log.error("spool message %s could not be quarantined: %s", message_id, exc)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _set_pragmas(conn: sqlite3.Connection, journal_size_limit: int) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is unavailable here")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
+def _upgrade_steps(version: int) -> list[str]:
+    steps: list[str] = []
+    for start in range(version, SCHEMA_VERSION):
+        steps.extend(_UPGRADES[start])
+    return steps
+
+
+def _quarantine_steps(message_id: str, reason: str) -> list[tuple[str, tuple[object, ...]]]:
+    return [
+        (
+            "INSERT INTO quarantine (id, meta, body, reason, at) SELECT m.id, m.meta,"
+            " (SELECT body FROM bodies WHERE id = m.id), ?, ? FROM messages m WHERE m.id = ?",
             (reason, time.time(), message_id),
-        )
-        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        ),
+        ("DELETE FROM messages WHERE id = ?", (message_id,)),
+        ("DELETE FROM bodies WHERE id = ?", (message_id,)),
+    ]
+
+
+def _run_in_transaction(
+    conn: sqlite3.Connection, statements: list[str] | list[tuple[str, tuple[object, ...]]]
+) -> None:
+    """Run statements (SQL, or (SQL, params)) in one immediate transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements:
+            sql, params = (statement, ()) if isinstance(statement, str) else statement
+            conn.execute(sql, params)
         conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
-def _group(batch: list[_Op]) -> Iterator[tuple[int, list[tuple[object, ...]]]]:
-    """Consecutive ops of the same kind, so each run is one executemany (order is kept)."""
-    kind, params = batch[0].kind, [batch[0].params]
-    for op in batch[1:]:
-        if op.kind != kind:
-            yield kind, params
-            kind, params = op.kind, []
-        params.append(op.params)
-    yield kind, params
+def _split(batch: list[_Op]) -> tuple[_Rows, _Rows, _Rows, list[asyncio.Future[None]]]:
+    """Rows by kind, queue order kept within each kind, and the futures to settle."""
+    stores: _Rows = []
+    updates: _Rows = []
+    removes: _Rows = []
+    futures: list[asyncio.Future[None]] = []
+    by_kind: dict[int, Callable[[Any], None]] = {
+        _STORE: stores.append,
+        _UPDATE: updates.append,
+        _REMOVE: removes.append,
+        _STORE_MANY: stores.extend,
+    }
+    for kind, row, future in batch:
+        by_kind[kind](row)
+        if future is not None:
+            futures.append(future)
+    return stores, updates, removes, futures
 
 
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+def _write(conn: sqlite3.Connection, stores: _Rows, updates: _Rows, removes: _Rows) -> None:
+    """One transaction: stores, then updates, then removes. Commit = the group's fsync."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if stores:
+            conn.executemany(_INSERT_META, map(_ID_META, stores))
+            conn.executemany(_INSERT_BODY, map(_ID_BODY, stores))
+        if updates:
+            conn.executemany(_UPDATE_META, updates)
+        if removes:
+            conn.executemany(_DELETE_META, removes)
+            conn.executemany(_DELETE_BODY, removes)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # SQLite may have rolled back already
+            log.debug("spool rollback: %s", exc)
+
+
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
+    """Copy the WAL into the database (PASSIVE: never waits; TRUNCATE: also empties it)."""
+    try:
+        conn.execute(f"PRAGMA wal_checkpoint({mode})")
+    except sqlite3.Error as exc:
+        log.warning("spool checkpoint (%s) failed: %s", mode, exc)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    """On the event loop: resolve a group's futures (skipping cancelled ones)."""
+    if error is None:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+        return
     for future in futures:
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(SpoolError(f"spool commit failed: {error}"))
+        if not future.done():
+            exc = SpoolError(f"spool commit failed: {error}")
+            exc.__cause__ = error
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the writer has logged it; awaiters still raise
