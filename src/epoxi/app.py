@@ -38,6 +38,8 @@ class Epoxi:
             max_batch=spool.max_batch,
             max_pending=spool.max_pending,
             min_free_bytes=spool.min_free_space,
+            checkpoint_interval=spool.checkpoint_interval,
+            journal_size_limit=spool.journal_size_limit,
         )
         self.records = RecordLog(settings.data_dir / "logs")
         nameservers = [parse_hostport(n, 53) for n in settings.dns.nameservers] or None

@@ -126,6 +126,8 @@ class SpoolSettings(_Model):
     max_pending: int = Field(20_000, ge=1)  # queued writes before new mail gets 452 4.3.1
     min_free_space: Size = 256 * 1024 * 1024  # below this free disk, new mail gets 452 4.3.1
     max_batch: int = Field(512, ge=1)
+    checkpoint_interval: Duration = 1.0  # WAL checkpoint period; keeps the WAL small
+    journal_size_limit: Size = 64 * 1024 * 1024  # the WAL is truncated to this after checkpoints
 
 
 class RelaySettings(_Model):
