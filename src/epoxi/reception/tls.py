@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -37,12 +39,17 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def make_self_signed(hostname: str, days: int = 3650) -> tuple[bytes, bytes]:
-    """A PEM certificate and key (ECDSA P-256) for ``hostname`` and 127.0.0.1."""
+def make_self_signed(
+    hostname: str, addresses: Iterable[str] = ("127.0.0.1", "::1"), days: int = 3650
+) -> tuple[bytes, bytes]:
+    """A PEM certificate and key (ECDSA P-256) for ``hostname``, ``localhost`` and ``addresses``.
+
+    The certificate is its own CA, so a client that trusts the file verifies it, host name or
+    IP address included.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
-    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -51,7 +58,7 @@ def make_self_signed(hostname: str, days: int = 3650) -> tuple[bytes, bytes]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(_alt_names(hostname, addresses), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -59,3 +66,25 @@ def make_self_signed(hostname: str, days: int = 3650) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _alt_names(hostname: str, addresses: Iterable[str]) -> x509.SubjectAlternativeName:
+    """DNS names ``hostname`` and ``localhost``, and every IP address (``hostname`` if one)."""
+    names: list[x509.GeneralName] = []
+    ips = list(addresses)
+    if _is_ip(hostname):
+        ips.insert(0, hostname)
+    else:
+        names.append(x509.DNSName(hostname))
+    if hostname != "localhost":
+        names.append(x509.DNSName("localhost"))
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
+    return x509.SubjectAlternativeName(names)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
