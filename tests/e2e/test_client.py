@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,24 +18,34 @@ from epoxi.testing.certs import make_test_tls_context
 from epoxi.testing.sink import Sink
 
 BODY = b"Subject: t\r\n\r\n.dot line\r\nbody\r\n"
+HOST = "127.0.0.2"
 
 
-async def connect(sink: Sink, **kwargs: object) -> SmtpClient:
+async def connect(sink: Sink, **kwargs: Any) -> SmtpClient:
     return await SmtpClient.connect(
         sink.host, sink.port, server_name="sink.test", ehlo_name="client.test", **kwargs
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
-    async with Sink("127.0.0.2") as running:
+    async with Sink(HOST) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def tls_files() -> tuple[Any, Path]:
+    context, cert, _ = make_test_tls_context("sink.test", addresses=(HOST,))
+    return context, cert
+
+
+# ----------------------------------------------------------------- transactions
 
 
 async def test_pipelined_transaction_in_one_round_trip(sink: Sink) -> None:
     client = await connect(sink)
     result = await client.send("a@x.test", ["b@y.test", "c@y.test"], BODY)
-    assert result.round_trips == 2  # envelope + DATA, then the body
+    assert result.round_trips == 2  # envelope + DATA, then the message
     assert [r.code for _, r in result.outcomes()] == [250, 250]
     (message,) = sink.messages
     assert message.envelope_flights == 1 and message.data == BODY
@@ -43,21 +56,34 @@ async def test_pipelined_transaction_in_one_round_trip(sink: Sink) -> None:
 async def test_connection_reuse(sink: Sink) -> None:
     client = await connect(sink)
     for _ in range(5):
-        await client.send("a@x.test", ["b@y.test"], BODY)
+        assert (await client.send("a@x.test", ["b@y.test"], BODY)).round_trips == 2
     await client.quit()
     assert sink.connections == 1 and [m.transaction for m in sink.messages] == [1, 2, 3, 4, 5]
 
 
 async def test_without_pipelining_one_command_at_a_time() -> None:
-    async with Sink("127.0.0.2", advertise={"8BITMIME", "SIZE"}) as sink:
+    async with Sink(HOST, advertise={"8BITMIME", "SIZE"}) as sink:
         client = await connect(sink)
         result = await client.send("a@x.test", ["b@y.test", "reject-c@y.test"], BODY)
-        assert result.round_trips == 5  # MAIL, RCPT, RCPT, DATA, then the body
+        assert result.round_trips == 5  # MAIL, RCPT, RCPT, DATA, then the message
         assert [(r, reply.code) for r, reply in result.outcomes()] == [
             ("b@y.test", 250),
             ("reject-c@y.test", 550),
         ]
         assert sink.messages[0].envelope_flights == 4  # MAIL, RCPT, RCPT, DATA
+        await client.quit()
+
+
+async def test_without_pipelining_no_data_when_no_recipient_is_accepted() -> None:
+    async with Sink(HOST, advertise={"SIZE"}) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["reject-a@y.test", "reject-b@y.test"], BODY)
+        assert result.round_trips == 3 and result.data is None
+        assert [reply.code for _, reply in result.outcomes()] == [550, 550]
+        # The open transaction is reset (one more round trip) before the next one.
+        assert (await client.send("a@x.test", ["b@y.test"], BODY)).round_trips == 5
+        assert len(sink.messages) == 1
+        await client.quit()
 
 
 async def test_per_recipient_outcomes(sink: Sink) -> None:
@@ -66,119 +92,335 @@ async def test_per_recipient_outcomes(sink: Sink) -> None:
         "a@x.test", ["ok@y.test", "reject-x@y.test", "tempfail-z@y.test", "quota-q@y.test"], BODY
     )
     assert [reply.code for _, reply in result.outcomes()] == [250, 550, 450, 552]
+    assert result.outcomes()[1][1] == Reply(550, "5.1.1", "User unknown")
     assert sink.messages[0].rcpt_tos == ["ok@y.test"]
+    await client.quit()
 
 
 async def test_all_recipients_rejected_sends_no_message(sink: Sink) -> None:
     client = await connect(sink)
     result = await client.send("a@x.test", ["reject-a@y.test", "reject-b@y.test"], BODY)
     assert [reply.code for _, reply in result.outcomes()] == [550, 550]
-    assert not sink.messages and client.is_usable
-    assert (await client.send("a@x.test", ["ok@y.test"], BODY)).data == Reply(
-        250, "2.0.0", "Ok: queued as sink-1"
-    )
+    assert result.data is None and not sink.messages and client.is_usable
+    # The RSET the server needs now rides in the next flight: still two round trips.
+    following = await client.send("a@x.test", ["ok@y.test"], BODY)
+    assert following.round_trips == 2 and following.data is not None
+    assert following.data.code == 250 and sink.messages[0].envelope_flights == 1
+    await client.quit()
+
+
+async def test_explicit_rset_clears_the_pending_reset(sink: Sink) -> None:
+    client = await connect(sink)
+    await client.send("a@x.test", ["reject-a@y.test"], BODY)
+    assert await client.rset() == Reply(250, "2.0.0", "Reset OK")
+    assert (await client.send("a@x.test", ["b@y.test"], BODY)).round_trips == 2
+    assert sink.messages[0].transaction == 2 and client.is_usable
+    await client.quit()
 
 
 async def test_data_end_rejection_applies_to_every_recipient(sink: Sink) -> None:
     client = await connect(sink)
     result = await client.send("a@x.test", ["reject-data-a@y.test", "b@y.test"], BODY)
     assert [reply.code for _, reply in result.outcomes()] == [554, 554]
+    assert client.is_usable
+    await client.quit()
 
 
 async def test_smtputf8_required_but_missing() -> None:
-    async with Sink("127.0.0.2", advertise={"PIPELINING"}) as sink:
+    async with Sink(HOST, advertise={"PIPELINING"}) as sink:
         client = await connect(sink)
-        result = await client.send("jösé@x.test", ["b@y.test"], BODY, smtputf8=True)
-        assert [str(r) for _, r in result.outcomes()] == [
-            "553 5.6.7 remote server does not support SMTPUTF8"
+        for sender, flag in (("jösé@x.test", False), ("a@x.test", True)):
+            result = await client.send(sender, ["b@y.test"], BODY, smtputf8=flag)
+            assert [str(r) for _, r in result.outcomes()] == [
+                "553 5.6.7 remote server does not support SMTPUTF8"
+            ]
+            assert result.round_trips == 0
+        assert sink.transactions == 0 and client.is_usable
+        await client.quit()
+
+
+async def test_smtputf8_and_8bitmime_when_offered(sink: Sink) -> None:
+    client = await connect(sink)
+    await client.send("jösé@x.test", ["ü@y.test"], BODY, body_8bit=True)
+    assert sink.messages[0].mail_params == f"SIZE={len(BODY)} BODY=8BITMIME SMTPUTF8"
+    await client.quit()
+
+
+async def test_message_over_the_remote_size_limit() -> None:
+    async with Sink(HOST, max_size=10) as sink:
+        client = await connect(sink)
+        assert client.max_size == 10
+        result = await client.send("a@x.test", ["b@y.test"], BODY)
+        assert result.outcomes() == [
+            ("b@y.test", Reply(552, "5.3.4", "message size exceeds remote limit"))
         ]
         assert sink.transactions == 0
+        await client.quit()
 
 
-async def test_smtputf8_when_offered(sink: Sink) -> None:
+async def test_address_with_a_line_break_is_never_sent(sink: Sink) -> None:
     client = await connect(sink)
-    await client.send("jösé@x.test", ["ü@y.test"], BODY, smtputf8=True, body_8bit=True)
-    assert sink.messages[0].mail_params.endswith("BODY=8BITMIME SMTPUTF8")
+    evil = "x@y.test>\r\nRCPT TO:<victim@z.test"
+    result = await client.send("a@x.test", ["b@y.test", evil], BODY)
+    assert [(r, reply.code) for r, reply in result.outcomes()] == [("b@y.test", 250), (evil, 553)]
+    assert sink.messages[0].rcpt_tos == ["b@y.test"]
+    result = await client.send(evil, ["b@y.test"], BODY)
+    assert result.outcomes()[0][1].enhanced == "5.1.7" and result.round_trips == 0
+    await client.quit()
+
+
+async def test_body_line_ends_and_dots_reach_the_server_intact(sink: Sink) -> None:
+    client = await connect(sink)
+    await client.send("a@x.test", ["b@y.test"], b"a\n.\n..b\rc")
+    assert sink.messages[0].data == b"a\r\n.\r\n..b\r\nc\r\n"
+    await client.quit()
+
+
+# ----------------------------------------------------------------- TLS and AUTH
 
 
 @pytest.mark.both_loops
-async def test_starttls_opportunistic_and_auth() -> None:
-    context, _, _ = make_test_tls_context("sink.test")
-    async with Sink("127.0.0.2", tls=context, auth={"u": "p"}) as sink:
+async def test_starttls_opportunistic_and_auth_plain(tls_files: tuple[Any, Path]) -> None:
+    async with Sink(HOST, tls=tls_files[0], auth={"u": "p"}) as sink:
         client = await connect(sink, auth=ClientAuth("u", "p"))
-        assert client.tls_active
+        assert client.tls_active and "STARTTLS" not in client.extensions
         await client.send("a@x.test", ["b@y.test"], BODY)
         assert sink.messages[0].tls and sink.messages[0].auth_user == "u"
+        await client.quit()
 
 
-async def test_auth_login_when_plain_is_not_offered() -> None:
-    async with Sink("127.0.0.2", auth={"u": "p"}, auth_plaintext=True) as sink:
-        client = await connect(sink, auth=ClientAuth("u", "p"), tls=TlsPolicy("disabled"))
+@pytest.mark.both_loops
+async def test_starttls_required_and_verified(tls_files: tuple[Any, Path]) -> None:
+    async with Sink(HOST, tls=tls_files[0]) as sink:
+        policy = TlsPolicy("required", verify=True, ca_file=str(tls_files[1]))
+        client = await connect(sink, tls=policy)
+        assert client.tls_active
         await client.send("a@x.test", ["b@y.test"], BODY)
-        assert sink.messages[0].auth_user == "u"
+        assert sink.messages[0].tls
+        await client.quit()
 
 
-async def test_bad_credentials_fail_the_connection() -> None:
-    async with Sink("127.0.0.2", auth={"u": "p"}, auth_plaintext=True) as sink:
-        with pytest.raises(ConnectionFailed) as info:
-            await connect(sink, auth=ClientAuth("u", "wrong"), tls=TlsPolicy("disabled"))
-        assert info.value.reply is not None and info.value.reply.code == 535
-        assert "wrong" not in repr(ClientAuth("u", "wrong"))
+async def test_verification_failure_fails_the_connection(tls_files: tuple[Any, Path]) -> None:
+    async with Sink(HOST, tls=tls_files[0]) as sink:
+        policy = TlsPolicy(verify=True, ca_file=str(tls_files[1]), server_name="other.test")
+        with pytest.raises(ConnectionFailed, match="TLS handshake"):
+            await connect(sink, tls=policy)
+
+
+async def test_tls_disabled_ignores_the_offer(tls_files: tuple[Any, Path]) -> None:
+    async with Sink(HOST, tls=tls_files[0]) as sink:
+        client = await connect(sink, tls=TlsPolicy("disabled"))
+        assert not client.tls_active and "STARTTLS" in client.extensions
+        await client.quit()
 
 
 async def test_tls_required_but_not_offered(sink: Sink) -> None:
-    with pytest.raises(ConnectionFailed, match="TLS required"):
+    with pytest.raises(ConnectionFailed, match="TLS required but not offered") as info:
         await connect(sink, tls=TlsPolicy("required"))
+    assert info.value.reply is not None and info.value.reply.code == 421
+
+
+async def test_auth_login_when_plain_is_not_offered() -> None:
+    seen: list[bytes] = []
+
+    async def login_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250-s.test\r\n250 AUTH LOGIN\r\n")
+        for reply in (b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n", b"235 2.7.0 ok\r\n"):
+            seen.append((await reader.readline()).strip())
+            writer.write(reply)
+        await reader.read()
+
+    async with scripted(login_only) as port:
+        client = await connect_to(port, auth=ClientAuth("u", "p"))
+        assert seen == [b"AUTH LOGIN", base64.b64encode(b"u"), base64.b64encode(b"p")]
+        client.close()
+
+
+async def test_bad_credentials_fail_the_connection() -> None:
+    async with Sink(HOST, auth={"u": "p"}, auth_plaintext=True) as sink:
+        with pytest.raises(ConnectionFailed) as info:
+            await connect(sink, auth=ClientAuth("u", "wrong"), tls=TlsPolicy("disabled"))
+        assert info.value.reply is not None and info.value.reply.code == 535
+        assert "wrong" not in repr(ClientAuth("u", "wrong")) + str(info.value)
 
 
 @pytest.mark.both_loops
-async def test_implicit_tls() -> None:
-    context, _, _ = make_test_tls_context("sink.test")
+async def test_implicit_tls(tls_files: tuple[Any, Path]) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _TlsEcho(), "127.0.0.2", 0, ssl=context)
+    server = await loop.create_server(_TlsGreeter, HOST, 0, ssl=tls_files[0])
     port = server.sockets[0].getsockname()[1]
     client = await SmtpClient.connect(
-        "127.0.0.2", port, server_name="sink.test", ehlo_name="c.test", tls=TlsPolicy("implicit")
+        HOST, port, server_name="sink.test", ehlo_name="c.test", tls=TlsPolicy("implicit")
     )
-    assert client.tls_active
+    assert client.tls_active and client.extensions == {"SIZE": "100"}
     await client.quit()
     server.close()
+    await server.wait_closed()
 
 
-class _TlsEcho(asyncio.Protocol):
+class _TlsGreeter(asyncio.Protocol):
+    transport: Any = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        transport.write(b"220 tls.test ready\r\n")  # type: ignore[attr-defined]
+        self.transport.write(b"220 tls.test ready\r\n")
 
     def data_received(self, data: bytes) -> None:
-        for line in data.split(b"\r\n"):
-            if line[:4].upper() in (b"EHLO", b"HELO"):
-                self.transport.write(b"250 tls.test\r\n")  # type: ignore[attr-defined]
-            elif line[:4].upper() == b"QUIT":
-                self.transport.write(b"221 bye\r\n")  # type: ignore[attr-defined]
+        if data.startswith(b"EHLO"):
+            self.transport.write(b"250-tls.test\r\n250 SIZE 100\r\n")
+        elif data.startswith(b"QUIT"):
+            self.transport.write(b"221 bye\r\n")
+            self.transport.close()
+
+
+@pytest.mark.both_loops
+async def test_bytes_before_the_tls_handshake_are_discarded(
+    tls_files: tuple[Any, Path],
+) -> None:
+    async def evil(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250-evil.test\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        # The 220 and an injected reply in one segment, before the handshake.
+        writer.write(b"220 go ahead\r\n250 2.0.0 injected\r\n")
+        await writer.drain()
+        await writer.start_tls(tls_files[0])
+        line = await reader.readline()
+        writer.write(b"250 evil.test after tls\r\n" if line.startswith(b"EHLO") else b"500 ?\r\n")
+        await reader.readline()
+        writer.write(b"250 2.1.0 sender ok\r\n250 2.1.5 rcpt ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 queued\r\n")
+        await reader.read()
+
+    async with scripted(evil) as port:
+        client = await connect_to(port)
+        assert client.tls_active and client.extensions == {}
+        result = await client.send("a@x.test", ["b@y.test"], BODY)
+        assert result.mail == Reply(250, "2.1.0", "sender ok")
+        assert result.data == Reply(250, "2.0.0", "queued")
+        client.close()
+
+
+async def test_starttls_refused_goes_on_in_plain_text() -> None:
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250-s.test\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        writer.write(b"454 4.7.0 TLS not available\r\n")
+        await reader.read()
+
+    async with scripted(refuses) as port:
+        client = await connect_to(port)
+        assert not client.tls_active and client.is_usable
+        client.close()
+        with pytest.raises(ConnectionFailed, match="refused STARTTLS") as info:
+            await connect_to(port, tls=TlsPolicy("required"))
+        assert info.value.reply == Reply(454, "4.7.0", "TLS not available")
+
+
+# ----------------------------------------------------------------- failures
 
 
 async def test_421_banner() -> None:
-    async with Sink("127.0.0.2", greeting=Reply(421, "4.3.2", "busy")) as sink:
+    async with Sink(HOST, greeting=Reply(421, "4.3.2", "busy")) as sink:
         with pytest.raises(ConnectionFailed) as info:
             await connect(sink)
         assert info.value.reply == Reply(421, "4.3.2", "busy")
 
 
+async def test_helo_when_ehlo_is_refused() -> None:
+    async def old(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 old.test\r\n")
+        assert (await reader.readline()).startswith(b"EHLO client.test")
+        writer.write(b"502 5.5.1 what?\r\n")
+        assert (await reader.readline()).startswith(b"HELO client.test")
+        writer.write(b"250 old.test\r\n")
+        await reader.read()
+
+    async with scripted(old) as port:
+        client = await connect_to(port)
+        assert client.extensions == {} and client.max_size is None
+        client.close()
+
+
 async def test_phase_timeout_names_the_phase() -> None:
-    async with Sink("127.0.0.2", slow_delay=2) as sink:
+    async with Sink(HOST, slow_delay=2) as sink:
         client = await connect(sink, timeouts=ClientTimeouts(data_end=0.3))
-        with pytest.raises(ConnectionFailed, match="data-end"):
+        with pytest.raises(ConnectionFailed, match="timeout waiting for the data-end reply"):
             await client.send("a@x.test", ["slow-b@y.test"], BODY)
         assert not client.is_usable
+        await client.quit()
 
 
-async def test_connection_dropped_mid_data() -> None:
-    async with Sink("127.0.0.2") as sink:
-        client = await connect(sink)
-        with pytest.raises(ConnectionFailed):
-            await client.send("a@x.test", ["disconnect-in-data-b@y.test"], BODY * 100)
+async def test_banner_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with scripted(silent) as port:
+        with pytest.raises(ConnectionFailed, match="timeout waiting for the banner reply"):
+            await connect_to(port, timeouts=ClientTimeouts(banner=0.2))
+
+
+async def test_connection_dropped_mid_data(sink: Sink) -> None:
+    client = await connect(sink)
+    with pytest.raises(ProtocolError, match="data-end"):
+        await client.send("a@x.test", ["disconnect-in-data-b@y.test"], BODY * 100)
+    assert not client.is_usable
+    await client.quit()  # never raises
+    with pytest.raises(ConnectionFailed, match="not usable"):
+        await client.send("a@x.test", ["b@y.test"], BODY)
+
+
+async def test_421_in_the_middle_ends_the_transaction_without_an_exception() -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250-s.test\r\n250 PIPELINING\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n421 4.3.2 shutting down\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with scripted(closing) as port:
+        client = await connect_to(port)
+        result = await client.send("a@x.test", ["b@y.test", "c@y.test"], BODY)
+        closed = Reply(421, "4.3.2", "shutting down")
+        assert result.outcomes() == [("b@y.test", closed), ("c@y.test", closed)]
         assert not client.is_usable
+        await client.quit()
+
+
+async def test_354_after_every_rcpt_failed_ends_an_empty_message() -> None:
+    got: list[bytes] = []
+
+    async def sloppy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250-s.test\r\n250 PIPELINING\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n550 5.1.1 no\r\n354 go on\r\n")
+        got.append(await reader.readline())
+        writer.write(b"554 5.5.1 no valid recipients\r\n")
+        await reader.read()
+
+    async with scripted(sloppy) as port:
+        client = await connect_to(port)
+        result = await client.send("a@x.test", ["b@y.test"], BODY)
+        assert got == [b".\r\n"] and result.data is None
+        assert result.outcomes() == [("b@y.test", Reply(550, "5.1.1", "no"))]
+        assert client.is_usable
+        client.close()
+
+
+async def test_unsolicited_reply_while_idle_makes_the_client_unusable() -> None:
+    async def impatient(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer, b"250 s.test\r\n")
+        writer.write(b"421 4.4.2 idle timeout\r\n")
+        await reader.read()
+
+    async with scripted(impatient) as port:
+        client = await connect_to(port)
+        for _ in range(100):
+            if not client.is_usable:
+                break
+            await asyncio.sleep(0.01)
+        assert not client.is_usable
+        client.close()
 
 
 async def test_connection_refused() -> None:
@@ -190,59 +432,7 @@ async def test_source_address_binding(sink: Sink) -> None:
     client = await connect(sink, source_address="127.0.0.10")
     await client.send("a@x.test", ["b@y.test"], BODY)
     assert sink.messages[0].peer == "127.0.0.10"
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[int]:
-    """A server on 127.0.0.2 that plays ``script`` to each client; yields its port."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await script(reader, writer)
-
-    server = await asyncio.start_server(run, "127.0.0.2", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for writer in writers:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
-
-
-@pytest.mark.both_loops
-async def test_bytes_before_the_tls_handshake_are_discarded() -> None:
-    context, _, _ = make_test_tls_context("evil.test")
-
-    async def evil(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 evil.test\r\n")
-        await reader.readline()
-        writer.write(b"250-evil.test\r\n250 STARTTLS\r\n")
-        await reader.readline()
-        # The 220 and an injected reply in one segment, before the handshake.
-        writer.write(b"220 go ahead\r\n250 2.0.0 injected\r\n")
-        await writer.drain()
-        await writer.start_tls(context)
-        line = await reader.readline()
-        writer.write(b"250 evil.test after tls\r\n" if line.startswith(b"EHLO") else b"500 ?\r\n")
-        await reader.readline()
-        writer.write(b"250 2.1.0 sender ok\r\n")
-        await writer.drain()
-        await reader.read()
-
-    async with scripted(evil) as port:
-        client = await SmtpClient.connect(
-            "127.0.0.2", port, server_name="evil.test", ehlo_name="c.test"
-        )
-        assert client.tls_active and client.extensions == {}
-        reply = await client._command("MAIL FROM:<a@x.test>", "MAIL", 5)
-        assert reply == Reply(250, "2.1.0", "sender ok")
-        client.close()
+    await client.quit()
 
 
 async def test_garbage_from_the_server_is_a_protocol_error() -> None:
@@ -253,4 +443,42 @@ async def test_garbage_from_the_server_is_a_protocol_error() -> None:
 
     async with scripted(garbage) as port:
         with pytest.raises(ProtocolError, match="malformed reply"):
-            await SmtpClient.connect("127.0.0.2", port, server_name="x", ehlo_name="c.test")
+            await connect_to(port)
+
+
+# ----------------------------------------------------------------- scripted servers
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[int]:
+    """A server on HOST that plays ``script`` to each client; yields its port."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await script(reader, writer)
+
+    server = await asyncio.start_server(run, HOST, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ehlo: bytes) -> None:
+    """Send a banner, read EHLO, answer it with ``ehlo``."""
+    writer.write(b"220 scripted.test\r\n")
+    await reader.readline()
+    writer.write(ehlo)
+
+
+async def connect_to(port: int, **kwargs: Any) -> SmtpClient:
+    return await SmtpClient.connect(
+        HOST, port, server_name="sink.test", ehlo_name="client.test", **kwargs
+    )

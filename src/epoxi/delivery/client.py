@@ -1,36 +1,59 @@
 """The outbound SMTP client: one connection, many transactions, pipelined (RFC 2920).
 
-Built on :class:`asyncio.Protocol` so the receive buffer is ours: replies are parsed from it
-as they complete, and whatever a server sends between its ``220`` to STARTTLS and the end of
-the TLS handshake is thrown away. Every phase has its own timeout; a timeout, a broken
-connection or a reply that is not SMTP raises :class:`~epoxi.errors.ConnectionFailed` or
-:class:`~epoxi.errors.ProtocolError`, and the client is unusable from then on.
+Built on :class:`asyncio.Protocol` so the receive buffer is ours: replies are parsed from it as
+they complete, and whatever a server sends between its ``220`` to STARTTLS and the end of the
+TLS handshake is thrown away (RFC 3207 §4.2, the STARTTLS injection class of bugs).
+
+Errors (all :class:`~epoxi.errors.DeliveryError`):
+
+- :class:`~epoxi.errors.ConnectionFailed`: connecting, the banner, EHLO, TLS or AUTH failed (with
+  the server's ``reply`` when there was one), or any phase timed out ("timeout waiting for the
+  data-end reply from ...").
+- :class:`~epoxi.errors.ProtocolError`: the server sent something that is not SMTP, or closed the
+  connection in the middle of a transaction.
+
+After either, the client is unusable. A ``421`` reply is the server closing: the transaction
+ends with that reply for everything still pending (a result, not an exception) and the client
+is unusable too. A data-end reply that never came (timeout, closed connection) leaves the
+message in an unknown state: the caller must treat it as a transient failure and retry, which
+may deliver it twice (RFC 1047); never as delivered, never as a bounce.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
-from epoxi.errors import ConnectionFailed, DeliveryError
+from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
 from epoxi.smtp.client_parse import dot_stuff, parse_ehlo, parse_reply
 from epoxi.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 
 TlsMode = Literal["opportunistic", "required", "disabled", "implicit"]
+
 NO_SMTPUTF8 = Reply(553, "5.6.7", "remote server does not support SMTPUTF8")
-TOO_BIG_FOR_REMOTE = Reply(552, "5.3.4", "message size exceeds the remote server's limit")
+TOO_BIG_FOR_REMOTE = Reply(552, "5.3.4", "message size exceeds remote limit")
+BAD_SENDER = Reply(553, "5.1.7", "sender address contains a line break")
+BAD_RECIPIENT = Reply(553, "5.1.3", "recipient address contains a line break")
 NOT_ATTEMPTED = Reply(451, "4.5.0", "transaction not completed")
+TLS_NOT_OFFERED = Reply(421, "4.7.4", "TLS required but not offered")
+_MAX_UNREAD = 1024 * 1024  # octets of replies not yet read before the connection is dropped
 
 
 @dataclass(frozen=True)
 class ClientTimeouts:
-    """Seconds to wait in each phase (Postfix-like defaults)."""
+    """Seconds to wait for each reply, one setting per SMTP phase (Postfix-like defaults).
+
+    ``connect`` covers the TCP connection (and the handshake, for implicit TLS); ``starttls``
+    covers the STARTTLS reply and then the handshake; ``data_end`` starts once the whole
+    message is handed to the transport, so it also covers sending it.
+    """
 
     connect: float = 30.0
     banner: float = 300.0
@@ -47,109 +70,167 @@ class ClientTimeouts:
 
 @dataclass(frozen=True)
 class TlsPolicy:
-    """``opportunistic`` uses STARTTLS when offered; ``required`` fails without it."""
+    """How to use TLS on a connection.
+
+    - ``opportunistic``: STARTTLS when the server offers it, plain text otherwise (and when the
+      server refuses the STARTTLS command). A failed handshake raises ``ConnectionFailed``: the
+      connection is gone, and a caller may retry that host later with ``disabled``.
+    - ``required``: STARTTLS or fail; no offer raises ``ConnectionFailed`` whose ``reply`` is a
+      ``421 4.7.4 TLS required but not offered``.
+    - ``disabled``: never TLS. ``implicit``: TLS from the first byte (port 465).
+
+    ``verify`` checks the certificate chain (against ``ca_file`` or the system store) and the
+    name; off by default, as opportunistic MX delivery cannot expect valid certificates
+    (Postfix's default too). ``server_name`` overrides the name sent in SNI and verified.
+    """
 
     mode: TlsMode = "opportunistic"
-    verify: bool = False  # opportunistic MX delivery does not verify, as Postfix's default
+    verify: bool = False
     ca_file: str | None = None
     server_name: str | None = None
 
     def context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if not self.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        """The client TLS context for this policy; built once per (verify, ca_file), shared."""
+        return _client_context(self.verify, self.ca_file)
 
 
-@dataclass(frozen=True)
+@functools.lru_cache(maxsize=32)
+def _client_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    if verify:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store to load: nothing to verify
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True, repr=False)
 class ClientAuth:
+    """Credentials for AUTH PLAIN (or LOGIN when PLAIN is not offered); never shown in a repr."""
+
     username: str
     password: str = field(repr=False)
 
+    def __repr__(self) -> str:
+        return f"ClientAuth(username={self.username!r}, password='***')"
 
-@dataclass
+
+@dataclass(slots=True)
 class TransactionResult:
+    """The replies of one transaction.
+
+    ``mail`` is the MAIL reply; ``rcpts`` has one ``(recipient, reply)`` per recipient, in the
+    order given (a recipient whose RCPT was never sent carries the reply that stopped the
+    transaction); ``data`` is the data-end reply, or the refusal of DATA itself, or None when
+    the message was not sent. ``round_trips`` counts the flights written and waited for.
+    """
+
     mail: Reply
     rcpts: list[tuple[str, Reply]]
-    data: Reply | None  # the data-end reply, or DATA's refusal; None if DATA was not reached
+    data: Reply | None = None
     round_trips: int = 0
 
+    @classmethod
+    def refused(cls, reply: Reply, recipients: list[str]) -> TransactionResult:
+        """A transaction never started: ``reply`` for every recipient."""
+        return cls(reply, [(recipient, reply) for recipient in recipients])
+
     def outcomes(self) -> list[tuple[str, Reply]]:
-        """Each recipient's final reply."""
-        out = []
-        for recipient, reply in self.rcpts:
-            if not self.mail.is_positive:
-                reply = self.mail
-            elif reply.is_positive:
-                reply = self.data or NOT_ATTEMPTED
-            out.append((recipient, reply))
-        return out
+        """Each recipient's final reply: MAIL's if it failed, RCPT's if that failed, else data's."""
+        if not self.mail.is_positive:
+            return [(recipient, self.mail) for recipient, _ in self.rcpts]
+        final = self.data or NOT_ATTEMPTED
+        return [(rcpt, reply if not reply.is_positive else final) for rcpt, reply in self.rcpts]
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+class _ReplyReader(asyncio.Protocol):
+    """The connection's protocol: buffers what arrives and hands out complete replies."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.loss_error: type[DeliveryError] = ConnectionFailed
         self.discarding = False
         self._waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if not self.discarding:
-            self.buf += data
-            self._wake()
+        if self.discarding:
+            return
+        self.buf += data
+        if len(self.buf) > _MAX_UNREAD and self.transport is not None:
+            self.transport.abort()  # a server flooding us: connection_lost follows
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionResetError("connection closed by the server")
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def reply(self, phase: str, timeout: float) -> Reply:
+    async def wait_reply(self, phase: str, timeout: float) -> Reply:
+        """The next reply, once the buffer holds no complete one; ``timeout`` seconds in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
+            if self.lost is not None:
+                raise self.loss_error(
+                    f"connection closed waiting for the {phase} reply from {self.label}: "
+                    f"{self.lost}"
+                )
+            await self._wait(loop, deadline, phase)
             reply = parse_reply(self.buf)
             if reply is not None:
                 return reply
-            if self.lost is not None:
-                raise ConnectionFailed(
-                    f"connection lost waiting for the {phase} reply: {self.lost}"
-                )
-            await self._wait(phase, timeout)
 
-    async def _wait(self, phase: str, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+    async def _wait(self, loop: asyncio.AbstractEventLoop, deadline: float, phase: str) -> None:
         waiter = self._waiter = loop.create_future()
-        handle = loop.call_later(timeout, _expire, waiter, phase)
+        timer = loop.call_at(deadline, self._expire, waiter, phase)
         try:
             await waiter
         finally:
-            handle.cancel()
+            timer.cancel()
             self._waiter = None
 
-
-def _expire(waiter: asyncio.Future[None], phase: str) -> None:
-    if not waiter.done():
-        waiter.set_exception(ConnectionFailed(f"timeout waiting for the {phase} reply"))
+    def _expire(self, waiter: asyncio.Future[None], phase: str) -> None:
+        if not waiter.done():
+            message = f"timeout waiting for the {phase} reply from {self.label}"
+            waiter.set_exception(ConnectionFailed(message))
 
 
 class SmtpClient:
-    """A connected, greeted (and maybe encrypted and authenticated) SMTP client."""
+    """One open SMTP session: greeted, maybe encrypted and authenticated, ready for mail.
+
+    Build it with :meth:`connect`; run transactions one at a time with :meth:`send`; end it
+    with :meth:`quit` (polite) or :meth:`close` (abrupt).
+    """
 
     def __init__(
-        self, protocol: _Protocol, peer: tuple[str, int], timeouts: ClientTimeouts, tls_active: bool
+        self,
+        reader: _ReplyReader,
+        peer: tuple[str, int],
+        timeouts: ClientTimeouts,
+        *,
+        tls_active: bool,
     ) -> None:
-        self._protocol = protocol
-        self.peer = peer
-        self.timeouts = timeouts
-        self.tls_active = tls_active
-        self.extensions: dict[str, str] = {}
+        self._reader = reader
+        self._peer = peer
+        self._timeouts = timeouts
+        self._tls_active = tls_active
+        self._extensions: dict[str, str] = {}
+        self._max_size: int | None = None
         self._broken = False
+        self._busy = False
+        self._needs_reset = False  # a transaction was left open at the server
+        self._closing: Reply | None = None  # the server's 421, once it said it is closing
+        self._flights = 0
 
     @classmethod
     async def connect(
@@ -164,103 +245,170 @@ class SmtpClient:
         auth: ClientAuth | None = None,
         timeouts: ClientTimeouts = ClientTimeouts(),
     ) -> SmtpClient:
-        """Connect, read the banner, EHLO, STARTTLS per ``tls``, AUTH if ``auth`` is given."""
+        """Connect to ``address:port`` and get the session ready for mail.
+
+        Binds ``source_address`` when given; reads the banner (not 2xx: ``ConnectionFailed``
+        with the reply); EHLO (HELO when EHLO gets a 5xx); STARTTLS as ``tls`` says, then EHLO
+        again; AUTH when ``auth`` is given (refused: ``ConnectionFailed`` with the reply, a
+        configuration problem rather than the message's). ``server_name`` is the name for SNI
+        and certificate checks unless ``tls.server_name`` is set. Raises ``ConnectionFailed``
+        or ``ProtocolError``; nothing is left open then.
+        """
+        name = tls.server_name or server_name
         implicit = tls.mode == "implicit"
-        protocol = await _open(
-            address,
-            port,
-            source_address,
-            timeouts.connect,
-            tls.context() if implicit else None,
-            server_name,
-        )
-        client = cls(protocol, (address, port), timeouts, tls_active=implicit)
+        context = tls.context() if implicit else None
+        reader = await _open(address, port, source_address, timeouts.connect, context, name)
+        client = cls(reader, (address, port), timeouts, tls_active=implicit)
         try:
-            await client._handshake(ehlo_name, server_name, tls, auth)
+            await client._start_session(ehlo_name, name, tls, auth)
         except BaseException:
             client.close()
             raise
+        reader.loss_error = ProtocolError  # from now on, a close is an early close
         return client
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """EHLO keywords (upper-case) and parameters, from the latest EHLO (a copy)."""
+        return dict(self._extensions)
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        """The server's address and port, as given to :meth:`connect`."""
+        return self._peer
+
+    @property
+    def tls_active(self) -> bool:
+        """True once the session is encrypted (implicit TLS or STARTTLS)."""
+        return self._tls_active
 
     @property
     def is_usable(self) -> bool:
-        return not self._broken and self._protocol.lost is None
+        """True while another transaction may be started on this connection.
+
+        False after an error, a 421, :meth:`close`, the server closing the connection or
+        sending anything unasked while idle.
+        """
+        reader = self._reader
+        return not self._broken and reader.lost is None and not reader.buf
 
     @property
     def max_size(self) -> int | None:
-        value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
+        """The server's SIZE limit in octets, or None when it states none (or 0)."""
+        return self._max_size
+
+    def __repr__(self) -> str:
+        return f"<SmtpClient {self._reader.label} tls={self._tls_active} usable={self.is_usable}>"
 
     # ----------------------------------------------------------------- session set-up
 
-    async def _handshake(
+    async def _start_session(
         self, ehlo_name: str, server_name: str, tls: TlsPolicy, auth: ClientAuth | None
     ) -> None:
-        banner = await self._read("banner", self.timeouts.banner)
-        if banner.code != 220:
-            raise ConnectionFailed(f"refused at greeting: {banner}", banner)
+        await self._read_banner()
         await self._ehlo(ehlo_name)
-        if not self.tls_active and tls.mode in ("opportunistic", "required"):
-            if "STARTTLS" in self.extensions:
-                await self._starttls(tls.context(), server_name)
-                await self._ehlo(ehlo_name)
-            elif tls.mode == "required":
-                raise ConnectionFailed(
-                    "TLS required but the server does not offer STARTTLS",
-                    Reply(421, "4.7.10", "TLS required but not offered"),
-                )
+        if await self._maybe_starttls(tls, server_name):
+            await self._ehlo(ehlo_name)
         if auth is not None:
             await self._authenticate(auth)
 
-    async def _ehlo(self, name: str) -> None:
-        reply = await self._command(f"EHLO {name}", "ehlo", self.timeouts.ehlo)
-        if reply.code == 250:
-            self.extensions = parse_ehlo(reply)
-            return
-        reply = await self._command(f"HELO {name}", "ehlo", self.timeouts.ehlo)
-        if reply.code != 250:
-            raise ConnectionFailed(f"EHLO and HELO refused: {reply}", reply)
-        self.extensions = {}
+    async def _read_banner(self) -> None:
+        banner = await self._read("banner", self._timeouts.banner)
+        if banner.code // 100 != 2:
+            self._write_quietly(b"QUIT\r\n")  # RFC 5321 §3.1, best effort
+            raise ConnectionFailed(f"{self._reader.label} refused at greeting: {banner}", banner)
 
-    async def _starttls(self, context: ssl.SSLContext, server_name: str) -> None:
-        reply = await self._command("STARTTLS", "starttls", self.timeouts.starttls)
+    async def _ehlo(self, name: str) -> None:
+        reply = await self._exchange(f"EHLO {name}", "EHLO", self._timeouts.ehlo)
+        if reply.code == 250:
+            self._set_extensions(parse_ehlo(reply))
+            return
+        if reply.is_permanent:
+            reply = await self._exchange(f"HELO {name}", "HELO", self._timeouts.ehlo)
+            self._set_extensions({})
+        if reply.code != 250:
+            raise ConnectionFailed(f"{self._reader.label} refused EHLO/HELO: {reply}", reply)
+
+    def _set_extensions(self, extensions: dict[str, str]) -> None:
+        self._extensions = extensions
+        size = extensions.get("SIZE", "").split(" ")[0]
+        self._max_size = int(size) if size.isdigit() and int(size) > 0 else None
+
+    async def _maybe_starttls(self, tls: TlsPolicy, server_name: str) -> bool:
+        """STARTTLS if the policy and the server want it; True when TLS was started."""
+        if self._tls_active or tls.mode in ("disabled", "implicit"):
+            return False
+        if "STARTTLS" not in self._extensions:
+            if tls.mode == "required":
+                message = f"{self._reader.label}: TLS required but not offered"
+                raise ConnectionFailed(message, TLS_NOT_OFFERED)
+            return False
+        reply = await self._exchange("STARTTLS", "STARTTLS", self._timeouts.starttls)
         if reply.code != 220:
-            raise ConnectionFailed(f"STARTTLS refused: {reply}", reply)
-        protocol = self._protocol
-        assert protocol.transport is not None
-        protocol.buf.clear()  # nothing sent before the handshake may be read as a reply
-        protocol.discarding = True
+            return self._starttls_refused(tls, reply)
+        await self._handshake(tls.context(), server_name)
+        return True
+
+    def _starttls_refused(self, tls: TlsPolicy, reply: Reply) -> bool:
+        if tls.mode == "required" or reply.code == 421:
+            raise ConnectionFailed(f"{self._reader.label} refused STARTTLS: {reply}", reply)
+        log.info("[%s] STARTTLS refused, going on in plain text: %s", self._reader.label, reply)
+        return False
+
+    async def _handshake(self, context: ssl.SSLContext, server_name: str) -> None:
+        reader = self._reader
+        reader.buf.clear()  # sent before the handshake: must never be read as a reply
+        reader.discarding = True
         try:
-            async with asyncio.timeout(self.timeouts.starttls):
-                transport = await asyncio.get_running_loop().start_tls(
-                    protocol.transport, protocol, context, server_hostname=server_name
-                )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            self._broken = True
-            raise ConnectionFailed(f"TLS handshake failed: {exc or 'timeout'}") from exc
+            transport = await self._start_tls(context, server_name)
         finally:
-            protocol.discarding = False
-        protocol.buf.clear()
-        protocol.transport = transport
-        self.tls_active = True
+            reader.discarding = False
+        reader.buf.clear()
+        reader.transport = transport
+        self._tls_active = True
+
+    async def _start_tls(self, context: ssl.SSLContext, server_name: str) -> asyncio.Transport:
+        reader, timeout = self._reader, self._timeouts.starttls
+        assert reader.transport is not None
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await asyncio.get_running_loop().start_tls(
+                    reader.transport,
+                    reader,
+                    context,
+                    server_hostname=server_name,
+                    ssl_handshake_timeout=timeout,
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._broken = True
+            detail = str(exc) or "timeout"
+            raise ConnectionFailed(f"TLS handshake with {reader.label} failed: {detail}") from exc
+        if transport is None:  # typeshed allows it; a closed connection would do it
+            self._broken = True
+            raise ConnectionFailed(f"TLS handshake with {reader.label} failed: closed")
+        return transport
 
     async def _authenticate(self, auth: ClientAuth) -> None:
-        mechanisms = self.extensions.get("AUTH", "").upper().split()
-        if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
-            token = _b64(f"\0{auth.username}\0{auth.password}")
-            reply = await self._command(
-                f"AUTH PLAIN {token}", "auth", self.timeouts.auth, secret=True
-            )
+        mechanisms = self._extensions.get("AUTH", "").upper().split()
+        if "PLAIN" not in mechanisms and "LOGIN" in mechanisms:
+            reply = await self._auth_login(auth)
         else:
-            reply = await self._command("AUTH LOGIN", "auth", self.timeouts.auth)
-            if reply.code == 334:
-                reply = await self._command(_b64(auth.username), "auth", self.timeouts.auth)
-            if reply.code == 334:
-                reply = await self._command(
-                    _b64(auth.password), "auth", self.timeouts.auth, secret=True
-                )
+            token = _b64(f"\0{auth.username}\0{auth.password}")
+            reply = await self._exchange(f"AUTH PLAIN {token}", "AUTH", self._timeouts.auth)
         if reply.code != 235:
-            raise ConnectionFailed(f"authentication as {auth.username} failed: {reply}", reply)
+            message = f"{self._reader.label} refused AUTH as {auth.username!r}: {reply}"
+            raise ConnectionFailed(message, reply)
+
+    async def _auth_login(self, auth: ClientAuth) -> Reply:
+        timeout = self._timeouts.auth
+        reply = await self._exchange("AUTH LOGIN", "AUTH", timeout)
+        if reply.code == 334:
+            reply = await self._exchange(_b64(auth.username), "AUTH", timeout)
+        if reply.code == 334:
+            reply = await self._exchange(_b64(auth.password), "AUTH", timeout)
+        return reply
 
     # ----------------------------------------------------------------- transactions
 
@@ -273,127 +421,204 @@ class SmtpClient:
         smtputf8: bool = False,
         body_8bit: bool = False,
     ) -> TransactionResult:
-        """One transaction; per-recipient replies. Raises DeliveryError if the link fails."""
-        refusal = self._refusal(sender, recipients, body, smtputf8)
-        if refusal is not None:
-            return TransactionResult(refusal, [(r, refusal) for r in recipients], None)
-        mail = f"MAIL FROM:<{sender}>{self._mail_params(body, smtputf8, body_8bit)}"
+        """Run one mail transaction and return every reply.
+
+        ``body`` is the message as stored (CRLF line ends expected; bare CR/LF are fixed and
+        dots stuffed here). Without a round trip, every recipient gets a synthetic permanent
+        reply when SMTPUTF8 is needed (``smtputf8``, or a non-ASCII address) but not offered
+        (``553 5.6.7``), or the body exceeds the server's SIZE (``552 5.3.4``). An address with
+        a CR or LF is never sent: ``553 5.1.7`` for all (sender) or ``553 5.1.3`` for it.
+        MAIL carries ``SIZE=`` when offered, ``BODY=8BITMIME`` for ``body_8bit`` when offered
+        (an 8-bit body goes as it is otherwise, as Postfix does) and ``SMTPUTF8`` when needed.
+
+        With PIPELINING, MAIL, every RCPT and DATA go in one write, then the message in a
+        second (``round_trips == 2``); without it, one command per round trip, stopping early.
+        Transaction-level replies (a refused RCPT, a 5xx data-end) are results, not errors.
+        Raises ``ConnectionFailed`` (timeout) or ``ProtocolError`` (garbage, early close) and
+        leaves the client unusable; see the module documentation for a lost data-end reply.
+        Raises ``ValueError`` without recipients, ``ConnectionFailed`` if not ``is_usable``.
+        """
+        if not recipients:
+            raise ValueError("send() needs at least one recipient")
+        self._begin()
         try:
-            if "PIPELINING" in self.extensions:
-                result = await self._pipelined(mail, recipients, body)
-            else:
-                result = await self._stepwise(mail, recipients, body)
-            if result.data is None or not result.data.is_positive:
-                await self.rset()
-        except DeliveryError:
-            self._broken = True
+            return await self._transaction(sender, recipients, body, smtputf8, body_8bit)
+        except BaseException:
+            self._broken = True  # whatever happened, the session state is unknown now
             raise
+        finally:
+            self._busy = False
+
+    def _begin(self) -> None:
+        if self._busy:
+            raise RuntimeError("one transaction at a time on an SmtpClient")
+        if not self.is_usable:
+            raise ConnectionFailed(f"connection to {self._reader.label} is not usable")
+        self._busy = True
+
+    async def _transaction(
+        self, sender: str, recipients: list[str], body: bytes, smtputf8: bool, body_8bit: bool
+    ) -> TransactionResult:
+        utf8 = smtputf8 or not (sender.isascii() and all(r.isascii() for r in recipients))
+        refusal = self._refusal(utf8, len(body))
+        if refusal is not None:
+            return TransactionResult.refused(refusal, recipients)
+        if _has_line_break(sender):
+            return TransactionResult.refused(BAD_SENDER, recipients)
+        clean = [r for r in recipients if not _has_line_break(r)]
+        if not clean:
+            return TransactionResult.refused(BAD_RECIPIENT, recipients)
+        mail = f"MAIL FROM:<{sender}>{self._mail_params(len(body), utf8, body_8bit)}"
+        result = await self._run(mail, clean, body)
+        if len(clean) < len(recipients):
+            result.rcpts = _merge_refused(recipients, result.rcpts)
         return result
 
-    def _refusal(
-        self, sender: str, recipients: list[str], body: bytes, smtputf8: bool
-    ) -> Reply | None:
-        needs_utf8 = smtputf8 or not (sender.isascii() and all(r.isascii() for r in recipients))
-        if needs_utf8 and "SMTPUTF8" not in self.extensions:
+    def _refusal(self, utf8: bool, size: int) -> Reply | None:
+        if utf8 and "SMTPUTF8" not in self._extensions:
             return NO_SMTPUTF8
-        limit = self.max_size
-        if limit is not None and len(body) > limit:
+        limit = self._max_size
+        if limit is not None and size > limit:
             return TOO_BIG_FOR_REMOTE
         return None
 
-    def _mail_params(self, body: bytes, smtputf8: bool, body_8bit: bool) -> str:
-        params = ""
-        if "SIZE" in self.extensions:
-            params += f" SIZE={len(body)}"
-        if body_8bit and "8BITMIME" in self.extensions:
+    def _mail_params(self, size: int, utf8: bool, body_8bit: bool) -> str:
+        extensions = self._extensions
+        params = f" SIZE={size}" if "SIZE" in extensions else ""
+        if body_8bit and "8BITMIME" in extensions:
             params += " BODY=8BITMIME"
-        if smtputf8 and "SMTPUTF8" in self.extensions:
+        if utf8:
             params += " SMTPUTF8"
         return params
 
+    async def _run(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
+        flights = self._flights
+        if "PIPELINING" in self._extensions:
+            result = await self._pipelined(mail, recipients, body)
+        else:
+            result = await self._stepwise(mail, recipients, body)
+        result.round_trips = self._flights - flights
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[%s] %s -> %s", self._reader.label, mail, _summary(result))
+        return result
+
     async def _pipelined(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
-        lines = [mail, *(f"RCPT TO:<{r}>" for r in recipients), "DATA"]
-        self._write("\r\n".join(lines).encode("utf-8") + b"\r\n")
-        t = self.timeouts
-        mail_reply = await self._read("MAIL", t.mail)
-        rcpts = [(r, await self._read("RCPT", t.rcpt)) for r in recipients]
-        data = await self._read("DATA", t.data)
-        result = TransactionResult(mail_reply, rcpts, None, round_trips=1)
-        return await self._finish(result, data, body)
+        timeouts = self._timeouts
+        reset = self._needs_reset
+        self._write(_envelope(mail, recipients, reset))
+        if reset:
+            self._after_reset(await self._read("RSET", timeouts.rset))
+        result = TransactionResult(await self._read("MAIL", timeouts.mail), [])
+        for recipient in recipients:
+            result.rcpts.append((recipient, await self._read("RCPT", timeouts.rcpt)))
+        return await self._finish(result, await self._read("DATA", timeouts.data), body)
 
     async def _stepwise(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
-        t = self.timeouts
-        result = TransactionResult(await self._command(mail, "MAIL", t.mail), [], None)
-        result.round_trips = 1
+        timeouts = self._timeouts
+        if self._needs_reset:
+            self._after_reset(await self._exchange("RSET", "RSET", timeouts.rset))
+        result = TransactionResult(await self._exchange(mail, "MAIL", timeouts.mail), [])
         if not result.mail.is_positive:
-            result.rcpts = [(r, result.mail) for r in recipients]
+            result.rcpts = [(recipient, result.mail) for recipient in recipients]
             return result
+        self._needs_reset = True
         for recipient in recipients:
-            result.rcpts.append(
-                (recipient, await self._command(f"RCPT TO:<{recipient}>", "RCPT", t.rcpt))
-            )
-            result.round_trips += 1
+            reply = await self._exchange(f"RCPT TO:<{recipient}>", "RCPT", timeouts.rcpt)
+            result.rcpts.append((recipient, reply))
         if not any(reply.is_positive for _, reply in result.rcpts):
             return result
-        result.round_trips += 1
-        return await self._finish(result, await self._command("DATA", "DATA", t.data), body)
+        return await self._finish(result, await self._exchange("DATA", "DATA", timeouts.data), body)
 
     async def _finish(
         self, result: TransactionResult, data: Reply, body: bytes
     ) -> TransactionResult:
+        """Send the message after a 354; record the reply that decides the accepted recipients."""
+        self._needs_reset = result.mail.is_positive  # until a data-end reply closes it
         accepted = result.mail.is_positive and any(r.is_positive for _, r in result.rcpts)
         if data.code != 354:
             result.data = data if accepted else None
             return result
         if not accepted:
-            # RFC 2920 §3.1: DATA got 354 though no recipient was accepted: end it empty.
+            # RFC 2920 §3.1: DATA was pipelined, every RCPT failed, yet the server said 354.
+            # End the (empty) message at once; its reply means nothing to any recipient.
             self._write(b".\r\n")
-            await self._read("data-end", self.timeouts.data_end)
-            return result
-        self._write(dot_stuff(body))
-        result.round_trips += 1
-        result.data = await self._read("data-end", self.timeouts.data_end)
+            await self._read("data-end", self._timeouts.data_end)
+        else:
+            self._write(dot_stuff(body))
+            result.data = await self._read("data-end", self._timeouts.data_end)
+        self._needs_reset = False
         return result
 
+    def _after_reset(self, reply: Reply) -> None:
+        self._needs_reset = False
+        if not reply.is_positive and reply.code != 421:  # a 421 ends the transaction anyway
+            raise ProtocolError(f"{self._reader.label} refused RSET: {reply}", reply)
+
     async def rset(self) -> Reply:
-        return await self._command("RSET", "RSET", self.timeouts.rset)
+        """Send RSET and return its reply; a refusal leaves the client unusable."""
+        reply = await self._exchange("RSET", "RSET", self._timeouts.rset)
+        self._needs_reset = False
+        if not reply.is_positive:
+            self._broken = True
+        return reply
 
     async def quit(self) -> None:
-        """Say goodbye and close; never raises."""
+        """Send QUIT, wait briefly for the reply, close. Best effort: never raises."""
         try:
             if self.is_usable:
-                await self._command("QUIT", "QUIT", self.timeouts.quit)
-        except (DeliveryError, OSError):
-            pass
+                await self._exchange("QUIT", "QUIT", self._timeouts.quit)
+        except Exception as exc:  # QUIT is a courtesy
+            log.debug("[%s] QUIT: %s", self._reader.label, exc)
         finally:
             self.close()
 
     def close(self) -> None:
+        """Drop the connection now (no QUIT); the client is unusable afterwards."""
         self._broken = True
-        if self._protocol.transport is not None:
-            self._protocol.transport.abort()
+        transport = self._reader.transport
+        if transport is not None:
+            transport.abort()
 
     # ----------------------------------------------------------------- wire
 
     def _write(self, data: bytes) -> None:
-        transport = self._protocol.transport
-        if transport is None or transport.is_closing() or self._protocol.lost is not None:
-            raise ConnectionFailed(f"connection to {self.peer[0]} is closed")
+        """Hand one flight to the transport."""
+        reader = self._reader
+        transport = reader.transport
+        if transport is None or transport.is_closing() or reader.lost is not None:
+            raise reader.loss_error(f"connection to {reader.label} is closed")
+        self._flights += 1
         transport.write(data)
 
+    def _write_quietly(self, data: bytes) -> None:
+        transport = self._reader.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
     async def _read(self, phase: str, timeout: float) -> Reply:
+        """The next reply; after a 421 the same 421 for everything still expected."""
+        if self._closing is not None:
+            return self._closing
         try:
-            return await self._protocol.reply(phase, timeout)
+            reader = self._reader
+            reply = parse_reply(reader.buf) if reader.buf else None  # often already here
+            if reply is None:
+                reply = await reader.wait_reply(phase, timeout)
         except DeliveryError:
             self._broken = True
             raise
+        if reply.code == 421:
+            self._closing = reply
+            self._broken = True
+        return reply
 
-    async def _command(
-        self, line: str, phase: str, timeout: float, *, secret: bool = False
-    ) -> Reply:
-        self._write(line.encode("utf-8") + b"\r\n")
+    async def _exchange(self, line: str, phase: str, timeout: float) -> Reply:
+        """Send one command line and read its reply (not sent once the server said 421)."""
+        if self._closing is not None:
+            return self._closing
+        self._write(line.encode("utf-8", "surrogateescape") + b"\r\n")
         reply = await self._read(phase, timeout)
-        log.debug("[%s] %s -> %s", self.peer[0], "AUTH ..." if secret else line, reply)
+        log.debug("[%s] %s -> %s", self._reader.label, _loggable(line), reply)
         return reply
 
 
@@ -404,23 +629,58 @@ async def _open(
     timeout: float,
     context: ssl.SSLContext | None,
     server_name: str,
-) -> _Protocol:
+) -> _ReplyReader:
+    """Connect (TLS from the first byte when ``context`` is given); errors as ConnectionFailed."""
     loop = asyncio.get_running_loop()
+    label = f"{address}:{port}"
     try:
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(
-                _Protocol,
+            _, reader = await loop.create_connection(
+                lambda: _ReplyReader(label),
                 address,
                 port,
                 ssl=context,
-                server_hostname=server_name if context else None,
+                server_hostname=server_name if context is not None else None,
                 local_addr=(source, 0) if source else None,
             )
     except TimeoutError as exc:
-        raise ConnectionFailed(f"timeout connecting to {address}:{port}") from exc
-    except (OSError, ssl.SSLError) as exc:
-        raise ConnectionFailed(f"cannot connect to {address}:{port}: {exc}") from exc
-    return protocol
+        raise ConnectionFailed(f"timeout connecting to {label}") from exc
+    except OSError as exc:  # ssl.SSLError included
+        raise ConnectionFailed(f"cannot connect to {label}: {exc}") from exc
+    return reader
+
+
+def _envelope(mail: str, recipients: list[str], reset: bool) -> bytes:
+    """MAIL, every RCPT and DATA (after RSET when ``reset``) as one pipelined flight."""
+    rcpts = "".join([f"RCPT TO:<{recipient}>\r\n" for recipient in recipients])
+    reset_line = "RSET\r\n" if reset else ""
+    return f"{reset_line}{mail}\r\n{rcpts}DATA\r\n".encode("utf-8", "surrogateescape")
+
+
+def _has_line_break(address: str) -> bool:
+    return "\n" in address or "\r" in address
+
+
+def _merge_refused(recipients: list[str], sent: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:
+    """All recipients in order: the replies of those sent, BAD_RECIPIENT for the others."""
+    replies = iter(sent)
+    return [(r, BAD_RECIPIENT) if _has_line_break(r) else next(replies) for r in recipients]
+
+
+def _summary(result: TransactionResult) -> str:
+    codes = " ".join(str(reply.code) for _, reply in result.rcpts)
+    data = result.data.code if result.data is not None else "-"
+    return f"MAIL {result.mail.code}, RCPT {codes}, data {data}, {result.round_trips} round trips"
+
+
+def _loggable(line: str) -> str:
+    """The command line as it may be logged: no AUTH argument, no AUTH LOGIN response."""
+    if line == "AUTH LOGIN" or line.partition(" ")[0].upper() in _LOGGABLE_VERBS:
+        return line
+    return "AUTH ..."
+
+
+_LOGGABLE_VERBS = frozenset({"EHLO", "HELO", "STARTTLS", "MAIL", "RCPT", "DATA", "RSET", "QUIT"})
 
 
 def _b64(text: str) -> str:
