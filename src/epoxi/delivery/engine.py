@@ -235,9 +235,6 @@ class DeliveryEngine:
             outcomes += [(r, reply) for r in recipients]
             return False
         outcomes += result.outcomes()
-        if result.data is None and client.is_usable:
-            with contextlib.suppress(DeliveryError):
-                await client.rset()
         return client.is_usable
 
     def _connect_failed(self, jobs: list[Job], reply: Reply, peer: str) -> None:
