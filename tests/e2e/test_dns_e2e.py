@@ -45,7 +45,8 @@ short.test    1   A   127.0.0.6
 long.test 86400   A   127.0.0.7
 """
 
-TIMEOUT = 0.3
+TIMEOUT = 2.0  # generous: a loaded test machine must not turn answers into timeouts
+SHORT_TIMEOUT = 0.3  # for the tests that expect a timeout
 
 
 class Clock:
@@ -76,8 +77,8 @@ async def server(zone: Zone) -> AsyncIterator[DnsServer]:
         yield running
 
 
-def resolver_for(server: DnsServer, **kwargs: object) -> Resolver:
-    return Resolver([server.nameserver], timeout=TIMEOUT, **kwargs)  # type: ignore[arg-type]
+def resolver_for(server: DnsServer, timeout: float = TIMEOUT, **kwargs: object) -> Resolver:
+    return Resolver([server.nameserver], timeout=timeout, **kwargs)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- MX plans
@@ -157,12 +158,12 @@ async def test_servfail_and_refused_are_transient(server: DnsServer) -> None:
 
 async def test_timeout_is_transient(server: DnsServer) -> None:
     with pytest.raises(DnsTransient, match="timed out"):
-        await resolve_mx(resolver_for(server), "slow.test")
+        await resolve_mx(resolver_for(server, SHORT_TIMEOUT), "slow.test")
     assert server.questions["slow.test", "MX"] >= 1
 
 
 async def test_no_server_listening_is_transient() -> None:
-    resolver = Resolver([("127.0.0.1", free_port())], timeout=TIMEOUT)
+    resolver = Resolver([("127.0.0.1", free_port())], timeout=SHORT_TIMEOUT)
     with pytest.raises(DnsTransient):
         await resolve_mx(resolver, "a.test")
 
@@ -318,18 +319,28 @@ async def test_large_answer_falls_back_to_tcp(server: DnsServer) -> None:
 
 
 async def test_serve_forever_until_cancelled(zone: Zone) -> None:
-    port = free_port()
-    task = asyncio.ensure_future(serve_forever(zone, "127.0.0.1", port))
-    resolver = Resolver([("127.0.0.1", port)], timeout=2.0)
+    port, ready = free_port(), asyncio.Event()
+    task = asyncio.ensure_future(serve_forever(zone, "127.0.0.1", port, ready=ready))
     try:
-        for _ in range(50):  # the server binds on its first turn of the loop
-            with contextlib.suppress(DnsTransient):
-                assert await resolver.addresses("mx1.a.test") == ["127.0.0.2"]
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("serve_forever never answered")
+        await asyncio.wait_for(ready.wait(), 5)
+        resolver = Resolver([("127.0.0.1", port)], timeout=2.0)
+        assert await resolver.addresses("mx1.a.test") == ["127.0.0.2"]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_start_cancelled_half_way_leaves_nothing_open(zone: Zone) -> None:
+    for turns in range(10):
+        server = DnsServer(zone, port=free_port())
+        task = asyncio.ensure_future(server.start())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not task.cancelled():  # started before the cancel arrived
+            await server.stop()
+        async with DnsServer(zone, port=server.port) as again:  # the port is free again
+            assert again.port == server.port

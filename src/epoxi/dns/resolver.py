@@ -92,7 +92,7 @@ class Resolver:
         self._clock = clock
         self._cache: OrderedDict[_Key, _Entry] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[_Entry]] = {}
-        self.queries = 0  # lookups sent to a server (cache misses not coalesced)
+        self.queries = 0  # lookups sent to the network (coalesced callers count once)
         self.hits = 0  # lookups answered from the cache
 
     # ------------------------------------------------------------------ lookups

@@ -229,7 +229,22 @@ class DnsServer:
         return self.host, self._port
 
     async def start(self) -> None:
-        """Listen on UDP and TCP, both on the same port."""
+        """Listen on UDP and TCP, both on the same port.
+
+        If cancelled or failing half-way, it closes whatever it had opened before raising: a
+        socket left open would hold the event loop (on uvloop, ``loop.close()`` can hang).
+        """
+        binding = asyncio.ensure_future(self._bind())
+        try:
+            await asyncio.shield(binding)
+        except BaseException:
+            try:
+                await asyncio.wait({binding})  # a cancelled start lets the bind finish ...
+            finally:
+                await self.stop()  # ... and then undoes all of it
+            raise
+
+    async def _bind(self) -> None:
         for attempt in range(_BIND_ATTEMPTS):
             udp_port = await self._start_udp()
             try:
@@ -333,10 +348,17 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-async def serve_forever(zone: Zone, host: str = "127.0.0.1", port: int = 5353) -> None:
-    """Serve ``zone`` until cancelled (for a CLI command and manual tests)."""
+async def serve_forever(
+    zone: Zone, host: str = "127.0.0.1", port: int = 5353, ready: asyncio.Event | None = None
+) -> None:
+    """Serve ``zone`` until cancelled (for a CLI command and manual tests).
+
+    ``ready``, if given, is set once both UDP and TCP are listening.
+    """
     async with DnsServer(zone, host, port) as server:
         log.info("DNS server listening on %s:%d", server.host, server.port)
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
 
 
