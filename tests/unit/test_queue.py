@@ -126,3 +126,15 @@ def test_control_headers_are_taken_out() -> None:
     assert found == {"tenant": "acme", "campaign": "spring"}
     assert stripped == b"Subject: x\r\n\r\nX-Epoxi-Tenant: body\r\n"
     assert take_epoxi_headers(b"Subject: y\r\n\r\nhi\r\n") == (b"Subject: y\r\n\r\nhi\r\n", {})
+
+
+def test_equal_mx_preferences_are_tried_in_random_order() -> None:
+    from epoxi.delivery.client import TlsPolicy
+    from epoxi.delivery.routing import Destination
+
+    hosts = (("a", 25), ("b", 25), ("c", 25), ("d", 25))
+    mx = Destination("s", hosts, TlsPolicy(), preferences=(10, 10, 10, 20))
+    orders = {tuple(mx.attempt_order(random.Random(seed))) for seed in range(30)}
+    assert len(orders) > 1 and all(order[-1] == ("d", 25) for order in orders)
+    static = Destination("s", hosts, TlsPolicy())
+    assert static.attempt_order() == list(hosts)

@@ -168,7 +168,7 @@ class ReadyQueue:
     async def _connect(self) -> SmtpClient:
         """Try each host (and each of its addresses) in order; raise the last failure."""
         last: Exception = ConnectionFailed(f"no hosts for {self.destination.site}")
-        for host, port in self.destination.hosts:
+        for host, port in self.destination.attempt_order():
             try:
                 addresses = await self._resolver.addresses(host)
             except DnsError as exc:

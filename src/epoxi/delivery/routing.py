@@ -6,6 +6,8 @@ MX hosts are the same set share one site, and so one ready queue and its limits.
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from dataclasses import dataclass
 
@@ -27,6 +29,19 @@ class Destination:
     auth: ClientAuth | None = None
     via_mx: bool = False  # hosts came from DNS: failures fall back to the next host
     dsn: bool = True  # DSNs for failures on this destination
+    preferences: tuple[int, ...] = ()  # MX preference of each host; empty: keep the order
+
+    def attempt_order(self, rng: random.Random | None = None) -> list[tuple[str, int]]:
+        """Hosts in preference order, shuffled among equal preferences (RFC 5321 §5.1)."""
+        if not self.preferences:
+            return list(self.hosts)
+        order: list[tuple[str, int]] = []
+        pairs = zip(self.preferences, self.hosts, strict=True)
+        for _, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+            hosts = [host for _, host in group]
+            (rng or random).shuffle(hosts)
+            order += hosts
+        return order
 
 
 class Router:
@@ -84,6 +99,7 @@ class Router:
         destination = Destination(
             site=plan.site,
             hosts=tuple((h.name, port) for h in plan.hosts),
+            preferences=tuple(h.preference for h in plan.hosts),
             tls=TlsPolicy(mode=shaping.tls or "opportunistic", verify=bool(shaping.tls_verify)),
             via_mx=True,
         )
