@@ -32,7 +32,6 @@ import logging
 import struct
 from collections import Counter
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, cast, get_args
 
 import dns.exception
@@ -45,6 +44,8 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+from epoxi.testing._service import Service
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Zone:
         return dns.rrset.from_text(apex, self.negative_ttl, _IN, dns.rdatatype.SOA, rdata)
 
 
-class DnsServer:
+class DnsServer(Service):
     """Serves ``zone`` on UDP and TCP at ``host``:``port`` (0 picks a free port).
 
     ``queries`` counts every query received (answered or not); ``questions`` counts them by
@@ -277,18 +278,6 @@ class DnsServer:
                 writer.close()
             await self._tcp.wait_closed()
             self._tcp = None
-
-    async def __aenter__(self) -> DnsServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def respond(self, wire: bytes, max_size: int = 65535) -> bytes | None:
         """The reply to one query in wire format, at most ``max_size`` bytes (or the query's

@@ -52,11 +52,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, ClassVar, TextIO, cast
 
 from epoxi.smtp import replies as r
 from epoxi.smtp.replies import Reply
+from epoxi.testing._service import Service
 
 __all__ = ["DEFAULT_ADVERTISE", "ConnectionRecord", "ReceivedMessage", "Sink", "run_sink"]
 
@@ -151,7 +151,7 @@ class _Transaction:
     chunks: int = 0  # BDAT chunks received
 
 
-class Sink:
+class Sink(Service):
     """An SMTP server on ``asyncio.Protocol`` that keeps (or only counts) what it receives.
 
     ``advertise`` lists the EHLO keywords; STARTTLS and AUTH are only shown when ``tls`` /
@@ -246,18 +246,6 @@ class Sink:
                 break
             await asyncio.sleep(0.01)
         self._server = None
-
-    async def __aenter__(self) -> Sink:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Return once ``count`` messages were accepted; ``TimeoutError`` after ``timeout``."""
