@@ -8,4 +8,5 @@ export EPOXI_SMTP_PORT="${RELAY_PORT:-2526}"
 export EPOXI_DATA_DIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}/epoxi"
 export EPOXI_HOSTNAME=epoxi.bench
 export EPOXI_LOG_LEVEL="${EPOXI_LOG_LEVEL:-warning}"
+export EPOXI_HTTP_LISTEN="${EPOXI_HTTP_LISTEN:-127.0.0.1:2580}"
 exec .venv/bin/epoxi serve

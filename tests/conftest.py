@@ -65,6 +65,7 @@ class EpoxiProcess:
         self.data_dir = data_dir
         self.port = free_port()
         self.relay_port = free_port()  # nothing listens here unless a test starts a sink
+        self.http_port = free_port()
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "epoxi.log"
@@ -78,6 +79,7 @@ class EpoxiProcess:
             "EPOXI_LOCAL_DOMAINS": "local.test",
             "EPOXI_SMTP_RELAY": "127.0.0.1",
             "EPOXI_SMTP_PORT": str(self.relay_port),
+            "EPOXI_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
             **self.extra_env,
         }
         args = [sys.executable, "-m", "epoxi", "serve"] + (["-c", str(config)] if config else [])

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
 from typing import TYPE_CHECKING
 
+from epoxi.admin import Admin
+from epoxi.api.app import build_app
+from epoxi.api.context import ApiContext
+from epoxi.api.metrics import Metrics
+from epoxi.api.server import HttpServer
 from epoxi.bounce.classify import Classifier
 from epoxi.config import parse_hostport
 from epoxi.delivery.engine import DeliveryEngine
 from epoxi.dns.resolver import Resolver
+from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
 from epoxi.events.records import Record, RecordType
 from epoxi.queue.headers import take_epoxi_headers
@@ -20,6 +27,7 @@ from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
 from epoxi.reception.server import SmtpServer
 from epoxi.spool import Spool
 from epoxi.spool.records import MessageMeta
+from epoxi.store import KeyStore, StatusStore, store_path
 
 if TYPE_CHECKING:
     from epoxi.config import Settings
@@ -55,8 +63,14 @@ class Epoxi:
             inject=self.inject,
         )
         self.smtp = SmtpServer(settings, ingest=self)
+        self.admin = Admin(self.scheduler, self.engine, self.spool)
+        self.status = StatusStore(store_path(settings.data_dir))
+        self.records.subscribe(self.status.feed)
+        self.keys: KeyStore | None = None  # opened at start, once the data dir exists
+        self.http: HttpServer | None = None
         self._stopping = asyncio.Event()
         self._scheduler_task: asyncio.Task[None] | None = None
+        self._purge_task: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- ingest
 
@@ -75,15 +89,27 @@ class Epoxi:
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
         """Spool and queue a message made here or received (DSNs, the HTTP API)."""
         await self.spool.store(meta, body)
+        self._spooled(meta, body)
+
+    async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
+        """Spool several messages in one transaction (all or none), then queue them."""
+        await self.spool.store_many(items)
+        for meta, body in items:
+            self._spooled(meta, body)
+
+    def _spooled(self, meta: MessageMeta, body: bytes) -> None:
         self.records.emit(
             Record(
                 type=RecordType.RECEPTION,
                 message_id=meta.id,
                 sender=meta.sender,
-                recipient=",".join(meta.recipients[:10]),
+                recipients=meta.recipients,
                 peer_address=meta.peer,
                 size=meta.size,
                 reason=meta.origin,
+                next_attempt=meta.due,
+                tenant=meta.tenant,
+                campaign=meta.campaign,
             )
         )
         self.enqueue(meta, body)
@@ -140,13 +166,67 @@ class Epoxi:
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = KeyStore(store_path(self.settings.data_dir))
+        self._check_http_exposure(self.keys)
         self.spool.open()
         await self.records.start()
+        await self.status.start()
         count = await self._load_spool()
         log.info("spool %s holds %d messages", self.spool.path, count)
-        self._scheduler_task = asyncio.get_running_loop().create_task(self.scheduler.run())
+        loop = asyncio.get_running_loop()
+        self._scheduler_task = loop.create_task(self.scheduler.run())
+        self._purge_task = loop.create_task(self._purge_store())
         self.engine.start()
         await self.smtp.start()
+        if self.settings.http_listen:
+            api = build_app(self._api_context(self.keys))
+            self.http = HttpServer(api, self.settings.http_listen)
+            await self.http.start()
+
+    def _check_http_exposure(self, keys: KeyStore) -> None:
+        """No API keys means loopback only: refuse to listen anywhere else."""
+        exposed = [a for a in self.settings.http_listen if not _is_loopback(a)]
+        if exposed and not keys.any_active():
+            raise ConfigError(
+                f"http_listen {', '.join(exposed)} is not loopback and no API key exists: "
+                "create one with `epoxi keys create`, or listen on 127.0.0.1"
+            )
+
+    def _api_context(self, keys: KeyStore) -> ApiContext:
+        metrics = Metrics(
+            self.scheduler,
+            self.engine,
+            spool_pending=lambda: self.spool.pending,
+            smtp_sessions=lambda: self.smtp.sessions,
+        )
+        self.records.subscribe(metrics.feed)
+        return ApiContext(
+            settings=self.settings,
+            inject_many=self.inject_many,
+            status=self.status,
+            keys=keys,
+            admin=self.admin,
+            readiness=self.readiness,
+            metrics_text=metrics.text,
+        )
+
+    def readiness(self) -> dict[str, str]:
+        """Each check of ``/health/ready``: "ok" or what is wrong."""
+        spool = self.spool.unhealthy_reason()
+        return {
+            "spool": spool or "ok",
+            "smtp": "ok" if self.smtp.addresses else "not listening",
+            "stopping": "shutting down" if self._stopping.is_set() else "ok",
+        }
+
+    async def _purge_store(self) -> None:
+        api = self.settings.api
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self.status.purge(api.idempotency_ttl, api.history_ttl)
+            except Exception:
+                log.exception("purging the store failed")
 
     async def _load_spool(self) -> int:
         """Queue everything the spool holds (bodies stay on disk until their attempt)."""
@@ -158,12 +238,18 @@ class Epoxi:
 
     async def stop(self) -> None:
         log.info("shutting down")
+        if self.http is not None:
+            await self.http.stop()
         await self.smtp.stop()
         await self.engine.stop()
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
+        for task in (self._scheduler_task, self._purge_task):
+            if task is not None:
+                task.cancel()
         await self.records.stop()
+        await self.status.stop()
         await self.spool.close()
+        if self.keys is not None:
+            self.keys.close()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -177,3 +263,11 @@ class Epoxi:
         log.info("Epoxi %s ready", self.settings.hostname)
         await self._stopping.wait()
         await self.stop()
+
+
+def _is_loopback(address: str) -> bool:
+    host, _ = parse_hostport(address, 4000)
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

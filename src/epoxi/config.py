@@ -249,6 +249,16 @@ class DeliverySettings(_Model):
     bounce_rules: tuple[Path, ...] = ()  # extra TOML rule files, before the shipped ones
 
 
+class ApiSettings(_Model):
+    """The HTTP API (it listens on ``http_listen``)."""
+
+    max_body_size: Size = 100 * 1024 * 1024  # larger requests get 413
+    max_recipients: int = Field(50_000, ge=1)  # per send request
+    spool_batch: int = Field(500, ge=1)  # messages per spool transaction for big requests
+    idempotency_ttl: Duration = 86400.0  # how long an Idempotency-Key is remembered
+    history_ttl: Duration = 7 * 86400.0  # status of finished messages is kept this long
+
+
 class Settings(_Model):
     """Everything Epoxi reads at start."""
 
@@ -257,7 +267,8 @@ class Settings(_Model):
     local_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     users: dict[str, str] = Field(default_factory=dict, repr=False)  # name -> password hash
-    http_listen: tuple[str, ...] = ("127.0.0.1:4000",)
+    http_listen: tuple[str, ...] = ("127.0.0.1:4000",)  # empty: no HTTP API
+    api: ApiSettings = ApiSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     smtp: SmtpSettings = SmtpSettings()
     spool: SpoolSettings = SpoolSettings()

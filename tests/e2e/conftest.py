@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,10 @@ import pytest
 
 from epoxi.app import Epoxi
 from epoxi.config import Settings
+from epoxi.events.records import Record, RecordType
 from epoxi.reception.auth import hash_password
+from epoxi.testing.dnsserver import DnsServer, Zone
+from epoxi.testing.sink import Sink
 from tests.conftest import free_port
 
 PASSWORD = "s3cret"
@@ -75,6 +80,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
                 "users": {"alice": PASSWORD_HASH},
                 "smtp": smtp,
                 "relay": {"host": "127.0.0.1", "port": free_port()},
+                "http_listen": [],
                 **overrides,
             }
         )
@@ -88,3 +94,131 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     yield make
     for app in started:
         await app.stop()
+
+
+# --------------------------------------------------------------------- delivery world
+
+SINK_HOSTS = ("127.0.0.2", "127.0.0.3")
+
+
+def zone_for_tests() -> Zone:
+    zone = Zone()
+    zone.add("a.test", "MX", "10 mx1.a.test.")
+    zone.add("a.test", "MX", "20 mx2.a.test.")
+    zone.add("mx1.a.test", "A", "127.0.0.2")
+    zone.add("mx2.a.test", "A", "127.0.0.3")
+    zone.add("fallback.test", "MX", "10 dead.fallback.test.")
+    zone.add("fallback.test", "MX", "20 mx2.a.test.")
+    zone.add("dead.fallback.test", "A", "127.0.0.9")
+    zone.add("plain.test", "A", "127.0.0.2")
+    zone.add("nullmx.test", "MX", "0 .")
+    zone.add("shared.test", "MX", "5 mx2.a.test.")
+    zone.add("shared.test", "MX", "1 mx1.a.test.")
+    zone.add("later.test", "MX", "10 mx.later.test.")
+    zone.add("mx.later.test", "A", "127.0.0.6")
+    zone.add("sender.test", "MX", "10 mx1.a.test.")
+    return zone
+
+
+@dataclass
+class World:
+    app: Epoxi
+    port: int  # Epoxi's SMTP port
+    sinks: dict[str, Sink]
+    sink_port: int
+    records: list[Record] = field(default_factory=list)
+
+    def send(
+        self,
+        rcpts: list[str],
+        sender: str = "s@sender.test",
+        body: bytes | None = None,
+        count: int = 1,
+    ) -> list[str]:
+        body = body or b"Subject: hello\r\nFrom: s@sender.test\r\n\r\nHi.\r\n"
+        ids = []
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as smtp:
+            smtp.ehlo("client.test")
+            for _ in range(count):
+                smtp.mail(sender)
+                for rcpt in rcpts:
+                    smtp.rcpt(rcpt)
+                code, text = smtp.data(body)
+                assert code == 250, text
+                ids.append(text.split()[-1].decode())
+        return ids
+
+    async def wait_records(
+        self,
+        kind: RecordType,
+        count: int,
+        timeout: float = 15.0,
+        where: Callable[[Record], bool] = lambda r: True,
+    ) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [r for r in self.records if r.type is kind and where(r)]
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(
+            f"expected {count} {kind.value} records, have: "
+            f"{[(r.type.value, r.recipient, r.response) for r in self.records]}"
+        )
+
+
+MakeWorld = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_world(tmp_path: Path) -> AsyncIterator[MakeWorld]:
+    running: list[Any] = []
+
+    async def make(sink_options: dict[str, Any] | None = None, **overrides: Any) -> World:
+        zone = overrides.pop("zone", None) or zone_for_tests()
+        dns = DnsServer(zone, host="127.0.0.1", port=0)
+        await dns.start()
+        running.append(dns)
+        sink_port = free_port(SINK_HOSTS[0])
+        sinks = {}
+        for host in SINK_HOSTS:
+            sink = Sink(host, sink_port, **(sink_options or {}))
+            await sink.start()
+            running.append(sink)
+            sinks[host] = sink
+        port = free_port()
+        delivery = {
+            "retry_interval": 0.5,
+            "max_retry_interval": 1,
+            "mx_port": sink_port,
+            "expiry_sweep_interval": 0.2,
+            "defaults": {"idle_timeout": 0.5, "connection_limit": 4},
+            "timeouts": {"connect": 2, "banner": 5, "data_end": 5},
+            **overrides.pop("delivery", {}),
+        }
+        settings = Settings.model_validate(
+            {
+                "hostname": "mx.test",
+                "data_dir": tmp_path / "data",
+                "local_domains": ["local.test"],
+                "smtp": {"listeners": [{"address": f"127.0.0.1:{port}"}]},
+                "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 2},
+                "delivery": delivery,
+                "http_listen": [],
+                **overrides,
+            }
+        )
+        app = Epoxi(settings)
+        world = World(app, port, sinks, sink_port)
+        app.records.subscribe(world.records.append)
+        await app.start()
+        running.append(app)
+        return world
+
+    yield make
+    for item in reversed(running):
+        await item.stop()
+
+
+async def send(world: World, *args: Any, **kwargs: Any) -> list[str]:
+    return await asyncio.to_thread(world.send, *args, **kwargs)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from epoxi.bounce.classify import Classifier
@@ -80,6 +80,7 @@ class DeliveryEngine:
         self.source = delivery.sources[0]
         self.ready: dict[str, ReadyQueue] = {}
         self._lookups: dict[str, list[Job]] = {}
+        self.site_suspensions: dict[str, tuple[str, float | None]] = {}  # reason, until
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -153,7 +154,7 @@ class DeliveryEngine:
         ready.put(job)
 
     def _new_ready_queue(self, domain: str, destination: Destination) -> ReadyQueue:
-        return ReadyQueue(
+        ready = ReadyQueue(
             source=self.source,
             destination=destination,
             shaping=self.shaping_for(domain, destination.site),
@@ -163,6 +164,12 @@ class DeliveryEngine:
             deliver=self._deliver,
             connect_failed=self._connect_failed,
         )
+        suspended = self.site_suspensions.get(destination.site)
+        if suspended is not None:
+            reason, until = suspended
+            if until is None or until > time.time():
+                ready.suspend(reason, until - time.time() if until else None)
+        return ready
 
     def shaping_for(self, domain: str, site: str) -> Shaping:
         """Built-in defaults < ``delivery.defaults`` < the entry for the site < the domain's."""
@@ -429,6 +436,55 @@ class DeliveryEngine:
             )
         )
 
+    # ----------------------------------------------------------------- admin
+
+    def suspend_site(self, site: str, reason: str, duration: float | None) -> int:
+        """Stop sending to ``site`` (now and for ready queues made later); returns queues hit."""
+        until = time.time() + duration if duration else None
+        self.site_suspensions[site] = (reason, until)
+        hit = [rq for rq in self.ready.values() if rq.destination.site == site]
+        for ready in hit:
+            ready.suspend(reason, duration)
+        return len(hit)
+
+    def resume_site(self, site: str) -> int:
+        self.site_suspensions.pop(site, None)
+        hit = [rq for rq in self.ready.values() if rq.destination.site == site]
+        for ready in hit:
+            ready.resume()
+        return len(hit)
+
+    def routing(self) -> Iterator[Job]:
+        """Jobs waiting for their domain's DNS answer."""
+        for jobs in self._lookups.values():
+            yield from jobs
+
+    def take_waiting(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        """Remove matching jobs wherever they wait: scheduled, held, routing or ready."""
+        taken = self.scheduler.take(predicate)
+        for domain, jobs in list(self._lookups.items()):
+            keep = [job for job in jobs if not predicate(job)]
+            taken += [job for job in jobs if predicate(job)]
+            self._lookups[domain] = keep
+        for ready in self.ready.values():
+            taken += ready.take(predicate)
+        return taken
+
+    def admin_bounce(self, predicate: Callable[[Job], bool], reason: str) -> int:
+        """Remove matching jobs with an AdminBounce record per recipient (no DSN, like
+        ``postsuper -d``); returns the number of recipients bounced."""
+        jobs = self.take_waiting(predicate)
+        bounced = 0
+        for job in jobs:
+            for recipient in job.recipients:
+                self._record(
+                    RecordType.ADMIN_BOUNCE, job, recipient, None, "", job.attempts, reason=reason
+                )
+            bounced += len(job.recipients)
+            self._remove_recipients(job.message.meta, job.recipients)
+            self._job_done(job)
+        return bounced
+
     # ----------------------------------------------------------------- expiry sweep
 
     async def _sweep_expired(self) -> None:
@@ -443,9 +499,7 @@ class DeliveryEngine:
         def too_old(job: Job) -> bool:
             return self.retry.expired(job.message.meta.received_at, now)
 
-        expired = self.scheduler.take(too_old)
-        for ready in self.ready.values():
-            expired += ready.take(too_old)
+        expired = self.take_waiting(too_old)
         for job in expired:
             self.expire(job)
         return len(expired)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -80,13 +81,18 @@ class ReadyQueue:
         self._connection_throttle = _throttle(shaping.max_connection_rate)
         self._open_later: asyncio.TimerHandle | None = None
         self._closing = False
+        self.last_error: str | None = None  # why the last connection attempt failed
+        self.last_error_at: float | None = None
+        self.suspension: str | None = None  # the reason, while suspended
+        self.suspended_until: float | None = None  # unix time; None: until resumed
+        self._resume_later: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def put(self, job: Job) -> None:
         """Queue ``job``: hand it to an idle connection, or open one if allowed."""
-        while self._idle:
+        while self._idle and self.suspension is None:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(job)
@@ -102,8 +108,33 @@ class ReadyQueue:
             self.jobs = deque(keep)
         return taken
 
+    def suspend(self, reason: str, duration: float | None = None) -> None:
+        """Stop sending (connections finish their current job); jobs stay queued."""
+        self.suspension = reason or "suspended"
+        if self._resume_later is not None:
+            self._resume_later.cancel()
+            self._resume_later = None
+        self.suspended_until = None
+        if duration:
+            loop = asyncio.get_running_loop()
+            self.suspended_until = time.time() + duration
+            self._resume_later = loop.call_later(duration, self.resume)
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.cancel()
+
+    def resume(self) -> None:
+        if self._resume_later is not None:
+            self._resume_later.cancel()
+            self._resume_later = None
+        self.suspension = None
+        self.suspended_until = None
+        self._maybe_open()
+
     def _maybe_open(self) -> None:
-        if self._closing or not self.jobs or self.connections >= self.shaping.connection_limit:
+        if self._closing or self.suspension is not None or not self.jobs:
+            return
+        if self.connections >= self.shaping.connection_limit:
             return
         if self._connection_throttle is not None:
             wait = self._connection_throttle.acquire()
@@ -129,6 +160,7 @@ class ReadyQueue:
             self.connections -= 1
             self._on_connect_failure(exc)
             return
+        self.last_error = self.last_error_at = None
         try:
             await self._serve(client)
         finally:
@@ -147,6 +179,8 @@ class ReadyQueue:
                 return
 
     async def _next_job(self) -> Job | None:
+        if self.suspension is not None:
+            return None
         if self.jobs:
             return self.jobs.popleft()
         if self._closing:
@@ -197,6 +231,7 @@ class ReadyQueue:
 
     def _on_connect_failure(self, exc: Exception) -> None:
         """Nothing could connect: if no other connection is alive, give the jobs back."""
+        self.last_error, self.last_error_at = str(exc), time.time()
         if self.connections > 0:
             return
         reply = getattr(exc, "reply", None) or Reply(451, "4.4.1", f"connection failed: {exc}")
@@ -208,8 +243,9 @@ class ReadyQueue:
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""
         self._closing = True
-        if self._open_later is not None:
-            self._open_later.cancel()
+        for handle in (self._open_later, self._resume_later):
+            if handle is not None:
+                handle.cancel()
         for waiter in self._idle:
             if not waiter.done():
                 waiter.cancel()

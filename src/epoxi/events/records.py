@@ -44,13 +44,16 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     source: str = ""  # egress source name
     sender: str = ""
     recipient: str = ""  # one record per recipient for outcomes
+    recipients: list[str] = msgspec.field(default_factory=list)  # Reception: all of them
     response: Response | None = None
     peer_address: str = ""  # the remote server (or the client, for Reception)
     attempt: int = 0
     classification: str = ""  # bounce category for failures
     size: int = 0
     reason: str = ""  # free text where no reply exists (expiry, admin action, DNS)
-    next_attempt: float = 0.0  # for TransientFailure: when it will be tried again
+    next_attempt: float = 0.0  # TransientFailure, and Reception of mail sent later: when due
+    tenant: str = ""
+    campaign: str = ""
 
 
 _encoder = msgspec.json.Encoder()

@@ -176,6 +176,28 @@ class Scheduler:
             self._recount()
         return taken
 
+    def retry_now(self, predicate: Callable[[Job], bool]) -> int:
+        """Make the matching jobs that wait for a later time due now (held ones stay held)."""
+        now = self._clock()
+        changed = 0
+        for index, (due, seq, job) in enumerate(self._heap):
+            if due > now and predicate(job):
+                job.due = now
+                self._heap[index] = (now, seq, job)
+                changed += 1
+        if changed:
+            heapq.heapify(self._heap)
+            self._wake.set()
+        return changed
+
+    def next_due(self) -> dict[str, float]:
+        """The earliest due time of each queue that has scheduled jobs."""
+        due: dict[str, float] = {}
+        for when, _, job in self._heap:
+            if when < due.get(job.queue, float("inf")):
+                due[job.queue] = when
+        return due
+
     def _recount(self) -> None:
         for queue in self.queues.values():
             queue.scheduled = 0

@@ -41,6 +41,11 @@ class Rate:
     def interval(self) -> float:
         return self.period / self.count
 
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}.get(self.period, "s")
+        count = self.count if unit != "s" else self.count / self.period
+        return f"{count:g}/{unit}"
+
 
 class Throttle:
     """GCRA: allows a burst of up to ``burst`` events, then one per interval."""

@@ -383,6 +383,13 @@ class Spool:
             raise SpoolError(f"message {message_id} is not in the spool")
         return bytes(row[0])
 
+    async def load_meta(self, message_id: str) -> MessageMeta | None:
+        """The message's metadata as last written, or None if it is not in the spool."""
+        row = await asyncio.to_thread(
+            self._read, "SELECT meta FROM messages WHERE id = ?", (message_id,)
+        )
+        return decode_meta(row[0]) if row is not None else None
+
     def count(self) -> int:
         """Messages in the spool (blocking: scans the metadata table)."""
         row = self._read("SELECT count(*) FROM messages", ())

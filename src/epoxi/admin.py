@@ -1,0 +1,309 @@
+"""Operator actions on a running node: inspect the queues, suspend, resume, bounce, retry.
+
+The HTTP API and the CLI sit on top of this; it knows nothing of HTTP. Snapshots are plain
+msgspec structs, so they serialise as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import msgspec
+
+from epoxi.delivery.engine import DeliveryEngine
+from epoxi.delivery.ready import ReadyQueue
+from epoxi.queue.model import Job
+from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
+from epoxi.spool import Spool
+from epoxi.spool.records import MessageMeta
+
+SuspendTarget = Literal["queue", "domain", "tenant", "campaign", "site"]
+
+
+class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which messages an action applies to: every field given must match."""
+
+    domain: str | None = None
+    site: str | None = None
+    tenant: str | None = None
+    campaign: str | None = None
+    queue: str | None = None
+    id: str | None = None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in msgspec.structs.astuple(self))
+
+    def matches(self, job: Job) -> bool:
+        meta = job.message.meta
+        return (
+            (self.domain is None or job.domain == self.domain.lower().rstrip("."))
+            and (self.site is None or job.site == self.site)
+            and (self.tenant is None or meta.tenant == self.tenant)
+            and (self.campaign is None or meta.campaign == self.campaign)
+            and (self.queue is None or job.queue == self.queue)
+            and (self.id is None or meta.id == self.id)
+        )
+
+
+class ScheduledQueueInfo(msgspec.Struct, kw_only=True):
+    name: str
+    domain: str
+    scheduled: int  # waiting for their next attempt (or send_at)
+    held: int  # due but suspended
+    next_due: float | None
+    suspended: str | None  # the reason, when a suspension applies to the whole queue
+
+
+class ReadyQueueInfo(msgspec.Struct, kw_only=True):
+    name: str  # source->site
+    site: str
+    source: str
+    hosts: list[str]
+    queued: int
+    connections: int
+    connection_limit: int
+    connects: int
+    deliveries: int
+    max_message_rate: str | None
+    suspended: str | None
+    suspended_until: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+class SuspensionInfo(msgspec.Struct, kw_only=True):
+    target: SuspendTarget
+    value: str
+    reason: str
+    until: float | None
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    scheduled: int
+    held: int
+    ready: int
+    connections: int
+
+
+class Pipelines(msgspec.Struct, kw_only=True):
+    totals: Totals
+    scheduled: list[ScheduledQueueInfo]
+    ready: list[ReadyQueueInfo]
+    suspensions: list[SuspensionInfo]
+
+
+class PipelineHealth(msgspec.Struct, kw_only=True):
+    name: str
+    status: Literal["ok", "suspended", "failing"]
+    queued: int
+    connections: int
+    detail: str | None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["ok", "degraded"]
+    pipelines: list[PipelineHealth]
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    domain: str
+    queue: str
+    site: str
+    where: Literal["scheduled", "held", "routing", "ready"]
+    recipients: list[str]
+    attempts: int
+    due: float
+
+
+class MessageDetails(msgspec.Struct, kw_only=True):
+    meta: MessageMeta
+    headers: list[tuple[str, str]]
+    jobs: list[JobInfo]  # empty while a job is on a connection (in flight)
+
+
+class Admin:
+    """Reads and steers the scheduler and the delivery engine of one node."""
+
+    def __init__(self, scheduler: Scheduler, engine: DeliveryEngine, spool: Spool) -> None:
+        self.scheduler = scheduler
+        self.engine = engine
+        self.spool = spool
+
+    # ----------------------------------------------------------------- inspection
+
+    def pipelines(self, routing_key: str | None = None) -> Pipelines:
+        """Every queue, or those of one domain, site or ready queue name."""
+        scheduled = self._scheduled_queues()
+        ready = [_ready_info(rq) for rq in self.engine.ready.values()]
+        if routing_key is not None:
+            key = routing_key.lower().rstrip(".")
+            routed = self.engine.router.cached(key)
+            sites = {key, routing_key} | ({routed.site} if routed else set())
+            scheduled = [q for q in scheduled if key in (q.domain, q.name)]
+            ready = [q for q in ready if q.site in sites or q.name == routing_key]
+        return Pipelines(
+            totals=Totals(
+                scheduled=sum(q.scheduled for q in scheduled),
+                held=sum(q.held for q in scheduled),
+                ready=sum(q.queued for q in ready),
+                connections=sum(q.connections for q in ready),
+            ),
+            scheduled=scheduled,
+            ready=ready,
+            suspensions=self.suspensions(),
+        )
+
+    def _scheduled_queues(self) -> list[ScheduledQueueInfo]:
+        next_due = self.scheduler.next_due()
+        whole_queue = {s.value: s.reason for s in self._active() if s.kind == "queue"}
+        return [
+            ScheduledQueueInfo(
+                name=queue.name,
+                domain=queue_domain(queue.name),
+                scheduled=queue.scheduled,
+                held=len(queue.held),
+                next_due=next_due.get(queue.name),
+                suspended=whole_queue.get(queue.name),
+            )
+            for queue in sorted(self.scheduler.queues.values(), key=lambda q: q.name)
+            if queue.scheduled or queue.held
+        ]
+
+    def health(self) -> Health:
+        pipelines = [_ready_health(rq) for rq in self.engine.ready.values()]
+        failing = any(p.status == "failing" for p in pipelines)
+        return Health(status="degraded" if failing else "ok", pipelines=pipelines)
+
+    def suspensions(self) -> list[SuspensionInfo]:
+        found = [
+            SuspensionInfo(target=s.kind, value=s.value, reason=s.reason, until=s.until)
+            for s in self._active()
+        ]
+        now = time.time()
+        for site, (reason, until) in self.engine.site_suspensions.items():
+            if until is None or until > now:
+                found.append(SuspensionInfo(target="site", value=site, reason=reason, until=until))
+        return found
+
+    def _active(self) -> Iterator[Suspension]:
+        now = time.time()
+        return (s for s in self.scheduler.suspensions if s.until is None or s.until > now)
+
+    async def message(self, message_id: str) -> MessageDetails | None:
+        meta = await self.spool.load_meta(message_id)
+        if meta is None:
+            return None
+        body = await self.spool.load_body(message_id)
+        return MessageDetails(meta=meta, headers=header_fields(body), jobs=self._jobs_of(meta.id))
+
+    def _jobs_of(self, message_id: str) -> list[JobInfo]:
+        found = []
+        held = {id(job) for queue in self.scheduler.queues.values() for job in queue.held}
+        for job in self.scheduler.jobs():
+            if job.id == message_id:
+                found.append(_job_info(job, "held" if id(job) in held else "scheduled"))
+        found += [_job_info(j, "routing") for j in self.engine.routing() if j.id == message_id]
+        for ready in self.engine.ready.values():
+            found += [_job_info(job, "ready") for job in ready.jobs if job.id == message_id]
+        return found
+
+    # ----------------------------------------------------------------- actions
+
+    def suspend(
+        self, target: SuspendTarget, value: str, reason: str = "", duration: float | None = None
+    ) -> int:
+        """Suspend; returns how many ready queues a site suspension stopped at once."""
+        reason = reason or "suspended by an operator"
+        if target == "site":
+            return self.engine.suspend_site(value, reason, duration)
+        kind: SuspendKind = target
+        value = value.lower().rstrip(".") if kind == "domain" else value
+        until = time.time() + duration if duration else None
+        self.scheduler.suspend(Suspension(kind, value, reason, until))
+        return 0
+
+    def resume(self, target: SuspendTarget, value: str) -> int:
+        """Lift a suspension; returns the held jobs (or ready queues, for a site) released."""
+        if target == "site":
+            return self.engine.resume_site(value)
+        value = value.lower().rstrip(".") if target == "domain" else value
+        return self.scheduler.resume(target, value)
+
+    def bounce(self, selector: Selector, reason: str) -> int:
+        """Remove every waiting message that matches; returns recipients bounced."""
+        return self.engine.admin_bounce(selector.matches, reason or "bounced by an operator")
+
+    def retry(self, selector: Selector) -> int:
+        """Make matching deferred messages due now; returns how many jobs were moved."""
+        return self.scheduler.retry_now(selector.matches)
+
+
+def queue_domain(name: str) -> str:
+    """The domain part of ``campaign:tenant@domain``."""
+    if "@" in name:
+        return name.rpartition("@")[2]
+    return name.rpartition(":")[2]
+
+
+def header_fields(body: bytes) -> list[tuple[str, str]]:
+    """The header section as (name, unfolded value) pairs, in order."""
+    head = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    fields: list[tuple[str, str]] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {line.strip()}")
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name, value.strip()))
+    return fields
+
+
+def _ready_info(ready: ReadyQueue) -> ReadyQueueInfo:
+    rate = ready.shaping.max_message_rate
+    return ReadyQueueInfo(
+        name=ready.key,
+        site=ready.destination.site,
+        source=ready.source.name,
+        hosts=[f"{host}:{port}" for host, port in ready.destination.hosts],
+        queued=len(ready),
+        connections=ready.connections,
+        connection_limit=ready.shaping.connection_limit,
+        connects=ready.connects,
+        deliveries=ready.deliveries,
+        max_message_rate=str(rate) if rate else None,
+        suspended=ready.suspension,
+        suspended_until=ready.suspended_until,
+        last_error=ready.last_error,
+        last_error_at=ready.last_error_at,
+    )
+
+
+def _ready_health(ready: ReadyQueue) -> PipelineHealth:
+    status: Literal["ok", "suspended", "failing"] = "ok"
+    detail = None
+    if ready.suspension is not None:
+        status, detail = "suspended", ready.suspension
+    elif ready.last_error is not None and ready.connections == 0:
+        status, detail = "failing", ready.last_error
+    return PipelineHealth(
+        name=ready.key,
+        status=status,
+        queued=len(ready),
+        connections=ready.connections,
+        detail=detail,
+    )
+
+
+def _job_info(job: Job, where: Literal["scheduled", "held", "routing", "ready"]) -> JobInfo:
+    return JobInfo(
+        domain=job.domain,
+        queue=job.queue,
+        site=job.site,
+        where=where,
+        recipients=list(job.recipients),
+        attempts=job.attempts,
+        due=job.due,
+    )

@@ -1,0 +1,145 @@
+"""``/admin``: the queues of this node, and what operators do to them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Request, Router, delete, get, post
+from litestar.exceptions import NotFoundException
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from epoxi.admin import Health, MessageDetails, Pipelines, Selector
+from epoxi.api.compose import ComposeError
+from epoxi.api.context import context
+from epoxi.api.models import (
+    BounceResponse,
+    ResumeResponse,
+    RetryResponse,
+    SelectorIn,
+    SuspendRequest,
+    SuspendResponse,
+)
+from epoxi.api.problems import problem_responses
+from epoxi.store.keys import Scope
+
+_ERRORS = problem_responses(401, 403)
+
+
+@get("/pipelines", responses=_ERRORS, summary="Every scheduled and ready queue")
+async def pipelines(request: Request[Any, Any, Any]) -> Pipelines:
+    return context(request).admin.pipelines()
+
+
+@get("/pipelines/health", responses=_ERRORS, summary="Each ready queue: ok, suspended or failing")
+async def pipelines_health(request: Request[Any, Any, Any]) -> Health:
+    return context(request).admin.health()
+
+
+@get(
+    "/pipelines/{routing_key:str}",
+    responses=problem_responses(401, 403, 404),
+    summary="The queues of one domain, site or ready queue",
+)
+async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) -> Pipelines:
+    found = context(request).admin.pipelines(routing_key)
+    if not found.scheduled and not found.ready:
+        raise NotFoundException(f"no queue for {routing_key!r}")
+    return found
+
+
+@post(
+    "/suspend",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 422),
+    summary="Hold mail for a domain, site, tenant, campaign or queue",
+)
+async def suspend(
+    request: Request[Any, Any, Any], data: JSONBody[SuspendRequest]
+) -> SuspendResponse:
+    target = data.target()
+    if target is None:
+        raise ComposeError("body", "name exactly one of domain, site, tenant, campaign, queue")
+    kind, value = target
+    hit = context(request).admin.suspend(kind, value, data.reason, data.duration)
+    active = [s for s in context(request).admin.suspensions() if (s.target, s.value) == target]
+    until = active[-1].until if active else None
+    reason = active[-1].reason if active else data.reason
+    return SuspendResponse(target=kind, value=value, reason=reason, until=until, ready_queues=hit)
+
+
+@delete(
+    "/suspend",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 422),
+    summary="Resume: lift a suspension (the same target as it was made with)",
+)
+async def resume(
+    request: Request[Any, Any, Any],
+    domain: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+    site: Annotated[str | None, QueryParameter(required=False, max_length=4000)] = None,
+    tenant: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+    campaign: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+    queue: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+) -> ResumeResponse:
+    target = SuspendRequest(
+        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue
+    ).target()
+    if target is None:
+        raise ComposeError("query", "name exactly one of domain, site, tenant, campaign, queue")
+    kind, value = target
+    released = context(request).admin.resume(kind, value)
+    return ResumeResponse(target=kind, value=value, released=released)
+
+
+@post(
+    "/bounce",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 422),
+    summary="Remove matching queued messages, each with an AdminBounce record",
+)
+async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> BounceResponse:
+    selector = _selector(data)
+    if selector.is_empty():
+        raise ComposeError("body", "name at least one of domain, site, tenant, campaign, queue, id")
+    return BounceResponse(bounced=context(request).admin.bounce(selector, data.reason))
+
+
+@post(
+    "/retry",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 422),
+    summary="Make matching deferred messages due now (an empty body: all of them)",
+)
+async def retry(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> RetryResponse:
+    return RetryResponse(retried=context(request).admin.retry(_selector(data)))
+
+
+@get(
+    "/messages/{message_id:str}",
+    responses=problem_responses(401, 403, 404),
+    summary="A queued message: envelope, headers, where its jobs wait, attempts",
+)
+async def message(request: Request[Any, Any, Any], message_id: FromPath[str]) -> MessageDetails:
+    found = await context(request).admin.message(message_id)
+    if found is None:
+        raise NotFoundException(f"message {message_id!r} is not in the spool")
+    return found
+
+
+def _selector(data: JSONBody[SelectorIn]) -> Selector:
+    return Selector(
+        domain=data.domain,
+        site=data.site,
+        tenant=data.tenant,
+        campaign=data.campaign,
+        queue=data.queue,
+        id=data.id,
+    )
+
+
+admin_router = Router(
+    path="/admin",
+    route_handlers=[pipelines, pipelines_health, pipeline, suspend, resume, bounce, retry, message],
+    opt={"scope": Scope.ADMIN},
+    tags=["admin"],
+)

@@ -1,0 +1,92 @@
+"""The Litestar application: routes, problem details, API keys, OpenAPI 3.1 and its docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from epoxi import __version__
+from epoxi.api.admin_routes import admin_router
+from epoxi.api.auth import authorize
+from epoxi.api.context import ApiContext, context
+from epoxi.api.messages import send, send_raw, status
+from epoxi.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from epoxi.api.models import ReadyStatus
+from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
+from epoxi.store.keys import Scope
+
+DESCRIPTION = """\
+Send mail through Epoxi, follow each message, and steer the queues.
+
+Authenticate with `Authorization: Bearer <key>` (create keys with `epoxi keys create`).
+While no key exists, only loopback clients are served. Errors are RFC 9457 problem details.
+"""
+
+
+@get("/ping", media_type=MediaType.TEXT, tags=["health"], summary="Answers pong")
+async def ping() -> str:
+    return "pong"
+
+
+@get("/health/live", tags=["health"], summary="The process is up and its event loop turns")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get(
+    "/health/ready",
+    tags=["health"],
+    responses=problem_responses(503),
+    summary="Ready to take mail: spool writable, listeners up",
+)
+async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
+    checks = context(request).readiness()
+    failing = {name: state for name, state in checks.items() if state != "ok"}
+    if failing:
+        detail = "; ".join(f"{name}: {state}" for name, state in failing.items())
+        return problem(request, 503, f"not ready: {detail}", headers={"Retry-After": "5"})
+    return Response(ReadyStatus(status="ready", checks=checks))
+
+
+@get(
+    "/metrics",
+    opt={"scope": Scope.READ},
+    media_type=METRICS_CONTENT_TYPE,
+    tags=["health"],
+    responses=problem_responses(401, 403),
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    return context(request).metrics_text()
+
+
+def build_app(ctx: ApiContext) -> Litestar:
+    return Litestar(
+        route_handlers=[ping, live, ready, metrics, send, send_raw, status, admin_router],
+        guards=[authorize],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=ctx.settings.api.max_body_size,
+        state=_state(ctx),
+        openapi_config=OpenAPIConfig(
+            title="Epoxi",
+            version=__version__,
+            description=DESCRIPTION,
+            path="/docs",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+            security=[{"bearer": []}],
+        ),
+        debug=False,
+    )
+
+
+def _state(ctx: ApiContext) -> Any:
+    from litestar.datastructures import State
+
+    return State({"ctx": ctx})

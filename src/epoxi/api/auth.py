@@ -1,0 +1,74 @@
+"""Who may call what: bearer API keys with scopes, or loopback clients while no key exists."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers import BaseRouteHandler
+
+from epoxi.api.context import context
+from epoxi.store.keys import ApiKey, Scope
+
+STATE_KEY = "api_key"
+
+
+async def authorize(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """The app-wide guard; a route names the scope it needs in ``opt["scope"]``."""
+    keys = context(connection).keys
+    scope: Scope | None = handler.opt.get("scope")
+    token = _bearer(connection.headers.get("authorization"))
+    if token is not None:
+        key = keys.authenticate(token)
+        if key is None:
+            raise NotAuthorizedException(
+                "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if scope is not None and not key.allows(scope):
+            raise PermissionDeniedException(f"this API key lacks the {scope.value!r} scope")
+        if scope is Scope.ADMIN and key.tenant:
+            raise PermissionDeniedException("a tenant's key cannot administer the queues")
+        connection.state[STATE_KEY] = key
+        return
+    if keys.any_active():
+        if scope is None:
+            return  # health, ping and the API docs stay open
+        raise NotAuthorizedException(
+            "send an API key: Authorization: Bearer epx_...",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    host = connection.client.host if connection.client else ""
+    if not _is_loopback(host):
+        raise PermissionDeniedException(
+            "no API key exists, so only loopback clients are served; "
+            "create one with `epoxi keys create`"
+        )
+
+
+def api_key(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiKey | None:
+    """The key the request was made with (None for a loopback client without keys)."""
+    key: ApiKey | None = connection.state.get(STATE_KEY)
+    return key
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        raise NotAuthorizedException(
+            "the Authorization header must be 'Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return token.strip()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,34 @@
+"""What the HTTP API needs from the node, handed over by the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar.connection import ASGIConnection
+
+from epoxi.admin import Admin
+from epoxi.config import Settings
+from epoxi.spool.records import MessageMeta
+from epoxi.store.keys import KeyStore
+from epoxi.store.status import StatusStore
+
+InjectMany = Callable[[list[tuple[MessageMeta, bytes]]], Awaitable[None]]
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    inject_many: InjectMany  # commits every message to the spool (fsynced), then queues them
+    status: StatusStore
+    keys: KeyStore
+    admin: Admin
+    readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
+    metrics_text: Callable[[], bytes]
+    idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
+
+
+def context(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiContext:
+    ctx: ApiContext = connection.app.state.ctx
+    return ctx

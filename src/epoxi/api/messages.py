@@ -1,0 +1,314 @@
+"""Sending (``POST /messages``, ``POST /messages/raw``) and status (``GET /messages/{id}``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    NotFoundException,
+    PermissionDeniedException,
+)
+from litestar.params import FromPath, HeaderParameter, JSONBody
+
+from epoxi.api.auth import api_key
+from epoxi.api.compose import Attachment, ComposeError, Composer, Draft, Rendered
+from epoxi.api.context import ApiContext, context
+from epoxi.api.models import Queued, RawRequest, SendRequest, SendResponse
+from epoxi.api.problems import problem_responses
+from epoxi.queue.headers import take_epoxi_headers
+from epoxi.smtp.parser import CommandError, parse_mailbox
+from epoxi.spool.ids import new_message_id
+from epoxi.spool.records import MessageMeta
+from epoxi.store.keys import Scope
+from epoxi.store.status import MessageStatus
+
+IdempotencyKey = HeaderParameter(
+    name="Idempotency-Key",
+    required=False,
+    max_length=255,
+    description="the same key (per tenant, for 24 h) returns the first response, queues nothing",
+)
+RENDER_CHUNK = 200  # messages rendered between yields to the event loop
+
+
+@post(
+    "/messages",
+    status_code=202,
+    opt={"scope": Scope.SEND},
+    responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+    summary="Send a message to each recipient",
+    tags=["messages"],
+)
+async def send(
+    request: Request[Any, Any, Any],
+    data: JSONBody[SendRequest],
+    idempotency_key: Annotated[str | None, IdempotencyKey] = None,
+) -> Response[SendResponse]:
+    ctx = context(request)
+    tenant = _tenant(request, data.tenant)
+    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
+    async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
+        if remembered.response is not None:
+            return Response(remembered.response, status_code=202)
+        limit = ctx.settings.api.max_recipients
+        message = data.message
+        if len(message.to) + len(message.cc) + len(message.bcc) > limit:
+            raise ComposeError("message.to", f"at most {limit} recipients per request")
+        composer = Composer(_draft(data), ctx.settings.hostname)
+        rendered = await _render_all(composer)
+        base = _meta_fields(request, data.send_at, tenant, data.campaign)
+        base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx)
+        queued = await _spool(ctx, composer.envelope_sender, rendered, base)
+        response = SendResponse(count=len(queued), messages=queued)
+        remembered.response = response
+        return Response(response, status_code=202)
+
+
+@post(
+    "/messages/raw",
+    status_code=202,
+    opt={"scope": Scope.SEND},
+    responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+    summary="Send an RFC 5322 message with an explicit envelope",
+    tags=["messages"],
+)
+async def send_raw(
+    request: Request[Any, Any, Any],
+    data: JSONBody[RawRequest],
+    idempotency_key: Annotated[str | None, IdempotencyKey] = None,
+) -> Response[SendResponse]:
+    ctx = context(request)
+    tenant = _tenant(request, data.tenant)
+    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
+    async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
+        if remembered.response is not None:
+            return Response(remembered.response, status_code=202)
+        sender = _envelope_address("from", data.from_) if data.from_ else ""
+        recipients = [_envelope_address(f"to[{i}]", r) for i, r in enumerate(data.to)]
+        body, _ = take_epoxi_headers(_crlf(data.content))
+        if len(body) > ctx.settings.smtp.max_message_size:
+            raise ClientException(
+                f"message is {len(body)} octets; the limit is {ctx.settings.smtp.max_message_size}",
+                status_code=413,
+            )
+        if b"\r\n\r\n" not in body and b":" not in body.split(b"\r\n", 1)[0]:
+            raise ComposeError("content", "expected an RFC 5322 message: header fields first")
+        meta = MessageMeta(
+            id=new_message_id(),
+            sender=sender,
+            recipients=recipients,
+            size=len(body),
+            smtputf8=not (sender.isascii() and all(r.isascii() for r in recipients)),
+            body_8bit=not body.isascii(),
+            **_meta_fields(request, data.send_at, tenant, data.campaign),
+            metadata=dict(data.metadata),
+        )
+        await ctx.inject_many([(meta, body)])
+        response = SendResponse(
+            count=len(recipients), messages=[Queued(meta.id, r) for r in recipients]
+        )
+        remembered.response = response
+        return Response(response, status_code=202)
+
+
+@get(
+    "/messages/{message_id:str}",
+    opt={"scope": Scope.READ},
+    responses=problem_responses(401, 403, 404),
+    summary="A message's state and history",
+    tags=["messages"],
+)
+async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> MessageStatus:
+    ctx = context(request)
+    found = await ctx.status.message(message_id)
+    key = api_key(request)
+    if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
+        raise NotFoundException(f"no message {message_id!r}")
+    return found
+
+
+# --------------------------------------------------------------------- helpers
+
+
+class _Remembered:
+    def __init__(self) -> None:
+        self.response: SendResponse | None = None
+
+
+class _idempotent:
+    """Returns the first response for a repeated key; saves the response of a new one."""
+
+    def __init__(self, ctx: ApiContext, tenant: str, key: str | None, fingerprint: str) -> None:
+        self.ctx, self.tenant, self.key, self.fingerprint = ctx, tenant, key, fingerprint
+        self.remembered = _Remembered()
+
+    async def __aenter__(self) -> _Remembered:
+        if self.key is None:
+            return self.remembered
+        slot = (self.tenant, self.key)
+        if slot in self.ctx.idempotency_in_flight:
+            raise HTTPException(
+                "a request with this Idempotency-Key is still being processed", status_code=409
+            )
+        ttl = self.ctx.settings.api.idempotency_ttl
+        saved = await self.ctx.status.idempotent_response(self.tenant, self.key, ttl)
+        if saved is not None:
+            fingerprint, raw = saved
+            if fingerprint != self.fingerprint:
+                raise HTTPException(
+                    "this Idempotency-Key was used with a different request", status_code=409
+                )
+            first = msgspec.json.decode(raw, type=SendResponse)
+            first.idempotency_reused = True
+            self.remembered.response = first
+            self.key = None  # nothing to save on the way out
+            return self.remembered
+        self.ctx.idempotency_in_flight.add(slot)
+        return self.remembered
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self.key is None:
+            return
+        slot = (self.tenant, self.key)
+        try:
+            if exc_type is None and self.remembered.response is not None:
+                await self.ctx.status.save_idempotent_response(
+                    self.tenant,
+                    self.key,
+                    self.fingerprint,
+                    msgspec.json.encode(self.remembered.response),
+                )
+        finally:
+            self.ctx.idempotency_in_flight.discard(slot)
+
+
+def _tenant(request: Request[Any, Any, Any], asked: str | None) -> str:
+    key = api_key(request)
+    if key is not None and key.tenant:
+        if asked and asked != key.tenant:
+            raise PermissionDeniedException(f"this API key sends for tenant {key.tenant!r} only")
+        return key.tenant
+    return asked or ""
+
+
+def _draft(data: SendRequest) -> Draft:
+    message = data.message
+    attachments = []
+    for index, item in enumerate(message.attachments):
+        try:
+            content = base64.b64decode(item.content, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ComposeError(f"message.attachments[{index}].content", "not valid base64") from exc
+        attachments.append(Attachment(item.filename, item.content_type, content))
+    return Draft(
+        sender=message.from_,
+        to=message.to,
+        cc=message.cc,
+        bcc=message.bcc,
+        reply_to=message.reply_to,
+        subject=message.subject,
+        text=message.text,
+        html=message.html,
+        headers=message.headers,
+        attachments=attachments,
+        data=message.data,
+    )
+
+
+async def _render_all(composer: Composer) -> list[Rendered]:
+    """Every recipient's message, before anything is spooled (an error queues nothing)."""
+    rendered = []
+    for index, (address, to_header) in enumerate(composer.recipients, 1):
+        rendered.append(composer.render(address, to_header))
+        if index % RENDER_CHUNK == 0:
+            await asyncio.sleep(0)  # let SMTP sessions and other requests run
+    return rendered
+
+
+async def _spool(
+    ctx: ApiContext, sender: str, rendered: list[Rendered], base: dict[str, Any]
+) -> list[Queued]:
+    """Commit the messages to the spool in groups; returns once all are durable."""
+    queued: list[Queued] = []
+    batch = ctx.settings.api.spool_batch
+    for start in range(0, len(rendered), batch):
+        items = []
+        for message in rendered[start : start + batch]:
+            meta = MessageMeta(
+                id=new_message_id(),
+                sender=sender,
+                recipients=[message.recipient],
+                size=len(message.body),
+                smtputf8=message.smtputf8,
+                body_8bit=not message.body.isascii(),
+                **base,
+            )
+            items.append((meta, message.body))
+        await ctx.inject_many(items)
+        queued += [Queued(meta.id, meta.recipients[0]) for meta, _ in items]
+    return queued
+
+
+def _meta_fields(
+    request: Request[Any, Any, Any], send_at: datetime | None, tenant: str, campaign: str | None
+) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "received_at": now,
+        "origin": "http",
+        "peer": request.client.host if request.client else "",
+        "tenant": tenant,
+        "campaign": campaign or "",
+        "due": _due(send_at, now),
+    }
+
+
+def _due(send_at: datetime | None, now: float) -> float:
+    if send_at is None:
+        return 0.0
+    if send_at.tzinfo is None:
+        send_at = send_at.replace(tzinfo=UTC)  # a time without a zone is UTC
+    due = send_at.timestamp()
+    return due if due > now else 0.0
+
+
+def _metadata(
+    metadata: dict[str, str], tags: list[str], ip_pool: str | None, ctx: ApiContext
+) -> dict[str, str]:
+    result = dict(metadata)
+    if tags:
+        result["tags"] = ",".join(tags)
+    if ip_pool:
+        known = {source.name for source in ctx.settings.delivery.sources} | {"default"}
+        if ip_pool not in known:
+            raise ComposeError("ip_pool", f"unknown ip_pool {ip_pool!r}; known: {sorted(known)}")
+        result["ip_pool"] = ip_pool
+    return result
+
+
+def _envelope_address(where: str, address: str) -> str:
+    if any(c in address for c in "\r\n\x00<> ") or not address.isprintable():
+        raise ComposeError(where, f"not a valid envelope address: {address!r}")
+    try:
+        parse_mailbox(address)
+    except CommandError as exc:
+        raise ComposeError(where, f"not a valid envelope address: {address!r}") from exc
+    return address
+
+
+def _crlf(text: str) -> bytes:
+    """The content with every line ending as CRLF, ending in one."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return ("\r\n".join(lines) + "\r\n").encode()

@@ -1,0 +1,116 @@
+"""``GET /metrics``: Prometheus text, every metric described, every label bounded.
+
+Counters follow the records (a record-log subscriber: one dict lookup and an increment);
+gauges are read from the queues when scraped. No label carries a message, a domain or a
+site: those are unbounded, and ``/admin/pipelines`` is where per-queue figures live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from epoxi.delivery.engine import DeliveryEngine
+from epoxi.events.records import Record, RecordType
+from epoxi.queue.scheduled import Scheduler
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        engine: DeliveryEngine,
+        spool_pending: Callable[[], int],
+        smtp_sessions: Callable[[], int],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        records = Counter(
+            "epoxi_records",
+            "State changes of messages, by record type (Reception, Delivery, Bounce ...)",
+            ["type"],
+            registry=self.registry,
+        )
+        self._by_type = {kind: records.labels(kind.value) for kind in RecordType}
+        self._failures = Counter(
+            "epoxi_failures",
+            "Failed delivery attempts by bounce category and whether they were permanent",
+            ["classification", "permanent"],
+            registry=self.registry,
+        )
+        self.registry.register(_QueueGauges(scheduler, engine, spool_pending, smtp_sessions))
+
+    def feed(self, record: Record) -> None:
+        self._by_type[record.type].inc()
+        if record.classification and record.type in (
+            RecordType.BOUNCE,
+            RecordType.TRANSIENT_FAILURE,
+        ):
+            permanent = "true" if record.type is RecordType.BOUNCE else "false"
+            self._failures.labels(record.classification, permanent).inc()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _QueueGauges(Collector):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        engine: DeliveryEngine,
+        spool_pending: Callable[[], int],
+        smtp_sessions: Callable[[], int],
+    ) -> None:
+        self.scheduler = scheduler
+        self.engine = engine
+        self.spool_pending = spool_pending
+        self.smtp_sessions = smtp_sessions
+
+    def collect(self) -> Iterator[Metric]:
+        queues = list(self.scheduler.queues.values())
+        ready = list(self.engine.ready.values())
+        gauge = GaugeMetricFamily
+        yield gauge(
+            "epoxi_scheduled_messages",
+            "Jobs waiting for their due time",
+            value=sum(q.scheduled for q in queues),
+        )
+        yield gauge(
+            "epoxi_held_messages",
+            "Jobs due but held by a suspension",
+            value=sum(len(q.held) for q in queues),
+        )
+        yield gauge(
+            "epoxi_ready_messages",
+            "Jobs in ready queues, waiting for a connection",
+            value=sum(len(r) for r in ready),
+        )
+        yield gauge(
+            "epoxi_scheduled_queues",
+            "Scheduled queues that hold jobs",
+            value=sum(1 for q in queues if q.scheduled or q.held),
+        )
+        yield gauge("epoxi_ready_queues", "Ready queues (egress source, site)", value=len(ready))
+        yield gauge(
+            "epoxi_outbound_connections",
+            "Open delivery connections",
+            value=sum(r.connections for r in ready),
+        )
+        yield gauge(
+            "epoxi_suspended_ready_queues",
+            "Ready queues suspended by an operator",
+            value=sum(1 for r in ready if r.suspension),
+        )
+        yield gauge(
+            "epoxi_spool_pending_writes",
+            "Spool writes waiting for their commit",
+            value=self.spool_pending(),
+        )
+        yield gauge("epoxi_smtp_sessions", "Open inbound SMTP sessions", value=self.smtp_sessions())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

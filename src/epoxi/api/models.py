@@ -1,0 +1,152 @@
+"""Request and response bodies of the HTTP API (msgspec structs: they are the schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from epoxi.admin import SuspendTarget
+
+Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
+Short = Annotated[str, Meta(max_length=200)]
+
+
+class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A request body: an unknown field is an error, not ignored."""
+
+
+class AttachmentIn(Strict):
+    filename: Annotated[str, Meta(min_length=1, max_length=255)]
+    content: Annotated[str, Meta(description="the file, base64-encoded")]
+    content_type: Annotated[str, Meta(max_length=255)] = "application/octet-stream"
+
+
+class MessageIn(Strict):
+    from_: Address = msgspec.field(name="from")
+    to: Annotated[list[Address], Meta(max_length=100_000)] = msgspec.field(default_factory=list)
+    cc: Annotated[list[Address], Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    bcc: Annotated[list[Address], Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    reply_to: Address | None = None
+    subject: Annotated[str, Meta(max_length=998, description="a Jinja2 template")] = ""
+    text: Annotated[str | None, Meta(description="a Jinja2 template")] = None
+    html: Annotated[str | None, Meta(description="a Jinja2 template; values are escaped")] = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    attachments: list[AttachmentIn] = msgspec.field(default_factory=list)
+    data: Annotated[
+        dict[str, dict[str, Any]],
+        Meta(description="template variables per recipient address"),
+    ] = msgspec.field(default_factory=dict)
+
+
+class SendRequest(Strict):
+    """One message per recipient (to, cc and bcc), each rendered with its own ``data``."""
+
+    message: MessageIn
+    ip_pool: Short | None = None
+    tenant: Short | None = None
+    campaign: Short | None = None
+    tags: Annotated[list[Short], Meta(max_length=20)] = msgspec.field(default_factory=list)
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    send_at: datetime | None = None
+
+
+class RawRequest(Strict):
+    """An RFC 5322 message and its envelope; one message for all recipients, as over SMTP."""
+
+    from_: Annotated[str, Meta(max_length=998, description='envelope sender; "" for <>')] = (
+        msgspec.field(name="from")
+    )
+    to: Annotated[list[Address], Meta(min_length=1, max_length=10_000)]
+    content: Annotated[str, Meta(min_length=1, description="the message, headers and body")]
+    tenant: Short | None = None
+    campaign: Short | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    send_at: datetime | None = None
+
+
+class Queued(msgspec.Struct):
+    id: str
+    recipient: str
+
+
+class SendResponse(msgspec.Struct, kw_only=True):
+    count: int
+    messages: list[Queued]
+    idempotency_reused: bool = False
+
+
+class SuspendRequest(Strict):
+    """Exactly one of the targets; ``duration`` in seconds (none: until resumed)."""
+
+    domain: Short | None = None
+    site: Annotated[str, Meta(max_length=4000)] | None = None
+    tenant: Short | None = None
+    campaign: Short | None = None
+    queue: Short | None = None
+    reason: Short = ""
+    duration: Annotated[float, Meta(gt=0, le=365 * 86400)] | None = None
+
+    def target(self) -> tuple[SuspendTarget, str] | None:
+        given = [
+            (name, value)
+            for name, value in (
+                ("domain", self.domain),
+                ("site", self.site),
+                ("tenant", self.tenant),
+                ("campaign", self.campaign),
+                ("queue", self.queue),
+            )
+            if value
+        ]
+        return given[0] if len(given) == 1 else None  # type: ignore[return-value]
+
+
+class SuspendResponse(msgspec.Struct, kw_only=True):
+    target: SuspendTarget
+    value: str
+    reason: str
+    until: float | None
+    ready_queues: int
+
+
+class ResumeResponse(msgspec.Struct, kw_only=True):
+    target: SuspendTarget
+    value: str
+    released: int
+
+
+class SelectorIn(Strict):
+    domain: Short | None = None
+    site: Annotated[str, Meta(max_length=4000)] | None = None
+    tenant: Short | None = None
+    campaign: Short | None = None
+    queue: Short | None = None
+    id: Short | None = None
+    reason: Short = ""
+
+
+class BounceResponse(msgspec.Struct, kw_only=True):
+    bounced: int  # recipients removed
+
+
+class RetryResponse(msgspec.Struct, kw_only=True):
+    retried: int  # jobs made due now
+
+
+class ReadyStatus(msgspec.Struct, kw_only=True):
+    status: str
+    checks: dict[str, str]
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = ""
+    instance: str = ""
+    errors: list[dict[str, str]] = msgspec.field(default_factory=list)

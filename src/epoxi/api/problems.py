@@ -1,0 +1,117 @@
+"""Every error the API returns is RFC 9457 problem details saying what was wrong and where."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import ExceptionHandlersMap
+
+from epoxi.api.compose import ComposeError
+from epoxi.api.models import Problem
+from epoxi.errors import SpoolUnavailable
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER = 30  # seconds a client should wait when the spool cannot take more
+
+
+def problem(
+    request: Request[Any, Any, Any],
+    status: int,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[Problem]:
+    body = Problem(
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        errors=errors or [],
+    )
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    if isinstance(exc, ValidationException):
+        return _on_validation(request, exc)
+    headers = dict(exc.headers or {})
+    return problem(request, exc.status_code, str(exc.detail), headers=headers)
+
+
+def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
+    """Unparseable JSON is 400; JSON that does not fit the schema is 422, naming the field."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    errors = [
+        {"field": _field(item.get("key")), "message": str(item.get("message", ""))}
+        for item in extra
+        if isinstance(item, dict)
+    ]
+    malformed = "malformed" in str(exc.detail).lower() or any(
+        "malformed" in e["message"].lower() for e in errors
+    )
+    status = 400 if malformed else 422
+    detail = errors[0]["message"] if errors else str(exc.detail)
+    if errors and errors[0]["field"] and errors[0]["field"] not in detail:
+        detail = f"{errors[0]['field']}: {detail}"
+    return problem(request, status, detail, errors=errors)
+
+
+def _field(key: Any) -> str:
+    """Litestar names body fields ``$.message.to[0]``; callers see ``message.to[0]``."""
+    text = str(key or "")
+    return text[2:] if text.startswith("$.") else text.lstrip("$")
+
+
+def _on_compose_error(request: Request[Any, Any, Any], exc: ComposeError) -> Response[Problem]:
+    error = {"field": exc.field, "message": str(exc)}
+    if exc.recipient is not None:
+        error["recipient"] = exc.recipient
+    return problem(request, 422, f"{exc.field}: {exc}", errors=[error])
+
+
+def _on_spool_unavailable(
+    request: Request[Any, Any, Any], exc: SpoolUnavailable
+) -> Response[Problem]:
+    return problem(
+        request,
+        503,
+        f"the spool cannot take more mail now ({exc}); retry later",
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return problem(request, 500, "internal error; the server log has the details")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    HTTPException: _on_http_exception,
+    ComposeError: _on_compose_error,
+    SpoolUnavailable: _on_spool_unavailable,
+    Exception: _on_unexpected,
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem responses a route may give."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=HTTPStatus(status).phrase,
+            media_type=PROBLEM_JSON,
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
+
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "MediaType", "problem", "problem_responses"]

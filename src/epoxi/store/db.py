@@ -1,0 +1,98 @@
+"""The store database: one SQLite file in the data dir, its schema versioned and migrated.
+
+``PRAGMA user_version`` holds the schema version; :func:`connect` applies every step above
+it, in one transaction each, so a store written by an older Epoxi opens in a newer one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_STEPS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL DEFAULT '',
+            campaign TEXT NOT NULL DEFAULT '',
+            sender TEXT NOT NULL DEFAULT '',
+            origin TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL DEFAULT 0,
+            received_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE recipients (
+            message_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_response TEXT NOT NULL DEFAULT '',
+            next_attempt REAL NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (message_id, recipient)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            message_id TEXT NOT NULL,
+            record BLOB NOT NULL
+        )""",
+        "CREATE INDEX events_by_message ON events (message_id, seq)",
+        "CREATE INDEX messages_by_update ON messages (updated_at)",
+        """CREATE TABLE idempotency (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            response BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, key)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            secret_hash BLOB NOT NULL,
+            scopes TEXT NOT NULL,
+            tenant TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )""",
+    ],
+}
+
+
+def store_path(data_dir: Path) -> Path:
+    return data_dir / "store.db"
+
+
+def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the store at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=10.0, check_same_thread=check_same_thread
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # history, not mail: the spool holds the mail
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"store schema {version} is newer than this Epoxi knows ({SCHEMA_VERSION})"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current < step:  # another process may have migrated meanwhile
+                for sql in _STEPS[step]:
+                    conn.execute(sql)
+                conn.execute(f"PRAGMA user_version={step}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,328 @@
+"""Message status and history, built from the delivery records off the hot path.
+
+``feed`` (a record-log subscriber) only appends to a list; every ``flush_interval`` the batch
+is written in one transaction by the store's own thread, which also serves every read, so
+SQLite is never touched on the event loop. ``message`` flushes first: a client reads what
+it has just been told was queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from epoxi.events.records import Record, RecordType, decode_record, encode_record
+from epoxi.store.db import connect
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"  # send_at in the future
+    DEFERRED = "deferred"  # a transient failure; will be retried
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    SUPPRESSED = "suppressed"
+
+
+_PENDING = (State.DEFERRED, State.QUEUED, State.SCHEDULED)  # most telling first
+_OUTCOME_STATE = {
+    RecordType.DELIVERY: State.DELIVERED,
+    RecordType.TRANSIENT_FAILURE: State.DEFERRED,
+    RecordType.BOUNCE: State.BOUNCED,
+    RecordType.ADMIN_BOUNCE: State.BOUNCED,
+    RecordType.EXPIRATION: State.EXPIRED,
+}
+
+
+class RecipientStatus(msgspec.Struct, kw_only=True):
+    recipient: str
+    state: State
+    attempts: int
+    last_response: str
+    next_attempt: float | None
+
+
+class MessageStatus(msgspec.Struct, kw_only=True):
+    id: str
+    state: State
+    tenant: str
+    campaign: str
+    sender: str
+    origin: str
+    size: int
+    received_at: float
+    updated_at: float
+    attempts: int
+    last_response: str
+    recipients: list[RecipientStatus]
+    events: list[Record]
+
+
+def overall_state(states: list[State]) -> State:
+    """One state for a message from its recipients' (pending ones win)."""
+    for state in _PENDING:
+        if state in states:
+            return state
+    if states and all(s is State.DELIVERED for s in states):
+        return State.DELIVERED
+    for state in (State.BOUNCED, State.EXPIRED, State.SUPPRESSED):
+        if state in states:
+            return state
+    return State.QUEUED
+
+
+class StatusStore:
+    """Status and history per message, and idempotency keys, in the store database."""
+
+    def __init__(self, path: Path, *, flush_interval: float = 0.25) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self._pending: list[Record] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoxi-store")
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        self._conn = await self._call(lambda: connect(self.path, check_same_thread=False))
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        if self._conn is not None:
+            await self._call(self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except sqlite3.Error:
+                log.exception("store %s: could not write records; will retry", self.path)
+
+    # ----------------------------------------------------------------- records in
+
+    def feed(self, record: Record) -> None:
+        """A record-log subscriber: cheap, the write comes later."""
+        self._pending.append(record)
+
+    async def flush(self) -> None:
+        if self._pending and self._conn is not None:
+            batch, self._pending = self._pending, []
+            conn = self._conn
+            try:
+                await self._call(lambda: _apply(conn, batch))
+            except BaseException:
+                self._pending[:0] = batch
+                raise
+
+    # ----------------------------------------------------------------- reads
+
+    async def message(self, message_id: str) -> MessageStatus | None:
+        await self.flush()
+        conn = self._require()
+        return await self._call(lambda: _read_message(conn, message_id))
+
+    # ----------------------------------------------------------------- idempotency
+
+    async def idempotent_response(
+        self, tenant: str, key: str, ttl: float
+    ) -> tuple[str, bytes] | None:
+        """(fingerprint, response) saved for ``key`` within ``ttl`` seconds, or None."""
+        conn = self._require()
+        since = time.time() - ttl
+
+        def read() -> tuple[str, bytes] | None:
+            row = conn.execute(
+                "SELECT fingerprint, response FROM idempotency "
+                "WHERE tenant = ? AND key = ? AND created_at >= ?",
+                (tenant, key, since),
+            ).fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._call(read)
+
+    async def save_idempotent_response(
+        self, tenant: str, key: str, fingerprint: str, response: bytes
+    ) -> None:
+        conn = self._require()
+        now = time.time()
+
+        def write() -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                (tenant, key, fingerprint, response, now),
+            )
+
+        await self._call(write)
+
+    async def purge(self, idempotency_ttl: float, history_ttl: float) -> None:
+        """Forget idempotency keys and finished message histories older than their TTLs."""
+        conn = self._require()
+        now = time.time()
+        await self._call(lambda: _purge(conn, now - idempotency_ttl, now - history_ttl))
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the status store is not started")
+        return self._conn
+
+
+# --------------------------------------------------------------------- in the store's thread
+
+
+def _apply(conn: sqlite3.Connection, batch: list[Record]) -> None:
+    conn.execute("BEGIN")
+    try:
+        for record in batch:
+            _apply_one(conn, record)
+        conn.executemany(
+            "INSERT INTO events (message_id, record) VALUES (?, ?)",
+            [(r.message_id, encode_record(r)) for r in batch],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _apply_one(conn: sqlite3.Connection, record: Record) -> None:
+    if record.type is RecordType.RECEPTION:
+        state = State.SCHEDULED if record.next_attempt > record.timestamp else State.QUEUED
+        conn.execute(
+            "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.message_id,
+                record.tenant,
+                record.campaign,
+                record.sender,
+                record.reason,
+                record.size,
+                record.timestamp,
+                record.timestamp,
+            ),
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO recipients (message_id, recipient, state, next_attempt,"
+            " updated_at) VALUES (?, ?, ?, ?, ?)",
+            [
+                (record.message_id, r, state.value, record.next_attempt, record.timestamp)
+                for r in record.recipients
+            ],
+        )
+        return
+    outcome = _OUTCOME_STATE.get(record.type)
+    if outcome is None:
+        return  # Suspended and the like: history only
+    conn.execute(
+        "UPDATE recipients SET state = ?, attempts = MAX(attempts, ?), last_response = ?,"
+        " next_attempt = ?, updated_at = ? WHERE message_id = ? AND recipient = ?",
+        (
+            outcome.value,
+            record.attempt,
+            _response_text(record),
+            record.next_attempt,
+            record.timestamp,
+            record.message_id,
+            record.recipient,
+        ),
+    )
+    conn.execute(
+        "UPDATE messages SET updated_at = ? WHERE id = ?", (record.timestamp, record.message_id)
+    )
+
+
+def _response_text(record: Record) -> str:
+    response = record.response
+    if response is None:
+        return record.reason
+    return " ".join(str(part) for part in (response.code, response.enhanced, response.text) if part)
+
+
+def _read_message(conn: sqlite3.Connection, message_id: str) -> MessageStatus | None:
+    row = conn.execute(
+        "SELECT id, tenant, campaign, sender, origin, size, received_at, updated_at"
+        " FROM messages WHERE id = ?",
+        (message_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    recipients = [
+        RecipientStatus(
+            recipient=r[0],
+            state=State(r[1]),
+            attempts=r[2],
+            last_response=r[3],
+            next_attempt=r[4] or None,
+        )
+        for r in conn.execute(
+            "SELECT recipient, state, attempts, last_response, next_attempt FROM recipients"
+            " WHERE message_id = ? ORDER BY recipient",
+            (message_id,),
+        )
+    ]
+    events = [
+        decode_record(r[0])
+        for r in conn.execute(
+            "SELECT record FROM events WHERE message_id = ? ORDER BY seq", (message_id,)
+        )
+    ]
+    latest = max(recipients, key=lambda r: r.attempts, default=None)
+    return MessageStatus(
+        id=row[0],
+        state=overall_state([r.state for r in recipients]),
+        tenant=row[1],
+        campaign=row[2],
+        sender=row[3],
+        origin=row[4],
+        size=row[5],
+        received_at=row[6],
+        updated_at=row[7],
+        attempts=latest.attempts if latest else 0,
+        last_response=next((e.last_response for e in recipients if e.last_response), ""),
+        recipients=recipients,
+        events=events,
+    )
+
+
+def _purge(conn: sqlite3.Connection, idempotent_before: float, history_before: float) -> None:
+    conn.execute("BEGIN")
+    try:
+        conn.execute("DELETE FROM idempotency WHERE created_at < ?", (idempotent_before,))
+        finished = (
+            "SELECT id FROM messages WHERE updated_at < ? AND NOT EXISTS (SELECT 1 FROM"
+            " recipients WHERE message_id = messages.id AND state IN (?, ?, ?))"
+        )
+        pending = tuple(s.value for s in _PENDING)
+        args: tuple[Any, ...] = (history_before, *pending)
+        conn.execute(f"DELETE FROM events WHERE message_id IN ({finished})", args)
+        conn.execute(f"DELETE FROM recipients WHERE message_id IN ({finished})", args)
+        conn.execute(f"DELETE FROM messages WHERE id IN ({finished})", args)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
