@@ -15,7 +15,7 @@ from epoxi.api.auth import authorize
 from epoxi.api.context import ApiContext, context
 from epoxi.api.messages import send, send_raw, status
 from epoxi.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from epoxi.api.models import ReadyStatus
+from epoxi.api.models import ReadyStatus, Strict
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.store.keys import Scope
 
@@ -27,12 +27,17 @@ While no key exists, only loopback clients are served. Errors are RFC 9457 probl
 """
 
 
-@get("/ping", media_type=MediaType.TEXT, tags=["health"], summary="Answers pong")
+@get("/ping", media_type=MediaType.TEXT, tags=["health"], security=[{}], summary="Answers pong")
 async def ping() -> str:
     return "pong"
 
 
-@get("/health/live", tags=["health"], summary="The process is up and its event loop turns")
+@get(
+    "/health/live",
+    tags=["health"],
+    security=[{}],
+    summary="The process is up and its event loop turns",
+)
 async def live() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -40,6 +45,7 @@ async def live() -> dict[str, str]:
 @get(
     "/health/ready",
     tags=["health"],
+    security=[{}],
     responses=problem_responses(503),
     summary="Ready to take mail: spool writable, listeners up",
 )
@@ -65,7 +71,7 @@ async def metrics(request: Request[Any, Any, Any]) -> bytes:
 
 
 def build_app(ctx: ApiContext) -> Litestar:
-    return Litestar(
+    app = Litestar(
         route_handlers=[ping, live, ready, metrics, send, send_raw, status, admin_router],
         guards=[authorize],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -80,10 +86,26 @@ def build_app(ctx: ApiContext) -> Litestar:
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
             ),
-            security=[{"bearer": []}],
+            # a key, or none at all: loopback clients need none while no key exists
+            security=[{"bearer": []}, {}],
         ),
         debug=False,
     )
+    _forbid_unknown_fields(app)
+    return app
+
+
+def _forbid_unknown_fields(app: Litestar) -> None:
+    """Request bodies refuse unknown fields; say so in the schema (Litestar does not)."""
+    strict = {cls.__name__ for cls in _subclasses(Strict)}
+    components = app.openapi_schema.components
+    for name, schema in (components.schemas or {}).items():
+        if name in strict:
+            schema.additional_properties = False
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _state(ctx: ApiContext) -> Any:

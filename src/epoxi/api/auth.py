@@ -21,6 +21,10 @@ async def authorize(
     """The app-wide guard; a route names the scope it needs in ``opt["scope"]``."""
     keys = context(connection).keys
     scope: Scope | None = handler.opt.get("scope")
+    if scope is None:  # health, ping and the API docs: open, unless only loopback is served
+        if not keys.any_active():
+            _require_loopback(connection)
+        return
     token = _bearer(connection.headers.get("authorization"))
     if token is not None:
         key = keys.authenticate(token)
@@ -28,19 +32,21 @@ async def authorize(
             raise NotAuthorizedException(
                 "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
             )
-        if scope is not None and not key.allows(scope):
+        if not key.allows(scope):
             raise PermissionDeniedException(f"this API key lacks the {scope.value!r} scope")
         if scope is Scope.ADMIN and key.tenant:
             raise PermissionDeniedException("a tenant's key cannot administer the queues")
         connection.state[STATE_KEY] = key
         return
     if keys.any_active():
-        if scope is None:
-            return  # health, ping and the API docs stay open
         raise NotAuthorizedException(
             "send an API key: Authorization: Bearer epx_...",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    _require_loopback(connection)
+
+
+def _require_loopback(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     host = connection.client.host if connection.client else ""
     if not _is_loopback(host):
         raise PermissionDeniedException(
