@@ -49,6 +49,12 @@ class KeyStore:
     def close(self) -> None:
         self._conn.close()
 
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def create(self, name: str, scopes: set[Scope], tenant: str = "") -> tuple[ApiKey, str]:
         """A new key and its secret text (shown once, never stored)."""
         if not scopes:

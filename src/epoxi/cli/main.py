@@ -1,4 +1,4 @@
-"""The ``epoxi`` command."""
+"""The ``epoxi`` command: its groups and the server-side commands."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import contextlib
 import getpass
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvloop
 
 from epoxi import __version__
-from epoxi.config import Settings, load_settings
-from epoxi.errors import ConfigError
+from epoxi.cli.common import ConfigOption, load
+from epoxi.cli.keys import keys_app
+from epoxi.cli.remote import queue_app, send, status
 
 app = typer.Typer(
     help="Epoxi, a Mail Transfer Agent.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -24,25 +24,10 @@ config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True
 users_app = typer.Typer(help="Manage SMTP AUTH users.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (see examples/epoxi.toml).",
-        exists=False,
-        dir_okay=False,
-    ),
-]
-
-
-def _load(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        typer.echo(f"epoxi: {exc}", err=True)
-        raise typer.Exit(2) from exc
+app.add_typer(keys_app, name="keys")
+app.add_typer(queue_app, name="queue")
+app.command()(send)
+app.command()(status)
 
 
 def _configure_logging(level: str) -> None:
@@ -61,7 +46,7 @@ def serve(config: ConfigOption = None) -> None:
     """
     from epoxi.app import Epoxi
 
-    settings = _load(config)
+    settings = load(config)
     _configure_logging(settings.log_level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(Epoxi(settings).run())
@@ -70,7 +55,7 @@ def serve(config: ConfigOption = None) -> None:
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file (and the EPOXI_* environment) without starting."""
-    settings = _load(config)
+    settings = load(config)
     listeners = ", ".join(f"{lst.address} ({lst.tls})" for lst in settings.smtp.listeners)
     typer.echo(
         f"configuration OK: hostname {settings.hostname}, SMTP on {listeners}, "
@@ -148,4 +133,4 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    app(prog_name="epoxi")

@@ -1,0 +1,581 @@
+"""Commands that talk to a running Epoxi over its HTTP API: send, status, queue."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import email.policy
+import email.utils
+import json
+import mimetypes
+import sys
+from collections.abc import Iterator
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
+from epoxi.config import parse_duration
+
+console = Console()
+
+Url = Annotated[
+    str,
+    typer.Option("--url", envvar="EPOXI_URL", help="Base URL of Epoxi's HTTP API."),
+]
+Key = Annotated[
+    str | None,
+    typer.Option("--key", envvar="EPOXI_API_KEY", help="API key (epx_...); none on loopback."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+
+queue_app = typer.Typer(
+    help="Inspect and steer the queues (like postqueue, postsuper and qshape).",
+    no_args_is_help=True,
+)
+
+
+def _client(url: str, key: str | None) -> ApiClient:
+    return ApiClient(url, key)
+
+
+def _fail(exc: ApiCallError) -> typer.Exit:
+    typer.echo(f"epoxi: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------- send
+
+
+def send(
+    sender: Annotated[str, typer.Option("--from", help="Sender: addr or 'Name <addr>'.")] = "",
+    to: Annotated[list[str] | None, typer.Option("--to", help="Recipient (repeatable).")] = None,
+    cc: Annotated[list[str] | None, typer.Option("--cc", help="Cc recipient (repeatable).")] = None,
+    bcc: Annotated[list[str] | None, typer.Option(help="Bcc recipient (repeatable).")] = None,
+    subject: Annotated[str, typer.Option(help="Subject (a Jinja2 template).")] = "",
+    text: Annotated[str | None, typer.Option(help="Plain-text body (a template).")] = None,
+    html: Annotated[str | None, typer.Option(help="HTML body (a template).")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="Read the text body from a file.")] = None,
+    html_file: Annotated[Path | None, typer.Option(help="Read the HTML body from a file.")] = None,
+    attach: Annotated[list[Path] | None, typer.Option(help="Attach a file (repeatable).")] = None,
+    header: Annotated[
+        list[str] | None, typer.Option(help="Extra header 'Name: value' (repeatable).")
+    ] = None,
+    eml: Annotated[
+        Path | None,
+        typer.Option(
+            help="Send this RFC 5322 file as it is; envelope from --from/--to or its headers."
+        ),
+    ] = None,
+    recipients: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of recipients: an 'email' column, other columns become template variables."
+        ),
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Recipients per request with --recipients.")] = 1000,
+    tenant: Annotated[str | None, typer.Option(help="Tenant the mail is sent for.")] = None,
+    campaign: Annotated[str | None, typer.Option(help="Campaign name.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable).")] = None,
+    send_at: Annotated[
+        str | None, typer.Option(help="Send later: ISO 8601 time, e.g. 2026-12-01T09:00:00Z.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retrying with the same key sends nothing twice.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Send a message to each recipient, or an .eml file as it is.
+
+    Examples:
+
+      epoxi send --from me@example.com --to you@example.net --subject Hi --text "Hello"
+
+      epoxi send --from me@example.com --recipients list.csv --subject "Hi {{ name }}"
+      --text-file body.txt
+
+      epoxi send --eml message.eml
+    """
+    given = {"tenant": tenant, "campaign": campaign, "send_at": send_at}
+    extra: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    try:
+        with _client(url, key) as client:
+            if eml is not None:
+                result = _send_eml(client, eml, sender, to or [], extra, idempotency_key)
+            else:
+                message = {
+                    "from": sender,
+                    "to": to or [],
+                    "cc": cc or [],
+                    "bcc": bcc or [],
+                    "subject": subject,
+                    "text": text_file.read_text() if text_file else text,
+                    "html": html_file.read_text() if html_file else html,
+                    "headers": _headers(header or []),
+                    "attachments": [_attachment(path) for path in attach or []],
+                }
+                if not sender:
+                    raise typer.BadParameter("--from is required", param_hint="--from")
+                if tag:
+                    extra["tags"] = tag
+                if recipients is not None:
+                    result = _send_csv(client, message, recipients, batch, extra, idempotency_key)
+                else:
+                    result = client.send({"message": message, **extra}, idempotency_key)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("id", "recipient", title=f"{result['count']} messages queued")
+    for item in result["messages"][:50]:
+        table.add_row(item["id"], item["recipient"])
+    console.print(table)
+    if result["count"] > 50:
+        console.print(f"... and {result['count'] - 50} more (use --json for all)")
+
+
+def _send_eml(
+    client: ApiClient,
+    path: Path,
+    sender: str,
+    to: list[str],
+    extra: dict[str, Any],
+    idempotency_key: str | None,
+) -> Any:
+    content = path.read_bytes()
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(content)
+    if not sender:
+        sender = email.utils.parseaddr(headers.get("From", ""))[1]
+    if not to:
+        fields = headers.get_all("To", []) + headers.get_all("Cc", [])
+        to = [addr for _, addr in email.utils.getaddresses(fields) if addr]
+    if not to:
+        raise typer.BadParameter("no recipients: give --to or a To header", param_hint="--to")
+    request = {"from": sender, "to": to, "content": content.decode("utf-8", "replace"), **extra}
+    return client.send_raw(request, idempotency_key)
+
+
+def _send_csv(
+    client: ApiClient,
+    message: dict[str, Any],
+    path: Path,
+    batch: int,
+    extra: dict[str, Any],
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    rows = list(_csv_rows(path))
+    queued: list[dict[str, str]] = []
+    with Progress(
+        TextColumn("[bold]sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("send", total=len(rows))
+        for number, start in enumerate(range(0, len(rows), batch)):
+            chunk = rows[start : start + batch]
+            request = {
+                "message": {
+                    **message,
+                    "to": [address for address, _ in chunk],
+                    "data": dict(chunk),
+                },
+                **extra,
+            }
+            key = f"{idempotency_key}-{number}" if idempotency_key else None
+            queued += client.send(request, key)["messages"]
+            progress.advance(task, len(chunk))
+    return {"count": len(queued), "messages": queued}
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        column = next((c for c in fields if c.strip().lower() in ("email", "address")), None)
+        if column is None:
+            raise typer.BadParameter(
+                f"{path} needs an 'email' column (has: {', '.join(fields)})",
+                param_hint="--recipients",
+            )
+        for row in reader:
+            address = row.pop(column, "").strip()
+            if address:
+                yield address, {k: v for k, v in row.items() if k}
+
+
+def _headers(items: list[str]) -> dict[str, str]:
+    headers = {}
+    for item in items:
+        name, colon, value = item.partition(":")
+        if not colon:
+            raise typer.BadParameter(f"expected 'Name: value', got {item!r}", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def _attachment(path: Path) -> dict[str, str]:
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return {
+        "filename": path.name,
+        "content_type": content_type,
+        "content": base64.b64encode(path.read_bytes()).decode(),
+    }
+
+
+# --------------------------------------------------------------------- status
+
+
+def status(
+    message_id: Annotated[str, typer.Argument(help="The id the send call returned.")],
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a message's state, its recipients and its history."""
+    try:
+        with _client(url, key) as client:
+            found = client.status(message_id)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json(found)
+        return
+    console.print(
+        f"[bold]{found['id']}[/] {found['state']}  from <{found['sender']}>  "
+        f"attempts {found['attempts']}  {found['last_response']}"
+    )
+    recipients = Table("recipient", "state", "attempts", "last response")
+    for item in found["recipients"]:
+        recipients.add_row(
+            item["recipient"], item["state"], str(item["attempts"]), item["last_response"]
+        )
+    console.print(recipients)
+    events = Table("time", "event", "recipient", "detail", title="history")
+    for event in found["events"]:
+        response = event.get("response") or {}
+        detail = " ".join(str(v) for v in response.values()) or event.get("reason", "")
+        events.add_row(
+            _time(event["timestamp"]),
+            event["type"],
+            event.get("recipient", "") or ",".join(event.get("recipients", [])),
+            detail,
+        )
+    console.print(events)
+
+
+def _time(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --------------------------------------------------------------------- queue
+
+
+Target = Annotated[str | None, typer.Option(help="A recipient domain.")]
+Site = Annotated[str | None, typer.Option(help="A site: the MX host set, as in `queue ls`.")]
+Tenant = Annotated[str | None, typer.Option(help="A tenant.")]
+Campaign = Annotated[str | None, typer.Option(help="A campaign.")]
+Queue = Annotated[str | None, typer.Option(help="A scheduled queue: campaign:tenant@domain.")]
+
+
+def _selector(**fields: str | None) -> dict[str, str]:
+    return {k: v for k, v in fields.items() if v}
+
+
+@queue_app.command("ls")
+def queue_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
+    """List every scheduled and ready queue with counts, due times and connections."""
+    try:
+        with _client(url, key) as client:
+            _show_pipelines(client.pipelines(), as_json)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+
+
+@queue_app.command("show")
+def queue_show(
+    routing_key: Annotated[str, typer.Argument(help="A domain, a site or a ready queue name.")],
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show the queues of one domain or site."""
+    try:
+        with _client(url, key) as client:
+            _show_pipelines(client.pipelines(routing_key), as_json)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+
+
+def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(found)
+        return
+    totals = found["totals"]
+    console.print(
+        f"scheduled {totals['scheduled']}  held {totals['held']}  ready {totals['ready']}  "
+        f"connections {totals['connections']}"
+    )
+    scheduled = Table("queue", "scheduled", "held", "next due", "suspended", title="scheduled")
+    for q in found["scheduled"]:
+        scheduled.add_row(
+            q["name"],
+            str(q["scheduled"]),
+            str(q["held"]),
+            _time(q["next_due"]),
+            q["suspended"] or "",
+        )
+    console.print(scheduled)
+    ready = Table(
+        "ready queue",
+        "queued",
+        "connections",
+        "delivered",
+        "suspended",
+        "last error",
+        title="ready",
+    )
+    for q in found["ready"]:
+        ready.add_row(
+            q["name"],
+            str(q["queued"]),
+            f"{q['connections']}/{q['connection_limit']}",
+            str(q["deliveries"]),
+            q["suspended"] or "",
+            q["last_error"] or "",
+        )
+    console.print(ready)
+    if found["suspensions"]:
+        suspensions = Table("target", "value", "reason", "until", title="suspensions")
+        for s in found["suspensions"]:
+            suspensions.add_row(
+                s["target"], s["value"], s["reason"], _time(s["until"]) or "resumed"
+            )
+        console.print(suspensions)
+
+
+@queue_app.command("suspend")
+def queue_suspend(
+    domain: Target = None,
+    site: Site = None,
+    tenant: Tenant = None,
+    campaign: Campaign = None,
+    queue: Queue = None,
+    reason: Annotated[str, typer.Option(help="Why; shown in records and `queue ls`.")] = "",
+    duration: Annotated[
+        str | None, typer.Option(help="How long, e.g. 30m or 2h; default: until resumed.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Hold mail for one domain, site, tenant, campaign or queue."""
+    body: dict[str, Any] = _selector(
+        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue
+    )
+    if reason:
+        body["reason"] = reason
+    if duration:
+        try:
+            body["duration"] = parse_duration(duration)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--duration") from exc
+    try:
+        with _client(url, key) as client:
+            result = client.suspend(body)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json(result)
+    else:
+        until = _time(result["until"]) or "resumed"
+        console.print(f"suspended {result['target']} {result['value']} until {until}")
+
+
+@queue_app.command("resume")
+def queue_resume(
+    domain: Target = None,
+    site: Site = None,
+    tenant: Tenant = None,
+    campaign: Campaign = None,
+    queue: Queue = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Lift a suspension (name the same target it was made with)."""
+    target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
+    try:
+        with _client(url, key) as client:
+            result = client.resume(target)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(
+            f"resumed {result['target']} {result['value']}: {result['released']} released"
+        )
+
+
+@queue_app.command("bounce")
+def queue_bounce(
+    domain: Target = None,
+    site: Site = None,
+    tenant: Tenant = None,
+    campaign: Campaign = None,
+    queue: Queue = None,
+    message_id: Annotated[
+        list[str] | None, typer.Option("--id", help="A message id (repeatable).")
+    ] = None,
+    ids_file: Annotated[
+        Path | None, typer.Option(help="A file of message ids, one per line ('-': stdin).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why; written in each AdminBounce record.")] = "",
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Remove matching queued messages (no DSN), each with an AdminBounce record."""
+    target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
+    ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
+    _act_on_selection("bounce", target, ids, reason, _client(url, key), as_json)
+
+
+@queue_app.command("retry")
+def queue_retry(
+    domain: Target = None,
+    site: Site = None,
+    tenant: Tenant = None,
+    campaign: Campaign = None,
+    queue: Queue = None,
+    message_id: Annotated[
+        list[str] | None, typer.Option("--id", help="A message id (repeatable).")
+    ] = None,
+    ids_file: Annotated[
+        Path | None, typer.Option(help="A file of message ids, one per line ('-': stdin).")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Make matching deferred messages due now (none named: every deferred message)."""
+    target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
+    ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
+    _act_on_selection("retry", target, ids, "", _client(url, key), as_json)
+
+
+def _act_on_selection(
+    action: str,
+    target: dict[str, str],
+    ids: list[str],
+    reason: str,
+    client: ApiClient,
+    as_json: bool,
+) -> None:
+    """One call for the target, or one per message id (with a progress bar)."""
+    if reason:
+        target["reason"] = reason
+    selections = [{**target, "id": message_id} for message_id in ids] or [target]
+    count_key = "bounced" if action == "bounce" else "retried"
+    call = client.bounce if action == "bounce" else client.retry
+    total = 0
+    try:
+        with client, _progress(action, len(selections)) as advance:
+            for selection in selections:
+                total += call(selection)[count_key]
+                advance()
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json({count_key: total})
+    else:
+        console.print(f"{count_key} {total}")
+
+
+def _read_ids(path: Path) -> list[str]:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class _progress:
+    """A progress bar on stderr when there are many calls to make."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.progress = (
+            Progress(
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            if total > 1
+            else None
+        )
+        self.total = total
+
+    def __enter__(self) -> Any:
+        if self.progress is None:
+            return lambda: None
+        self.progress.start()
+        task = self.progress.add_task("", total=self.total)
+        return lambda: self.progress.advance(task) if self.progress else None
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@queue_app.command("message")
+def queue_message(
+    message_id: Annotated[str, typer.Argument(help="A queued message's id.")],
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a queued message: envelope, headers, where its jobs wait and their attempts."""
+    try:
+        with _client(url, key) as client:
+            found = client.admin_message(message_id)
+    except ApiCallError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        _print_json(found)
+        return
+    meta = found["meta"]
+    console.print(
+        f"[bold]{meta['id']}[/] from <{meta['sender']}> to {', '.join(meta['recipients'])}"
+    )
+    for name, value in found["headers"]:
+        console.print(f"  {name}: {value}", markup=False, highlight=False)
+    jobs = Table("domain", "where", "attempts", "due", "queue", "site")
+    for job in found["jobs"]:
+        jobs.add_row(
+            job["domain"],
+            job["where"],
+            str(job["attempts"]),
+            _time(job["due"]),
+            job["queue"],
+            job["site"],
+        )
+    console.print(jobs)
