@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 import subprocess
 import sys
@@ -70,10 +71,13 @@ def test_sigterm_shuts_down_cleanly(epoxi_process: EpoxiProcess) -> None:
     assert "SMTP server stopped" in epoxi_process.log()
 
 
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "epoxi", *args],
         input=stdin,
+        env={**os.environ, **(env or {})},
         text=True,
         capture_output=True,
         timeout=60,
@@ -102,6 +106,15 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     config.write_text('[smtp]\nidle_timeout = "soon"\n')
     result = run_cli("serve", "-c", str(config))
     assert result.returncode == 2 and "smtp.idle_timeout = 'soon'" in result.stderr
+
+
+def test_serve_refuses_a_public_api_without_keys(tmp_path: Path) -> None:
+    env = {"EPOXI_HTTP_LISTEN": f"0.0.0.0:{free_port()}", "EPOXI_DATA_DIR": str(tmp_path)}
+    result = run_cli("serve", env=env)
+    assert result.returncode == 2
+    assert "0.0.0.0" in result.stderr and "epoxi keys create" in result.stderr
+    created = run_cli("keys", "create", "--name", "app", "--scope", "send", env=env)
+    assert created.returncode == 0 and created.stdout.startswith("epx_")
 
 
 def test_users_hash_prints_a_verifiable_hash() -> None:

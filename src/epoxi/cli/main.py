@@ -16,6 +16,7 @@ from epoxi import __version__
 from epoxi.cli.common import ConfigOption, load
 from epoxi.cli.keys import keys_app
 from epoxi.cli.remote import queue_app, send, status
+from epoxi.errors import ConfigError
 
 app = typer.Typer(
     help="Epoxi, a Mail Transfer Agent.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -48,8 +49,12 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = load(config)
     _configure_logging(settings.log_level)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(Epoxi(settings).run())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(Epoxi(settings).run())
+    except ConfigError as exc:
+        typer.echo(f"epoxi: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @config_app.command("check")
