@@ -7,6 +7,7 @@ import base64
 import binascii
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -54,12 +55,7 @@ async def send(
     data: JSONBody[SendRequest],
     idempotency_key: Annotated[str | None, IdempotencyKey] = None,
 ) -> Response[SendResponse]:
-    ctx = context(request)
-    tenant = _tenant(request, data.tenant)
-    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
-    async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
-        if remembered.response is not None:
-            return Response(remembered.response, status_code=202)
+    async def queue(ctx: ApiContext, tenant: str) -> SendResponse:
         limit = ctx.settings.api.max_recipients
         message = data.message
         if len(message.to) + len(message.cc) + len(message.bcc) > limit:
@@ -69,9 +65,9 @@ async def send(
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
         base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx)
         queued = await _spool(ctx, composer.envelope_sender, rendered, base)
-        response = SendResponse(count=len(queued), messages=queued)
-        remembered.response = response
-        return Response(response, status_code=202)
+        return SendResponse(count=len(queued), messages=queued)
+
+    return await _once(request, data, data.tenant, idempotency_key, queue)
 
 
 @post(
@@ -87,19 +83,14 @@ async def send_raw(
     data: JSONBody[RawRequest],
     idempotency_key: Annotated[str | None, IdempotencyKey] = None,
 ) -> Response[SendResponse]:
-    ctx = context(request)
-    tenant = _tenant(request, data.tenant)
-    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
-    async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
-        if remembered.response is not None:
-            return Response(remembered.response, status_code=202)
+    async def queue(ctx: ApiContext, tenant: str) -> SendResponse:
         sender = _envelope_address("from", data.from_) if data.from_ else ""
         recipients = [_envelope_address(f"to[{i}]", r) for i, r in enumerate(data.to)]
         body, _ = take_epoxi_headers(_crlf(data.content))
-        if len(body) > ctx.settings.smtp.max_message_size:
+        limit = ctx.settings.smtp.max_message_size
+        if len(body) > limit:
             raise ClientException(
-                f"message is {len(body)} octets; the limit is {ctx.settings.smtp.max_message_size}",
-                status_code=413,
+                f"message is {len(body)} octets; the limit is {limit}", status_code=413
             )
         if b"\r\n\r\n" not in body and b":" not in body.split(b"\r\n", 1)[0]:
             raise ComposeError("content", "expected an RFC 5322 message: header fields first")
@@ -114,11 +105,11 @@ async def send_raw(
             metadata=dict(data.metadata),
         )
         await ctx.inject_many([(meta, body)])
-        response = SendResponse(
+        return SendResponse(
             count=len(recipients), messages=[Queued(meta.id, r) for r in recipients]
         )
-        remembered.response = response
-        return Response(response, status_code=202)
+
+    return await _once(request, data, data.tenant, idempotency_key, queue)
 
 
 @get(
@@ -138,6 +129,23 @@ async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
 
 
 # --------------------------------------------------------------------- helpers
+
+
+async def _once(
+    request: Request[Any, Any, Any],
+    data: msgspec.Struct,
+    asked_tenant: str | None,
+    idempotency_key: str | None,
+    queue: Callable[[ApiContext, str], Awaitable[SendResponse]],
+) -> Response[SendResponse]:
+    """Queue the request, unless its Idempotency-Key was seen: then answer as the first time."""
+    ctx = context(request)
+    tenant = _tenant(request, asked_tenant)
+    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
+    async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
+        if remembered.response is None:
+            remembered.response = await queue(ctx, tenant)
+        return Response(remembered.response, status_code=202)
 
 
 class _Remembered:

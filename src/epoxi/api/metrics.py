@@ -8,6 +8,7 @@ site: those are unbounded, and ``/admin/pipelines`` is where per-queue figures l
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -57,18 +58,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@dataclass
 class _QueueGauges(Collector):
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        engine: DeliveryEngine,
-        spool_pending: Callable[[], int],
-        smtp_sessions: Callable[[], int],
-    ) -> None:
-        self.scheduler = scheduler
-        self.engine = engine
-        self.spool_pending = spool_pending
-        self.smtp_sessions = smtp_sessions
+    scheduler: Scheduler
+    engine: DeliveryEngine
+    spool_pending: Callable[[], int]
+    smtp_sessions: Callable[[], int]
 
     def collect(self) -> Iterator[Metric]:
         queues = list(self.scheduler.queues.values())

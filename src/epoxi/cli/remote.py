@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import email.policy
 import email.utils
@@ -40,13 +41,15 @@ queue_app = typer.Typer(
 )
 
 
-def _client(url: str, key: str | None) -> ApiClient:
-    return ApiClient(url, key)
-
-
-def _fail(exc: ApiCallError) -> typer.Exit:
-    typer.echo(f"epoxi: {exc}", err=True)
-    return typer.Exit(1)
+@contextlib.contextmanager
+def _api(url: str, key: str | None) -> Iterator[ApiClient]:
+    """A client whose failures end the command with the reason on stderr and exit 1."""
+    try:
+        with ApiClient(url, key) as client:
+            yield client
+    except ApiCallError as exc:
+        typer.echo(f"epoxi: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 def _print_json(value: Any) -> None:
@@ -109,32 +112,29 @@ def send(
     """
     given = {"tenant": tenant, "campaign": campaign, "send_at": send_at}
     extra: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    try:
-        with _client(url, key) as client:
-            if eml is not None:
-                result = _send_eml(client, eml, sender, to or [], extra, idempotency_key)
+    with _api(url, key) as client:
+        if eml is not None:
+            result = _send_eml(client, eml, sender, to or [], extra, idempotency_key)
+        else:
+            message = {
+                "from": sender,
+                "to": to or [],
+                "cc": cc or [],
+                "bcc": bcc or [],
+                "subject": subject,
+                "text": text_file.read_text() if text_file else text,
+                "html": html_file.read_text() if html_file else html,
+                "headers": _headers(header or []),
+                "attachments": [_attachment(path) for path in attach or []],
+            }
+            if not sender:
+                raise typer.BadParameter("--from is required", param_hint="--from")
+            if tag:
+                extra["tags"] = tag
+            if recipients is not None:
+                result = _send_csv(client, message, recipients, batch, extra, idempotency_key)
             else:
-                message = {
-                    "from": sender,
-                    "to": to or [],
-                    "cc": cc or [],
-                    "bcc": bcc or [],
-                    "subject": subject,
-                    "text": text_file.read_text() if text_file else text,
-                    "html": html_file.read_text() if html_file else html,
-                    "headers": _headers(header or []),
-                    "attachments": [_attachment(path) for path in attach or []],
-                }
-                if not sender:
-                    raise typer.BadParameter("--from is required", param_hint="--from")
-                if tag:
-                    extra["tags"] = tag
-                if recipients is not None:
-                    result = _send_csv(client, message, recipients, batch, extra, idempotency_key)
-                else:
-                    result = client.send({"message": message, **extra}, idempotency_key)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+                result = client.send({"message": message, **extra}, idempotency_key)
     if as_json:
         _print_json(result)
         return
@@ -247,11 +247,8 @@ def status(
     as_json: AsJson = False,
 ) -> None:
     """Show a message's state, its recipients and its history."""
-    try:
-        with _client(url, key) as client:
-            found = client.status(message_id)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        found = client.status(message_id)
     if as_json:
         _print_json(found)
         return
@@ -303,11 +300,8 @@ def _selector(**fields: str | None) -> dict[str, str]:
 @queue_app.command("ls")
 def queue_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
     """List every scheduled and ready queue with counts, due times and connections."""
-    try:
-        with _client(url, key) as client:
-            _show_pipelines(client.pipelines(), as_json)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        _show_pipelines(client.pipelines(), as_json)
 
 
 @queue_app.command("show")
@@ -318,11 +312,8 @@ def queue_show(
     as_json: AsJson = False,
 ) -> None:
     """Show the queues of one domain or site."""
-    try:
-        with _client(url, key) as client:
-            _show_pipelines(client.pipelines(routing_key), as_json)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        _show_pipelines(client.pipelines(routing_key), as_json)
 
 
 def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
@@ -398,11 +389,8 @@ def queue_suspend(
             body["duration"] = parse_duration(duration)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--duration") from exc
-    try:
-        with _client(url, key) as client:
-            result = client.suspend(body)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        result = client.suspend(body)
     if as_json:
         _print_json(result)
     else:
@@ -423,11 +411,8 @@ def queue_resume(
 ) -> None:
     """Lift a suspension (name the same target it was made with)."""
     target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
-    try:
-        with _client(url, key) as client:
-            result = client.resume(target)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        result = client.resume(target)
     if as_json:
         _print_json(result)
     else:
@@ -457,7 +442,8 @@ def queue_bounce(
     """Remove matching queued messages (no DSN), each with an AdminBounce record."""
     target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
     ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
-    _act_on_selection("bounce", target, ids, reason, _client(url, key), as_json)
+    with _api(url, key) as client:
+        _act_on_selection("bounce", target, ids, reason, client, as_json)
 
 
 @queue_app.command("retry")
@@ -480,7 +466,8 @@ def queue_retry(
     """Make matching deferred messages due now (none named: every deferred message)."""
     target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
     ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
-    _act_on_selection("retry", target, ids, "", _client(url, key), as_json)
+    with _api(url, key) as client:
+        _act_on_selection("retry", target, ids, "", client, as_json)
 
 
 def _act_on_selection(
@@ -498,13 +485,10 @@ def _act_on_selection(
     count_key = "bounced" if action == "bounce" else "retried"
     call = client.bounce if action == "bounce" else client.retry
     total = 0
-    try:
-        with client, _progress(action, len(selections)) as advance:
-            for selection in selections:
-                total += call(selection)[count_key]
-                advance()
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _progress(action, len(selections)) as advance:
+        for selection in selections:
+            total += call(selection)[count_key]
+            advance()
     if as_json:
         _print_json({count_key: total})
     else:
@@ -554,11 +538,8 @@ def queue_message(
     as_json: AsJson = False,
 ) -> None:
     """Show a queued message: envelope, headers, where its jobs wait and their attempts."""
-    try:
-        with _client(url, key) as client:
-            found = client.admin_message(message_id)
-    except ApiCallError as exc:
-        raise _fail(exc) from exc
+    with _api(url, key) as client:
+        found = client.admin_message(message_id)
     if as_json:
         _print_json(found)
         return
