@@ -58,7 +58,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@dataclass
+@dataclass(eq=False)  # the registry keeps collectors in a set
 class _QueueGauges(Collector):
     scheduler: Scheduler
     engine: DeliveryEngine
