@@ -71,6 +71,9 @@ class Epoxi:
         self._stopping = asyncio.Event()
         self._scheduler_task: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
+        self._loading: set[str] = set()  # ids spooled while the start-up load runs
+        self._loading_done = False
+        self.loaded: asyncio.Task[int] | None = None  # the start-up load of the spool
 
     # ----------------------------------------------------------------- ingest
 
@@ -98,6 +101,8 @@ class Epoxi:
             self._spooled(meta, body)
 
     def _spooled(self, meta: MessageMeta, body: bytes) -> None:
+        if not self._loading_done:
+            self._loading.add(meta.id)
         self.records.emit(
             Record(
                 type=RecordType.RECEPTION,
@@ -171,17 +176,17 @@ class Epoxi:
         self.spool.open()
         await self.records.start()
         await self.status.start()
-        count = await self._load_spool()
-        log.info("spool %s holds %d messages", self.spool.path, count)
         loop = asyncio.get_running_loop()
         self._scheduler_task = loop.create_task(self.scheduler.run())
         self._purge_task = loop.create_task(self._purge_store())
         self.engine.start()
+        self._loading = set()  # before the listeners: what they accept is not loaded again
         await self.smtp.start()
         if self.settings.http_listen:
             api = build_app(self._api_context(self.keys))
             self.http = HttpServer(api, self.settings.http_listen)
             await self.http.start()
+        self.loaded = loop.create_task(self._load_spool())
 
     def _check_http_exposure(self, keys: KeyStore) -> None:
         """No API keys means loopback only: refuse to listen anywhere else."""
@@ -229,15 +234,37 @@ class Epoxi:
                 log.exception("purging the store failed")
 
     async def _load_spool(self) -> int:
-        """Queue everything the spool holds (bodies stay on disk until their attempt)."""
-        batches = await asyncio.to_thread(lambda: list(self.spool.iter_meta()))
-        for batch in batches:
-            for meta in batch:
-                self.enqueue(meta, None)
-        return sum(len(batch) for batch in batches)
+        """Queue what the spool held at start, a page at a time, while mail flows in.
+
+        Bodies stay on disk until their attempt. A message spooled since start is queued by
+        its own path and skipped here, so nothing is queued twice.
+        """
+        started = time.monotonic()
+        pages = self.spool.iter_meta()
+        count = 0
+        try:
+            while not self._loading_done and (page := await asyncio.to_thread(next, pages, None)):
+                for meta in page:
+                    if meta.id not in self._loading:
+                        self.enqueue(meta, None)
+                        count += 1
+        finally:
+            pages.close()
+            self._loading.clear()
+            self._loading_done = True
+        log.info(
+            "spool %s: %d messages queued in %.1fs",
+            self.spool.path,
+            count,
+            time.monotonic() - started,
+        )
+        return count
 
     async def stop(self) -> None:
         log.info("shutting down")
+        if self.loaded is not None:
+            self._loading_done = True  # the load stops after its current page
+            await self.loaded
         if self.http is not None:
             await self.http.stop()
         await self.smtp.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ import pytest
 from flufl.bounce import all_failures
 
 from epoxi.events.records import RecordType, decode_record
+from epoxi.spool import Spool
+from epoxi.spool.ids import new_message_id
+from epoxi.spool.records import MessageMeta
 from epoxi.testing.sink import Sink
 from tests.conftest import free_port
 from tests.e2e.conftest import MakeWorld, World, send
@@ -260,3 +264,37 @@ async def test_connection_rate_and_deliveries_per_connection(make_world: MakeWor
     assert sink.connections == 8 and all(m.transaction == 1 for m in sink.messages)
     times = sorted(sink.connection_times)
     assert times[-1] - times[0] >= 0.6  # 8 connections at 10/s: about 0.7 s
+
+
+@pytest.mark.slow
+async def test_mail_accepted_while_the_spool_loads_is_delivered_once(
+    make_world: MakeWorld, tmp_path: Path
+) -> None:
+    """Listeners open before the start-up load; nothing is queued twice meanwhile."""
+    spool = Spool(tmp_path / "data" / "spool.db")
+    spool.open()
+    body = b"Subject: old\r\n\r\nqueued before the restart\r\n"
+    old = [
+        MessageMeta(
+            id=new_message_id(),
+            sender="s@sender.test",
+            recipients=[f"old{i}@a.test"],
+            received_at=time.time(),
+            size=len(body),
+        )
+        for i in range(12_000)
+    ]
+    for start in range(0, len(old), 2000):
+        await spool.store_many([(meta, body) for meta in old[start : start + 2000]])
+    await spool.close()
+    world: World = await make_world(
+        delivery={"defaults": {"connection_limit": 8, "idle_timeout": 1}}
+    )
+    assert world.app.loaded is not None and not world.app.loaded.done()  # still loading
+    new_ids = await send(world, ["new@a.test"], count=20)
+    assert await world.app.loaded == 12_000
+    await world.wait_records(RecordType.DELIVERY, 12_020, timeout=90)
+    delivered = [r.message_id for r in world.records if r.type is RecordType.DELIVERY]
+    assert len(delivered) == len(set(delivered)) == 12_020
+    assert set(new_ids) <= set(delivered)
+    assert sum(sink.received for sink in world.sinks.values()) == 12_020

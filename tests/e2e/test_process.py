@@ -7,6 +7,7 @@ import os
 import smtplib
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,7 +60,10 @@ def test_restart_keeps_the_spool(epoxi_process: EpoxiProcess) -> None:
     ids = send_batch(epoxi_process.port, 5)
     epoxi_process.kill()
     epoxi_process.start()
-    assert "spool" in epoxi_process.log() and "holds 5 messages" in epoxi_process.log()
+    deadline = time.monotonic() + 10
+    while "5 messages queued" not in epoxi_process.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "5 messages queued" in epoxi_process.log()
     epoxi_process.stop()
     assert set(ids) <= spooled_ids(epoxi_process.data_dir)
 

@@ -28,7 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
@@ -421,16 +421,22 @@ class Spool:
         while self._idle_readers:
             self._idle_readers.pop().close()
 
-    def iter_meta(self, batch: int = 5000) -> Iterator[list[MessageMeta]]:
+    def iter_meta(self, batch: int = 5000) -> Generator[list[MessageMeta], None, None]:
         """Every message's metadata in id order, ``batch`` at a time (for start-up).
 
-        Blocking: run it in a thread. Uses its own connection; each batch is its own read
+        Blocking: run it in a thread (one page at a time, never two at once). Uses its own
+        connection; each batch is its own read
         transaction, so a slow consumer holds no snapshot. A row whose metadata cannot be
         decoded (or names another id) is moved to ``quarantine`` with a warning, and the
         enumeration goes on. Call after ``open`` (which creates the tables).
         """
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,  # pages may be read by different worker threads
+            )
         except sqlite3.Error as exc:
             raise SpoolError(f"{self.path}: cannot open for enumeration: {exc}") from exc
         try:
