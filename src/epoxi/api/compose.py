@@ -8,9 +8,12 @@ non-ASCII file names). A CR or LF in any header-bound value is refused, never fo
 
 from __future__ import annotations
 
+import binascii
 import email.policy
 import email.utils
 import re
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -116,6 +119,7 @@ class Composer:
         self._html = _compile(_html_env, "message.html", draft.html)
         self._cc_header = ", ".join(draft.cc)
         self.recipients = self._recipients()
+        self._skeleton = _Skeleton(self)
 
     def _recipients(self) -> list[tuple[str, str]]:
         """(envelope address, To header) for every copy: each to, then cc, then bcc."""
@@ -135,11 +139,13 @@ class Composer:
         _check_header_value("message.subject", subject, address)
         text = _render(self._text, "message.text", address, values)
         html = _render(self._html, "message.html", address, values)
-        smtputf8 = not (address.isascii() and self.envelope_sender.isascii())
-        message = EmailMessage(policy=email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP)
+        if address.isascii() and self.envelope_sender.isascii():
+            body = self._skeleton.fill(to_header, subject, text, html)
+            return Rendered(address, body, smtputf8=False)
+        message = EmailMessage(policy=email.policy.SMTPUTF8)
         self._set_headers(message, to_header, subject)
         _set_body(message, text, html, self.draft.attachments)
-        return Rendered(address, message.as_bytes(), smtputf8)
+        return Rendered(address, message.as_bytes(), smtputf8=True)
 
     def _data_for(self, address: str) -> Mapping[str, Any]:
         data = self.draft.data
@@ -168,15 +174,79 @@ class Composer:
             message[name] = value
 
 
+class _Skeleton:
+    """The message serialised once per request, with tokens where each recipient's values go.
+
+    Building MIME with ``email`` costs about 0.5 ms a message, most of it parsing headers
+    that are the same in every copy. So the structure, the fixed headers and the attachments
+    are built and encoded once; each copy only encodes its own To, Subject and bodies (quoted-
+    printable, by ``binascii``) and is joined from the pieces.
+    """
+
+    _NAMES = ("TO", "SUBJECT", "MSGID", "TEXT", "HTML")
+
+    def __init__(self, composer: Composer) -> None:
+        tag = secrets.token_hex(8).upper()
+        tokens = {name: f"EPOXI{tag}{name}" for name in self._NAMES}
+        self.hostname = composer.hostname
+        draft = composer.draft
+        message = EmailMessage(policy=email.policy.SMTP)
+        first_to = draft.to[0] if draft.to else ""
+        composer._set_headers(message, tokens["TO"] if first_to else "", tokens["SUBJECT"])
+        del message["Message-ID"]
+        message["Message-ID"] = f"<{tokens['MSGID']}@{composer.hostname}>"
+        text = tokens["TEXT"] if draft.text is not None else None
+        html = tokens["HTML"] if draft.html is not None else None
+        _set_body(message, text, html, draft.attachments, cte="quoted-printable")
+        self.pieces = re.split(
+            b"(" + b"|".join(t.encode() for t in tokens.values()) + b")", message.as_bytes()
+        )
+        self.slots = {tokens[name].encode(): name for name in self._NAMES}
+
+    def fill(self, to_header: str, subject: str, text: str | None, html: str | None) -> bytes:
+        values = {
+            "TO": _header_bytes("To", to_header),
+            "SUBJECT": _header_bytes("Subject", subject),
+            "MSGID": f"{time.time_ns():x}.{secrets.token_hex(6)}".encode(),
+            "TEXT": _quoted_printable(text or ""),
+            "HTML": _quoted_printable(html or ""),
+        }
+        slots = self.slots
+        return b"".join(values[slots[p]] if p in slots else p for p in self.pieces)
+
+
+def _header_bytes(name: str, value: str) -> bytes:
+    """A header value as it goes on the wire: as it is if plain, else RFC 2047 and folded."""
+    if value.isascii() and len(value) < 900:
+        return value.encode()
+    policy = email.policy.SMTP
+    folded: str = policy.header_factory(name, value).fold(policy=policy)  # "Name: ...\r\n"
+    return folded[len(name) + 2 : -2].encode("ascii")
+
+
+def _quoted_printable(text: str) -> bytes:
+    """``text`` in quoted-printable UTF-8 with CRLF line ends, without the last line end."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
+    return encoded[:-1].replace(b"\n", b"\r\n")
+
+
 def _set_body(
-    message: EmailMessage, text: str | None, html: str | None, attachments: Sequence[Attachment]
+    message: EmailMessage,
+    text: str | None,
+    html: str | None,
+    attachments: Sequence[Attachment],
+    cte: str | None = None,
 ) -> None:
+    options: dict[str, Any] = {"charset": "utf-8", "cte": cte} if cte else {}
     if text is not None:
-        message.set_content(text)
+        message.set_content(text, **options)
         if html is not None:
-            message.add_alternative(html, subtype="html")
+            message.add_alternative(html, subtype="html", **options)
     elif html is not None:
-        message.set_content(html, subtype="html")
+        message.set_content(html, subtype="html", **options)
     for attachment in attachments:
         maintype, _, subtype = attachment.content_type.partition("/")
         message.add_attachment(
