@@ -11,9 +11,11 @@ from __future__ import annotations
 import binascii
 import email.policy
 import email.utils
+import functools
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -119,7 +121,7 @@ class Composer:
         self._html = _compile(_html_env, "message.html", draft.html)
         self._cc_header = ", ".join(draft.cc)
         self.recipients = self._recipients()
-        self._skeleton = _Skeleton(self)
+        self._skeleton = _Skeleton.for_composer(self)
 
     def _recipients(self) -> list[tuple[str, str]]:
         """(envelope address, To header) for every copy: each to, then cc, then bcc."""
@@ -184,6 +186,32 @@ class _Skeleton:
     """
 
     _NAMES = ("TO", "SUBJECT", "MSGID", "TEXT", "HTML")
+    _cache: OrderedDict[tuple[Any, ...], _Skeleton] = OrderedDict()
+    _CACHE_SIZE = 256
+
+    @classmethod
+    def for_composer(cls, composer: Composer) -> _Skeleton:
+        """The skeleton of an equal draft made before (transactional mail repeats), or a new one."""
+        draft = composer.draft
+        key = (
+            composer.hostname,
+            draft.sender,
+            bool(draft.to),
+            tuple(draft.cc),
+            draft.reply_to,
+            tuple(draft.headers.items()),
+            tuple(draft.attachments),
+            draft.text is not None,
+            draft.html is not None,
+        )
+        found = cls._cache.get(key)
+        if found is not None:
+            cls._cache.move_to_end(key)
+            return found
+        made = cls._cache[key] = cls(composer)
+        if len(cls._cache) > cls._CACHE_SIZE:
+            cls._cache.popitem(last=False)
+        return made
 
     def __init__(self, composer: Composer) -> None:
         tag = secrets.token_hex(8).upper()
@@ -194,6 +222,7 @@ class _Skeleton:
         first_to = draft.to[0] if draft.to else ""
         composer._set_headers(message, tokens["TO"] if first_to else "", tokens["SUBJECT"])
         del message["Message-ID"]
+        del message["Date"]  # each copy gets the time it was made
         message["Message-ID"] = f"<{tokens['MSGID']}@{composer.hostname}>"
         text = tokens["TEXT"] if draft.text is not None else None
         html = tokens["HTML"] if draft.html is not None else None
@@ -212,7 +241,19 @@ class _Skeleton:
             "HTML": _quoted_printable(html or ""),
         }
         slots = self.slots
-        return b"".join(values[slots[p]] if p in slots else p for p in self.pieces)
+        date = b"Date: " + _now_header().encode() + b"\r\n"
+        return date + b"".join(values[slots[p]] if p in slots else p for p in self.pieces)
+
+
+def _now_header() -> str:
+    """The Date header value for now, made at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return str(_date_cache[1])
+
+
+_date_cache: list[Any] = [0, ""]
 
 
 def _header_bytes(name: str, value: str) -> bytes:
@@ -260,9 +301,15 @@ def _compile(
     if source is None:
         return None
     try:
-        return env.from_string(source)
+        return _template(env is _html_env, source)
     except jinja2.TemplateSyntaxError as exc:
         raise ComposeError(where, f"template syntax error at line {exc.lineno}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(html: bool, source: str) -> jinja2.Template:
+    """Compiled once: the same templates come back request after request."""
+    return (_html_env if html else _plain_env).from_string(source)
 
 
 def _render(
