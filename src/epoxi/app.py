@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -246,6 +247,7 @@ class Epoxi:
             while not self._loading_done and (page := await asyncio.to_thread(next, pages, None)):
                 for meta in page:
                     if meta.id not in self._loading:
+                        _share_strings(meta)
                         self.enqueue(meta, None)
                         count += 1
         finally:
@@ -298,3 +300,10 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _share_strings(meta: MessageMeta) -> None:
+    """Loaded messages repeat the same senders, origins and replies: keep one copy of each."""
+    meta.sender = sys.intern(meta.sender)
+    meta.origin = sys.intern(meta.origin)
+    meta.last_response = sys.intern(meta.last_response)
