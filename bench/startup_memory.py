@@ -69,7 +69,11 @@ def measure(data_dir: Path, count: int) -> dict[str, float]:
     node.stop()
     if int(match.group(1)) != count:
         raise RuntimeError(f"queued {match.group(1)} messages, expected {count}")
-    return {"accepting_s": round(accepting, 3), "enumerated_s": round(enumerated, 2), "rss_mb": round(rss, 1)}
+    return {
+        "accepting_s": round(accepting, 3),
+        "enumerated_s": round(enumerated, 2),
+        "rss_mb": round(rss, 1),
+    }
 
 
 def main() -> None:

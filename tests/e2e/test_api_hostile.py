@@ -228,7 +228,9 @@ BUG_RECURSION = (
         pytest.param(b'{"domain": "a.test",}', id="trailing-comma"),
         pytest.param(b"message=x&to=y", id="form-encoded-body"),
         pytest.param(
-            DEEP_ARRAYS, id="arrays-10000-deep", marks=pytest.mark.xfail(strict=True, reason=BUG_RECURSION)
+            DEEP_ARRAYS,
+            id="arrays-10000-deep",
+            marks=pytest.mark.xfail(strict=True, reason=BUG_RECURSION),
         ),
     ],
 )
@@ -345,13 +347,38 @@ WRONG_TYPES: list[tuple[str, tuple[str | int, ...], list[Any], str]] = [
     ("/messages", (M, "html"), [5, ["h"], {}], "message.html"),
     ("/messages", (M, "headers"), [["X-A: b"], "X-A: b", 5, None], "message.headers"),
     ("/messages", (M, "headers"), [{"X-A": 5}, {"X-A": None}, {"X-A": ["b"]}], "message.headers"),
-    ("/messages", (M, "attachments"), [{"filename": "a", "content": "eA=="}, "x", 5], "message.attachments"),
+    (
+        "/messages",
+        (M, "attachments"),
+        [{"filename": "a", "content": "eA=="}, "x", 5],
+        "message.attachments",
+    ),
     ("/messages", (M, "attachments"), [[5], ["a"], [None]], "message.attachments[0]"),
-    ("/messages", (M, "attachments"), [[{"filename": 5, "content": "eA=="}]], "message.attachments[0].filename"),
-    ("/messages", (M, "attachments"), [[{"filename": "a", "content": 5}]], "message.attachments[0].content"),
-    ("/messages", (M, "attachments"), [[{"filename": "a", "content": "eA==", "content_type": 5}]], "message.attachments[0].content_type"),
+    (
+        "/messages",
+        (M, "attachments"),
+        [[{"filename": 5, "content": "eA=="}]],
+        "message.attachments[0].filename",
+    ),
+    (
+        "/messages",
+        (M, "attachments"),
+        [[{"filename": "a", "content": 5}]],
+        "message.attachments[0].content",
+    ),
+    (
+        "/messages",
+        (M, "attachments"),
+        [[{"filename": "a", "content": "eA==", "content_type": 5}]],
+        "message.attachments[0].content_type",
+    ),
     ("/messages", (M, "data"), [[], "x", 5, None], "message.data"),
-    ("/messages", (M, "data"), [{"x@a.test": "s"}, {"x@a.test": [1]}, {"x@a.test": None}], "message.data"),
+    (
+        "/messages",
+        (M, "data"),
+        [{"x@a.test": "s"}, {"x@a.test": [1]}, {"x@a.test": None}],
+        "message.data",
+    ),
     ("/messages", ("message",), [None, "x", [], 5], "message"),
     ("/messages", ("ip_pool",), [5, ["default"], {}], "ip_pool"),
     ("/messages", ("tenant",), [5, ["acme"], {}], "tenant"),
@@ -561,7 +588,7 @@ async def test_a_long_subject_and_a_100k_header_value_are_folded(
     api: Api, server_log: pytest.LogCaptureFixture
 ) -> None:
     world, client = await api()
-    subject = "word " * 199  # 995 characters
+    subject = "word " * 198 + "word"  # 994 characters
     for index, value in enumerate(("v" * 100_000, "word " * 20_000, "é" * 50_000)):
         recipient = f"long{index}@a.test"
         reply = await client.post(
@@ -573,7 +600,7 @@ async def test_a_long_subject_and_a_100k_header_value_are_folded(
         assert_clean_header(data)
         received = parse(data)
         assert received["X-Long"].replace(" ", "") == value.replace(" ", "")
-        assert received["Subject"] == subject.strip()
+        assert received["Subject"] == subject
         await assert_alive(client, server_log)
 
 
@@ -797,11 +824,36 @@ BUG_500_BREAKS = (
     "CR/LF (VT, FF, FS, U+0085, U+2028, U+2029) -> 500: email's ValueError escapes"
 )
 BUG_RAW_CONTROLS = (
-    "BUG: VT, FF and FS in a subject or display name are copied raw into the header "
+    "BUG: VT, FF and FS in a subject or To display name are copied raw into the header "
     "(RFC 5322 forbids generating them; str.splitlines() readers see a new header line)"
 )
+BUG_FIELD_MESSAGE = (
+    "BUG: a line break (U+2028, VT ...) in a From/Cc/Reply-To display name is a 422 that "
+    "blames field 'message' instead of the field"
+)
+LINE_BREAK_BUGS = {
+    ("subject", "ascii"): BUG_RAW_CONTROLS,
+    ("subject-by-template", "ascii"): BUG_RAW_CONTROLS,
+    ("to-name", "ascii"): BUG_RAW_CONTROLS,
+    ("from-name", "unicode"): BUG_FIELD_MESSAGE,
+    ("from-name", "ascii"): BUG_FIELD_MESSAGE,
+    ("cc-name", "unicode"): BUG_FIELD_MESSAGE,
+    ("cc-name", "ascii"): BUG_FIELD_MESSAGE,
+    ("reply_to-name", "unicode"): BUG_FIELD_MESSAGE,
+    ("reply_to-name", "ascii"): BUG_FIELD_MESSAGE,
+    ("header-value", "unicode"): BUG_500_BREAKS,
+    ("header-value", "ascii"): BUG_500_BREAKS,
+    ("attachment-filename", "ascii"): BUG_500_BREAKS,
+}
 LINE_BREAK_CASES = [
-    pytest.param(field, breaks, marks=marks, id=f"{field}-{kind}")
+    pytest.param(
+        field,
+        breaks,
+        id=f"{field}-{kind}",
+        marks=[pytest.mark.xfail(strict=True, reason=LINE_BREAK_BUGS[field, kind])]
+        if (field, kind) in LINE_BREAK_BUGS
+        else [],
+    )
     for field in (
         "subject",
         "subject-by-template",
@@ -813,13 +865,6 @@ LINE_BREAK_CASES = [
         "attachment-filename",
     )
     for kind, breaks in (("unicode", UNICODE_BREAKS), ("ascii", ASCII_BREAKS))
-    for marks in [
-        [pytest.mark.xfail(strict=True, reason=BUG_500_BREAKS)]
-        if field in ("header-value",) or (field == "attachment-filename" and kind == "ascii")
-        else [pytest.mark.xfail(strict=True, reason=BUG_RAW_CONTROLS)]
-        if kind == "ascii" and field in ("subject", "subject-by-template", "to-name", "cc-name")
-        else []
-    ]
 ]
 
 
@@ -850,7 +895,9 @@ async def test_unicode_line_separators_in_the_subject_are_encoded_at_the_sink(
     for index, brk in enumerate(("\u2028", "\x85")):
         recipient = f"sep{index}@a.test"
         subject = f"Hello{brk}Bcc: victim@evil.test"
-        reply = await client.post("/messages", json=message_request(to=[recipient], subject=subject))
+        reply = await client.post(
+            "/messages", json=message_request(to=[recipient], subject=subject)
+        )
         if reply.status_code == 422:
             assert_problem(reply, 422, "message.subject")
             continue
@@ -935,7 +982,9 @@ async def test_raw_content_cannot_smuggle_a_second_message(
     for index, end in enumerate(("\r\n.\r\n", "\n.\n", "\r.\r", "\n.\r\n")):
         recipient = f"raw{index}@a.test"
         content = f"Subject: raw\r\n\r\nfirst{end}{smuggled}\r\nx\r\n.\r\nQUIT\r\n"
-        reply = await client.post("/messages/raw", json={**RAW, "to": [recipient], "content": content})
+        reply = await client.post(
+            "/messages/raw", json={**RAW, "to": [recipient], "content": content}
+        )
         assert reply.status_code == 202, reply.text
         data = await wait_delivered(world, recipient)
         assert b"MAIL FROM:<evil@evil.test>" in data  # delivered as text of the one message
@@ -1277,6 +1326,7 @@ async def test_a_tenant_key_stays_in_its_tenant(
     _, acme = store.create("acme", {Scope.SEND, Scope.READ}, tenant="acme")
     _, beta = store.create("beta", {Scope.SEND, Scope.READ}, tenant="beta")
     _, root = store.create("root", {Scope.SEND, Scope.READ})
+    _, acme_all = store.create("acme-all", set(Scope), tenant="acme")
     store.close()
     for route in SEND_ROUTES:
         for tenant in ("other", "ACME", "acme ", "acme\x00"):
@@ -1288,18 +1338,20 @@ async def test_a_tenant_key_stays_in_its_tenant(
     assert_nothing_queued(world)
     mine = await client.post("/messages", json={**SEND_BODY, "tenant": "acme"}, headers=auth(acme))
     assert mine.status_code == 202
-    others = await client.post("/messages", json={**SEND_BODY, "tenant": "beta"}, headers=auth(root))
+    others = await client.post(
+        "/messages", json={**SEND_BODY, "tenant": "beta"}, headers=auth(root)
+    )
     untenanted = await client.post("/messages", json=SEND_BODY, headers=auth(root))
     for reply in (others, untenanted):
         (queued,) = reply.json()["messages"]
-        for key in (acme,):
+        for key in (acme, acme_all):
             seen = await client.get(f"/messages/{queued['id']}", headers=auth(key))
             assert_problem(seen, 404)  # not 403: no hint that the id exists
     (own,) = mine.json()["messages"]
     assert (await client.get(f"/messages/{own['id']}", headers=auth(acme))).status_code == 200
     assert (await client.get(f"/messages/{own['id']}", headers=auth(beta))).status_code == 404
-    for method, path, body, _, _ in ROUTES[4:]:
-        reply = await call(client, method, path, body, auth(acme))
+    for method, path, body, _, _ in ROUTES[4:]:  # /admin, even with the admin scope
+        reply = await call(client, method, path, body, auth(acme_all))
         assert_problem(reply, 403, mentions=("tenant",))
     await assert_alive(client, server_log)
 
@@ -1377,7 +1429,7 @@ async def test_revoking_the_last_key_does_not_open_the_api_to_the_network(
 ODD_IDS = [
     "A" * 10_000,
     "a%2Fb",
-    "%2F",
+    "%2Fx%2F",
     "..%2F..%2Fetc%2Fpasswd",
     "%2e%2e",
     "%C3%A9%E2%80%A8",
@@ -1394,9 +1446,7 @@ ODD_IDS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "odd", ODD_IDS, ids=[f"{i}-{o[:12]}" for i, o in enumerate(ODD_IDS)]
-)
+@pytest.mark.parametrize("odd", ODD_IDS, ids=[f"{i}-{o[:12]}" for i, o in enumerate(ODD_IDS)])
 async def test_odd_path_parameters_are_404(
     api: Api, server_log: pytest.LogCaptureFixture, odd: str
 ) -> None:
@@ -1405,5 +1455,7 @@ async def test_odd_path_parameters_are_404(
     await world.wait_records(RecordType.DELIVERY, 1)
     for prefix in ("/messages/", "/admin/messages/", "/admin/pipelines/"):
         reply = await client.get(prefix + odd)
-        assert_problem(reply, 404, useful=False)
+        # "/messages/%2F" is "/messages//": no such route for GET, so 405 is as clear
+        assert reply.status_code in (404, 405), f"{prefix}{odd[:40]}: {reply.text[:300]}"
+        assert_problem(reply, reply.status_code, useful=False)
         await assert_alive(client, server_log)

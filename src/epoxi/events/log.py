@@ -59,19 +59,31 @@ class RecordLog:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except OSError as exc:  # a full or failing disk: keep the records, try again
+                log.warning("record log %s: cannot write (%s); will retry", self.path, exc)
 
     async def flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            await asyncio.to_thread(self._write, batch)
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except BaseException:
+                self._pending[:0] = batch
+                raise
 
     def _write(self, batch: list[bytes]) -> None:
         data = b"\n".join(batch) + b"\n"
         if self._size and self._size + len(data) > self.max_bytes:
             self._rotate()
-        with self.path.open("ab") as f:
-            f.write(data)
+        try:
+            with self.path.open("ab") as f:
+                f.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, self._size)  # no torn line: the batch is written again
+            raise
         self._size += len(data)
 
     def _rotate(self) -> None:

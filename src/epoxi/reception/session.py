@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PAUSE_ABOVE = 1 << 20  # buffered octets while busy before reading is paused
+_BDAT_PROGRESS = 512  # octets in one read of a BDAT chunk that restart the data timeout
 _BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
 
 
@@ -153,7 +154,8 @@ class SmtpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state in (State.CLOSED, State.TLS):
             return
-        self.last_activity = self._clock()
+        if self.state is State.BDAT and len(data) >= _BDAT_PROGRESS:
+            self.last_activity = self._clock()  # chunks have no lines: a real read is progress
         self._buf += data
         if self._busy:
             self._pause_if_full()
@@ -195,6 +197,7 @@ class SmtpSession(asyncio.Protocol):
             return False
         line = bytes(buf[:end])
         del buf[: end + 1]
+        self.last_activity = self._clock()  # timeouts run per whole line, not per byte
         if self._discarding_line:
             self._discarding_line = False
             return True
@@ -606,6 +609,7 @@ class SmtpSession(asyncio.Protocol):
         """Move ``length`` octets (ending in CRLF) from the buffer into the message."""
         chunk = bytes(self._buf[:length])
         del self._buf[:length]
+        self.last_activity = self._clock()
         txn = self.txn
         txn.at_line_start = True
         if self.ctx.settings.reject_bare_cr_lf and not txn.bad_endings:
@@ -628,6 +632,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _end_of_data(self) -> None:
         self.state = State.COMMAND
+        self.last_activity = self._clock()
         txn = self.txn
         refusal = self._data_refusal(txn)
         if refusal is not None:
@@ -659,6 +664,7 @@ class SmtpSession(asyncio.Protocol):
         if self._bdat_remaining:
             return False
         self.state = State.COMMAND
+        self.last_activity = self._clock()
         self._end_of_chunk()
         return True
 

@@ -307,7 +307,7 @@ class Spool:
             if batch:
                 self._commit(conn, batch)
             now = time.monotonic()
-            if now >= next_statvfs:  # after a batch or an idle wait, at most every 0.5 s
+            if batch or now >= next_statvfs:  # after each commit (a statvfs is cheap) or idle
                 self._check_free_space(now)
                 next_statvfs = now + _FREE_SPACE_EVERY
             if now >= next_checkpoint:
