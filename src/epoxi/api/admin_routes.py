@@ -108,7 +108,7 @@ async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) ->
     "/retry",
     status_code=200,
     responses=problem_responses(400, 401, 403, 422),
-    summary="Make matching deferred messages due now (an empty body: all of them)",
+    summary="Make matching deferred messages due now (an empty selector {}: all of them)",
 )
 async def retry(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> RetryResponse:
     return RetryResponse(retried=context(request).admin.retry(_selector(data)))

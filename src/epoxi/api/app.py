@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import ClientException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -70,10 +71,26 @@ async def metrics(request: Request[Any, Any, Any]) -> bytes:
     return context(request).metrics_text()
 
 
+async def _require_json_body(request: Request[Any, Any, Any]) -> None:
+    """Bodies are JSON objects, said so by Content-Type (a browser cannot send that cross-site
+    without asking first, which keeps web pages from sending mail through a keyless API)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    if not await request.body():
+        raise ClientException("the request body is empty: send a JSON object", status_code=400)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ClientException(
+            f"send the body as Content-Type: application/json (got {media_type or 'none'!r})",
+            status_code=415,
+        )
+
+
 def build_app(ctx: ApiContext) -> Litestar:
     app = Litestar(
         route_handlers=[ping, live, ready, metrics, send, send_raw, status, admin_router],
         guards=[authorize],
+        before_request=_require_json_body,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=ctx.settings.api.max_body_size,
         state=_state(ctx),

@@ -53,6 +53,13 @@ def _require_loopback(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
             "no API key exists, so only loopback clients are served; "
             "create one with `epoxi keys create`"
         )
+    origin = connection.headers.get("origin")
+    own = f"{connection.url.scheme}://{connection.headers.get('host', '')}"
+    cross_site = connection.headers.get("sec-fetch-site") == "cross-site"
+    if cross_site or (origin is not None and origin != own):
+        raise PermissionDeniedException(
+            "cross-site browser requests are refused while no API key exists"
+        )
 
 
 def api_key(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiKey | None:

@@ -16,14 +16,16 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
 import jinja2
 import jinja2.exceptions
+import jinja2.runtime
 import jinja2.sandbox
+import jinja2.utils
 
 from epoxi.errors import EpoxiError
 from epoxi.smtp.parser import CommandError, parse_mailbox
@@ -36,6 +38,10 @@ class ComposeError(EpoxiError):
         super().__init__(message)
         self.field = field
         self.recipient = recipient
+
+
+class MessageTooLarge(ComposeError):
+    """A rendered message over the size limit (``smtp.max_message_size``)."""
 
 
 @dataclass(frozen=True)
@@ -80,25 +86,82 @@ _RESERVED_HEADERS = {
     "date": None,
     "message-id": None,
     "mime-version": None,
-    "content-type": "message.attachments",
-    "content-transfer-encoding": None,
 }
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
 
-_plain_env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
-)
-_html_env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=True, keep_trailing_newline=True
-)
+MAX_SUBJECT = 998  # octets of a header line (RFC 5322 2.1.1), before encoding
+MAX_HEADER_NAME = 76
+MAX_ITERATIONS = 100_000  # range() items per rendering, over all loops
+MAX_PRODUCT = 100_000  # length of a string or list made by * ; digits of a number made by **
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # all but TAB
+
+
+class _Budget:
+    """What one rendering may still spend; templates run on the event loop, so it is small."""
+
+    iterations = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.iterations = 0
+
+
+def _budget_range(*args: int) -> Iterator[int]:
+    for item in range(*args):
+        _Budget.iterations += 1
+        if _Budget.iterations > MAX_ITERATIONS:
+            raise jinja2.exceptions.SecurityError(
+                f"the template loops more than {MAX_ITERATIONS} times"
+            )
+        yield item
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with budgets: no template may stall the event loop or
+    fill the memory (``'x' * 10**9``, nested ranges), and no helper leaks Python reprs."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, *, autoescape: bool) -> None:
+        super().__init__(
+            undefined=jinja2.StrictUndefined, autoescape=autoescape, keep_trailing_newline=True
+        )
+        self.globals = {"range": _budget_range, "dict": dict, "namespace": jinja2.utils.Namespace}
+
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "*" and _repeats_too_much(left, right):
+            raise jinja2.exceptions.SecurityError("the template repeats too much")
+        if operator == "**" and _too_large_power(left, right):
+            raise jinja2.exceptions.SecurityError("the template makes too large a number")
+        return super().call_binop(context, operator, left, right)
+
+
+def _repeats_too_much(left: Any, right: Any) -> bool:
+    for seq, times in ((left, right), (right, left)):
+        if isinstance(seq, str | list | tuple) and isinstance(times, int):
+            return len(seq) * times > MAX_PRODUCT
+    return False
+
+
+def _too_large_power(base: Any, exponent: Any) -> bool:
+    if not (isinstance(base, int) and isinstance(exponent, int)):
+        return False
+    return exponent > 0 and abs(base) > 1 and exponent * abs(base).bit_length() > MAX_PRODUCT
+
+
+_plain_env = _Sandbox(autoescape=False)
+_html_env = _Sandbox(autoescape=True)
 
 
 class Composer:
     """Checks a draft once, then renders it for each recipient."""
 
-    def __init__(self, draft: Draft, hostname: str) -> None:
+    def __init__(self, draft: Draft, hostname: str, max_size: int = 50 * 1024 * 1024) -> None:
         self.draft = draft
         self.hostname = hostname
+        self.max_size = max_size
         self.envelope_sender = _address("message.from", draft.sender)
         _check_header_value("message.from", draft.sender)
         for name, values in (("message.to", draft.to), ("message.cc", draft.cc)):
@@ -114,6 +177,8 @@ class Composer:
             _check_header_value(f"{where}.filename", attachment.filename)
             if not _CONTENT_TYPE.fullmatch(attachment.content_type):
                 raise ComposeError(f"{where}.content_type", "expected type/subtype, e.g. text/csv")
+            if attachment.content_type.lower().startswith("multipart/"):
+                raise ComposeError(f"{where}.content_type", "an attachment cannot be multipart")
         if draft.text is None and draft.html is None:
             raise ComposeError("message", "give text, html or both")
         self._subject = _compile(_plain_env, "message.subject", draft.subject)
@@ -137,17 +202,30 @@ class Composer:
 
     def render(self, address: str, to_header: str) -> Rendered:
         values = self._data_for(address)
-        subject = _render(self._subject, "message.subject", address, values) or ""
+        limit = self.max_size
+        subject = _render(self._subject, "message.subject", address, values, limit) or ""
         _check_header_value("message.subject", subject, address)
-        text = _render(self._text, "message.text", address, values)
-        html = _render(self._html, "message.html", address, values)
-        if address.isascii() and self.envelope_sender.isascii():
+        if len(subject.encode()) > MAX_SUBJECT:
+            raise ComposeError(
+                "message.subject",
+                f"the subject for {address} is over {MAX_SUBJECT} octets",
+                address,
+            )
+        text = _render(self._text, "message.text", address, values, limit)
+        html = _render(self._html, "message.html", address, values, limit)
+        smtputf8 = not (address.isascii() and self.envelope_sender.isascii())
+        if not smtputf8:
             body = self._skeleton.fill(to_header, subject, text, html)
-            return Rendered(address, body, smtputf8=False)
-        message = EmailMessage(policy=email.policy.SMTPUTF8)
-        self._set_headers(message, to_header, subject)
-        _set_body(message, text, html, self.draft.attachments)
-        return Rendered(address, message.as_bytes(), smtputf8=True)
+        else:
+            message = EmailMessage(policy=email.policy.SMTPUTF8)
+            self._set_headers(message, to_header, subject)
+            _set_body(message, text, html, self.draft.attachments)
+            body = message.as_bytes()
+        if len(body) > limit:
+            raise MessageTooLarge(
+                "message", f"the message for {address} is {len(body)} octets; the limit is {limit}"
+            )
+        return Rendered(address, body, smtputf8)
 
     def _data_for(self, address: str) -> Mapping[str, Any]:
         data = self.draft.data
@@ -159,21 +237,23 @@ class Composer:
 
     def _set_headers(self, message: EmailMessage, to_header: str, subject: str) -> None:
         draft = self.draft
-        try:
-            message["From"] = draft.sender
-            if to_header:
-                message["To"] = to_header
-            if self._cc_header:
-                message["Cc"] = self._cc_header
-            if draft.reply_to:
-                message["Reply-To"] = draft.reply_to
-            message["Subject"] = subject
-        except (ValueError, IndexError) as exc:  # the header registry refuses the value
-            raise ComposeError("message", f"a header could not be written: {exc}") from exc
-        message["Date"] = email.utils.formatdate(usegmt=True)
-        message["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
-        for name, value in draft.headers.items():
-            message[name] = value
+        fields = [
+            ("From", draft.sender, "message.from"),
+            ("To", to_header, "message.to"),
+            ("Cc", self._cc_header, "message.cc"),
+            ("Reply-To", draft.reply_to or "", "message.reply_to"),
+            ("Subject", subject, "message.subject"),
+            ("Date", email.utils.formatdate(usegmt=True), "message"),
+            ("Message-ID", email.utils.make_msgid(domain=self.hostname), "message"),
+            *((name, value, f"message.headers.{name}") for name, value in draft.headers.items()),
+        ]
+        for name, value, where in fields:
+            if not value and name != "Subject":
+                continue
+            try:
+                message[name] = value
+            except (ValueError, IndexError, TypeError) as exc:  # the header registry refuses
+                raise ComposeError(where, f"{name} cannot be written: {exc}") from exc
 
 
 class _Skeleton:
@@ -288,11 +368,15 @@ def _set_body(
             message.add_alternative(html, subtype="html", **options)
     elif html is not None:
         message.set_content(html, subtype="html", **options)
-    for attachment in attachments:
+    for index, attachment in enumerate(attachments):
         maintype, _, subtype = attachment.content_type.partition("/")
-        message.add_attachment(
-            attachment.content, maintype=maintype, subtype=subtype, filename=attachment.filename
-        )
+        try:
+            message.add_attachment(
+                attachment.content, maintype=maintype, subtype=subtype, filename=attachment.filename
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            where = f"message.attachments[{index}]"
+            raise ComposeError(where, f"the attachment cannot be written: {exc}") from exc
 
 
 def _compile(
@@ -304,6 +388,10 @@ def _compile(
         return _template(env is _html_env, source)
     except jinja2.TemplateSyntaxError as exc:
         raise ComposeError(where, f"template syntax error at line {exc.lineno}: {exc}") from exc
+    except jinja2.exceptions.SecurityError as exc:
+        raise ComposeError(where, f"template not allowed: {exc}") from exc
+    except (Exception, RecursionError) as exc:  # the compiler folds constants: it may raise
+        raise ComposeError(where, f"template cannot be compiled: {exc!r}") from exc
 
 
 @functools.lru_cache(maxsize=1024)
@@ -313,20 +401,34 @@ def _template(html: bool, source: str) -> jinja2.Template:
 
 
 def _render(
-    template: jinja2.Template | None, where: str, address: str, values: Mapping[str, Any]
+    template: jinja2.Template | None,
+    where: str,
+    address: str,
+    values: Mapping[str, Any],
+    limit: int,
 ) -> str | None:
+    """The template's text for one recipient, streamed so that it stops at ``limit``."""
     if template is None:
         return None
+    _Budget.reset()
     try:
-        return template.render(values)
+        out, size = [], 0
+        for chunk in template.generate(values):
+            size += len(chunk)
+            if size > limit:
+                raise MessageTooLarge(where, f"{where} for {address} is over {limit} octets")
+            out.append(chunk)
+        return "".join(out)
+    except ComposeError:
+        raise
     except jinja2.UndefinedError as exc:
         raise ComposeError(
             where, f"template variable missing for {address}: {exc.message}", address
         ) from exc
     except jinja2.exceptions.SecurityError as exc:
         raise ComposeError(where, f"template not allowed: {exc}", address) from exc
-    except Exception as exc:  # a template may raise anything (1/0, bad filters ...)
-        raise ComposeError(where, f"template failed for {address}: {exc}", address) from exc
+    except (Exception, RecursionError) as exc:  # a template may raise anything (1/0, ...)
+        raise ComposeError(where, f"template failed for {address}: {exc!r}", address) from exc
 
 
 def _address(where: str, value: str) -> str:
@@ -344,15 +446,26 @@ def _address(where: str, value: str) -> str:
 
 
 def _check_header_value(where: str, value: str, recipient: str | None = None) -> None:
-    if "\r" in value or "\n" in value or "\x00" in value:
-        raise ComposeError(where, "CR, LF and NUL are not allowed in a header value", recipient)
+    """No line breaks of any kind (CR, LF, VT, FF, NEL, U+2028 ...) and no control characters."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ComposeError(
+            where,
+            f"control character {found.group()!r} (CR, LF, NUL and the like) "
+            "is not allowed in a header value",
+            recipient,
+        )
 
 
 def _check_custom_header(name: str, value: str) -> None:
     where = f"message.headers.{name}"
-    if not _HEADER_NAME.fullmatch(name):
-        raise ComposeError(where, f"not a valid header name: {name!r}")
+    if not _HEADER_NAME.fullmatch(name) or len(name) > MAX_HEADER_NAME:
+        raise ComposeError(
+            where, f"not a valid header name (printable ASCII, at most {MAX_HEADER_NAME})"
+        )
     lowered = name.lower()
+    if lowered.startswith("content-"):
+        raise ComposeError(where, f"{name} cannot be set in headers; Epoxi writes the MIME")
     if lowered in _RESERVED_HEADERS:
         use = _RESERVED_HEADERS[lowered]
         hint = f"; use {use}" if use else "; Epoxi sets it"

@@ -60,7 +60,7 @@ async def send(
         message = data.message
         if len(message.to) + len(message.cc) + len(message.bcc) > limit:
             raise ComposeError("message.to", f"at most {limit} recipients per request")
-        composer = Composer(_draft(data), ctx.settings.hostname)
+        composer = Composer(_draft(data), ctx.settings.hostname, ctx.settings.smtp.max_message_size)
         rendered = await _render_all(composer)
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
         base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx)

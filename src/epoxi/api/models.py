@@ -11,7 +11,7 @@ from msgspec import Meta
 from epoxi.admin import SuspendTarget
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
-Short = Annotated[str, Meta(max_length=200)]
+Short = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]  # no controls
 
 
 class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

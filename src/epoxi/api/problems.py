@@ -11,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from epoxi.api.compose import ComposeError
+from epoxi.api.compose import ComposeError, MessageTooLarge
 from epoxi.api.models import Problem
 from epoxi.errors import SpoolUnavailable
 
@@ -43,7 +43,11 @@ def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> R
     if isinstance(exc, ValidationException):
         return _on_validation(request, exc)
     headers = dict(exc.headers or {})
-    return problem(request, exc.status_code, str(exc.detail), headers=headers)
+    detail = str(exc.detail)
+    if exc.status_code == 413 and detail == HTTPStatus(413).phrase:
+        limit = request.app.state.ctx.settings.api.max_body_size
+        detail = f"the request body is over api.max_body_size ({limit} octets)"
+    return problem(request, exc.status_code, detail, headers=headers)
 
 
 def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
@@ -59,22 +63,29 @@ def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) ->
     )
     status = 400 if malformed else 422
     detail = errors[0]["message"] if errors else str(exc.detail)
+    if detail.startswith("data: "):  # Litestar's name for the body
+        detail = detail[len("data: ") :]
     if errors and errors[0]["field"] and errors[0]["field"] not in detail:
         detail = f"{errors[0]['field']}: {detail}"
     return problem(request, status, detail, errors=errors)
 
 
+_PARAMETERS = {"data": "", "idempotency_key": "Idempotency-Key"}  # handler names -> wire names
+
+
 def _field(key: Any) -> str:
     """Litestar names body fields ``$.message.to[0]``; callers see ``message.to[0]``."""
     text = str(key or "")
-    return text[2:] if text.startswith("$.") else text.lstrip("$")
+    text = text[2:] if text.startswith("$.") else text.lstrip("$")
+    return _PARAMETERS.get(text, text)
 
 
 def _on_compose_error(request: Request[Any, Any, Any], exc: ComposeError) -> Response[Problem]:
     error = {"field": exc.field, "message": str(exc)}
     if exc.recipient is not None:
         error["recipient"] = exc.recipient
-    return problem(request, 422, f"{exc.field}: {exc}", errors=[error])
+    status = 413 if isinstance(exc, MessageTooLarge) else 422
+    return problem(request, status, f"{exc.field}: {exc}", errors=[error])
 
 
 def _on_spool_unavailable(
@@ -88,6 +99,10 @@ def _on_spool_unavailable(
     )
 
 
+def _on_recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Problem]:
+    return problem(request, 400, "the JSON body is nested too deeply")
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.exception("%s %s failed", request.method, request.url.path)
     return problem(request, 500, "internal error; the server log has the details")
@@ -97,6 +112,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
     ComposeError: _on_compose_error,
     SpoolUnavailable: _on_spool_unavailable,
+    RecursionError: _on_recursion,
     Exception: _on_unexpected,
 }
 
