@@ -159,6 +159,8 @@ class Sink(Service):
     to test a client's fallback; without ENHANCEDSTATUSCODES replies carry no enhanced codes.
     ``reply_delay`` delays every write by that many seconds (order kept), like a slow link.
     ``fail_connections``: the first N connections get a 421 greeting and are closed.
+    ``fault_times``: each recipient's fault fires at most that many times (then it is served
+    normally, as a receiver that recovers); None means every time.
     With ``store=False`` only counters are kept: no messages, records or times.
     """
 
@@ -182,8 +184,11 @@ class Sink(Service):
         max_size: int = DEFAULT_MAX_SIZE,
         max_recipients: int = 1000,
         fail_connections: int = 0,
+        fault_times: int | None = None,
     ) -> None:
         self.host, self._port, self.name, self.hostname = host, port, name, hostname
+        self.fault_times = fault_times
+        self._faults_fired: dict[str, int] = {}
         self.store = store
         self.tls = tls
         self.require_tls = require_tls
@@ -246,6 +251,16 @@ class Sink(Service):
                 break
             await asyncio.sleep(0.01)
         self._server = None
+
+    def fault_for(self, address: str) -> str:
+        """The fault ``address`` asks for, unless it has fired ``fault_times`` already."""
+        fault = _fault_of(address)
+        if fault and self.fault_times is not None:
+            fired = self._faults_fired.get(address.lower(), 0)
+            if fired >= self.fault_times:
+                return ""
+            self._faults_fired[address.lower()] = fired + 1
+        return fault
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Return once ``count`` messages were accepted; ``TimeoutError`` after ``timeout``."""
@@ -802,7 +817,7 @@ class _Session(asyncio.Protocol):
         return None
 
     def _rcpt_verdict(self, txn: _Transaction, address: str, params: str) -> None:
-        fault = _fault_of(address)
+        fault = self.sink.fault_for(address)
         if fault in _RCPT_FAULTS:
             self._reject(_RCPT_FAULTS[fault])
         elif len(txn.rcpt_tos) >= self.sink.max_recipients:
