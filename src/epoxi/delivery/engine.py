@@ -244,8 +244,10 @@ class DeliveryEngine:
         outcomes += result.outcomes()
         return client.is_usable
 
-    def _connect_failed(self, jobs: list[Job], reply: Reply, peer: str) -> None:
-        if reply.is_permanent:  # e.g. a 5xx banner: still the site's fault, retry later
+    def _connect_failed(
+        self, jobs: list[Job], reply: Reply, peer: str, permanent: bool = False
+    ) -> None:
+        if reply.is_permanent and not permanent:  # a 5xx banner: the site's fault, retry later
             reply = Reply(451, "4.4.1", str(reply))
         self._fail_jobs(jobs, reply, peer)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from epoxi.delivery.client import ClientTimeouts, SmtpClient
-from epoxi.errors import ConnectionFailed, DnsError, EpoxiError
+from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
 from epoxi.queue.model import Job
 from epoxi.shaping.throttle import Rate, Throttle
 from epoxi.smtp.replies import Reply
@@ -44,7 +44,7 @@ class Shaping:
 
 
 Deliver = Callable[[SmtpClient, Job], Awaitable[bool]]  # False: the connection is spent
-ConnectFailed = Callable[[list[Job], Reply, str], None]
+ConnectFailed = Callable[[list[Job], Reply, str, bool], None]  # jobs, reply, hosts, permanent
 
 
 class ReadyQueue:
@@ -202,11 +202,14 @@ class ReadyQueue:
     async def _connect(self) -> SmtpClient:
         """Try each host (and each of its addresses) in order; raise the last failure."""
         last: Exception = ConnectionFailed(f"no hosts for {self.destination.site}")
-        for host, port in self.destination.attempt_order():
+        hosts_without_address = 0
+        order = self.destination.attempt_order()
+        for host, port in order:
             try:
                 addresses = await self._resolver.addresses(host)
             except DnsError as exc:
                 last = exc
+                hosts_without_address += isinstance(exc, DnsPermanent)
                 continue
             for address in addresses:
                 try:
@@ -214,6 +217,8 @@ class ReadyQueue:
                 except (ConnectionFailed, EpoxiError) as exc:
                     log.info("[%s] %s:%d (%s): %s", self.key, host, port, address, exc)
                     last = exc
+        if order and hosts_without_address == len(order):  # as Postfix: no host can exist
+            raise DnsPermanent(f"no address for any mail host of {self.destination.site}")
         raise last
 
     async def _open(self, host: str, address: str, port: int) -> SmtpClient:
@@ -234,11 +239,16 @@ class ReadyQueue:
         self.last_error, self.last_error_at = str(exc), time.time()
         if self.connections > 0:
             return
-        reply = getattr(exc, "reply", None) or Reply(451, "4.4.1", f"connection failed: {exc}")
+        permanent = isinstance(exc, DnsPermanent)  # no MX host exists: bounce, as Postfix does
+        if permanent:
+            reply = Reply(550, "5.4.4", str(exc))
+        else:
+            reply = getattr(exc, "reply", None) or Reply(451, "4.4.1", f"connection failed: {exc}")
         jobs, self.jobs = list(self.jobs), deque()
-        log.warning("[%s] cannot connect (%s); %d jobs deferred", self.key, exc, len(jobs))
+        log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
-            self._connect_failed(jobs, reply, ",".join(h for h, _ in self.destination.hosts))
+            hosts = ",".join(h for h, _ in self.destination.hosts)
+            self._connect_failed(jobs, reply, hosts, permanent)
 
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""
