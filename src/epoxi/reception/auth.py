@@ -99,7 +99,7 @@ class SaslError(ValueError):
 def decode_b64(text: str) -> bytes:
     try:
         return base64.b64decode(text.strip(), validate=True)
-    except binascii.Error as exc:
+    except (binascii.Error, ValueError) as exc:  # ValueError: characters outside ASCII
         raise SaslError("not valid base64") from exc
 
 

@@ -24,6 +24,7 @@ from epoxi.smtp import replies
 from epoxi.smtp.parser import (
     CommandError,
     Mailbox,
+    is_ascii_number,
     parse_command,
     parse_mail,
     parse_rcpt,
@@ -201,7 +202,10 @@ class SmtpSession(asyncio.Protocol):
         if self._discarding_line:
             self._discarding_line = False
             return True
-        if len(line) + (0 if line.endswith(b"\r") else 1) > limit:
+        if len(line) + 1 > limit:  # the line and its LF, CR included, within the limit
+            if self.state is State.AUTH:
+                self._auth_step = None  # a SASL response too long ends the exchange
+                self.state = State.COMMAND
             self._error(replies.LINE_TOO_LONG)
             return True
         if line.endswith(b"\r"):
@@ -289,7 +293,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _greet(self, arg: str, *, esmtp: bool) -> None:
         name = arg.strip()
-        if not name or " " in name:
+        if not name or " " in name or not name.isprintable():  # it is echoed in the reply
             raise CommandError(replies.SYNTAX_ERROR)
         self.helo, self.esmtp = name, esmtp
         self.txn = Transaction()
@@ -396,7 +400,7 @@ class SmtpSession(asyncio.Protocol):
 
     def smtp_BDAT(self, arg: str) -> None:
         size_text, _, last = arg.partition(" ")
-        if not size_text.isdigit() or last.strip().upper() not in ("", "LAST"):
+        if not is_ascii_number(size_text) or last.strip().upper() not in ("", "LAST"):
             # Without a valid size the chunk cannot be skipped: close rather than guess.
             self._reply(replies.SYNTAX_ERROR)
             self._close()
@@ -473,7 +477,8 @@ class SmtpSession(asyncio.Protocol):
             return
         self.transport = transport
         self.tls_active = True
-        self.helo, self.esmtp, self.txn = "", False, Transaction()  # RFC 3207 §4.2
+        # RFC 3207 §4.2: forget everything learnt before TLS, the authentication included
+        self.helo, self.esmtp, self.txn, self.auth_user = "", False, Transaction(), ""
         self.state = State.COMMAND
         self._resume()
 
@@ -619,7 +624,11 @@ class SmtpSession(asyncio.Protocol):
         if not txn.long_line and length > limit:
             txn.long_line = max(map(len, chunk.split(b"\r\n"))) + 2 > limit
         if self._count_size(length):
-            txn.parts.append(chunk)
+            # A chunk starts at a line start and ends with CRLF: undo dot-stuffing here, so
+            # the message is joined once at the end (a 50 MB message is not copied 4 times).
+            if chunk.startswith(b".."):
+                chunk = chunk[1:]
+            txn.parts.append(chunk.replace(b"\r\n..", b"\r\n."))
 
     def _count_size(self, length: int) -> bool:
         """Add to the message size; False (and the data dropped) once it is too big."""
@@ -639,10 +648,7 @@ class SmtpSession(asyncio.Protocol):
             self.txn = Transaction()
             self._reply(refusal)
             return
-        body = b"".join(txn.parts)
-        if body.startswith(b".."):
-            body = body[1:]
-        self._commit(body.replace(b"\r\n..", b"\r\n."))
+        self._commit(txn.parts)
 
     def _data_refusal(self, txn: Transaction) -> Reply | None:
         if txn.too_big:
@@ -677,19 +683,15 @@ class SmtpSession(asyncio.Protocol):
             self._reply(replies.MESSAGE_TOO_BIG)
         elif not self._bdat_last:
             self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
+        elif self.ctx.settings.reject_bare_cr_lf and _bare_cr_or_lf(txn.parts):
+            self.txn = Transaction()
+            self._reply(replies.BAD_LINE_ENDINGS)
         else:
-            body = b"".join(txn.parts)
-            crlf = body.count(b"\r\n")
-            bad = body.count(b"\n") != crlf or body.count(b"\r") != crlf
-            if bad and self.ctx.settings.reject_bare_cr_lf:
-                self.txn = Transaction()
-                self._reply(replies.BAD_LINE_ENDINGS)
-            else:
-                self._commit(body)
+            self._commit(txn.parts)
 
     # ----------------------------------------------------------------- the commit
 
-    def _commit(self, body: bytes) -> None:
+    def _commit(self, parts: list[bytes]) -> None:
         txn = self.txn
         self.txn = Transaction()
         queue_id = new_message_id()
@@ -702,7 +704,8 @@ class SmtpSession(asyncio.Protocol):
             queue_id=queue_id,
             recipient=single,
         )
-        body = header + body
+        body = b"".join((header, *parts))
+        parts.clear()
         meta = MessageMeta(
             id=queue_id,
             sender=str(txn.sender) if txn.sender else "",
@@ -762,3 +765,14 @@ def _register_commands() -> None:
 _register_commands()
 
 __all__ = ["SessionContext", "SmtpSession", "State", "Transaction"]
+
+
+def _bare_cr_or_lf(parts: list[bytes]) -> bool:
+    """True if the chunks hold a CR or LF outside CRLF (a CRLF may span two chunks)."""
+    cr = lf = crlf = 0
+    previous = b""
+    for part in (p for p in parts if p):
+        cr, lf, crlf = cr + part.count(b"\r"), lf + part.count(b"\n"), crlf + part.count(b"\r\n")
+        crlf += previous.endswith(b"\r") and part.startswith(b"\n")
+        previous = part
+    return cr != crlf or lf != crlf

@@ -65,7 +65,13 @@ def parse_command(line: bytes) -> Command:
     except UnicodeDecodeError as exc:
         raise CommandError(replies.SYNTAX_ERROR) from exc
     verb, _, arg = text.partition(" ")
-    return Command(verb.upper(), arg.lstrip(" "))
+    return Command(verb.translate(_ASCII_UPPER), arg.lstrip(" "))
+
+
+# Case is folded for ASCII letters only: "MA\u0131L".upper() is "MAIL", and "\u212a".lower()
+# (KELVIN SIGN) is "k", which would turn a UTF-8 domain into an ASCII one.
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+")
@@ -165,13 +171,18 @@ def parse_mailbox(text: str) -> Mailbox:
     if at <= 0:
         raise CommandError(replies.BAD_ADDRESS)
     local, domain = text[:at], text[at + 1 :]
-    if len(local.encode()) > MAX_LOCAL_PART:
+    try:
+        local_octets = len(local.encode())
+        domain.encode()
+    except UnicodeEncodeError as exc:  # lone surrogates, from undecodable input
+        raise CommandError(replies.BAD_ADDRESS) from exc
+    if local_octets > MAX_LOCAL_PART:
         raise CommandError(replies.BAD_ADDRESS)
     if not (_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local)):
         raise CommandError(replies.BAD_ADDRESS)
     if not (_is_domain(domain) or _is_address_literal(domain)):
         raise CommandError(replies.BAD_ADDRESS)
-    return Mailbox(local, domain.lower())
+    return Mailbox(local, domain.translate(_ASCII_LOWER))
 
 
 def _is_domain(text: str) -> bool:
@@ -192,9 +203,14 @@ def _is_address_literal(text: str) -> bool:
     return True
 
 
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only (``str.isdigit`` also takes "²" and Arabic-Indic digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_size_param(value: str | None) -> int:
     """The value of MAIL's ``SIZE=`` parameter (RFC 1870)."""
-    if value is None or not value.isdigit() or len(value) > 20:
+    if value is None or not is_ascii_number(value) or len(value) > 20:
         raise CommandError(replies.SYNTAX_ERROR)
     return int(value)
 
