@@ -194,7 +194,7 @@ class SmtpSession(asyncio.Protocol):
                 buf.clear()
                 if not self._discarding_line:
                     self._discarding_line = True
-                    self._error(replies.LINE_TOO_LONG)
+                    self._line_too_long()
             return False
         line = bytes(buf[:end])
         del buf[: end + 1]
@@ -203,10 +203,7 @@ class SmtpSession(asyncio.Protocol):
             self._discarding_line = False
             return True
         if len(line) + 1 > limit:  # the line and its LF, CR included, within the limit
-            if self.state is State.AUTH:
-                self._auth_step = None  # a SASL response too long ends the exchange
-                self.state = State.COMMAND
-            self._error(replies.LINE_TOO_LONG)
+            self._line_too_long()
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -215,6 +212,12 @@ class SmtpSession(asyncio.Protocol):
         else:
             self._dispatch(line)
         return True
+
+    def _line_too_long(self) -> None:
+        if self.state is State.AUTH:  # a SASL response too long ends the exchange
+            self._auth_step = None
+            self.state = State.COMMAND
+        self._error(replies.LINE_TOO_LONG)
 
     def _dispatch(self, line: bytes) -> None:
         try:
