@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from epoxi.app import Epoxi
@@ -222,3 +223,27 @@ async def make_world(tmp_path: Path) -> AsyncIterator[MakeWorld]:
 
 async def send(world: World, *args: Any, **kwargs: Any) -> list[str]:
     return await asyncio.to_thread(world.send, *args, **kwargs)
+
+
+# --------------------------------------------------------------------- the HTTP API
+
+Api = Callable[..., Any]
+
+
+@pytest.fixture
+async def api(make_world: MakeWorld) -> AsyncIterator[Api]:
+    """``await api(**world_overrides)`` -> (world, httpx client on the node's HTTP API)."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(**overrides: Any) -> tuple[World, httpx.AsyncClient]:
+        overrides.setdefault("http_listen", ["127.0.0.1:0"])
+        world: World = await make_world(**overrides)
+        assert world.app.http is not None
+        host, port = world.app.http.addresses[0]
+        client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30)
+        clients.append(client)
+        return world, client
+
+    yield make
+    for client in clients:
+        await client.aclose()

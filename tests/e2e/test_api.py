@@ -7,38 +7,16 @@ import base64
 import email
 import email.policy
 import time
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
-import httpx
 import pytest
 
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
-from tests.e2e.conftest import MakeWorld, World
-
-Api = Callable[..., Any]
-
-
-@pytest.fixture
-async def api(make_world: MakeWorld) -> AsyncIterator[Api]:
-    """``await api(**world_overrides)`` -> (world, httpx client on the node's API)."""
-    clients: list[httpx.AsyncClient] = []
-
-    async def make(**overrides: Any) -> tuple[World, httpx.AsyncClient]:
-        world: World = await make_world(http_listen=["127.0.0.1:0"], **overrides)
-        assert world.app.http is not None
-        host, port = world.app.http.addresses[0]
-        client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30)
-        clients.append(client)
-        return world, client
-
-    yield make
-    for client in clients:
-        await client.aclose()
+from tests.e2e.conftest import Api, World
 
 
 def parse(data: bytes) -> EmailMessage:

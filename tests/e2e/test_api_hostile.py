@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -36,33 +36,13 @@ import pytest
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, Scope, store_path
 from tests.conftest import EpoxiProcess, free_port, wait_for_port
-from tests.e2e.conftest import MakeWorld, World
+from tests.e2e.conftest import Api, World
 
-Api = Callable[..., Any]
 PROBLEM = "application/problem+json"
 JSON = {"content-type": "application/json"}
 SEND_ROUTES = ("/messages", "/messages/raw")
 ADMIN_POSTS = ("/admin/suspend", "/admin/bounce", "/admin/retry")
 POST_ROUTES = SEND_ROUTES + ADMIN_POSTS
-
-
-@pytest.fixture
-async def api(make_world: MakeWorld) -> AsyncIterator[Api]:
-    """``await api(**world_overrides)`` -> (world, httpx client on the node's API)."""
-    clients: list[httpx.AsyncClient] = []
-
-    async def make(**overrides: Any) -> tuple[World, httpx.AsyncClient]:
-        overrides.setdefault("http_listen", ["127.0.0.1:0"])
-        world: World = await make_world(**overrides)
-        assert world.app.http is not None
-        host, port = world.app.http.addresses[0]
-        client = httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30)
-        clients.append(client)
-        return world, client
-
-    yield make
-    for client in clients:
-        await client.aclose()
 
 
 @pytest.fixture

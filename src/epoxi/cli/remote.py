@@ -293,6 +293,16 @@ Campaign = Annotated[str | None, typer.Option(help="A campaign.")]
 Queue = Annotated[str | None, typer.Option(help="A scheduled queue: campaign:tenant@domain.")]
 
 
+MessageIds = Annotated[list[str] | None, typer.Option("--id", help="A message id (repeatable).")]
+IdsFile = Annotated[
+    Path | None, typer.Option(help="A file of message ids, one per line ('-': stdin).")
+]
+
+
+def _ids(message_ids: list[str] | None, ids_file: Path | None) -> list[str]:
+    return list(message_ids or []) + (_read_ids(ids_file) if ids_file else [])
+
+
 def _selector(**fields: str | None) -> dict[str, str]:
     return {k: v for k, v in fields.items() if v}
 
@@ -428,12 +438,8 @@ def queue_bounce(
     tenant: Tenant = None,
     campaign: Campaign = None,
     queue: Queue = None,
-    message_id: Annotated[
-        list[str] | None, typer.Option("--id", help="A message id (repeatable).")
-    ] = None,
-    ids_file: Annotated[
-        Path | None, typer.Option(help="A file of message ids, one per line ('-': stdin).")
-    ] = None,
+    message_id: MessageIds = None,
+    ids_file: IdsFile = None,
     reason: Annotated[str, typer.Option(help="Why; written in each AdminBounce record.")] = "",
     url: Url = DEFAULT_URL,
     key: Key = None,
@@ -441,9 +447,8 @@ def queue_bounce(
 ) -> None:
     """Remove matching queued messages (no DSN), each with an AdminBounce record."""
     target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
-    ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
     with _api(url, key) as client:
-        _act_on_selection("bounce", target, ids, reason, client, as_json)
+        _act_on_selection("bounce", target, _ids(message_id, ids_file), reason, client, as_json)
 
 
 @queue_app.command("retry")
@@ -453,21 +458,16 @@ def queue_retry(
     tenant: Tenant = None,
     campaign: Campaign = None,
     queue: Queue = None,
-    message_id: Annotated[
-        list[str] | None, typer.Option("--id", help="A message id (repeatable).")
-    ] = None,
-    ids_file: Annotated[
-        Path | None, typer.Option(help="A file of message ids, one per line ('-': stdin).")
-    ] = None,
+    message_id: MessageIds = None,
+    ids_file: IdsFile = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
     as_json: AsJson = False,
 ) -> None:
     """Make matching deferred messages due now (none named: every deferred message)."""
     target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
-    ids = list(message_id or []) + (_read_ids(ids_file) if ids_file else [])
     with _api(url, key) as client:
-        _act_on_selection("retry", target, ids, "", client, as_json)
+        _act_on_selection("retry", target, _ids(message_id, ids_file), "", client, as_json)
 
 
 def _act_on_selection(
