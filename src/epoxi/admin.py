@@ -66,7 +66,8 @@ class ReadyQueueInfo(msgspec.Struct, kw_only=True):
     connection_limit: int
     connects: int
     deliveries: int
-    max_message_rate: str | None
+    attempts_last_minute: int  # the measured rate: transactions started in the last 60 s
+    max_message_rate: str | None  # the configured limit
     suspended: str | None
     suspended_until: float | None
     last_error: str | None
@@ -273,6 +274,7 @@ def _ready_info(ready: ReadyQueue) -> ReadyQueueInfo:
         connection_limit=ready.shaping.connection_limit,
         connects=ready.connects,
         deliveries=ready.deliveries,
+        attempts_last_minute=ready.delivered_last_minute.count(),
         max_message_rate=str(rate) if rate else None,
         suspended=ready.suspension,
         suspended_until=ready.suspended_until,

@@ -425,6 +425,7 @@ async def test_pipelines_and_unknown_routing_key(api: Api) -> None:
     pipelines = (await client.get("/admin/pipelines")).json()
     (ready,) = pipelines["ready"]
     assert ready["site"] == "mx1.a.test,mx2.a.test" and ready["deliveries"] == 1
+    assert ready["attempts_last_minute"] == 1
     assert ready["connection_limit"] == 4
     assert (await client.get("/admin/pipelines/nowhere.test")).status_code == 404
     assert (await client.get("/admin/messages/NOSUCH")).status_code == 404

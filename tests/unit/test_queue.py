@@ -138,3 +138,19 @@ def test_equal_mx_preferences_are_tried_in_random_order() -> None:
     assert len(orders) > 1 and all(order[-1] == ("d", 25) for order in orders)
     static = Destination("s", hosts, TlsPolicy())
     assert static.attempt_order() == list(hosts)
+
+
+def test_rate_meter_counts_the_last_window_only() -> None:
+    from epoxi.delivery.ready import RateMeter
+
+    now = [1000.0]
+    meter = RateMeter(window=60, clock=lambda: now[0])
+    for _ in range(3):
+        meter.tick()
+    now[0] += 30
+    meter.tick()
+    assert meter.count() == 4
+    now[0] += 31  # the first three are more than 60 s old
+    assert meter.count() == 1
+    now[0] += 60
+    assert meter.count() == 0

@@ -349,7 +349,8 @@ def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
         "ready queue",
         "queued",
         "connections",
-        "delivered",
+        "attempts",
+        "per minute",
         "suspended",
         "last error",
         title="ready",
@@ -360,6 +361,7 @@ def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
             str(q["queued"]),
             f"{q['connections']}/{q['connection_limit']}",
             str(q["deliveries"]),
+            str(q["attempts_last_minute"]),
             q["suspended"] or "",
             q["last_error"] or "",
         )

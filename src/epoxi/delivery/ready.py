@@ -43,6 +43,31 @@ class Shaping:
     max_connection_rate: Rate | None = None
 
 
+class RateMeter:
+    """Events in the last ``window`` seconds, counted in one-second buckets."""
+
+    def __init__(self, window: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()  # [second, count]
+
+    def tick(self) -> None:
+        second = int(self._clock())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([second, 1])
+            self._trim(second)
+
+    def count(self) -> int:
+        self._trim(int(self._clock()))
+        return sum(n for _, n in self._buckets)
+
+    def _trim(self, now: int) -> None:
+        while self._buckets and self._buckets[0][0] <= now - self.window:
+            self._buckets.popleft()
+
+
 Deliver = Callable[[SmtpClient, Job], Awaitable[bool]]  # False: the connection is spent
 ConnectFailed = Callable[[list[Job], Reply, str, bool], None]  # jobs, reply, hosts, permanent
 
@@ -69,6 +94,7 @@ class ReadyQueue:
         self.jobs: deque[Job] = deque()
         self.connections = 0
         self.deliveries = 0
+        self.delivered_last_minute = RateMeter(60)  # attempts made, whatever their outcome
         self.connects = 0
         self._hostname = hostname
         self._resolver = resolver
@@ -175,6 +201,7 @@ class ReadyQueue:
                 return
             await self._pace()
             self.deliveries += 1
+            self.delivered_last_minute.tick()
             if not await self._deliver(client, job) or not client.is_usable:
                 return
 
