@@ -87,6 +87,7 @@ _RESERVED_HEADERS = {
     "message-id": None,
     "mime-version": None,
 }
+_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\\\"@]+@[A-Za-z0-9.-]+")
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
 
 MAX_SUBJECT = 998  # octets of a header line (RFC 5322 2.1.1), before encoding
@@ -350,8 +351,22 @@ def _quoted_printable(text: str) -> bytes:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.endswith("\n"):
         text += "\n"
+    if _needs_no_encoding(text):  # the common case: quoted-printable would change nothing
+        return text[:-1].replace("\n", "\r\n").encode("ascii")
     encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
     return encoded[:-1].replace(b"\n", b"\r\n")
+
+
+def _needs_no_encoding(text: str) -> bool:
+    """Printable ASCII in lines of at most 76, no "=", no space or tab before a line end."""
+    return (
+        text.isascii()
+        and "=" not in text
+        and " \n" not in text
+        and "\t\n" not in text
+        and _CONTROL.search(text.replace("\n", "")) is None
+        and max(map(len, text.split("\n"))) <= 76
+    )
 
 
 def _set_body(
@@ -434,10 +449,13 @@ def _render(
 def _address(where: str, value: str) -> str:
     """The addr-spec in ``value`` ("a@b" or "Name <a@b>"), checked as SMTP would."""
     _check_header_value(where, value)
-    pairs = email.utils.getaddresses([value])
-    if len(pairs) != 1 or not pairs[0][1]:
-        raise ComposeError(where, f"not one email address: {value!r}")
-    address = pairs[0][1]
+    if _PLAIN_ADDRESS.fullmatch(value):  # a bare addr-spec: no display name to parse
+        address = value
+    else:
+        pairs = email.utils.getaddresses([value])
+        if len(pairs) != 1 or not pairs[0][1]:
+            raise ComposeError(where, f"not one email address: {value!r}")
+        address = pairs[0][1]
     try:
         parse_mailbox(address)
     except CommandError as exc:
