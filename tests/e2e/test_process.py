@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -119,6 +120,17 @@ def test_serve_refuses_a_public_api_without_keys(tmp_path: Path) -> None:
     assert "0.0.0.0" in result.stderr and "epoxi keys create" in result.stderr
     created = run_cli("keys", "create", "--name", "app", "--scope", "send", env=env)
     assert created.returncode == 0 and created.stdout.startswith("epx_")
+
+
+def test_serve_says_when_a_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"EPOXI_SMTP_LISTEN": f"127.0.0.1:{port}", "EPOXI_DATA_DIR": str(tmp_path)}
+        result = run_cli("serve", env={**env, "EPOXI_HTTP_LISTEN": ""})
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_users_hash_prints_a_verifiable_hash() -> None:

@@ -50,7 +50,7 @@ async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) 
 @post(
     "/suspend",
     status_code=200,
-    responses=problem_responses(400, 401, 403, 422),
+    responses=problem_responses(400, 401, 403, 415, 422),
     summary="Hold mail for a domain, site, tenant, campaign or queue",
 )
 async def suspend(
@@ -94,7 +94,7 @@ async def resume(
 @post(
     "/bounce",
     status_code=200,
-    responses=problem_responses(400, 401, 403, 422),
+    responses=problem_responses(400, 401, 403, 415, 422),
     summary="Remove matching queued messages, each with an AdminBounce record",
 )
 async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> BounceResponse:
@@ -107,7 +107,7 @@ async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) ->
 @post(
     "/retry",
     status_code=200,
-    responses=problem_responses(400, 401, 403, 422),
+    responses=problem_responses(400, 401, 403, 415, 422),
     summary="Make matching deferred messages due now (an empty selector {}: all of them)",
 )
 async def retry(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> RetryResponse:

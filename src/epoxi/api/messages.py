@@ -46,7 +46,7 @@ RENDER_CHUNK = 200  # messages rendered between yields to the event loop
     "/messages",
     status_code=202,
     opt={"scope": Scope.SEND},
-    responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
     summary="Send a message to each recipient",
     tags=["messages"],
 )
@@ -74,7 +74,7 @@ async def send(
     "/messages/raw",
     status_code=202,
     opt={"scope": Scope.SEND},
-    responses=problem_responses(400, 401, 403, 409, 413, 422, 503),
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
     summary="Send an RFC 5322 message with an explicit envelope",
     tags=["messages"],
 )

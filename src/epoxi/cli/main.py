@@ -55,6 +55,9 @@ def serve(config: ConfigOption = None) -> None:
     except ConfigError as exc:
         typer.echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except OSError as exc:  # most often: an address already in use, or not ours to bind
+        typer.echo(f"epoxi: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @config_app.command("check")
