@@ -107,6 +107,7 @@ def build_app(ctx: ApiContext) -> Litestar:
             security=[{"bearer": []}, {}],
         ),
         debug=False,
+        logging_config=None,  # Epoxi configures logging; Litestar must not replace it
     )
     _forbid_unknown_fields(app)
     return app
