@@ -238,7 +238,11 @@ class Admin:
 
     def retry(self, selector: Selector) -> int:
         """Make matching deferred messages due now; returns how many jobs were moved."""
-        return self.scheduler.retry_now(selector.matches)
+        jobs = self.scheduler.retry_now(selector.matches)
+        for message in {id(job.message): job.message for job in jobs}.values():
+            message.meta.due = 0.0  # due now after a restart too
+            self.spool.update(message.meta)
+        return len(jobs)
 
 
 def queue_domain(name: str) -> str:

@@ -176,15 +176,15 @@ class Scheduler:
             self._recount()
         return taken
 
-    def retry_now(self, predicate: Callable[[Job], bool]) -> int:
+    def retry_now(self, predicate: Callable[[Job], bool]) -> list[Job]:
         """Make the matching jobs that wait for a later time due now (held ones stay held)."""
         now = self._clock()
-        changed = 0
+        changed = []
         for index, (due, seq, job) in enumerate(self._heap):
             if due > now and predicate(job):
                 job.due = now
                 self._heap[index] = (now, seq, job)
-                changed += 1
+                changed.append(job)
         if changed:
             heapq.heapify(self._heap)
             self._wake.set()
