@@ -303,7 +303,12 @@ def _is_loopback(address: str) -> bool:
 
 
 def _share_strings(meta: MessageMeta) -> None:
-    """Loaded messages repeat the same senders, origins and replies: keep one copy of each."""
+    """Loaded messages repeat the same senders, clients, tenants and replies: one copy each."""
     meta.sender = sys.intern(meta.sender)
     meta.origin = sys.intern(meta.origin)
+    meta.peer = sys.intern(meta.peer)
+    meta.helo = sys.intern(meta.helo)
+    meta.auth_user = sys.intern(meta.auth_user)
+    meta.tenant = sys.intern(meta.tenant)
+    meta.campaign = sys.intern(meta.campaign)
     meta.last_response = sys.intern(meta.last_response)

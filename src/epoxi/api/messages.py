@@ -63,7 +63,7 @@ async def send(
         composer = Composer(_draft(data), ctx.settings.hostname, ctx.settings.smtp.max_message_size)
         rendered = await _render_all(composer)
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
-        base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx)
+        base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx) or None
         queued = await _spool(ctx, composer.envelope_sender, rendered, base)
         return SendResponse(count=len(queued), messages=queued)
 
@@ -102,7 +102,7 @@ async def send_raw(
             smtputf8=not (sender.isascii() and all(r.isascii() for r in recipients)),
             body_8bit=not body.isascii(),
             **_meta_fields(request, data.send_at, tenant, data.campaign),
-            metadata=dict(data.metadata),
+            metadata=dict(data.metadata) or None,
         )
         await ctx.inject_many([(meta, body)])
         return SendResponse(

@@ -9,8 +9,12 @@ from __future__ import annotations
 import msgspec
 
 
-class MessageMeta(msgspec.Struct, kw_only=True):
-    """Envelope, origin and attempt state of one spooled message."""
+class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
+    """Envelope, origin and attempt state of one spooled message.
+
+    ``gc=False``: it holds only strings, numbers, a list and a dict of strings, so it can never
+    be part of a reference cycle, and a million queued messages save the GC header each.
+    """
 
     id: str
     sender: str  # "" is the null reverse-path <>
@@ -25,7 +29,7 @@ class MessageMeta(msgspec.Struct, kw_only=True):
     body_8bit: bool = False
     tenant: str = ""
     campaign: str = ""
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    metadata: dict[str, str] | None = None  # None, not {}: a million queued messages
     attempts: int = 0
     due: float = 0.0  # unix time of the next attempt; 0 means now
     last_response: str = ""
