@@ -85,8 +85,12 @@ class EpoxiProcess:
         args = [sys.executable, "-m", "epoxi", "serve"] + (["-c", str(config)] if config else [])
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=log, preexec_fn=self.preexec
+            )
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
+
+    preexec: Callable[[], None] | None = None  # run in the child before exec (limits ...)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None

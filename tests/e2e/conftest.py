@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import smtplib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +250,23 @@ async def api(make_world: MakeWorld) -> AsyncIterator[Api]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+def message_request(**message: Any) -> dict[str, Any]:
+    """A valid POST /messages body; keyword arguments replace or add message fields."""
+    return {
+        "message": {
+            "from": "Sender <s@sender.test>",
+            "to": ["x@a.test"],
+            "subject": "Hello",
+            "text": "Hi.",
+            **message,
+        }
+    }
+
+
+def parse(data: bytes) -> EmailMessage:
+    """A received message, parsed as a modern ``EmailMessage``."""
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message

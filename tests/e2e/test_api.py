@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email
-import email.policy
 import time
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -16,25 +13,7 @@ import pytest
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
-from tests.e2e.conftest import Api, World
-
-
-def parse(data: bytes) -> EmailMessage:
-    message = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
-def message_request(**message: Any) -> dict[str, Any]:
-    return {
-        "message": {
-            "from": "Sender <s@sender.test>",
-            "to": ["x@a.test"],
-            "subject": "Hello",
-            "text": "Hi.",
-            **message,
-        }
-    }
+from tests.e2e.conftest import Api, World, message_request, parse
 
 
 def sink_messages(world: World) -> list[Any]:

@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email
-import email.policy
 import logging
-import os
 import re
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +30,7 @@ import pytest
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, Scope, store_path
 from tests.conftest import EpoxiProcess, free_port, wait_for_port
-from tests.e2e.conftest import Api, World
+from tests.e2e.conftest import Api, World, message_request, parse
 
 PROBLEM = "application/problem+json"
 JSON = {"content-type": "application/json"}
@@ -56,18 +50,6 @@ def server_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def message_request(**message: Any) -> dict[str, Any]:
-    return {
-        "message": {
-            "from": "Sender <s@sender.test>",
-            "to": ["x@a.test"],
-            "subject": "Hello",
-            "text": "Hi.",
-            **message,
-        }
-    }
 
 
 RAW = {"from": "bounce@sender.test", "to": ["x@a.test"], "content": "Subject: raw\n\nHi.\n"}
@@ -138,12 +120,6 @@ def msg_copy(value: Any) -> Any:
     if isinstance(value, list):
         return [msg_copy(v) for v in value]
     return value
-
-
-def parse(data: bytes) -> EmailMessage:
-    message = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def delivered_to(world: World, recipient: str) -> list[bytes]:
@@ -964,26 +940,10 @@ def _cap_memory() -> None:  # runs in the child, before exec
 class CappedEpoxi(EpoxiProcess):
     """``epoxi serve`` in a child process that may use at most 2 GiB of address space."""
 
+    preexec = staticmethod(_cap_memory)
+
     def start(self, config: Path | None = None) -> None:
-        env = {
-            **os.environ,
-            "EPOXI_SMTP_LISTEN": f"127.0.0.1:{self.port}",
-            "EPOXI_DATA_DIR": str(self.data_dir),
-            "EPOXI_HOSTNAME": "mx.test",
-            "EPOXI_LOCAL_DOMAINS": "local.test",
-            "EPOXI_SMTP_RELAY": "127.0.0.1",
-            "EPOXI_SMTP_PORT": str(self.relay_port),
-            "EPOXI_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
-        }
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "epoxi", "serve"],
-                env=env,
-                stdout=log,
-                stderr=log,
-                preexec_fn=_cap_memory,
-            )
+        super().start(config)
         wait_for_port("127.0.0.1", self.http_port, proc=self.proc)
 
 

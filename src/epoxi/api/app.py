@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
 from litestar.exceptions import ClientException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -93,7 +94,7 @@ def build_app(ctx: ApiContext) -> Litestar:
         before_request=_require_json_body,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=ctx.settings.api.max_body_size,
-        state=_state(ctx),
+        state=State({"ctx": ctx}),
         openapi_config=OpenAPIConfig(
             title="Epoxi",
             version=__version__,
@@ -124,9 +125,3 @@ def _forbid_unknown_fields(app: Litestar) -> None:
 
 def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
-
-
-def _state(ctx: ApiContext) -> Any:
-    from litestar.datastructures import State
-
-    return State({"ctx": ctx})

@@ -159,17 +159,14 @@ _html_env = _Sandbox(autoescape=True)
 class Composer:
     """Checks a draft once, then renders it for each recipient."""
 
-    def __init__(self, draft: Draft, hostname: str, max_size: int = 50 * 1024 * 1024) -> None:
+    def __init__(self, draft: Draft, hostname: str, max_size: int) -> None:
         self.draft = draft
         self.hostname = hostname
-        self.max_size = max_size
+        self.max_size = max_size  # smtp.max_message_size: for one rendered message
+        # _address checks each value for control characters as well as the address in it
         self.envelope_sender = _address("message.from", draft.sender)
-        _check_header_value("message.from", draft.sender)
-        for name, values in (("message.to", draft.to), ("message.cc", draft.cc)):
-            for index, value in enumerate(values):
-                _check_header_value(f"{name}[{index}]", value)
+        self.recipients = self._recipients()
         if draft.reply_to is not None:
-            _check_header_value("message.reply_to", draft.reply_to)
             _address("message.reply_to", draft.reply_to)
         for name, value in draft.headers.items():
             _check_custom_header(name, value)
@@ -186,7 +183,6 @@ class Composer:
         self._text = _compile(_plain_env, "message.text", draft.text)
         self._html = _compile(_html_env, "message.html", draft.html)
         self._cc_header = ", ".join(draft.cc)
-        self.recipients = self._recipients()
         self._skeleton = _Skeleton.for_composer(self)
 
     def _recipients(self) -> list[tuple[str, str]]:
@@ -297,7 +293,6 @@ class _Skeleton:
     def __init__(self, composer: Composer) -> None:
         tag = secrets.token_hex(8).upper()
         tokens = {name: f"EPOXI{tag}{name}" for name in self._NAMES}
-        self.hostname = composer.hostname
         draft = composer.draft
         message = EmailMessage(policy=email.policy.SMTP)
         first_to = draft.to[0] if draft.to else ""

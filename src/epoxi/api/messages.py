@@ -39,17 +39,16 @@ IdempotencyKey = HeaderParameter(
     max_length=255,
     description="the same key (per tenant, for 24 h) returns the first response, queues nothing",
 )
+_SENDING: dict[str, Any] = {  # what both sending routes declare
+    "status_code": 202,
+    "opt": {"scope": Scope.SEND},
+    "responses": problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
+    "tags": ["messages"],
+}
 RENDER_CHUNK = 200  # messages rendered between yields to the event loop
 
 
-@post(
-    "/messages",
-    status_code=202,
-    opt={"scope": Scope.SEND},
-    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
-    summary="Send a message to each recipient",
-    tags=["messages"],
-)
+@post("/messages", summary="Send a message to each recipient", **_SENDING)
 async def send(
     request: Request[Any, Any, Any],
     data: JSONBody[SendRequest],
@@ -70,14 +69,7 @@ async def send(
     return await _once(request, data, data.tenant, idempotency_key, queue)
 
 
-@post(
-    "/messages/raw",
-    status_code=202,
-    opt={"scope": Scope.SEND},
-    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
-    summary="Send an RFC 5322 message with an explicit envelope",
-    tags=["messages"],
-)
+@post("/messages/raw", summary="Send an RFC 5322 message with an explicit envelope", **_SENDING)
 async def send_raw(
     request: Request[Any, Any, Any],
     data: JSONBody[RawRequest],

@@ -68,44 +68,28 @@ class _QueueGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         queues = list(self.scheduler.queues.values())
         ready = list(self.engine.ready.values())
-        gauge = GaugeMetricFamily
-        yield gauge(
-            "epoxi_scheduled_messages",
-            "Jobs waiting for their due time",
-            value=sum(q.scheduled for q in queues),
-        )
-        yield gauge(
-            "epoxi_held_messages",
-            "Jobs due but held by a suspension",
-            value=sum(len(q.held) for q in queues),
-        )
-        yield gauge(
-            "epoxi_ready_messages",
-            "Jobs in ready queues, waiting for a connection",
-            value=sum(len(r) for r in ready),
-        )
-        yield gauge(
-            "epoxi_scheduled_queues",
-            "Scheduled queues that hold jobs",
-            value=sum(1 for q in queues if q.scheduled or q.held),
-        )
-        yield gauge("epoxi_ready_queues", "Ready queues (egress source, site)", value=len(ready))
-        yield gauge(
-            "epoxi_outbound_connections",
-            "Open delivery connections",
-            value=sum(r.connections for r in ready),
-        )
-        yield gauge(
-            "epoxi_suspended_ready_queues",
-            "Ready queues suspended by an operator",
-            value=sum(1 for r in ready if r.suspension),
-        )
-        yield gauge(
-            "epoxi_spool_pending_writes",
-            "Spool writes waiting for their commit",
-            value=self.spool_pending(),
-        )
-        yield gauge("epoxi_smtp_sessions", "Open inbound SMTP sessions", value=self.smtp_sessions())
+        scheduled = [q.scheduled for q in queues]
+        held = [len(q.held) for q in queues]
+        connections = [r.connections for r in ready]
+        figures = {
+            "scheduled_messages": ("Jobs waiting for their due time", sum(scheduled)),
+            "held_messages": ("Jobs due but held by a suspension", sum(held)),
+            "ready_messages": ("Jobs in ready queues, waiting to be sent", sum(map(len, ready))),
+            "scheduled_queues": (
+                "Scheduled queues that hold jobs",
+                sum(1 for q in queues if q.scheduled or q.held),
+            ),
+            "ready_queues": ("Ready queues (egress source, site)", len(ready)),
+            "outbound_connections": ("Open delivery connections", sum(connections)),
+            "suspended_ready_queues": (
+                "Ready queues suspended by an operator",
+                sum(1 for r in ready if r.suspension),
+            ),
+            "spool_pending_writes": ("Spool writes waiting for their commit", self.spool_pending()),
+            "smtp_sessions": ("Open inbound SMTP sessions", self.smtp_sessions()),
+        }
+        for name, (description, value) in figures.items():
+            yield GaugeMetricFamily(f"epoxi_{name}", description, value=value)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -6,7 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
@@ -130,4 +130,4 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "MediaType", "problem", "problem_responses"]
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "problem", "problem_responses"]
