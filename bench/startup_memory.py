@@ -21,9 +21,9 @@ from pathlib import Path
 
 from harness import Node, emit
 
+from epoxi.message import MessageMeta
 from epoxi.spool import Spool
 from epoxi.spool.ids import new_message_id
-from epoxi.spool.records import MessageMeta
 
 
 async def build_spool(path: Path, count: int, size: int) -> float:

@@ -14,10 +14,10 @@ import msgspec
 
 from epoxi.delivery.engine import DeliveryEngine
 from epoxi.delivery.ready import ReadyQueue
+from epoxi.message import MessageMeta
 from epoxi.queue.model import Job
 from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
 from epoxi.spool import Spool
-from epoxi.spool.records import MessageMeta
 
 SuspendTarget = Literal["queue", "domain", "tenant", "campaign", "site"]
 

@@ -22,12 +22,12 @@ from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
 from epoxi.events.records import Record, RecordType
+from epoxi.message import MessageMeta
 from epoxi.queue.headers import take_epoxi_headers
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
 from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
 from epoxi.reception.server import SmtpServer
 from epoxi.spool import Spool
-from epoxi.spool.records import MessageMeta
 from epoxi.store import KeyStore, StatusStore, store_path
 
 if TYPE_CHECKING:

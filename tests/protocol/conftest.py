@@ -10,10 +10,10 @@ import pytest
 
 from epoxi.config import SmtpSettings
 from epoxi.errors import SpoolUnavailable
+from epoxi.message import MessageMeta
 from epoxi.reception.auth import Authenticator, hash_password
 from epoxi.reception.policy import AuthThrottle, ConnectionTracker, RelayPolicy
 from epoxi.reception.session import SessionContext, SmtpSession
-from epoxi.spool.records import MessageMeta
 
 PASSWORD_HASH = hash_password("s3cret", ln=4)
 

@@ -23,8 +23,8 @@ from epoxi.bounce.classify import (
 )
 from epoxi.bounce.dsn import RecipientFailure, build_dsn, should_send_dsn
 from epoxi.errors import ConfigError
+from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
-from epoxi.spool.records import MessageMeta
 
 C = BounceCategory
 

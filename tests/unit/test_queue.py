@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+from epoxi.message import MessageMeta
 from epoxi.queue.headers import take_epoxi_headers
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.scheduled import Scheduler, Suspension
 from epoxi.shaping.throttle import Rate, Throttle
-from epoxi.spool.records import MessageMeta
 
 
 class Clock:

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from epoxi.errors import SpoolError, SpoolUnavailable
+from epoxi.message import MessageMeta
 from epoxi.spool import Spool
 from epoxi.spool.ids import is_message_id, new_message_id
-from epoxi.spool.records import MessageMeta, encode_meta
+from epoxi.spool.records import encode_meta
 from epoxi.spool.sqlite import SCHEMA_VERSION
 
 
@@ -308,7 +309,7 @@ def test_sigkill_right_after_store_keeps_the_rows(tmp_path: Path) -> None:
         from pathlib import Path
         from epoxi.spool import Spool
         from epoxi.spool.ids import new_message_id
-        from epoxi.spool.records import MessageMeta
+        from epoxi.message import MessageMeta
 
         async def main():
             spool = Spool(Path({str(tmp_path / "spool.db")!r}), checkpoint_interval=3600)

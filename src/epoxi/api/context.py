@@ -10,7 +10,7 @@ from litestar.connection import ASGIConnection
 
 from epoxi.admin import Admin
 from epoxi.config import Settings
-from epoxi.spool.records import MessageMeta
+from epoxi.message import MessageMeta
 from epoxi.store.keys import KeyStore
 from epoxi.store.status import StatusStore
 

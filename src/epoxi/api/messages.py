@@ -26,10 +26,10 @@ from epoxi.api.compose import Attachment, ComposeError, Composer, Draft, Rendere
 from epoxi.api.context import ApiContext, context
 from epoxi.api.models import Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
+from epoxi.message import MessageMeta
 from epoxi.queue.headers import take_epoxi_headers
 from epoxi.smtp.parser import CommandError, parse_mailbox
 from epoxi.spool.ids import new_message_id
-from epoxi.spool.records import MessageMeta
 from epoxi.store.keys import Scope
 from epoxi.store.status import MessageStatus
 

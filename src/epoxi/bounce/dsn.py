@@ -22,8 +22,8 @@ from email.policy import SMTP, SMTPUTF8, Policy
 from email.utils import formatdate
 from typing import Literal
 
+from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
-from epoxi.spool.records import MessageMeta
 
 DsnKind = Literal["failed", "delayed"]
 

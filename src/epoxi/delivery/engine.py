@@ -26,6 +26,7 @@ from epoxi.dns.resolver import Resolver
 from epoxi.errors import DeliveryError, DnsPermanent, DnsTransient, SpoolError
 from epoxi.events.log import RecordLog
 from epoxi.events.records import Record, RecordType, Response
+from epoxi.message import MessageMeta
 from epoxi.queue.model import Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.scheduled import Scheduler
@@ -33,7 +34,6 @@ from epoxi.shaping.throttle import Rate
 from epoxi.smtp.replies import Reply
 from epoxi.spool import Spool
 from epoxi.spool.ids import new_message_id
-from epoxi.spool.records import MessageMeta
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from epoxi.spool.records import MessageMeta
+from epoxi.message import MessageMeta
 
 
 @dataclass(eq=False, slots=True)

@@ -6,7 +6,7 @@ import time
 from email.utils import formatdate
 from typing import Protocol
 
-from epoxi.spool.records import MessageMeta
+from epoxi.message import MessageMeta
 
 
 class Ingest(Protocol):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from epoxi.errors import SpoolUnavailable
+from epoxi.message import MessageMeta
 from epoxi.reception import auth
 from epoxi.reception.ingest import received_header
 from epoxi.smtp import replies
@@ -32,7 +33,6 @@ from epoxi.smtp.parser import (
 )
 from epoxi.smtp.replies import Reply
 from epoxi.spool.ids import new_message_id
-from epoxi.spool.records import MessageMeta
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -36,7 +36,8 @@ from typing import Any, Final
 import msgspec
 
 from epoxi.errors import SpoolError, SpoolUnavailable
-from epoxi.spool.records import MessageMeta, decode_meta, encode_meta
+from epoxi.message import MessageMeta
+from epoxi.spool.records import decode_meta, encode_meta
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,45 @@
+"""The envelope and metadata every stage passes: reception, ingest, queues, delivery, outcomes.
+
+It is the domain's record of one accepted message, not a spool detail: the spool only encodes it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
+    """Envelope, origin and attempt state of one accepted message.
+
+    ``gc=False``: it holds only strings, numbers, lists and dicts of strings, so it can never
+    be part of a reference cycle, and a million queued messages save the GC header each.
+    """
+
+    id: str
+    sender: str  # "" is the null reverse-path <>
+    recipients: list[str]  # recipients still to be delivered
+    received_at: float  # unix time of the 250
+    size: int  # octets of the body as spooled
+    origin: str = "smtp"  # "smtp", "http" or "dsn"
+    peer: str = ""  # client address the message came from
+    helo: str = ""
+    auth_user: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+    tenant: str = ""
+    campaign: str = ""
+    metadata: dict[str, str] | None = None  # None, not {}: a million queued messages
+    attempts: int = 0
+    due: float = 0.0  # unix time of the next attempt; 0 means now
+    last_response: str = ""
+    not_before: float = 0.0  # send_at: max_age counts from here when later than received_at
+    # RFC 3461 (the DSN extension). Empty and None mean "not given": the defaults apply.
+    dsn_ret: str = ""  # "FULL" or "HDRS"
+    dsn_envid: str = ""  # ENVID, decoded from xtext
+    dsn_notify: dict[str, str] | None = None  # recipient -> "NEVER" or e.g. "SUCCESS,FAILURE"
+    dsn_orcpt: dict[str, str] | None = None  # recipient -> ORCPT as "rfc822;addr" (decoded)
+
+    @property
+    def age_origin(self) -> float:
+        """When the message's life began for ``max_age``: its send_at, if later than its receipt."""
+        return max(self.received_at, self.not_before)
