@@ -81,10 +81,10 @@ class Epoxi:
     def unhealthy_reason(self) -> str | None:
         return self.spool.unhealthy_reason()
 
-    async def accept(self, meta: MessageMeta, body: bytes) -> None:
+    async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool = True) -> None:
         """Take a message from reception: spool it durably, record it, queue it."""
         body, control = take_epoxi_headers(body)
-        if control:
+        if control and trusted:
             meta.tenant = control.get("tenant", meta.tenant)
             meta.campaign = control.get("campaign", meta.campaign)
             meta.size = len(body)

@@ -4,6 +4,7 @@
 
     EpoxiError
      +-- ConfigError            a setting is unknown or has a bad value (names key and value)
+     +-- MessageRefused         ingest will not take a message (too many hops, a hook): its reply
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- DnsError               a lookup could not be answered
@@ -30,6 +31,14 @@ class EpoxiError(Exception):
 
 class ConfigError(EpoxiError):
     """A configuration key is unknown or its value is invalid."""
+
+
+class MessageRefused(EpoxiError):
+    """The ingest stage refuses a message; ``reply`` is what the client is told."""
+
+    def __init__(self, message: str, reply: Reply) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class SpoolError(EpoxiError):

@@ -15,8 +15,10 @@ class Ingest(Protocol):
     def unhealthy_reason(self) -> str | None:
         """Why new mail cannot be taken now, or None. Must be cheap: no I/O."""
 
-    async def accept(self, meta: MessageMeta, body: bytes) -> None:
-        """Return only once the message is durable; raise SpoolError/SpoolUnavailable if not."""
+    async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> None:
+        """Return only once the message is durable; raise SpoolError/SpoolUnavailable if not,
+        MessageRefused with the reply to give if the message is refused. ``trusted``: the
+        client may set ``X-Epoxi-*`` control headers (a trusted network or an AUTH user)."""
 
 
 class _DateCache:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from epoxi.errors import SpoolUnavailable
+from epoxi.errors import MessageRefused, SpoolUnavailable
 from epoxi.message import MessageMeta
 from epoxi.reception import auth
 from epoxi.reception.ingest import received_header
@@ -731,9 +731,16 @@ class SmtpSession(asyncio.Protocol):
         suffix = ("S" if self.tls_active else "") + ("A" if self.auth_user else "")
         return ("UTF8SMTP" if txn.smtputf8 else "ESMTP") + suffix
 
+    def _may_set_controls(self) -> bool:
+        """Whether this client may steer Epoxi with ``X-Epoxi-*`` headers."""
+        return bool(self.auth_user) or self.ctx.relay.is_trusted(self.peer_ip)
+
     async def _store(self, meta: MessageMeta, body: bytes) -> None:
         try:
-            await self.ctx.ingest.accept(meta, body)
+            await self.ctx.ingest.accept(meta, body, trusted=self._may_set_controls())
+        except MessageRefused as exc:
+            log.info("[%s] %s refused: %s", self.peer_ip, meta.id, exc)
+            self._reply(exc.reply)
         except SpoolUnavailable as exc:
             log.warning("[%s] spool unavailable: %s", self.peer_ip, exc)
             self._reply(replies.SPOOL_UNAVAILABLE)
