@@ -60,7 +60,7 @@ class MemoryIngest:
     def unhealthy_reason(self) -> str | None:
         return self.unhealthy
 
-    async def accept(self, meta: MessageMeta, body: bytes) -> None:
+    async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool = True) -> None:
         await asyncio.sleep(0)
         if self.fail_store:
             raise SpoolUnavailable("disk full")
