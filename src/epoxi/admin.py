@@ -7,19 +7,21 @@ msgspec structs, so they serialise as they are.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
 
-from epoxi.delivery.engine import DeliveryEngine
+from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.ready import ReadyQueue
 from epoxi.message import MessageMeta
+from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
-from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
-from epoxi.spool import Spool
+from epoxi.queue.scheduled import Scheduler
+from epoxi.queue.suspensions import SuspendKind, Suspension, Suspensions
+from epoxi.spool.port import SpoolPort
 
-SuspendTarget = Literal["queue", "domain", "tenant", "campaign", "site"]
+SuspendTarget = SuspendKind
 
 
 class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -125,25 +127,33 @@ class MessageDetails(msgspec.Struct, kw_only=True):
 
 
 class Admin:
-    """Reads and steers the scheduler and the delivery engine of one node."""
+    """Reads and steers the queues of one node: scheduler, dispatcher, suspensions."""
 
-    def __init__(self, scheduler: Scheduler, engine: DeliveryEngine, spool: Spool) -> None:
+    def __init__(
+        self,
+        *,
+        scheduler: Scheduler,
+        dispatcher: Dispatcher,
+        outcomes: Disposition,
+        suspensions: Suspensions,
+        spool: SpoolPort,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.scheduler = scheduler
-        self.engine = engine
+        self.dispatcher = dispatcher
+        self.outcomes = outcomes
+        self.suspensions = suspensions
         self.spool = spool
+        self._clock = clock
 
     # ----------------------------------------------------------------- inspection
 
     def pipelines(self, routing_key: str | None = None) -> Pipelines:
         """Every queue, or those of one domain, site or ready queue name."""
         scheduled = self._scheduled_queues()
-        ready = [_ready_info(rq) for rq in self.engine.ready.values()]
+        ready = [_ready_info(rq) for rq in self.dispatcher.ready.values()]
         if routing_key is not None:
-            key = routing_key.lower().rstrip(".")
-            routed = self.engine.router.cached(key)
-            sites = {key, routing_key} | ({routed.site} if routed else set())
-            scheduled = [q for q in scheduled if key in (q.domain, q.name)]
-            ready = [q for q in ready if q.site in sites or q.name == routing_key]
+            scheduled, ready = self._of(routing_key, scheduled, ready)
         return Pipelines(
             totals=Totals(
                 scheduled=sum(q.scheduled for q in scheduled),
@@ -153,12 +163,26 @@ class Admin:
             ),
             scheduled=scheduled,
             ready=ready,
-            suspensions=self.suspensions(),
+            suspensions=self.suspension_list(),
         )
+
+    def _of(
+        self, routing_key: str, scheduled: list[ScheduledQueueInfo], ready: list[ReadyQueueInfo]
+    ) -> tuple[list[ScheduledQueueInfo], list[ReadyQueueInfo]]:
+        """The queues of one domain, site or ready queue. A domain's ready queue is found
+        through its route only when mail for that domain has been queued here."""
+        key = routing_key.lower().rstrip(".")
+        sites = {key, routing_key}
+        if any(queue_domain(name) == key for name in self.scheduler.queues):
+            site = self.dispatcher.site_of(key)
+            sites |= {site} if site else set()
+        scheduled = [q for q in scheduled if key in (q.domain, q.name)]
+        ready = [q for q in ready if q.site in sites or q.name == routing_key]
+        return scheduled, ready
 
     def _scheduled_queues(self) -> list[ScheduledQueueInfo]:
         next_due = self.scheduler.next_due()
-        whole_queue = {s.value: s.reason for s in self._active() if s.kind == "queue"}
+        whole_queue = {s.value: s.reason for s in self.suspensions.active() if s.kind == "queue"}
         return [
             ScheduledQueueInfo(
                 name=queue.name,
@@ -173,24 +197,15 @@ class Admin:
         ]
 
     def health(self) -> Health:
-        pipelines = [_ready_health(rq) for rq in self.engine.ready.values()]
+        pipelines = [_ready_health(rq) for rq in self.dispatcher.ready.values()]
         failing = any(p.status == "failing" for p in pipelines)
         return Health(status="degraded" if failing else "ok", pipelines=pipelines)
 
-    def suspensions(self) -> list[SuspensionInfo]:
-        found = [
+    def suspension_list(self) -> list[SuspensionInfo]:
+        return [
             SuspensionInfo(target=s.kind, value=s.value, reason=s.reason, until=s.until)
-            for s in self._active()
+            for s in self.suspensions.active()
         ]
-        now = time.time()
-        for site, (reason, until) in self.engine.site_suspensions.items():
-            if until is None or until > now:
-                found.append(SuspensionInfo(target="site", value=site, reason=reason, until=until))
-        return found
-
-    def _active(self) -> Iterator[Suspension]:
-        now = time.time()
-        return (s for s in self.scheduler.suspensions if s.until is None or s.until > now)
 
     async def message(self, message_id: str) -> MessageDetails | None:
         meta = await self.spool.load_meta(message_id)
@@ -205,8 +220,8 @@ class Admin:
         for job in self.scheduler.jobs():
             if job.id == message_id:
                 found.append(_job_info(job, "held" if id(job) in held else "scheduled"))
-        found += [_job_info(j, "routing") for j in self.engine.routing() if j.id == message_id]
-        for ready in self.engine.ready.values():
+        found += [_job_info(j, "routing") for j in self.dispatcher.routing() if j.id == message_id]
+        for ready in self.dispatcher.ready.values():
             found += [_job_info(job, "ready") for job in ready.jobs if job.id == message_id]
         return found
 
@@ -215,34 +230,52 @@ class Admin:
     def suspend(
         self, target: SuspendTarget, value: str, reason: str = "", duration: float | None = None
     ) -> int:
-        """Suspend; returns how many ready queues a site suspension stopped at once."""
-        reason = reason or "suspended by an operator"
-        if target == "site":
-            return self.engine.suspend_site(value, reason, duration)
-        kind: SuspendKind = target
-        value = value.lower().rstrip(".") if kind == "domain" else value
-        until = time.time() + duration if duration else None
-        self.scheduler.suspend(Suspension(kind, value, reason, until))
-        return 0
+        """Suspend; returns how many ready queues it stopped at once (site and source)."""
+        value = value.lower().rstrip(".") if target == "domain" else value
+        until = self._clock() + duration if duration else None
+        self.suspensions.suspend(
+            Suspension(target, value, reason or "suspended by an operator", until)
+        )
+        return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is not None)
 
     def resume(self, target: SuspendTarget, value: str) -> int:
-        """Lift a suspension; returns the held jobs (or ready queues, for a site) released."""
-        if target == "site":
-            return self.engine.resume_site(value)
+        """Lift a suspension; returns the held jobs released (ready queues, for a site or
+        a source)."""
         value = value.lower().rstrip(".") if target == "domain" else value
-        return self.scheduler.resume(target, value)
+        held, stopped = self.scheduler.held_count(), self._stopped()
+        self.suspensions.resume(target, value)
+        if target in ("site", "source"):
+            return stopped - self._stopped()
+        return held - self.scheduler.held_count()
+
+    def _stopped(self) -> int:
+        return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is not None)
+
+    def take_waiting(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        """Remove matching jobs wherever they wait: scheduled, held, routing or ready."""
+        return self.scheduler.take(predicate) + self.dispatcher.take(predicate)
 
     def bounce(self, selector: Selector, reason: str) -> int:
         """Remove every waiting message that matches; returns recipients bounced."""
-        return self.engine.admin_bounce(selector.matches, reason or "bounced by an operator")
+        jobs = self.take_waiting(selector.matches)
+        return self.outcomes.admin_bounce(jobs, reason or "bounced by an operator")
 
     def retry(self, selector: Selector) -> int:
-        """Make matching deferred messages due now; returns how many jobs were moved."""
+        """Make matching deferred messages due now; returns how many jobs were moved.
+
+        Messages waiting for their ``send_at`` are not deferred: they keep their time."""
         jobs = self.scheduler.retry_now(selector.matches)
         for message in {id(job.message): job.message for job in jobs}.values():
             message.meta.due = 0.0  # due now after a restart too
             self.spool.update(message.meta)
         return len(jobs)
+
+    def expire_stuck(self) -> int:
+        """Expire jobs too old to go on, in ready queues and held by suspensions."""
+        expired = self.take_waiting(self.outcomes.expired)
+        for job in expired:
+            self.outcomes.expire(job)
+        return len(expired)
 
 
 def queue_domain(name: str) -> str:
@@ -268,6 +301,7 @@ def header_fields(body: bytes) -> list[tuple[str, str]]:
 
 def _ready_info(ready: ReadyQueue) -> ReadyQueueInfo:
     rate = ready.shaping.max_message_rate
+    suspension = ready.suspension
     return ReadyQueueInfo(
         name=ready.key,
         site=ready.destination.site,
@@ -278,10 +312,10 @@ def _ready_info(ready: ReadyQueue) -> ReadyQueueInfo:
         connection_limit=ready.shaping.connection_limit,
         connects=ready.connects,
         deliveries=ready.deliveries,
-        attempts_last_minute=ready.delivered_last_minute.count(),
+        attempts_last_minute=ready.attempts_last_minute.count(),
         max_message_rate=str(rate) if rate else None,
-        suspended=ready.suspension,
-        suspended_until=ready.suspended_until,
+        suspended=suspension.reason if suspension else None,
+        suspended_until=suspension.until if suspension else None,
         last_error=ready.last_error,
         last_error_at=ready.last_error_at,
     )
@@ -291,7 +325,7 @@ def _ready_health(ready: ReadyQueue) -> PipelineHealth:
     status: Literal["ok", "suspended", "failing"] = "ok"
     detail = None
     if ready.suspension is not None:
-        status, detail = "suspended", ready.suspension
+        status, detail = "suspended", ready.suspension.reason
     elif ready.last_error is not None and ready.connections == 0:
         status, detail = "failing", ready.last_error
     return PipelineHealth(

@@ -1,32 +1,43 @@
-"""The composition root: builds every part from the settings, starts and stops them in order."""
+"""The composition root: builds every part from the settings, starts and stops them in order.
+
+Wiring and life cycle only. A message's way through the parts is drawn in
+docs/architecture.md: reception/ and api/ -> ingest/ -> spool/ and queue/ -> delivery/
+(dispatcher, ready queues, transport) -> outcomes/ -> events/ -> store/.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
-import sys
-import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from epoxi.admin import Admin
 from epoxi.api.app import build_app
 from epoxi.api.context import ApiContext
-from epoxi.api.metrics import Metrics
 from epoxi.api.server import HttpServer
 from epoxi.bounce.classify import Classifier
-from epoxi.config import parse_hostport
-from epoxi.delivery.engine import DeliveryEngine
+from epoxi.config import DeliverySettings, parse_hostport
+from epoxi.delivery.client import ClientTimeouts
+from epoxi.delivery.dispatcher import Dispatcher
+from epoxi.delivery.routing import Router
+from epoxi.delivery.transport import SmtpTransport
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
-from epoxi.events.records import Record, RecordType
-from epoxi.message import MessageMeta
-from epoxi.queue.headers import take_epoxi_headers
-from epoxi.queue.model import Job, Message, queue_name, split_by_domain
-from epoxi.queue.scheduled import Scheduler, SuspendKind, Suspension
+from epoxi.ingest import Ingest
+from epoxi.ingest.loader import SpoolLoader
+from epoxi.metrics import Metrics
+from epoxi.outcomes import Disposition
+from epoxi.queue.model import Job
+from epoxi.queue.retry import RetryPolicy
+from epoxi.queue.scheduled import Scheduler
+from epoxi.queue.suspensions import SuspensionRegistry
 from epoxi.reception.server import SmtpServer
+from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
 from epoxi.store import KeyStore, StatusStore, store_path
 
@@ -37,136 +48,76 @@ log = logging.getLogger(__name__)
 
 
 class Epoxi:
-    """One Epoxi node: spool, SMTP reception, queues and the delivery engine."""
+    """One Epoxi node: spool, SMTP reception, ingest, queues, delivery, outcomes, records."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        spool = settings.spool
-        self.spool = Spool(
-            settings.data_dir / "spool.db",
-            max_batch=spool.max_batch,
-            max_pending=spool.max_pending,
-            min_free_bytes=spool.min_free_space,
-            checkpoint_interval=spool.checkpoint_interval,
-            journal_size_limit=spool.journal_size_limit,
-        )
+        delivery = settings.delivery
+        self.spool = _spool(settings)
         self.records = RecordLog(settings.data_dir / "logs")
         nameservers = [parse_hostport(n, 53) for n in settings.dns.nameservers] or None
         self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
-        self.scheduler = Scheduler(release=self._release, on_hold=self._held)
-        self.engine = DeliveryEngine(
-            settings,
-            resolver=self.resolver,
-            classifier=Classifier.from_files(list(settings.delivery.bounce_rules)),
+        self.suspensions = SuspensionRegistry()
+        self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
+        self.ingest = Ingest(
+            spool=self.spool,
+            records=self.records,
+            schedule=self.scheduler.add,
+            max_hops=settings.max_hops,
+        )
+        self.router = Router(settings, self.resolver)
+        self.outcomes = Disposition(
+            classifier=Classifier.from_files(list(delivery.bounce_rules)),
             records=self.records,
             spool=self.spool,
-            scheduler=self.scheduler,
-            inject=self.inject,
+            reschedule=self.scheduler.add,
+            retry=RetryPolicy(
+                delivery.retry_interval, delivery.max_retry_interval, delivery.max_age
+            ),
+            inject=self.ingest.inject,
+            hostname=settings.hostname,
+            dsn_wanted=self._dsn_wanted,
         )
-        self.smtp = SmtpServer(settings, ingest=self)
-        self.admin = Admin(self.scheduler, self.engine, self.spool)
+        self.scheduler.on_hold = self.outcomes.held
+        self.dispatcher = Dispatcher(
+            router=self.router,
+            policy=shaping_policy(delivery),
+            transport=SmtpTransport(
+                self.resolver, settings.hostname, ClientTimeouts(**delivery.timeouts.model_dump())
+            ),
+            outcomes=self.outcomes,
+            suspensions=self.suspensions,
+            load_body=self.spool.load_body,
+            hold_back=self.scheduler.add,
+            source=delivery.sources[0],
+            ready_queue_limit=delivery.ready_queue_limit,
+        )
+        self.smtp = SmtpServer(settings, ingest=self.ingest)
+        self.admin = Admin(
+            scheduler=self.scheduler,
+            dispatcher=self.dispatcher,
+            outcomes=self.outcomes,
+            suspensions=self.suspensions,
+            spool=self.spool,
+        )
         self.status = StatusStore(store_path(settings.data_dir))
         self.records.subscribe(self.status.feed)
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
-        self._stopping = asyncio.Event()
-        self._scheduler_task: asyncio.Task[None] | None = None
-        self._purge_task: asyncio.Task[None] | None = None
-        self._loading: set[str] = set()  # ids spooled while the start-up load runs
-        self._loading_done = False
+        self.loader: SpoolLoader | None = None
         self.loaded: asyncio.Task[int] | None = None  # the start-up load of the spool
-
-    # ----------------------------------------------------------------- ingest
-
-    def unhealthy_reason(self) -> str | None:
-        return self.spool.unhealthy_reason()
-
-    async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool = True) -> None:
-        """Take a message from reception: spool it durably, record it, queue it."""
-        body, control = take_epoxi_headers(body)
-        if control and trusted:
-            meta.tenant = control.get("tenant", meta.tenant)
-            meta.campaign = control.get("campaign", meta.campaign)
-            meta.size = len(body)
-        await self.inject(meta, body)
-
-    async def inject(self, meta: MessageMeta, body: bytes) -> None:
-        """Spool and queue a message made here or received (DSNs, the HTTP API)."""
-        await self.spool.store(meta, body)
-        self._spooled(meta, body)
-
-    async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
-        """Spool several messages in one transaction (all or none), then queue them."""
-        await self.spool.store_many(items)
-        for meta, body in items:
-            self._spooled(meta, body)
-
-    def _spooled(self, meta: MessageMeta, body: bytes) -> None:
-        if not self._loading_done:
-            self._loading.add(meta.id)
-        self.records.emit(
-            Record(
-                type=RecordType.RECEPTION,
-                message_id=meta.id,
-                sender=meta.sender,
-                recipients=meta.recipients,
-                peer_address=meta.peer,
-                size=meta.size,
-                reason=meta.origin,
-                next_attempt=meta.due,
-                tenant=meta.tenant,
-                campaign=meta.campaign,
-            )
-        )
-        self.enqueue(meta, body)
-
-    def enqueue(self, meta: MessageMeta, body: bytes | None) -> None:
-        """Split a spooled message into one job per recipient domain and schedule them."""
-        message = Message(meta, body)
-        groups = split_by_domain(meta.recipients)
-        message.open_jobs = len(groups)
-        if not groups:
-            self.spool.remove(meta.id)
-        for domain, recipients in groups.items():
-            self.scheduler.add(
-                Job(
-                    message,
-                    domain,
-                    recipients,
-                    queue_name(domain, meta.tenant, meta.campaign),
-                    attempts=meta.attempts,
-                    due=meta.due,
-                )
-            )
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     def _release(self, job: Job) -> None:
-        self.engine.submit(job)
+        self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
 
-    def _held(self, job: Job, suspension: Suspension) -> None:
-        meta = job.message.meta
-        for recipient in job.recipients:
-            self.records.emit(
-                Record(
-                    type=RecordType.SUSPENDED,
-                    message_id=meta.id,
-                    queue=job.queue,
-                    sender=meta.sender,
-                    recipient=recipient,
-                    size=meta.size,
-                    reason=f"{suspension.kind} {suspension.value} suspended: {suspension.reason}",
-                )
-            )
-
-    # ----------------------------------------------------------------- admin (in-process)
-
-    def suspend(
-        self, kind: SuspendKind, value: str, reason: str = "", duration: float | None = None
-    ) -> None:
-        until = time.time() + duration if duration else None
-        self.scheduler.suspend(Suspension(kind, value, reason, until))
-
-    def resume(self, kind: SuspendKind, value: str) -> int:
-        return self.scheduler.resume(kind, value)
+    def _dsn_wanted(self, job: Job) -> bool:
+        delivery = self.settings.delivery
+        if not delivery.dsn or job.message.meta.tenant in delivery.dsn_disabled_tenants:
+            return False
+        route = self.router.static(job.domain)
+        return route is None or route.dsn
 
     # ----------------------------------------------------------------- life cycle
 
@@ -178,16 +129,20 @@ class Epoxi:
         await self.records.start()
         await self.status.start()
         loop = asyncio.get_running_loop()
-        self._scheduler_task = loop.create_task(self.scheduler.run())
-        self._purge_task = loop.create_task(self._purge_store())
-        self.engine.start()
-        self._loading = set()  # before the listeners: what they accept is not loaded again
+        self._tasks = [
+            loop.create_task(self.scheduler.run()),
+            loop.create_task(self._every(3600, self._purge_store)),
+            loop.create_task(
+                self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
+            ),
+        ]
+        self.loader = SpoolLoader(self.spool, self.ingest)  # before the listeners open
         await self.smtp.start()
         if self.settings.http_listen:
             api = build_app(self._api_context(self.keys))
             self.http = HttpServer(api, self.settings.http_listen)
             await self.http.start()
-        self.loaded = loop.create_task(self._load_spool())
+        self.loaded = loop.create_task(self.loader.run())
 
     def _check_http_exposure(self, keys: KeyStore) -> None:
         """No API keys means loopback only: refuse to listen anywhere else."""
@@ -199,22 +154,23 @@ class Epoxi:
             )
 
     def _api_context(self, keys: KeyStore) -> ApiContext:
-        metrics = Metrics(
-            self.scheduler,
-            self.engine,
-            spool_pending=lambda: self.spool.pending,
-            smtp_sessions=lambda: self.smtp.sessions,
-        )
+        metrics = Metrics([self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges])
         self.records.subscribe(metrics.feed)
         return ApiContext(
             settings=self.settings,
-            inject_many=self.inject_many,
+            inject_many=self.ingest.inject_many,
             status=self.status,
             keys=keys,
             admin=self.admin,
             readiness=self.readiness,
             metrics_text=metrics.text,
         )
+
+    def _node_gauges(self) -> dict[str, tuple[str, float]]:
+        return {
+            "spool_pending_writes": ("Spool writes waiting for their commit", self.spool.pending),
+            "smtp_sessions": ("Open inbound SMTP sessions", self.smtp.sessions),
+        }
 
     def readiness(self) -> dict[str, str]:
         """Each check of ``/health/ready``: "ok" or what is wrong."""
@@ -225,55 +181,36 @@ class Epoxi:
             "stopping": "shutting down" if self._stopping.is_set() else "ok",
         }
 
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:
+                log.exception("periodic job %s failed", job.__name__)
+
     async def _purge_store(self) -> None:
         api = self.settings.api
-        while True:
-            await asyncio.sleep(3600)
-            try:
-                await self.status.purge(api.idempotency_ttl, api.history_ttl)
-            except Exception:
-                log.exception("purging the store failed")
+        await self.status.purge(api.idempotency_ttl, api.history_ttl)
 
-    async def _load_spool(self) -> int:
-        """Queue what the spool held at start, a page at a time, while mail flows in.
-
-        Bodies stay on disk until their attempt. A message spooled since start is queued by
-        its own path and skipped here, so nothing is queued twice.
-        """
-        started = time.monotonic()
-        pages = self.spool.iter_meta()
-        count = 0
-        try:
-            while not self._loading_done and (page := await asyncio.to_thread(next, pages, None)):
-                for meta in page:
-                    if meta.id not in self._loading:
-                        _share_strings(meta)
-                        self.enqueue(meta, None)
-                        count += 1
-        finally:
-            pages.close()
-            self._loading.clear()
-            self._loading_done = True
-        log.info(
-            "spool %s: %d messages queued in %.1fs",
-            self.spool.path,
-            count,
-            time.monotonic() - started,
-        )
-        return count
+    async def _sweep_expired(self) -> None:
+        self.admin.expire_stuck()
 
     async def stop(self) -> None:
         log.info("shutting down")
-        if self.loaded is not None:
-            self._loading_done = True  # the load stops after its current page
+        if self.loader is not None and self.loaded is not None:
+            self.loader.stop()
             await self.loaded
         if self.http is not None:
             await self.http.stop()
         await self.smtp.stop()
-        await self.engine.stop()
-        for task in (self._scheduler_task, self._purge_task):
-            if task is not None:
-                task.cancel()
+        await self.dispatcher.close()
+        await self.outcomes.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.records.stop()
         await self.status.stop()
         await self.spool.close()
@@ -294,21 +231,30 @@ class Epoxi:
         await self.stop()
 
 
+def shaping_policy(delivery: DeliverySettings) -> ShapingPolicy:
+    """The shaping policy of the ``[delivery]`` settings."""
+    return ShapingPolicy(
+        defaults=delivery.defaults.model_dump(exclude_none=True),
+        named={k: v.model_dump(exclude_none=True) for k, v in delivery.shaping.items()},
+        sources={k: v.model_dump(exclude_none=True) for k, v in delivery.source_shaping.items()},
+    )
+
+
+def _spool(settings: Settings) -> Spool:
+    spool = settings.spool
+    return Spool(
+        settings.data_dir / "spool.db",
+        max_batch=spool.max_batch,
+        max_pending=spool.max_pending,
+        min_free_bytes=spool.min_free_space,
+        checkpoint_interval=spool.checkpoint_interval,
+        journal_size_limit=spool.journal_size_limit,
+    )
+
+
 def _is_loopback(address: str) -> bool:
     host, _ = parse_hostport(address, 4000)
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _share_strings(meta: MessageMeta) -> None:
-    """Loaded messages repeat the same senders, clients, tenants and replies: one copy each."""
-    meta.sender = sys.intern(meta.sender)
-    meta.origin = sys.intern(meta.origin)
-    meta.peer = sys.intern(meta.peer)
-    meta.helo = sys.intern(meta.helo)
-    meta.auth_user = sys.intern(meta.auth_user)
-    meta.tenant = sys.intern(meta.tenant)
-    meta.campaign = sys.intern(meta.campaign)
-    meta.last_response = sys.intern(meta.last_response)

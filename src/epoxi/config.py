@@ -154,7 +154,9 @@ class DnsSettings(_Model):
 
 
 class ShapingSettings(_Model):
-    """Limits for one destination; unset fields inherit from the defaults."""
+    """Limits for one destination; unset fields inherit (shaping/policy.py has the built-ins:
+    10 connections, 100 deliveries per connection, 5 s idle, 100 recipients a transaction,
+    opportunistic TLS without verification)."""
 
     connection_limit: int | None = Field(None, ge=1)  # open connections per ready queue
     max_deliveries_per_connection: int | None = Field(None, ge=1)
@@ -173,16 +175,6 @@ class ShapingSettings(_Model):
 
             Rate.parse(value)
         return value
-
-
-DEFAULT_SHAPING = ShapingSettings(
-    connection_limit=10,
-    max_deliveries_per_connection=100,
-    idle_timeout=5.0,
-    max_recipients_per_transaction=100,
-    tls="opportunistic",
-    tls_verify=False,
-)
 
 
 class RouteSettings(_Model):
@@ -241,8 +233,9 @@ class DeliverySettings(_Model):
     ready_queue_limit: int = Field(10_000, ge=1)  # jobs per ready queue before holding back
     expiry_sweep_interval: Duration = 30.0
     mx_port: int = Field(25, ge=1, le=65535)  # port of MX hosts (tests point it at sinks)
-    defaults: ShapingSettings = DEFAULT_SHAPING
+    defaults: ShapingSettings = ShapingSettings()
     shaping: dict[str, ShapingSettings] = Field(default_factory=dict)  # by domain or site
+    source_shaping: dict[str, ShapingSettings] = Field(default_factory=dict)  # by source name
     routes: tuple[RouteSettings, ...] = ()
     sources: tuple[SourceSettings, ...] = (SourceSettings(name="default"),)
     timeouts: TimeoutSettings = TimeoutSettings()
@@ -275,6 +268,7 @@ class Settings(_Model):
     relay: RelaySettings | None = None
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
 
     @field_validator("local_domains", mode="before")
     @classmethod

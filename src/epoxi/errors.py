@@ -9,7 +9,8 @@
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
-     |    +-- DnsPermanent      NXDOMAIN, null MX: the domain cannot receive mail
+     |    +-- DnsPermanent      NXDOMAIN, no address: the domain cannot receive mail
+     |         +-- NullMx       RFC 7505: the domain says it takes no mail
      +-- DeliveryError          talking to a remote server failed
           +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
           +-- ProtocolError     the server broke the protocol (garbage, early close)
@@ -59,6 +60,10 @@ class DnsTransient(DnsError):
 
 class DnsPermanent(DnsError):
     """A DNS answer says the domain cannot receive mail (NXDOMAIN, null MX)."""
+
+
+class NullMx(DnsPermanent):
+    """The domain publishes a null MX (RFC 7505): it accepts no mail."""
 
 
 class DeliveryError(EpoxiError):

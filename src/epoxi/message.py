@@ -5,7 +5,19 @@ It is the domain's record of one accepted message, not a spool detail: the spool
 
 from __future__ import annotations
 
+import re
+
 import msgspec
+
+# Tenant and campaign names: they become parts of queue names (``campaign:tenant@domain``),
+# log lines and the operator's terminal, so only letters, digits and ``. _ + -``.
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+_LABEL = re.compile(LABEL_PATTERN)
+
+
+def is_label(value: str) -> bool:
+    """Whether ``value`` may name a tenant or a campaign."""
+    return _LABEL.fullmatch(value) is not None
 
 
 class MessageMeta(msgspec.Struct, kw_only=True, gc=False):

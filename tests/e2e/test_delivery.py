@@ -60,7 +60,7 @@ async def test_domains_sharing_mx_hosts_share_a_site(make_world: MakeWorld) -> N
     await send(world, ["x@a.test", "y@shared.test"])
     records = await world.wait_records(RecordType.DELIVERY, 2)
     assert {r.site for r in records} == {"mx1.a.test,mx2.a.test"}
-    assert len(world.app.engine.ready) == 1
+    assert len(world.app.dispatcher.ready) == 1
 
 
 async def test_connection_reuse_and_pipelining(make_world: MakeWorld) -> None:
@@ -136,7 +136,7 @@ async def test_no_dsn_for_the_null_sender(make_world: MakeWorld) -> None:
     await world.wait_records(RecordType.BOUNCE, 1)
     await asyncio.sleep(0.5)
     assert not any(
-        r.type is RecordType.RECEPTION and r.sender == "" and r.reason == "dsn"
+        r.type is RecordType.RECEPTION and r.sender == "" and r.origin == "dsn"
         for r in world.records
     )
 
@@ -159,13 +159,13 @@ async def test_expiry_of_a_message_stuck_in_a_ready_queue(make_world: MakeWorld)
 
 async def test_suspend_and_resume_a_domain(make_world: MakeWorld) -> None:
     world: World = await make_world()
-    world.app.suspend("domain", "a.test", reason="maintenance")
+    world.app.admin.suspend("domain", "a.test", reason="maintenance")
     await send(world, ["x@a.test"])
     (held,) = await world.wait_records(RecordType.SUSPENDED, 1)
     assert "maintenance" in held.reason
     await asyncio.sleep(0.3)
     assert not world.sinks["127.0.0.2"].messages
-    assert world.app.resume("domain", "a.test") == 1
+    assert world.app.admin.resume("domain", "a.test") == 1
     await world.wait_records(RecordType.DELIVERY, 1)
 
 
@@ -221,7 +221,7 @@ async def test_egress_source_binds_its_address(make_world: MakeWorld) -> None:
     (record,) = await world.wait_records(RecordType.DELIVERY, 1)
     assert record.source == "pool-a"
     assert world.sinks["127.0.0.2"].messages[0].peer == "127.0.0.10"
-    assert "pool-a->mx1.a.test,mx2.a.test" in world.app.engine.ready
+    assert "pool-a->mx1.a.test,mx2.a.test" in world.app.dispatcher.ready
 
 
 async def test_records_are_written_as_json_lines(make_world: MakeWorld) -> None:

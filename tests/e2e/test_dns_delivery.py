@@ -65,7 +65,7 @@ async def test_transient_dns_failures_defer(make_world: MakeWorld, domain: str) 
     ("domain", "enhanced"),
     [
         ("nowhere-at-all.test", "5.1.2"),  # NXDOMAIN
-        ("nullmx.test", "5.1.2"),  # null MX
+        ("nullmx.test", "5.1.10"),  # null MX (RFC 7505 §4.2: 556 5.1.10)
         ("empty.test", "5.1.2"),  # the name exists, but has no MX and no address
         ("ghost-mx.test", "5.4.4"),  # every MX host name is NXDOMAIN
     ],
@@ -78,7 +78,7 @@ async def test_permanent_dns_answers_bounce(
     (bounce,) = await world.wait_records(RecordType.BOUNCE, 1)
     assert bounce.response is not None and bounce.response.code // 100 == 5
     assert bounce.response.enhanced == enhanced, bounce
-    dsn = await world.wait_records(RecordType.RECEPTION, 1, where=lambda r: r.reason == "dsn")
+    dsn = await world.wait_records(RecordType.RECEPTION, 1, where=lambda r: r.origin == "dsn")
     assert dsn
 
 

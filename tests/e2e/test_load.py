@@ -508,7 +508,7 @@ async def test_fifty_megabyte_message_is_spooled_and_delivered_intact(
         smtp={"max_message_size": BIG + MiB},
         relay={"host": "127.0.0.1", "port": relay_sink.port, "tls": "disabled"},
     )
-    server.app.suspend("domain", "local.test", "hold until the spool is checked")
+    server.app.admin.suspend("domain", "local.test", "hold until the spool is checked")
     body = big_body()
     digest = hashlib.sha256(body).hexdigest()
     rss = RssSampler(os.getpid())
@@ -535,7 +535,7 @@ async def test_fifty_megabyte_message_is_spooled_and_delivered_intact(
     del spooled
 
     started = time.monotonic()
-    assert server.app.resume("domain", "local.test") == 1
+    assert server.app.admin.resume("domain", "local.test") == 1
     await relay_sink.wait_for(1, timeout=60)
     delivered = time.monotonic() - started
     memory = await rss.stop()

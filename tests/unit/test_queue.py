@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+from epoxi.ingest.control import take_control_headers
 from epoxi.message import MessageMeta
-from epoxi.queue.headers import take_epoxi_headers
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
 from epoxi.queue.retry import RetryPolicy
-from epoxi.queue.scheduled import Scheduler, Suspension
-from epoxi.shaping.throttle import Rate, Throttle
+from epoxi.queue.scheduled import Scheduler
+from epoxi.queue.suspensions import Suspension
+from epoxi.shaping.throttle import LocalThrottle, Rate
 
 
 class Clock:
@@ -65,27 +66,27 @@ async def test_due_now_is_released_at_once_and_later_when_due() -> None:
 def test_suspend_holds_and_resume_releases() -> None:
     clock, released, held = Clock(), [], []
     scheduler = Scheduler(released.append, clock=clock, on_hold=lambda j, s: held.append(j))
-    scheduler.suspend(Suspension("tenant", "acme", "complaints"))
+    scheduler.suspensions.suspend(Suspension("tenant", "acme", "complaints"))
     job = make_job(tenant="acme")
     other = make_job(tenant="other")
     scheduler.add(job)
     scheduler.add(other)
     assert released == [other] and held == [job]
-    assert scheduler.resume("tenant", "acme") == 1
+    assert scheduler.suspensions.resume("tenant", "acme")
     assert released == [other, job]
 
 
 def test_suspension_by_domain_campaign_and_queue_with_expiry() -> None:
     clock, released = Clock(), []
     scheduler = Scheduler(released.append, clock=clock)
-    scheduler.suspend(Suspension("domain", "b.example", until=1010.0))
-    scheduler.suspend(Suspension("campaign", "c1"))
-    scheduler.suspend(Suspension("queue", "q.example"))
+    scheduler.suspensions.suspend(Suspension("domain", "b.example", until=1010.0))
+    scheduler.suspensions.suspend(Suspension("campaign", "c1"))
+    scheduler.suspensions.suspend(Suspension("queue", "q.example"))
     for job in (make_job("b.example"), make_job(campaign="c1"), make_job("q.example")):
         scheduler.add(job)
     assert released == []
     clock.now = 1011.0
-    scheduler._expire_suspensions()
+    assert scheduler.suspensions.expire()
     assert [j.domain for j in released] == ["b.example"]
 
 
@@ -109,7 +110,7 @@ def test_retry_backoff_grows_and_caps() -> None:
 
 def test_throttle_rate_and_burst() -> None:
     clock = Clock()
-    throttle = Throttle(Rate.parse("10/s"), burst=2, clock=clock)
+    throttle = LocalThrottle(Rate.parse("10/s"), burst=2, clock=clock)
     assert throttle.acquire() == 0 and throttle.acquire() == 0
     assert 0.09 < throttle.acquire() < 0.11
     clock.now += 0.1
@@ -122,10 +123,10 @@ def test_control_headers_are_taken_out() -> None:
         b"Subject: x\r\nX-Epoxi-Tenant: acme\r\nx-epoxi-campaign: spring\r\n\r\n"
         b"X-Epoxi-Tenant: body\r\n"
     )
-    stripped, found = take_epoxi_headers(body)
+    stripped, found = take_control_headers(body)
     assert found == {"tenant": "acme", "campaign": "spring"}
     assert stripped == b"Subject: x\r\n\r\nX-Epoxi-Tenant: body\r\n"
-    assert take_epoxi_headers(b"Subject: y\r\n\r\nhi\r\n") == (b"Subject: y\r\n\r\nhi\r\n", {})
+    assert take_control_headers(b"Subject: y\r\n\r\nhi\r\n") == (b"Subject: y\r\n\r\nhi\r\n", {})
 
 
 def test_equal_mx_preferences_are_tried_in_random_order() -> None:

@@ -61,7 +61,7 @@ async def suspend(
         raise ComposeError("body", "name exactly one of domain, site, tenant, campaign, queue")
     kind, value = target
     hit = context(request).admin.suspend(kind, value, data.reason, data.duration)
-    active = [s for s in context(request).admin.suspensions() if (s.target, s.value) == target]
+    active = [s for s in context(request).admin.suspension_list() if (s.target, s.value) == target]
     until = active[-1].until if active else None
     reason = active[-1].reason if active else data.reason
     return SuspendResponse(target=kind, value=value, reason=reason, until=until, ready_queues=hit)

@@ -27,7 +27,6 @@ from epoxi.api.context import ApiContext, context
 from epoxi.api.models import Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
 from epoxi.message import MessageMeta
-from epoxi.queue.headers import take_epoxi_headers
 from epoxi.smtp.parser import CommandError, parse_mailbox
 from epoxi.spool.ids import new_message_id
 from epoxi.store.keys import Scope
@@ -78,7 +77,7 @@ async def send_raw(
     async def queue(ctx: ApiContext, tenant: str) -> SendResponse:
         sender = _envelope_address("from", data.from_) if data.from_ else ""
         recipients = [_envelope_address(f"to[{i}]", r) for i, r in enumerate(data.to)]
-        body, _ = take_epoxi_headers(_crlf(data.content))
+        body = _crlf(data.content)  # ingest removes control headers
         limit = ctx.settings.smtp.max_message_size
         if len(body) > limit:
             raise ClientException(

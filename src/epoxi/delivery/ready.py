@@ -1,10 +1,11 @@
 """Ready queues and their dispatchers: a few long-lived connections per destination.
 
 A ready queue holds jobs that are due and routed to one site from one egress source. Its
-dispatcher opens connections up to ``connection_limit`` (and no faster than
-``max_connection_rate``), reuses each for up to ``max_deliveries_per_connection`` jobs, paces
-messages to ``max_message_rate`` and closes a connection once it has been idle for
-``idle_timeout``.
+dispatcher opens connections through a :class:`~epoxi.delivery.transport.Transport` up to
+``connection_limit`` (and no faster than ``max_connection_rate``), reuses each for up to
+``max_deliveries_per_connection`` jobs, paces messages to ``max_message_rate`` and closes a
+connection once it has been idle for ``idle_timeout``. Each attempt's replies go to the
+outcome disposition; the ready queue never decides what a reply means.
 """
 
 from __future__ import annotations
@@ -14,33 +15,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from epoxi.delivery.client import ClientTimeouts, SmtpClient
-from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
+from epoxi.delivery.transport import Connection, Transport
+from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError
+from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
-from epoxi.shaping.throttle import Rate, Throttle
+from epoxi.queue.suspensions import Suspension
+from epoxi.shaping.policy import Shaping
+from epoxi.shaping.throttle import LocalThrottle, Rate, Throttle
 from epoxi.smtp.replies import Reply
 
 if TYPE_CHECKING:
     from epoxi.config import SourceSettings
     from epoxi.delivery.routing import Destination
-    from epoxi.dns.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Shaping:
-    """Concrete limits of one ready queue (config defaults merged with overrides)."""
-
-    connection_limit: int
-    max_deliveries_per_connection: int
-    idle_timeout: float
-    max_recipients_per_transaction: int
-    max_message_rate: Rate | None = None
-    max_connection_rate: Rate | None = None
+LoadBody = Callable[[str], Awaitable[bytes]]
 
 
 class RateMeter:
@@ -68,39 +60,32 @@ class RateMeter:
             self._buckets.popleft()
 
 
-Deliver = Callable[[SmtpClient, Job], Awaitable[bool]]  # False: the connection is spent
-ConnectFailed = Callable[[list[Job], Reply, str, bool], None]  # jobs, reply, hosts, permanent
-
-
 class ReadyQueue:
     """Jobs for one (source, site), and the connections that carry them."""
 
     def __init__(
         self,
         *,
+        key: str,
         source: SourceSettings,
         destination: Destination,
         shaping: Shaping,
-        hostname: str,
-        resolver: Resolver,
-        timeouts: ClientTimeouts,
-        deliver: Deliver,
-        connect_failed: ConnectFailed,
+        transport: Transport,
+        outcomes: Disposition,
+        load_body: LoadBody,
     ) -> None:
+        self.key = key
         self.source = source
         self.destination = destination
         self.shaping = shaping
-        self.key = f"{source.name}->{destination.site}"
         self.jobs: deque[Job] = deque()
         self.connections = 0
         self.deliveries = 0
-        self.delivered_last_minute = RateMeter(60)  # attempts made, whatever their outcome
+        self.attempts_last_minute = RateMeter(60)  # attempts made, whatever their outcome
         self.connects = 0
-        self._hostname = hostname
-        self._resolver = resolver
-        self._timeouts = timeouts
-        self._deliver = deliver
-        self._connect_failed = connect_failed
+        self._transport = transport
+        self._outcomes = outcomes
+        self._load_body = load_body
         self._idle: deque[asyncio.Future[Job]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._message_throttle = _throttle(shaping.max_message_rate)
@@ -109,9 +94,7 @@ class ReadyQueue:
         self._closing = False
         self.last_error: str | None = None  # why the last connection attempt failed
         self.last_error_at: float | None = None
-        self.suspension: str | None = None  # the reason, while suspended
-        self.suspended_until: float | None = None  # unix time; None: until resumed
-        self._resume_later: asyncio.TimerHandle | None = None
+        self.suspension: Suspension | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -134,28 +117,26 @@ class ReadyQueue:
             self.jobs = deque(keep)
         return taken
 
-    def suspend(self, reason: str, duration: float | None = None) -> None:
-        """Stop sending (connections finish their current job); jobs stay queued."""
-        self.suspension = reason or "suspended"
-        if self._resume_later is not None:
-            self._resume_later.cancel()
-            self._resume_later = None
-        self.suspended_until = None
-        if duration:
-            loop = asyncio.get_running_loop()
-            self.suspended_until = time.time() + duration
-            self._resume_later = loop.call_later(duration, self.resume)
+    def set_suspension(self, suspension: Suspension | None) -> None:
+        """Stop sending while suspended (connections finish their current job; jobs stay)."""
+        self.suspension = suspension
+        if suspension is None:
+            self._maybe_open()
+            return
         for waiter in self._idle:
             if not waiter.done():
                 waiter.cancel()
 
-    def resume(self) -> None:
-        if self._resume_later is not None:
-            self._resume_later.cancel()
-            self._resume_later = None
-        self.suspension = None
-        self.suspended_until = None
+    def reshape(self, shaping: Shaping) -> None:
+        """Apply new limits now, keeping the queue, its jobs and its connections."""
+        self.shaping = shaping
+        self._message_throttle = _reshaped(self._message_throttle, shaping.max_message_rate)
+        self._connection_throttle = _reshaped(
+            self._connection_throttle, shaping.max_connection_rate
+        )
         self._maybe_open()
+
+    # ----------------------------------------------------------------- connections
 
     def _maybe_open(self) -> None:
         if self._closing or self.suspension is not None or not self.jobs:
@@ -181,28 +162,28 @@ class ReadyQueue:
 
     async def _connection(self) -> None:
         try:
-            client = await self._connect()
-        except (ConnectionFailed, DnsError, EpoxiError, OSError) as exc:
+            connection = await self._transport.connect(self.destination, self.source)
+        except (EpoxiError, DnsError, OSError) as exc:
             self.connections -= 1
             self._on_connect_failure(exc)
             return
         self.last_error = self.last_error_at = None
         try:
-            await self._serve(client)
+            await self._serve(connection)
         finally:
             self.connections -= 1
-            await client.quit()
+            await connection.quit()
             self._maybe_open()
 
-    async def _serve(self, client: SmtpClient) -> None:
+    async def _serve(self, connection: Connection) -> None:
         for _ in range(self.shaping.max_deliveries_per_connection):
             job = await self._next_job()
             if job is None:
                 return
             await self._pace()
             self.deliveries += 1
-            self.delivered_last_minute.tick()
-            if not await self._deliver(client, job) or not client.is_usable:
+            self.attempts_last_minute.tick()
+            if not await self._attempt(connection, job) or not connection.is_usable:
                 return
 
     async def _next_job(self) -> Job | None:
@@ -226,63 +207,50 @@ class ReadyQueue:
         while (wait := self._message_throttle.acquire()) > 0:
             await asyncio.sleep(wait)
 
-    async def _connect(self) -> SmtpClient:
-        """Try each host (and each of its addresses) in order; raise the last failure."""
-        last: Exception = ConnectionFailed(f"no hosts for {self.destination.site}")
-        hosts_without_address = 0
-        order = self.destination.attempt_order()
-        for host, port in order:
-            try:
-                addresses = await self._resolver.addresses(host)
-            except DnsError as exc:
-                last = exc
-                hosts_without_address += isinstance(exc, DnsPermanent)
-                continue
-            for address in addresses:
-                try:
-                    return await self._open(host, address, port)
-                except (ConnectionFailed, EpoxiError) as exc:
-                    log.info("[%s] %s:%d (%s): %s", self.key, host, port, address, exc)
-                    last = exc
-        if order and hosts_without_address == len(order):  # as Postfix: no host can exist
-            raise DnsPermanent(f"no address for any mail host of {self.destination.site}")
-        raise last
+    # ----------------------------------------------------------------- attempts
 
-    async def _open(self, host: str, address: str, port: int) -> SmtpClient:
-        tls = self.destination.tls
-        return await SmtpClient.connect(
-            address,
-            port,
-            server_name=tls.server_name or host,
-            ehlo_name=self.source.ehlo or self._hostname,
-            source_address=self.source.bind,
-            tls=tls,
-            auth=self.destination.auth,
-            timeouts=self._timeouts,
-        )
+    async def _attempt(self, connection: Connection, job: Job) -> bool:
+        """One attempt of ``job``, in transactions of at most ``max_recipients_per_transaction``;
+        False when the connection is no good any more."""
+        meta = job.message.meta
+        try:
+            body = job.message.body or await self._load_body(meta.id)
+        except SpoolError as exc:
+            self._outcomes.body_unreadable(job, exc)
+            return True
+        step = self.shaping.max_recipients_per_transaction
+        replies: list[tuple[str, Reply]] = []
+        usable = True
+        for start in range(0, len(job.recipients), step):
+            chunk = job.recipients[start : start + step]
+            try:
+                if not usable:
+                    raise DeliveryError("connection lost before this transaction")
+                replies += await connection.send(meta, chunk, body)
+                usable = connection.is_usable
+            except DeliveryError as exc:
+                # A lost data-end reply lands here too: transient, so at worst a duplicate.
+                replies += self._outcomes.transaction_failed(chunk, exc)
+                usable = False
+        self._outcomes.handle(job, replies, connection.peer)
+        return usable
 
     def _on_connect_failure(self, exc: Exception) -> None:
         """Nothing could connect: if no other connection is alive, give the jobs back."""
         self.last_error, self.last_error_at = str(exc), time.time()
         if self.connections > 0:
             return
-        permanent = isinstance(exc, DnsPermanent)  # no MX host exists: bounce, as Postfix does
-        if permanent:
-            reply = Reply(550, "5.4.4", str(exc))
-        else:
-            reply = getattr(exc, "reply", None) or Reply(451, "4.4.1", f"connection failed: {exc}")
         jobs, self.jobs = list(self.jobs), deque()
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
             hosts = ",".join(h for h, _ in self.destination.hosts)
-            self._connect_failed(jobs, reply, hosts, permanent)
+            self._outcomes.connection_failed(jobs, exc, hosts)
 
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""
         self._closing = True
-        for handle in (self._open_later, self._resume_later):
-            if handle is not None:
-                handle.cancel()
+        if self._open_later is not None:
+            self._open_later.cancel()
         for waiter in self._idle:
             if not waiter.done():
                 waiter.cancel()
@@ -291,4 +259,11 @@ class ReadyQueue:
 
 
 def _throttle(rate: Rate | None) -> Throttle | None:
-    return Throttle(rate) if rate is not None else None
+    return LocalThrottle(rate) if rate is not None else None
+
+
+def _reshaped(throttle: Throttle | None, rate: Rate | None) -> Throttle | None:
+    if rate is None or throttle is None:
+        return _throttle(rate)
+    throttle.set_rate(rate)
+    return throttle

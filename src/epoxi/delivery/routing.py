@@ -94,13 +94,12 @@ class Router:
         if known is not None:
             return known
         plan = await resolve_mx(self.resolver, domain)
-        shaping = self.settings.delivery.defaults
         port = self.settings.delivery.mx_port
         destination = Destination(
             site=plan.site,
             hosts=tuple((h.name, port) for h in plan.hosts),
             preferences=tuple(h.preference for h in plan.hosts),
-            tls=TlsPolicy(mode=shaping.tls or "opportunistic", verify=bool(shaping.tls_verify)),
+            tls=TlsPolicy(),  # the shaping policy decides (delivery.dispatcher.with_tls)
             via_mx=True,
         )
         self._cache[domain] = (time.monotonic() + _ROUTE_CACHE_SECONDS, destination)

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from epoxi.dns.resolver import Resolver, ip_literal
-from epoxi.errors import DnsPermanent
+from epoxi.errors import DnsPermanent, NullMx
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ async def _implicit_plan(resolver: Resolver, domain: str) -> MxPlan:
 def _mx_hosts(domain: str, records: list[tuple[int, str]]) -> tuple[MxHost, ...]:
     usable = [(preference, host) for preference, host in records if host != NULL_MX]
     if not usable:
-        raise DnsPermanent(f"{domain} does not accept mail (null MX, RFC 7505)")
+        raise NullMx(f"{domain} does not accept mail (null MX, RFC 7505)")
     if len(usable) < len(records):
         log.warning("%s: null MX published beside other MX records; ignoring it", domain)
     best: dict[str, int] = {}

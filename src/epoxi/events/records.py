@@ -54,6 +54,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     next_attempt: float = 0.0  # TransientFailure, and Reception of mail sent later: when due
     tenant: str = ""
     campaign: str = ""
+    origin: str = ""  # Reception: how the message came in (smtp, http, dsn)
 
 
 _encoder = msgspec.json.Encoder()

@@ -33,6 +33,7 @@ class Job:
     attempts: int = 0
     due: float = 0.0
     site: str = ""  # set once routed
+    source: str = ""  # the egress source, set once routed
     seq: int = field(default=0, compare=False)
 
     @property

@@ -1,7 +1,7 @@
 """Scheduled queues: jobs wait here until due, then are released to routing.
 
-One timer (a heap ordered by due time) serves every queue; each queue keeps its counts and
-can be suspended. A due job whose queue, domain, tenant or campaign is suspended is held
+One timer (a heap ordered by due time) serves every queue; each queue keeps its counts. A due
+job whose queue, domain, tenant or campaign is suspended (in the suspension registry) is held
 until the suspension is lifted or runs out.
 """
 
@@ -15,31 +15,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 from epoxi.queue.model import Job
+from epoxi.queue.suspensions import Suspension, SuspensionRegistry, Suspensions
 
 log = logging.getLogger(__name__)
-
-SuspendKind = Literal["queue", "domain", "tenant", "campaign"]
-
-
-@dataclass(frozen=True)
-class Suspension:
-    kind: SuspendKind
-    value: str
-    reason: str = ""
-    until: float | None = None  # unix time; None lasts until resumed
-
-    def matches(self, job: Job) -> bool:
-        meta = job.message.meta
-        actual = {
-            "queue": job.queue,
-            "domain": job.domain,
-            "tenant": meta.tenant,
-            "campaign": meta.campaign,
-        }[self.kind]
-        return actual == self.value
 
 
 @dataclass
@@ -55,17 +35,19 @@ class Scheduler:
     def __init__(
         self,
         release: Callable[[Job], None],
+        suspensions: Suspensions | None = None,
         clock: Callable[[], float] = time.time,
         on_hold: Callable[[Job, Suspension], None] | None = None,
     ) -> None:
         self._release = release
-        self._on_hold = on_hold
+        self.on_hold = on_hold  # told of each job held back by a suspension
         self._clock = clock
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self.queues: dict[str, ScheduledQueue] = {}
-        self.suspensions: list[Suspension] = []
+        self.suspensions = suspensions or SuspensionRegistry(clock)
+        self.suspensions.subscribe(self._on_suspensions_changed)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -85,26 +67,19 @@ class Scheduler:
         heapq.heappush(self._heap, (job.due, job.seq, job))
 
     def _release_or_hold(self, job: Job, queue: ScheduledQueue) -> None:
-        suspension = self.suspension_for(job) if self.suspensions else None
+        suspension = self.suspensions.for_job(job)
         if suspension is None:
             self._release(job)
             return
         queue.held.append(job)
-        if self._on_hold is not None:
-            self._on_hold(job, suspension)
-
-    def suspension_for(self, job: Job) -> Suspension | None:
-        now = self._clock()
-        for suspension in self.suspensions:
-            if (suspension.until is None or suspension.until > now) and suspension.matches(job):
-                return suspension
-        return None
+        if self.on_hold is not None:
+            self.on_hold(job, suspension)
 
     async def run(self) -> None:
         """Release due jobs forever (cancel to stop)."""
         while True:
             self._release_due()
-            self._expire_suspensions()
+            self.suspensions.expire()  # releases held jobs through the subscription
             timeout = self._next_wait()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -124,30 +99,11 @@ class Scheduler:
             queue.scheduled -= 1
             self._release_or_hold(job, queue)
 
-    # ----------------------------------------------------------------- suspend / resume
-
-    def suspend(self, suspension: Suspension) -> None:
-        self.suspensions.append(suspension)
-        log.info(
-            "suspended %s %s until %s: %s",
-            suspension.kind,
-            suspension.value,
-            suspension.until or "resumed",
-            suspension.reason,
-        )
-
-    def resume(self, kind: SuspendKind, value: str) -> int:
-        """Lift suspensions of ``kind``/``value``; returns how many held jobs were released."""
-        self.suspensions = [s for s in self.suspensions if (s.kind, s.value) != (kind, value)]
-        return self._release_held()
-
-    def _expire_suspensions(self) -> None:
-        now = self._clock()
-        if any(s.until is not None and s.until <= now for s in self.suspensions):
-            self.suspensions = [s for s in self.suspensions if s.until is None or s.until > now]
-            self._release_held()
+    def _on_suspensions_changed(self) -> None:
+        self._release_held()
 
     def _release_held(self) -> int:
+        """Release the held jobs no suspension holds any more; returns how many."""
         released = 0
         for queue in self.queues.values():
             held, queue.held = queue.held, []
@@ -177,11 +133,14 @@ class Scheduler:
         return taken
 
     def retry_now(self, predicate: Callable[[Job], bool]) -> list[Job]:
-        """Make the matching jobs that wait for a later time due now (held ones stay held)."""
+        """Make matching deferred jobs due now (held ones stay held).
+
+        Deferred means attempted at least once: a message waiting for its ``send_at`` keeps it.
+        """
         now = self._clock()
         changed = []
         for index, (due, seq, job) in enumerate(self._heap):
-            if due > now and predicate(job):
+            if due > now and job.attempts > 0 and predicate(job):
                 job.due = now
                 self._heap[index] = (now, seq, job)
                 changed.append(job)
@@ -189,6 +148,21 @@ class Scheduler:
             heapq.heapify(self._heap)
             self._wake.set()
         return changed
+
+    def held_count(self) -> int:
+        return sum(len(queue.held) for queue in self.queues.values())
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Figures for the metrics: name -> (description, value)."""
+        queues = list(self.queues.values())
+        return {
+            "scheduled_messages": ("Jobs waiting for their due time", len(self._heap)),
+            "held_messages": ("Jobs due but held by a suspension", self.held_count()),
+            "scheduled_queues": (
+                "Scheduled queues that hold jobs",
+                sum(1 for q in queues if q.scheduled or q.held),
+            ),
+        }
 
     def next_due(self) -> dict[str, float]:
         """The earliest due time of each queue that has scheduled jobs."""

@@ -1,6 +1,8 @@
 """Rate limits such as ``"100/s"`` or ``"2000/h"``, enforced with GCRA (a leaky bucket).
 
 GCRA keeps one number per throttle, the theoretical arrival time, so it is cheap to check.
+:class:`Throttle` is the port (a cluster keeps its throttles in Redis); :class:`LocalThrottle`
+is the one a node keeps in memory.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h|hour|d|day)\s*$")
 _PERIODS = {
@@ -47,16 +50,32 @@ class Rate:
         return f"{count:g}/{unit}"
 
 
-class Throttle:
-    """GCRA: allows a burst of up to ``burst`` events, then one per interval."""
+class Throttle(Protocol):
+    """Paces events to a rate."""
+
+    def acquire(self) -> float:
+        """Take one event if allowed (returns 0), else return the seconds to wait."""
+        ...
+
+    def set_rate(self, rate: Rate) -> None:
+        """Change the rate from now on (a reload of the shaping policy)."""
+        ...
+
+
+class LocalThrottle:
+    """GCRA in memory: allows a burst of up to ``burst`` events, then one per interval."""
 
     def __init__(
         self, rate: Rate, burst: int | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.interval = rate.interval
-        self.tolerance = self.interval * ((burst if burst is not None else 1) - 1)
+        self._burst = burst if burst is not None else 1
         self._clock = clock
         self._tat = 0.0  # theoretical arrival time
+        self.set_rate(rate)
+
+    def set_rate(self, rate: Rate) -> None:
+        self.interval = rate.interval
+        self.tolerance = self.interval * (self._burst - 1)
 
     def delay(self) -> float:
         """Seconds to wait before the next event may happen; 0 means it may happen now."""

@@ -220,7 +220,7 @@ def _apply_one(conn: sqlite3.Connection, record: Record) -> None:
                 record.tenant,
                 record.campaign,
                 record.sender,
-                record.reason,
+                record.origin,
                 record.size,
                 record.timestamp,
                 record.timestamp,

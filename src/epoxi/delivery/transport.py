@@ -1,0 +1,132 @@
+"""The transport port: how a ready queue's dispatcher reaches a destination.
+
+A :class:`Transport` opens a :class:`Connection` to a destination from an egress source; a
+connection carries one transaction at a time and answers with a reply per recipient. SMTP is
+the transport today (:class:`SmtpTransport`); LMTP, Maildir and HTTP are coming, and
+``epoxi.testing.fakes.FakeTransport`` answers from a script in unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from epoxi.delivery.client import ClientTimeouts, SmtpClient
+from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
+from epoxi.message import MessageMeta
+from epoxi.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from epoxi.config import SourceSettings
+    from epoxi.delivery.routing import Destination
+    from epoxi.dns.resolver import Resolver
+
+log = logging.getLogger(__name__)
+
+
+class Connection(Protocol):
+    """One open connection to a destination."""
+
+    @property
+    def peer(self) -> str:
+        """The address that answers (recorded with each outcome)."""
+        ...
+
+    @property
+    def is_usable(self) -> bool:
+        """Whether another transaction may follow."""
+        ...
+
+    async def send(
+        self, meta: MessageMeta, recipients: list[str], body: bytes
+    ) -> list[tuple[str, Reply]]:
+        """One transaction: each recipient's reply. Raises DeliveryError if it broke off."""
+        ...
+
+    async def quit(self) -> None: ...
+
+
+class Transport(Protocol):
+    async def connect(self, destination: Destination, source: SourceSettings) -> Connection:
+        """Open a connection to some host of ``destination``, or raise why none could be.
+
+        Raises DnsPermanent when no host of the destination can exist (nothing to retry),
+        another EpoxiError or OSError otherwise.
+        """
+        ...
+
+
+class SmtpConnection:
+    """An :class:`SmtpClient` seen as a :class:`Connection`."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: SmtpClient) -> None:
+        self._client = client
+
+    @property
+    def peer(self) -> str:
+        return self._client.peer[0]
+
+    @property
+    def is_usable(self) -> bool:
+        return self._client.is_usable
+
+    async def send(
+        self, meta: MessageMeta, recipients: list[str], body: bytes
+    ) -> list[tuple[str, Reply]]:
+        result = await self._client.send(
+            meta.sender, recipients, body, smtputf8=meta.smtputf8, body_8bit=meta.body_8bit
+        )
+        return result.outcomes()
+
+    async def quit(self) -> None:
+        await self._client.quit()
+
+
+class SmtpTransport:
+    """SMTP to the destination's hosts, in preference order, each of their addresses in turn."""
+
+    def __init__(self, resolver: Resolver, hostname: str, timeouts: ClientTimeouts) -> None:
+        self._resolver = resolver
+        self._hostname = hostname
+        self._timeouts = timeouts
+
+    async def connect(self, destination: Destination, source: SourceSettings) -> Connection:
+        """Try each host (and each of its addresses) in order; raise the last failure."""
+        last: Exception = ConnectionFailed(f"no hosts for {destination.site}")
+        hosts_without_address = 0
+        order = destination.attempt_order()
+        for host, port in order:
+            try:
+                addresses = await self._resolver.addresses(host)
+            except DnsError as exc:
+                last = exc
+                hosts_without_address += isinstance(exc, DnsPermanent)
+                continue
+            for address in addresses:
+                try:
+                    client = await self._open(destination, source, host, address, port)
+                except (ConnectionFailed, EpoxiError) as exc:
+                    log.info("[%s] %s:%d (%s): %s", destination.site, host, port, address, exc)
+                    last = exc
+                else:
+                    return SmtpConnection(client)
+        if order and hosts_without_address == len(order):  # as Postfix: no host can exist
+            raise DnsPermanent(f"no address for any mail host of {destination.site}")
+        raise last
+
+    async def _open(
+        self, destination: Destination, source: SourceSettings, host: str, address: str, port: int
+    ) -> SmtpClient:
+        tls = destination.tls
+        return await SmtpClient.connect(
+            address,
+            port,
+            server_name=tls.server_name or host,
+            ehlo_name=source.ehlo or self._hostname,
+            source_address=source.bind,
+            tls=tls,
+            auth=destination.auth,
+            timeouts=self._timeouts,
+        )

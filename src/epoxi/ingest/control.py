@@ -1,0 +1,63 @@
+"""``X-Epoxi-*`` control headers: how an SMTP client names the tenant and campaign of a message.
+
+They are always removed (a folded header with its continuation lines), so they are never
+delivered. Their values are honoured only from a client allowed to steer Epoxi (a trusted
+network or an authenticated user); from anyone else they are dropped unread. A value that is
+not a valid name (the same rule as the HTTP API's ``tenant`` and ``campaign``) refuses the
+message from a trusted client, who can fix it, rather than queueing it under a wrong name.
+"""
+
+from __future__ import annotations
+
+from epoxi.errors import MessageRefused
+from epoxi.message import is_label
+from epoxi.smtp.replies import Reply
+
+_FIELDS = {b"x-epoxi-tenant": "tenant", b"x-epoxi-campaign": "campaign"}
+
+
+def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
+    """The body without control headers, and their raw values by field (``tenant``, ...).
+
+    Costs one search of the header block when there are none.
+    """
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    if b"x-epoxi-" not in head.lower():
+        return body, {}
+    kept: list[bytes] = []
+    found: dict[str, str] = {}
+    dropping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field above it
+            if not dropping:
+                kept.append(line)
+            elif found:
+                current = list(found)[-1]
+                found[current] += " " + line.strip().decode("utf-8", "replace")
+            continue
+        name, colon, value = line.partition(b":")
+        field = _FIELDS.get(name.strip().lower()) if colon else None
+        dropping = field is not None
+        if field is not None:
+            found.pop(field, None)  # the last one counts; keep insertion order for folding
+            found[field] = value.strip().decode("utf-8", "replace")
+        else:
+            kept.append(line)
+    rest = body[end + 2 :] if end >= 0 else b""
+    return b"\r\n".join(kept) + rest, found
+
+
+def checked_controls(found: dict[str, str]) -> dict[str, str]:
+    """The values, or MessageRefused (``550 5.6.0``) naming the first invalid one."""
+    for field, value in found.items():
+        if not is_label(value):
+            raise MessageRefused(
+                f"invalid X-Epoxi-{field.title()}",
+                Reply(
+                    550,
+                    "5.6.0",
+                    f"X-Epoxi-{field.title()} must be 1-100 letters, digits, '.', '_', '+' or '-'",
+                ),
+            )
+    return found

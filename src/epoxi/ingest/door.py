@@ -1,0 +1,143 @@
+"""The one door: every message Epoxi takes in goes through :class:`Ingest`.
+
+SMTP (``accept``), the HTTP API (``inject_many``) and the DSNs Epoxi writes itself
+(``inject``) all pass the same stages, in this order:
+
+1. hooks: each :class:`IngestHook` may change the message or refuse it (DKIM signing and
+   policy hooks plug in here);
+2. control headers: ``X-Epoxi-*`` are removed, and honoured only from trusted clients;
+3. the loop check: more ``Received:`` headers than ``max_hops`` refuses it (``554 5.4.6``);
+4. the spool commit (group fsync): only then is the client told yes;
+5. the Reception record;
+6. scheduling: one job per recipient domain, into the scheduled queues.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from epoxi.errors import MessageRefused
+from epoxi.events.records import Record, RecordType
+from epoxi.events.sink import EventSink
+from epoxi.ingest.control import checked_controls, take_control_headers
+from epoxi.message import MessageMeta
+from epoxi.outcomes.synthetic import Synthetic
+from epoxi.queue.model import Job, Message, queue_name, split_by_domain
+from epoxi.spool.port import SpoolPort
+
+log = logging.getLogger(__name__)
+
+
+class IngestHook(Protocol):
+    """A stage before the spool commit. Returns the body to keep (the same one if unchanged),
+    or raises MessageRefused with the reply the sender is to get."""
+
+    async def __call__(self, meta: MessageMeta, body: bytes) -> bytes: ...
+
+
+class Ingest:
+    """Takes messages in: hooks, control headers, loop check, spool, record, schedule."""
+
+    def __init__(
+        self,
+        *,
+        spool: SpoolPort,
+        records: EventSink,
+        schedule: Callable[[Job], None],
+        hooks: Sequence[IngestHook] = (),
+        max_hops: int = 50,
+    ) -> None:
+        self.spool = spool
+        self.records = records
+        self.schedule = schedule
+        self.hooks = list(hooks)
+        self.max_hops = max_hops
+        self.arrived: set[str] | None = None  # ids spooled while the start-up load runs
+
+    def unhealthy_reason(self) -> str | None:
+        return self.spool.unhealthy_reason()
+
+    async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> None:
+        """A message from SMTP. ``trusted``: the client may set control headers."""
+        body = await self._prepare(meta, body, trusted=trusted)
+        await self.spool.store(meta, body)
+        self._spooled(meta, body)
+
+    async def inject(self, meta: MessageMeta, body: bytes) -> None:
+        """A message Epoxi made itself (a DSN): spooled and queued as it is."""
+        await self.spool.store(meta, body)
+        self._spooled(meta, body)
+
+    async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
+        """Messages from the HTTP API (the envelope is the API's: control headers are only
+        removed): spooled in one transaction, all or none, then queued."""
+        prepared = [(meta, await self._prepare(meta, body, trusted=False)) for meta, body in items]
+        await self.spool.store_many(prepared)
+        for meta, body in prepared:
+            self._spooled(meta, body)
+
+    async def _prepare(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> bytes:
+        for hook in self.hooks:
+            body = await hook(meta, body)
+        body, controls = take_control_headers(body)
+        if controls:
+            meta.size = len(body)
+            if trusted:
+                _apply_controls(meta, checked_controls(controls))
+        self._check_hops(meta, body)
+        return body
+
+    def _check_hops(self, meta: MessageMeta, body: bytes) -> None:
+        end = body.find(b"\r\n\r\n")
+        head = b"\r\n" + (body[:end] if end >= 0 else body).lower()
+        hops = head.count(b"\r\nreceived:")
+        if hops > self.max_hops:
+            raise MessageRefused(
+                f"{hops} Received: headers",
+                Synthetic.TOO_MANY_HOPS.reply(f"{hops} Received: headers, a mail loop?"),
+            )
+
+    def _spooled(self, meta: MessageMeta, body: bytes) -> None:
+        if self.arrived is not None:
+            self.arrived.add(meta.id)
+        self.records.emit(
+            Record(
+                type=RecordType.RECEPTION,
+                message_id=meta.id,
+                sender=meta.sender,
+                recipients=meta.recipients,
+                peer_address=meta.peer,
+                size=meta.size,
+                origin=meta.origin,
+                next_attempt=meta.due,
+                tenant=meta.tenant,
+                campaign=meta.campaign,
+            )
+        )
+        self.enqueue(meta, body)
+
+    def enqueue(self, meta: MessageMeta, body: bytes | None) -> None:
+        """Split a spooled message into one job per recipient domain and schedule them."""
+        message = Message(meta, body)
+        groups = split_by_domain(meta.recipients)
+        message.open_jobs = len(groups)
+        if not groups:
+            self.spool.remove(meta.id)
+        for domain, recipients in groups.items():
+            self.schedule(
+                Job(
+                    message,
+                    domain,
+                    recipients,
+                    queue_name(domain, meta.tenant, meta.campaign),
+                    attempts=meta.attempts,
+                    due=meta.due,
+                )
+            )
+
+
+def _apply_controls(meta: MessageMeta, controls: dict[str, str]) -> None:
+    meta.tenant = controls.get("tenant", meta.tenant)
+    meta.campaign = controls.get("campaign", meta.campaign)

@@ -1,0 +1,326 @@
+"""Outcome disposition: each recipient's reply becomes a record and the job's next step.
+
+Every recipient ends as Delivered, TransientFailure (rescheduled with backoff) or Bounce; a job
+older than ``max_age`` expires. A bounce or an expiry sends a DSN to the sender (never for the
+null sender, never for a DSN) before the original leaves the spool. Nothing here does I/O of
+its own: the spool, the scheduler, the record sink and the DSN injection are handed in, so the
+decisions are unit-tested on fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from epoxi.bounce.classify import Classifier
+from epoxi.bounce.dsn import RecipientFailure, build_dsn, should_send_dsn
+from epoxi.errors import DeliveryError
+from epoxi.events.records import Record, RecordType, Response
+from epoxi.events.sink import EventSink
+from epoxi.message import MessageMeta
+from epoxi.outcomes.synthetic import (
+    Synthetic,
+    connect_failure,
+    routing_failure,
+    transaction_failure,
+)
+from epoxi.queue.model import Job
+from epoxi.queue.retry import RetryPolicy
+from epoxi.queue.suspensions import Suspension
+from epoxi.smtp.replies import Reply
+from epoxi.spool.ids import new_message_id
+from epoxi.spool.port import SpoolPort
+
+log = logging.getLogger(__name__)
+
+Inject = Callable[[MessageMeta, bytes], Awaitable[None]]
+Replies = Iterable[tuple[str, Reply]]
+
+
+@dataclass
+class Failure:
+    """One recipient that did not get its message (yet)."""
+
+    recipient: str
+    reply: Reply | None  # None: no remote reply (expiry); ``reason`` says why
+    category: str = ""
+    permanent: bool = False
+    peer: str = ""  # the server that answered
+    reason: str = ""
+
+
+class Disposition:
+    """Turns replies into records, retries, bounces, expiries and DSNs."""
+
+    def __init__(
+        self,
+        *,
+        classifier: Classifier,
+        records: EventSink,
+        spool: SpoolPort,
+        reschedule: Callable[[Job], None],
+        retry: RetryPolicy,
+        inject: Inject,
+        hostname: str,
+        dsn_wanted: Callable[[Job], bool] = lambda job: True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.classifier = classifier
+        self.records = records
+        self.spool = spool
+        self.reschedule = reschedule
+        self.retry = retry
+        self.inject = inject
+        self.hostname = hostname
+        self.dsn_wanted = dsn_wanted
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Wait (a bounded time) for the DSNs being written."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+
+    def expired(self, job: Job) -> bool:
+        return self.retry.expired(job.message.meta.age_origin, self._clock())
+
+    # ----------------------------------------------------------------- failures without replies
+
+    def routing_failed(self, jobs: list[Job], domain: str, exc: Exception) -> None:
+        self._fail(jobs, routing_failure(domain, exc), "")
+
+    def connection_failed(self, jobs: list[Job], exc: Exception, peer: str) -> None:
+        self._fail(jobs, connect_failure(exc), peer)
+
+    def body_unreadable(self, job: Job, exc: Exception) -> None:
+        log.error("[%s] body unreadable: %s", job.id, exc)
+        self._fail([job], Synthetic.BODY_UNREADABLE.reply(), "")
+
+    def transaction_failed(self, recipients: list[str], exc: DeliveryError) -> Replies:
+        reply = transaction_failure(exc)
+        return [(r, reply) for r in recipients]
+
+    def _fail(self, jobs: list[Job], reply: Reply, peer: str) -> None:
+        for job in jobs:
+            self.handle(job, [(r, reply) for r in job.recipients], peer)
+
+    # ----------------------------------------------------------------- replies
+
+    def handle(self, job: Job, replies: Replies, peer: str) -> None:
+        """Record each recipient's outcome; reschedule, bounce or finish the job."""
+        attempt = job.attempts + 1
+        delivered: list[str] = []
+        bounced: list[Failure] = []
+        deferred: list[Failure] = []
+        for recipient, reply in replies:
+            if reply.is_positive:
+                delivered.append(recipient)
+                self._record(RecordType.DELIVERY, job, recipient, reply, peer, attempt)
+                continue
+            verdict = self.classifier.classify(reply)
+            failure = Failure(recipient, reply, verdict.category.value, verdict.permanent, peer)
+            (bounced if verdict.permanent else deferred).append(failure)
+        for failure in bounced:
+            self._record_failure(RecordType.BOUNCE, job, failure, attempt)
+        _remove_recipients(job.message.meta, delivered)
+        if deferred:
+            self._defer(job, deferred, attempt)
+        if bounced:
+            self._spawn(self._bounce(job, bounced, "failed", finish=not deferred))
+        elif not deferred:
+            self._job_done(job)
+
+    def _defer(self, job: Job, deferred: list[Failure], attempt: int) -> None:
+        meta = job.message.meta
+        now = self._clock()
+        job.recipients = [f.recipient for f in deferred]
+        job.attempts = attempt
+        if self.retry.expired(meta.age_origin, now):
+            self.expire(job, deferred[0].reply)
+            return
+        job.due = now + self.retry.delay(attempt)
+        for failure in deferred:
+            self._record_failure(RecordType.TRANSIENT_FAILURE, job, failure, attempt, job.due)
+        meta.attempts, meta.due, meta.last_response = attempt, job.due, str(deferred[0].reply)
+        job.message.body = None  # re-read from the spool at the next attempt
+        self.spool.update(meta)
+        self.reschedule(job)
+
+    def expire(self, job: Job, last: Reply | None = None) -> None:
+        """Give up on ``job``: an Expiration record per recipient, a DSN, then done."""
+        reason = f"message expired after {self.retry.max_age / 86400:g} days in the queue"
+        if last is not None:
+            reason += f"; last reply: {last}"
+        reply = Synthetic.EXPIRED.reply(reason)  # for the record only: no server said this
+        failures = [Failure(r, None, "Expired", True, reason=reason) for r in job.recipients]
+        for failure in failures:
+            self._record(
+                RecordType.EXPIRATION,
+                job,
+                failure.recipient,
+                reply,
+                "",
+                job.attempts,
+                reason=reason,
+            )
+        self._spawn(self._bounce(job, failures, "expired", finish=True))
+
+    def admin_bounce(self, jobs: list[Job], reason: str) -> int:
+        """Drop ``jobs`` with an AdminBounce record per recipient (no DSN, like ``postsuper -d``);
+        returns the number of recipients bounced."""
+        bounced = 0
+        for job in jobs:
+            for recipient in job.recipients:
+                self._record(
+                    RecordType.ADMIN_BOUNCE, job, recipient, None, "", job.attempts, reason=reason
+                )
+            bounced += len(job.recipients)
+            _remove_recipients(job.message.meta, job.recipients)
+            self._job_done(job)
+        return bounced
+
+    def held(self, job: Job, suspension: Suspension) -> None:
+        """A due job waits for a suspension to end: one Suspended record per recipient."""
+        meta = job.message.meta
+        reason = f"{suspension.kind} {suspension.value} suspended: {suspension.reason}"
+        for recipient in job.recipients:
+            self.records.emit(
+                Record(
+                    type=RecordType.SUSPENDED,
+                    message_id=meta.id,
+                    queue=job.queue,
+                    sender=meta.sender,
+                    recipient=recipient,
+                    size=meta.size,
+                    reason=reason,
+                )
+            )
+
+    # ----------------------------------------------------------------- DSNs
+
+    async def _bounce(self, job: Job, failures: list[Failure], kind: str, *, finish: bool) -> None:
+        """Send the DSN for ``failures`` (durably), then drop those recipients."""
+        meta = job.message.meta
+        try:
+            await self._send_dsn(job, failures, kind)
+        except Exception:
+            log.exception("[%s] could not create a DSN", meta.id)
+        _remove_recipients(meta, [f.recipient for f in failures])
+        if finish:
+            self._job_done(job)
+        else:
+            self.spool.update(meta)
+
+    async def _send_dsn(self, job: Job, failures: list[Failure], kind: str) -> None:
+        meta = job.message.meta
+        if not meta.sender or not self.dsn_wanted(job):
+            return
+        body = job.message.body or await self.spool.load_body(meta.id)
+        headers = body.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        if not should_send_dsn(meta, headers):
+            return
+        dsn_id = new_message_id()
+        dsn = build_dsn(
+            reporting_mta=self.hostname,
+            original=meta,
+            original_headers=headers,
+            failures=[
+                RecipientFailure(
+                    recipient=f.recipient, reply=f.reply, remote_mta=f.peer, reason=f.reason
+                )
+                for f in failures
+            ],
+            dsn_id=dsn_id,
+        )
+        await self.inject(_dsn_meta(dsn_id, meta, len(dsn), kind, self._clock()), dsn)
+        log.info(
+            "[%s] DSN %s sent to <%s> for %d recipients",
+            meta.id,
+            dsn_id,
+            meta.sender,
+            len(failures),
+        )
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def _job_done(self, job: Job) -> None:
+        message = job.message
+        message.open_jobs -= 1
+        if message.open_jobs <= 0 or not message.meta.recipients:
+            self.spool.remove(message.meta.id)
+        else:
+            self.spool.update(message.meta)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _record_failure(
+        self, kind: RecordType, job: Job, failure: Failure, attempt: int, next_attempt: float = 0.0
+    ) -> None:
+        self._record(
+            kind,
+            job,
+            failure.recipient,
+            failure.reply,
+            failure.peer,
+            attempt,
+            classification=failure.category,
+            next_attempt=next_attempt,
+        )
+
+    def _record(
+        self,
+        kind: RecordType,
+        job: Job,
+        recipient: str,
+        reply: Reply | None,
+        peer: str,
+        attempt: int,
+        *,
+        classification: str = "",
+        reason: str = "",
+        next_attempt: float = 0.0,
+    ) -> None:
+        meta = job.message.meta
+        self.records.emit(
+            Record(
+                type=kind,
+                message_id=meta.id,
+                queue=job.queue,
+                site=job.site,
+                source=job.source,
+                sender=meta.sender,
+                recipient=recipient,
+                response=Response.of(reply) if reply else None,
+                peer_address=peer,
+                attempt=attempt,
+                size=meta.size,
+                classification=classification,
+                reason=reason,
+                next_attempt=next_attempt,
+            )
+        )
+
+
+def _remove_recipients(meta: MessageMeta, finished: list[str]) -> None:
+    if finished:
+        gone = set(finished)
+        meta.recipients = [r for r in meta.recipients if r not in gone]
+
+
+def _dsn_meta(dsn_id: str, original: MessageMeta, size: int, kind: str, now: float) -> MessageMeta:
+    return MessageMeta(
+        id=dsn_id,
+        sender="",
+        recipients=[original.sender],
+        received_at=now,
+        size=size,
+        smtputf8=not original.sender.isascii(),
+        origin="dsn",
+        metadata={"dsn_for": original.id, "dsn_kind": kind},
+    )

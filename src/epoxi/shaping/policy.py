@@ -1,0 +1,121 @@
+"""Shaping policy: the limits of each ready queue, merged from layers of settings.
+
+The layers, each overriding the ones before it, in one fixed order::
+
+    built-in defaults -> [delivery.defaults] -> site -> domain -> source
+
+``[delivery.shaping."<name>"]`` entries are looked up by site name (the sorted MX host set,
+or ``route:host:port``) and by domain; ``[delivery.source_shaping."<source>"]`` by egress
+source. A ready queue's limits can be changed while it runs (``ReadyQueue.reshape``), so a
+reload of the policy needs no rebuild.
+
+This module takes plain mappings (``model_dump(exclude_none=True)`` of the settings), so it
+depends on nothing above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from epoxi.shaping.throttle import Rate
+
+ShapingTls = Literal["opportunistic", "required", "disabled"]
+
+BUILTIN: Mapping[str, Any] = {
+    "connection_limit": 10,
+    "max_deliveries_per_connection": 100,
+    "idle_timeout": 5.0,
+    "max_recipients_per_transaction": 100,
+    "max_message_rate": None,
+    "max_connection_rate": None,
+    "tls": "opportunistic",
+    "tls_verify": False,
+}
+
+Layer = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """Concrete limits of one ready queue."""
+
+    connection_limit: int
+    max_deliveries_per_connection: int
+    idle_timeout: float
+    max_recipients_per_transaction: int
+    max_message_rate: Rate | None = None
+    max_connection_rate: Rate | None = None
+    tls: ShapingTls = "opportunistic"
+    tls_verify: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The merged limits, and for each setting the layer it came from."""
+
+    shaping: Shaping
+    origins: Mapping[str, str]
+
+
+class ShapingPolicy:
+    """Resolves the limits of (domain, site, source) from the configured layers."""
+
+    def __init__(
+        self,
+        defaults: Layer | None = None,
+        named: Mapping[str, Layer] | None = None,
+        sources: Mapping[str, Layer] | None = None,
+    ) -> None:
+        self._defaults = dict(defaults or {})
+        self._named = {k: dict(v) for k, v in (named or {}).items()}
+        self._sources = {k: dict(v) for k, v in (sources or {}).items()}
+        self._cache: dict[tuple[str, str, str], Resolved] = {}
+
+    def resolve(self, domain: str, site: str, source: str = "") -> Shaping:
+        return self.explain(domain, site, source).shaping
+
+    def explain(self, domain: str, site: str, source: str = "") -> Resolved:
+        """The merged limits and where each came from; cached per (domain, site, source)."""
+        key = (domain, site, source)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self._merge(domain, site, source)
+        return found
+
+    def _layers(self, domain: str, site: str, source: str) -> list[tuple[str, Layer]]:
+        layers: list[tuple[str, Layer | None]] = [
+            ("built-in", BUILTIN),
+            ("delivery.defaults", self._defaults),
+            (f"site {site}", self._named.get(site) if site != domain else None),
+            (f"domain {domain}", self._named.get(domain)),
+            (f"source {source}", self._sources.get(source)),
+        ]
+        return [(name, layer) for name, layer in layers if layer]
+
+    def _merge(self, domain: str, site: str, source: str) -> Resolved:
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for name, layer in self._layers(domain, site, source):
+            for setting, value in layer.items():
+                if value is not None or setting not in values:
+                    values[setting], origins[setting] = value, name
+        return Resolved(_shaping(values), origins)
+
+
+def _shaping(values: Mapping[str, Any]) -> Shaping:
+    return Shaping(
+        connection_limit=int(values["connection_limit"]),
+        max_deliveries_per_connection=int(values["max_deliveries_per_connection"]),
+        idle_timeout=float(values["idle_timeout"]),
+        max_recipients_per_transaction=int(values["max_recipients_per_transaction"]),
+        max_message_rate=_rate(values["max_message_rate"]),
+        max_connection_rate=_rate(values["max_connection_rate"]),
+        tls=values["tls"],
+        tls_verify=bool(values["tls_verify"]),
+    )
+
+
+def _rate(text: str | None) -> Rate | None:
+    return Rate.parse(text) if text else None
