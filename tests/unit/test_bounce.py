@@ -15,9 +15,6 @@ from epoxi.bounce.classify import (
     BounceCategory,
     Classification,
     Classifier,
-    ConnectionErrorKind,
-    classify_connection_error,
-    connection_error_reply,
     fallback,
     normalize_text,
 )
@@ -278,34 +275,6 @@ def test_malformed_rules_are_config_errors(tmp_path: Path, text: str, message: s
 def test_missing_rules_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.toml"):
         Classifier.from_files([tmp_path / "missing.toml"])
-
-
-# ------------------------------------------------------------------------ connection failures
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "refused",
-        "timeout",
-        "lost",
-        "tls",
-        "tls-unavailable",
-        "protocol",
-        "dns-temporary",
-        "dns-nxdomain",
-        "null-mx",
-    ],
-)
-def test_connection_errors_agree_with_the_rules(
-    classifier: Classifier, kind: ConnectionErrorKind
-) -> None:
-    direct = classify_connection_error(kind)
-    reply = connection_error_reply(kind, "details from the socket layer")
-    via_rules = classifier.classify(reply)
-    assert (via_rules.category, via_rules.permanent) == (direct.category, direct.permanent)
-    assert reply.text.endswith(": details from the socket layer")
-    assert direct.permanent == (kind in ("dns-nxdomain", "null-mx"))
 
 
 # ------------------------------------------------------------------------------------- DSNs

@@ -11,10 +11,9 @@ addresses replaced by ``@``, and long id-like runs (queue ids, timestamps, IP ad
 numbered host names) by ``#``. Two replies that differ only in those parts are one cache
 entry, so a server that puts a fresh id into every reply still hits the cache.
 
-Connection-level failures, where there is no reply: the delivery code builds a synthetic
-reply with :func:`connection_error_reply` and classifies it like any other, so records and
-DSNs always carry a reply; :func:`classify_connection_error` gives the same answer without
-a classifier.
+Failures where no server replied get a synthetic reply from one table
+(``epoxi.outcomes.synthetic``) and are classified like any other, so records and DSNs always
+carry a reply.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from epoxi.errors import ConfigError
 from epoxi.smtp.replies import Reply
@@ -248,55 +247,6 @@ def fallback(code: int, enhanced: str) -> Classification:
 
 
 # ---------------------------------------------------------------- connection-level failures
-
-ConnectionErrorKind = Literal[
-    "refused",  # TCP connection refused
-    "timeout",  # no answer: connect, banner or a reply timed out
-    "lost",  # connection reset or closed in the middle
-    "tls",  # TLS handshake failed
-    "tls-unavailable",  # TLS required by our policy, not offered by the server
-    "protocol",  # the server sent something that is not SMTP
-    "dns-temporary",  # SERVFAIL, DNS timeout
-    "dns-nxdomain",  # the domain does not exist
-    "null-mx",  # RFC 7505: the domain takes no mail
-]
-
-
-def _connection(
-    kind: str, reply: Reply, category: BounceCategory
-) -> tuple[str, tuple[Reply, Classification]]:
-    return kind, (reply, Classification(category, reply.code >= 500, f"connection:{kind}"))
-
-
-_CONNECTION_ERRORS: dict[str, tuple[Reply, Classification]] = dict(
-    [
-        _connection("refused", Reply(421, "4.4.1", "connection refused"), _C.TransientNetwork),
-        _connection("timeout", Reply(421, "4.4.1", "connection timed out"), _C.TransientNetwork),
-        _connection("lost", Reply(421, "4.4.2", "connection lost"), _C.TransientNetwork),
-        _connection("tls", Reply(421, "4.4.2", "TLS handshake failed"), _C.TransientNetwork),
-        _connection(
-            "tls-unavailable", Reply(421, "4.7.10", "TLS required but not offered"), _C.TLSRequired
-        ),
-        _connection("protocol", Reply(421, "4.5.0", "protocol error"), _C.ProtocolError),
-        _connection("dns-temporary", Reply(451, "4.4.3", "DNS lookup failed"), _C.RoutingError),
-        _connection("dns-nxdomain", Reply(550, "5.1.2", "domain does not exist"), _C.BadDomain),
-        _connection(
-            "null-mx", Reply(556, "5.1.10", "domain does not accept mail (null MX)"), _C.BadDomain
-        ),
-    ]
-)
-
-
-def connection_error_reply(kind: ConnectionErrorKind, detail: str = "") -> Reply:
-    """A synthetic reply for a failure without one; ``detail`` is appended to the text."""
-    reply = _CONNECTION_ERRORS[kind][0]
-    return Reply(reply.code, reply.enhanced, f"{reply.text}: {detail}" if detail else reply.text)
-
-
-def classify_connection_error(kind: ConnectionErrorKind) -> Classification:
-    """The verdict for a failure without a reply; agrees with the shipped rules."""
-    return _CONNECTION_ERRORS[kind][1]
-
 
 # ------------------------------------------------------------------------------ rule files
 

@@ -45,7 +45,7 @@ def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
         else:
             kept.append(line)
     rest = body[end + 2 :] if end >= 0 else b""
-    return b"\r\n".join(kept) + rest, found
+    return b"\r\n".join(kept) + rest, {field: value.strip() for field, value in found.items()}
 
 
 def checked_controls(found: dict[str, str]) -> dict[str, str]:
