@@ -14,6 +14,7 @@ import msgspec
 
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.ready import ReadyQueue
+from epoxi.events.records import RecordType
 from epoxi.message import MessageMeta
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
@@ -259,6 +260,12 @@ class Admin:
         """Remove every waiting message that matches; returns recipients bounced."""
         jobs = self.take_waiting(selector.matches)
         return self.outcomes.admin_bounce(jobs, reason or "bounced by an operator")
+
+    def cancel(self, message_id: str) -> int:
+        """Take back a message that waits (scheduled, deferred, held or ready); returns the
+        recipients cancelled: 0 when none of it waits any more (sent, or on a connection)."""
+        jobs = self.take_waiting(lambda job: job.id == message_id)
+        return self.outcomes.admin_bounce(jobs, "cancelled by the sender", RecordType.CANCELLED)
 
     def retry(self, selector: Selector) -> int:
         """Make matching deferred messages due now; returns how many jobs were moved.

@@ -23,6 +23,7 @@ from epoxi.api.problems import problem_responses
 from epoxi.store.keys import Scope
 
 _ERRORS = problem_responses(401, 403)
+_ONE_TARGET = "name exactly one of domain, site, tenant, campaign, queue, source"
 
 
 @get("/pipelines", responses=_ERRORS, summary="Every scheduled and ready queue")
@@ -58,7 +59,7 @@ async def suspend(
 ) -> SuspendResponse:
     target = data.target()
     if target is None:
-        raise ComposeError("body", "name exactly one of domain, site, tenant, campaign, queue")
+        raise ComposeError("body", _ONE_TARGET)
     kind, value = target
     hit = context(request).admin.suspend(kind, value, data.reason, data.duration)
     active = [s for s in context(request).admin.suspension_list() if (s.target, s.value) == target]
@@ -80,12 +81,13 @@ async def resume(
     tenant: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
     campaign: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
     queue: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+    source: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
 ) -> ResumeResponse:
     target = SuspendRequest(
-        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue
+        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue, source=source
     ).target()
     if target is None:
-        raise ComposeError("query", "name exactly one of domain, site, tenant, campaign, queue")
+        raise ComposeError("query", _ONE_TARGET)
     kind, value = target
     released = context(request).admin.resume(kind, value)
     return ResumeResponse(target=kind, value=value, released=released)

@@ -15,7 +15,7 @@ from epoxi import __version__
 from epoxi.api.admin_routes import admin_router
 from epoxi.api.auth import authorize
 from epoxi.api.context import ApiContext, context
-from epoxi.api.messages import send, send_raw, status
+from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.models import ReadyStatus, Strict
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -89,7 +89,7 @@ async def _require_json_body(request: Request[Any, Any, Any]) -> None:
 
 def build_app(ctx: ApiContext) -> Litestar:
     app = Litestar(
-        route_handlers=[ping, live, ready, metrics, send, send_raw, status, admin_router],
+        route_handlers=[ping, live, ready, metrics, send, send_raw, status, cancel, admin_router],
         guards=[authorize],
         before_request=_require_json_body,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.exceptions import (
     ClientException,
     HTTPException,
@@ -24,7 +24,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 from epoxi.api.auth import api_key
 from epoxi.api.compose import Attachment, ComposeError, Composer, Draft, Rendered
 from epoxi.api.context import ApiContext, context
-from epoxi.api.models import Queued, RawRequest, SendRequest, SendResponse
+from epoxi.api.models import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
 from epoxi.message import MessageMeta
 from epoxi.smtp.parser import CommandError, parse_mailbox
@@ -117,6 +117,30 @@ async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
     if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
         raise NotFoundException(f"no message {message_id!r}")
     return found
+
+
+@delete(
+    "/messages/{message_id:str}",
+    opt={"scope": Scope.SEND},
+    status_code=200,
+    responses=problem_responses(401, 403, 404, 409),
+    summary="Cancel a message that has not been sent yet (scheduled or deferred)",
+    tags=["messages"],
+)
+async def cancel(request: Request[Any, Any, Any], message_id: FromPath[str]) -> CancelResponse:
+    ctx = context(request)
+    found = await ctx.status.message(message_id)
+    key = api_key(request)
+    if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
+        raise NotFoundException(f"no message {message_id!r}")
+    cancelled = ctx.admin.cancel(message_id)
+    if not cancelled:
+        raise ClientException(
+            f"message {message_id!r} is not waiting to be sent: it was sent, bounced or is on "
+            "a connection now; GET /messages/{id} tells which",
+            status_code=409,
+        )
+    return CancelResponse(id=message_id, cancelled=cancelled)
 
 
 # --------------------------------------------------------------------- helpers
@@ -262,13 +286,15 @@ def _meta_fields(
     request: Request[Any, Any, Any], send_at: datetime | None, tenant: str, campaign: str | None
 ) -> dict[str, Any]:
     now = time.time()
+    due = _due(send_at, now)
     return {
         "received_at": now,
         "origin": "http",
         "peer": request.client.host if request.client else "",
         "tenant": tenant,
         "campaign": campaign or "",
-        "due": _due(send_at, now),
+        "due": due,
+        "not_before": due,  # max_age counts from send_at
     }
 
 
@@ -288,11 +314,21 @@ def _metadata(
     if tags:
         result["tags"] = ",".join(tags)
     if ip_pool:
-        known = {source.name for source in ctx.settings.delivery.sources} | {"default"}
-        if ip_pool not in known:
-            raise ComposeError("ip_pool", f"unknown ip_pool {ip_pool!r}; known: {sorted(known)}")
-        result["ip_pool"] = ip_pool
+        result["ip_pool"] = _honoured_pool(ip_pool, ctx)
     return result
+
+
+def _honoured_pool(ip_pool: str, ctx: ApiContext) -> str:
+    """Until IP pools exist, every message leaves from the first source: only its name is a
+    pool that is honoured; anything else would be accepted and ignored, so it is refused."""
+    used = ctx.settings.delivery.sources[0].name
+    if ip_pool != used:
+        raise ComposeError(
+            "ip_pool",
+            f"ip_pool {ip_pool!r} cannot be honoured: IP pools are not supported yet, and "
+            f"every message is sent from source {used!r}; leave ip_pool out",
+        )
+    return ip_pool
 
 
 def _envelope_address(where: str, address: str) -> str:

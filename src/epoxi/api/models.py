@@ -9,9 +9,18 @@ import msgspec
 from msgspec import Meta
 
 from epoxi.admin import SuspendTarget
+from epoxi.message import LABEL_PATTERN
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
 Short = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]  # no controls
+Label = Annotated[
+    str,
+    Meta(
+        pattern=LABEL_PATTERN,
+        description="1-100 letters, digits, '.', '_', '+' or '-' (as X-Epoxi-Tenant over SMTP)",
+        examples=["acme"],
+    ),
+]
 
 
 class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -46,11 +55,16 @@ class SendRequest(Strict):
 
     message: MessageIn
     ip_pool: Short | None = None
-    tenant: Short | None = None
-    campaign: Short | None = None
+    tenant: Label | None = None
+    campaign: Label | None = None
     tags: Annotated[list[Short], Meta(max_length=20)] = msgspec.field(default_factory=list)
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     send_at: datetime | None = None
+
+
+class CancelResponse(msgspec.Struct, kw_only=True):
+    id: str
+    cancelled: int  # recipients taken back
 
 
 class RawRequest(Strict):
@@ -61,8 +75,8 @@ class RawRequest(Strict):
     )
     to: Annotated[list[Address], Meta(min_length=1, max_length=10_000)]
     content: Annotated[str, Meta(min_length=1, description="the message, headers and body")]
-    tenant: Short | None = None
-    campaign: Short | None = None
+    tenant: Label | None = None
+    campaign: Label | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     send_at: datetime | None = None
 
@@ -83,9 +97,10 @@ class SuspendRequest(Strict):
 
     domain: Short | None = None
     site: Annotated[str, Meta(max_length=4000)] | None = None
-    tenant: Short | None = None
-    campaign: Short | None = None
+    tenant: Label | None = None
+    campaign: Label | None = None
     queue: Short | None = None
+    source: Short | None = None
     reason: Short = ""
     duration: Annotated[float, Meta(gt=0, le=365 * 86400)] | None = None
 
@@ -98,6 +113,7 @@ class SuspendRequest(Strict):
                 ("tenant", self.tenant),
                 ("campaign", self.campaign),
                 ("queue", self.queue),
+                ("source", self.source),
             )
             if value
         ]
@@ -121,8 +137,8 @@ class ResumeResponse(msgspec.Struct, kw_only=True):
 class SelectorIn(Strict):
     domain: Short | None = None
     site: Annotated[str, Meta(max_length=4000)] | None = None
-    tenant: Short | None = None
-    campaign: Short | None = None
+    tenant: Label | None = None
+    campaign: Label | None = None
     queue: Short | None = None
     id: Short | None = None
     reason: Short = ""

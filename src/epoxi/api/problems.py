@@ -13,7 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from epoxi.api.compose import ComposeError, MessageTooLarge
 from epoxi.api.models import Problem
-from epoxi.errors import SpoolUnavailable
+from epoxi.errors import MessageRefused, SpoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,14 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return problem(request, 500, "internal error; the server log has the details")
 
 
+def _on_refused(request: Request[Any, Any, Any], exc: MessageRefused) -> Response[Problem]:
+    """Ingest refused the message (a mail loop, a hook): 422 with the SMTP reply it gives."""
+    return problem(request, 422, f"message refused: {exc.reply}")
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
+    MessageRefused: _on_refused,
     ComposeError: _on_compose_error,
     SpoolUnavailable: _on_spool_unavailable,
     RecursionError: _on_recursion,

@@ -20,6 +20,7 @@ class RecordType(enum.Enum):
     BOUNCE = "Bounce"
     EXPIRATION = "Expiration"
     ADMIN_BOUNCE = "AdminBounce"
+    CANCELLED = "Cancelled"  # the sender took it back before it was sent
     SUSPENDED = "Suspended"
 
 

@@ -168,15 +168,15 @@ class Disposition:
             )
         self._spawn(self._bounce(job, failures, "expired", finish=True))
 
-    def admin_bounce(self, jobs: list[Job], reason: str) -> int:
-        """Drop ``jobs`` with an AdminBounce record per recipient (no DSN, like ``postsuper -d``);
-        returns the number of recipients bounced."""
+    def admin_bounce(
+        self, jobs: list[Job], reason: str, kind: RecordType = RecordType.ADMIN_BOUNCE
+    ) -> int:
+        """Drop ``jobs`` with a record of ``kind`` per recipient (AdminBounce, or Cancelled by
+        the sender), and no DSN, like ``postsuper -d``; returns the recipients dropped."""
         bounced = 0
         for job in jobs:
             for recipient in job.recipients:
-                self._record(
-                    RecordType.ADMIN_BOUNCE, job, recipient, None, "", job.attempts, reason=reason
-                )
+                self._record(kind, job, recipient, None, "", job.attempts, reason=reason)
             bounced += len(job.recipients)
             _remove_recipients(job.message.meta, job.recipients)
             self._job_done(job)

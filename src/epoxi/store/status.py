@@ -37,6 +37,7 @@ class State(StrEnum):
     BOUNCED = "bounced"
     EXPIRED = "expired"
     SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
 
 
 _PENDING = (State.DEFERRED, State.QUEUED, State.SCHEDULED)  # most telling first
@@ -46,6 +47,7 @@ _OUTCOME_STATE = {
     RecordType.BOUNCE: State.BOUNCED,
     RecordType.ADMIN_BOUNCE: State.BOUNCED,
     RecordType.EXPIRATION: State.EXPIRED,
+    RecordType.CANCELLED: State.CANCELLED,
 }
 
 
