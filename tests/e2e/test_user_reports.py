@@ -61,7 +61,7 @@ async def test_retry_leaves_scheduled_mail_alone_and_a_sender_can_cancel_it(api:
 
 @pytest.mark.parametrize("pool", ["second", "default", "nonsense"])
 async def test_ip_pool_that_is_not_honoured_is_422(api: Api, pool: str) -> None:
-    world, client = await api(
+    _, client = await api(
         delivery={"sources": [{"name": "first"}, {"name": "second", "bind": "127.0.0.11"}]}
     )
     refused = await client.post("/messages", json={**message_request(), "ip_pool": pool})
@@ -72,7 +72,7 @@ async def test_ip_pool_that_is_not_honoured_is_422(api: Api, pool: str) -> None:
 
 
 async def test_pipelines_of_an_unknown_key_is_404_with_a_smarthost(api: Api) -> None:
-    world, client = await api()
+    world, _ = await api()
     relayed, relayed_client = await api(relay={"host": "127.0.0.2", "port": world.sink_port})
     assert (await relayed_client.post("/messages", json=message_request())).status_code == 202
     await relayed.wait_records(RecordType.DELIVERY, 1)
