@@ -21,9 +21,9 @@ from pathlib import Path
 
 from harness import Node, emit
 
+from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.spool import Spool
-from epoxi.spool.ids import new_message_id
 
 
 async def build_spool(path: Path, count: int, size: int) -> float:

@@ -13,9 +13,9 @@ import pytest
 from flufl.bounce import all_failures
 
 from epoxi.events.records import RecordType, decode_record
+from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.spool import Spool
-from epoxi.spool.ids import new_message_id
 from epoxi.testing.sink import Sink
 from tests.conftest import free_port
 from tests.e2e.conftest import MakeWorld, World, send

@@ -20,6 +20,7 @@ from epoxi.delivery.routing import Destination, Router
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConnectionFailed, DeliveryError, DnsPermanent, MessageRefused
 from epoxi.events.records import Record, RecordType
+from epoxi.ids import new_message_id
 from epoxi.ingest import Ingest
 from epoxi.message import MessageMeta
 from epoxi.outcomes import Disposition, Synthetic
@@ -28,7 +29,6 @@ from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
 from epoxi.shaping.policy import Shaping
 from epoxi.smtp.replies import Reply
-from epoxi.spool.ids import new_message_id
 from epoxi.testing.fakes import FakeTransport, ManualClock, MemorySpool, Recorder
 
 BODY = b"From: a@sender.test\r\nSubject: hi\r\n\r\nhello\r\n"

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from epoxi.errors import SpoolError, SpoolUnavailable
+from epoxi.ids import is_message_id, new_message_id
 from epoxi.message import MessageMeta
 from epoxi.spool import Spool
-from epoxi.spool.ids import is_message_id, new_message_id
 from epoxi.spool.records import encode_meta
 from epoxi.spool.sqlite import SCHEMA_VERSION
 
@@ -308,7 +308,7 @@ def test_sigkill_right_after_store_keeps_the_rows(tmp_path: Path) -> None:
         import asyncio, time
         from pathlib import Path
         from epoxi.spool import Spool
-        from epoxi.spool.ids import new_message_id
+        from epoxi.ids import new_message_id
         from epoxi.message import MessageMeta
 
         async def main():

@@ -26,9 +26,9 @@ from epoxi.api.compose import Attachment, ComposeError, Composer, Draft, Rendere
 from epoxi.api.context import ApiContext, context
 from epoxi.api.models import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
+from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.smtp.parser import CommandError, parse_mailbox
-from epoxi.spool.ids import new_message_id
 from epoxi.store.keys import Scope
 from epoxi.store.status import MessageStatus
 

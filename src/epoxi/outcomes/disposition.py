@@ -20,6 +20,7 @@ from epoxi.bounce.dsn import RecipientFailure, build_dsn, should_send_dsn
 from epoxi.errors import DeliveryError
 from epoxi.events.records import Record, RecordType, Response
 from epoxi.events.sink import EventSink
+from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.outcomes.synthetic import (
     Synthetic,
@@ -31,7 +32,6 @@ from epoxi.queue.model import Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension
 from epoxi.smtp.replies import Reply
-from epoxi.spool.ids import new_message_id
 from epoxi.spool.port import SpoolPort
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from epoxi.errors import MessageRefused, SpoolUnavailable
+from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.reception import auth
 from epoxi.reception.ingest import received_header
@@ -32,7 +33,6 @@ from epoxi.smtp.parser import (
     parse_size_param,
 )
 from epoxi.smtp.replies import Reply
-from epoxi.spool.ids import new_message_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
