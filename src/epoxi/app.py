@@ -71,9 +71,7 @@ class Epoxi:
             records=self.records,
             spool=self.spool,
             reschedule=self.scheduler.add,
-            retry=RetryPolicy(
-                delivery.retry_interval, delivery.max_retry_interval, delivery.max_age
-            ),
+            retry=retry_policy(delivery),
             inject=self.ingest.inject,
             hostname=settings.hostname,
             dsn_wanted=self._dsn_wanted,
@@ -220,15 +218,71 @@ class Epoxi:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    def reload(self, new: Settings) -> None:
+        """Apply what can change while running (SIGHUP); log what was done and what needs a
+        restart."""
+        old = self.settings
+        self.router.reload(new)
+        self.dispatcher.reshape(shaping_policy(new.delivery))
+        self.outcomes.retry = retry_policy(new.delivery)
+        self.ingest.max_hops = new.max_hops
+        done = [
+            "shaping",
+            "routes",
+            "retries",
+            "max_hops",
+            *self.smtp.reload(new),
+            "API keys (read per request)",
+        ]
+        self.settings = new
+        log.info("configuration reloaded: %s", ", ".join(done))
+        frozen = [name for name in _RESTART_ONLY if _setting(old, name) != _setting(new, name)]
+        if frozen:
+            log.warning("changed, but only applied by a restart: %s", ", ".join(frozen))
+
+    def _on_hangup(self, load: Callable[[], Settings] | None) -> None:
+        if load is None:
+            log.warning("SIGHUP: no configuration to reload from; ignored")
+            return
+        try:
+            self.reload(load())
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded, the running one is kept: %s", exc)
+
+    async def run(self, reload: Callable[[], Settings] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly; SIGHUP calls ``reload`` for
+        new settings and applies what it can."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup, reload)
         await self.start()
         log.info("Epoxi %s ready", self.settings.hostname)
         await self._stopping.wait()
         await self.stop()
+
+
+_RESTART_ONLY = (
+    "hostname",
+    "data_dir",
+    "http_listen",
+    "smtp.listeners",
+    "smtp.max_connections",
+    "spool",
+    "dns",
+    "delivery.sources",
+)
+
+
+def _setting(settings: Settings, dotted: str) -> object:
+    value: object = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def retry_policy(delivery: DeliverySettings) -> RetryPolicy:
+    return RetryPolicy(delivery.retry_interval, delivery.max_retry_interval, delivery.max_age)
 
 
 def shaping_policy(delivery: DeliverySettings) -> ShapingPolicy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -179,3 +180,29 @@ async def test_sink_command_counts_messages() -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def _wait_for_log(process: EpoxiProcess, text: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in process.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process.log()
+
+
+def test_sighup_reloads_and_says_what_needs_a_restart(epoxi_process: EpoxiProcess) -> None:
+    config = epoxi_process.data_dir.parent / "epoxi.toml"
+    config.write_text("[delivery.defaults]\nconnection_limit = 3\n")
+    epoxi_process.data_dir.mkdir(parents=True, exist_ok=True)
+    epoxi_process.start(config)
+    config.write_text("[dns]\ntimeout = 3\n[delivery.defaults]\nconnection_limit = 7\n")
+    assert epoxi_process.proc is not None
+    epoxi_process.proc.send_signal(signal.SIGHUP)
+    log = _wait_for_log(epoxi_process, "only applied by a restart")
+    assert "configuration reloaded: shaping, routes" in log
+    assert "only applied by a restart: dns" in log
+    config.write_text("[delivery]\nnot_a_key = 1\n")
+    epoxi_process.proc.send_signal(signal.SIGHUP)
+    log = _wait_for_log(epoxi_process, "not reloaded")
+    assert "the running one is kept" in log and "not_a_key" in log
+    assert send_batch(epoxi_process.port, 1)  # still serving
+    assert epoxi_process.stop() == 0

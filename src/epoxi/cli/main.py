@@ -16,6 +16,7 @@ from epoxi import __version__
 from epoxi.cli.common import ConfigOption, load
 from epoxi.cli.keys import keys_app
 from epoxi.cli.remote import queue_app, send, status
+from epoxi.config import load_settings
 from epoxi.errors import ConfigError
 
 app = typer.Typer(
@@ -51,7 +52,7 @@ def serve(config: ConfigOption = None) -> None:
     _configure_logging(settings.log_level)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(Epoxi(settings).run())
+            runner.run(Epoxi(settings).run(reload=lambda: load_settings(config)))
     except ConfigError as exc:
         typer.echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc

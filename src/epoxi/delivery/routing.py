@@ -70,6 +70,12 @@ class Router:
             )
         return routes
 
+    def reload(self, settings: Settings) -> None:
+        """New static routes and smarthost; MX answers are looked up again."""
+        self.settings = settings
+        self._static = self._static_routes(settings)
+        self._cache.clear()
+
     def static(self, domain: str) -> Destination | None:
         """The destination from a static route (or the smarthost), or None for MX routing."""
         for exact in (True, False):

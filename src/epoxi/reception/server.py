@@ -83,6 +83,22 @@ class SmtpServer:
             log.info("SMTP listening on %s (tls=%s)", listener.address, listener.tls)
         self._sweeper = loop.create_task(self._sweep_timeouts())
 
+    def reload(self, settings: Settings) -> list[str]:
+        """Take new users and relay rules, and re-read the TLS certificate, for new sessions;
+        returns what was reloaded. Listeners and limits need a restart."""
+        self.settings = settings
+        self.authenticator = Authenticator(settings.users)
+        for bound in self._bound:
+            fresh = self._context_for(bound.listener)
+            bound.context.authenticator = self.authenticator
+            bound.context.relay = fresh.relay
+        done = ["users", "relay rules"]
+        smtp = settings.smtp
+        if self._tls is not None and smtp.tls_cert and smtp.tls_key:
+            self._tls.load_cert_chain(smtp.tls_cert, smtp.tls_key)  # the same context, in place
+            done.append("TLS certificate")
+        return done
+
     def _context_for(self, listener: Listener) -> SessionContext:
         settings = self.settings
         relay = RelayPolicy.build(
