@@ -31,6 +31,7 @@ from typing import Literal, cast
 
 from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
 from epoxi.smtp.client_parse import dot_stuff, parse_ehlo, parse_reply
+from epoxi.smtp.downgrade import Unconvertible, downgrade_8bit
 from epoxi.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ BAD_SENDER = Reply(553, "5.1.7", "sender address contains a line break")
 BAD_RECIPIENT = Reply(553, "5.1.3", "recipient address contains a line break")
 NOT_ATTEMPTED = Reply(451, "4.5.0", "transaction not completed")
 TLS_NOT_OFFERED = Reply(421, "4.7.4", "TLS required but not offered")
+NOT_CONVERTIBLE = "8-bit message to a server without 8BITMIME: conversion required but not possible"
 _MAX_UNREAD = 1024 * 1024  # octets of replies not yet read before the connection is dropped
 
 
@@ -429,7 +431,14 @@ class SmtpClient:
         (``553 5.6.7``), or the body exceeds the server's SIZE (``552 5.3.4``). An address with
         a CR or LF is never sent: ``553 5.1.7`` for all (sender) or ``553 5.1.3`` for it.
         MAIL carries ``SIZE=`` when offered, ``BODY=8BITMIME`` for ``body_8bit`` when offered
-        (an 8-bit body goes as it is otherwise, as Postfix does) and ``SMTPUTF8`` when needed.
+        and ``SMTPUTF8`` when needed.
+
+        8-bit content never goes to a server without 8BITMIME (RFC 6152 §3): when the server
+        lacks it and the body is 8-bit (``body_8bit``, or found so then), the 8-bit MIME parts
+        are converted to quoted-printable (:mod:`epoxi.smtp.downgrade`) before SIZE is
+        checked; a message that cannot be converted (not MIME, 8-bit headers) gets
+        ``554 5.6.3 ... conversion required but not possible`` for every recipient, without a
+        round trip. A SMTPUTF8 transaction is not converted: SMTPUTF8 implies 8BITMIME.
 
         With PIPELINING, MAIL, every RCPT and DATA go in one write, then the message in a
         second (``round_trips == 2``); without it, one command per round trip, stopping early.
@@ -460,6 +469,11 @@ class SmtpClient:
         self, sender: str, recipients: list[str], body: bytes, smtputf8: bool, body_8bit: bool
     ) -> TransactionResult:
         utf8 = smtputf8 or not (sender.isascii() and all(r.isascii() for r in recipients))
+        if "8BITMIME" not in self._extensions and not utf8:
+            converted = _seven_bit(body, body_8bit)
+            if isinstance(converted, Reply):
+                return TransactionResult.refused(converted, recipients)
+            body = converted
         refusal = self._refusal(utf8, len(body))
         if refusal is not None:
             return TransactionResult.refused(refusal, recipients)
@@ -655,6 +669,16 @@ def _envelope(mail: str, recipients: list[str], reset: bool) -> bytes:
     rcpts = "".join([f"RCPT TO:<{recipient}>\r\n" for recipient in recipients])
     reset_line = "RSET\r\n" if reset else ""
     return f"{reset_line}{mail}\r\n{rcpts}DATA\r\n".encode("utf-8", "surrogateescape")
+
+
+def _seven_bit(body: bytes, body_8bit: bool) -> bytes | Reply:
+    """``body`` fit for a server without 8BITMIME, or the reply refusing it."""
+    if not body_8bit and body.isascii():
+        return body
+    converted = downgrade_8bit(body)
+    if isinstance(converted, Unconvertible):
+        return Reply(554, "5.6.3", f"{NOT_CONVERTIBLE} ({converted.reason})")
+    return converted
 
 
 def _has_line_break(address: str) -> bool:
