@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from epoxi.delivery.client import ClientAuth, ClientTimeouts, SmtpClient, TlsPolicy
+from epoxi.delivery.client import ClientAuth, ClientTimeouts, DsnEnvelope, SmtpClient, TlsPolicy
 from epoxi.errors import ConnectionFailed, ProtocolError
+from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
 from epoxi.testing.certs import make_test_tls_context
 from epoxi.testing.sink import Sink
@@ -212,6 +213,49 @@ async def test_smtputf8_message_is_refused_not_converted_without_smtputf8() -> N
         result = await client.send("a@x.test", ["b@y.test"], MIME_8BIT, smtputf8=True)
         assert result.outcomes()[0][1].enhanced == "5.6.7" and sink.transactions == 0
         await client.quit()
+
+
+DSN_SERVER = {"PIPELINING", "8BITMIME", "SIZE", "ENHANCEDSTATUSCODES", "DSN"}
+DSN = DsnEnvelope(
+    ret="HDRS",
+    envid="batch 7+id=x",
+    notify={"b@y.test": "SUCCESS,FAILURE", "c@y.test": "NEVER"},
+    orcpt={"b@y.test": "rfc822;Old+B@y.test"},
+)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_dsn_parameters_go_to_a_server_that_offers_dsn(pipelining: bool) -> None:
+    advertise = DSN_SERVER if pipelining else DSN_SERVER - {"PIPELINING"}
+    async with Sink(HOST, advertise=advertise) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["b@y.test", "c@y.test", "d@y.test"], BODY, dsn=DSN)
+        assert [r.code for _, r in result.outcomes()] == [250, 250, 250] and result.dsn_passed
+        (message,) = sink.messages
+        assert message.mail_params == f"SIZE={len(BODY)} RET=HDRS ENVID=batch+207+2Bid+3Dx"
+        assert message.rcpt_params == [
+            "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Old+2BB@y.test",
+            "NOTIFY=NEVER",
+            "",
+        ]
+        await client.quit()
+
+
+async def test_dsn_parameters_are_left_out_without_dsn(sink: Sink) -> None:
+    client = await connect(sink)  # the sink refuses DSN parameters it does not offer
+    result = await client.send("a@x.test", ["b@y.test", "c@y.test"], BODY, dsn=DSN)
+    assert [r.code for _, r in result.outcomes()] == [250, 250] and not result.dsn_passed
+    assert sink.messages[0].mail_params == f"SIZE={len(BODY)}"
+    assert sink.messages[0].rcpt_params == ["", ""]
+    await client.quit()
+
+
+async def test_dsn_envelope_of_a_message() -> None:
+    meta = MessageMeta(id="m", sender="a@x.test", recipients=["b@y.test"], received_at=0, size=1)
+    assert DsnEnvelope.of(meta) is None
+    meta.dsn_notify = {"b@y.test": "DELAY"}
+    meta.dsn_envid = "e1"
+    assert DsnEnvelope.of(meta) == DsnEnvelope("", "e1", {"b@y.test": "DELAY"}, None)
 
 
 async def test_message_over_the_remote_size_limit() -> None:
