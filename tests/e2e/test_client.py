@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email
+import email.policy
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from epoxi.delivery.client import ClientAuth, ClientTimeouts, SmtpClient, TlsPolicy
+from epoxi.delivery.client import ClientAuth, ClientTimeouts, DsnEnvelope, SmtpClient, TlsPolicy
 from epoxi.errors import ConnectionFailed, ProtocolError
+from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
 from epoxi.testing.certs import make_test_tls_context
 from epoxi.testing.sink import Sink
@@ -144,6 +148,114 @@ async def test_smtputf8_and_8bitmime_when_offered(sink: Sink) -> None:
     await client.send("jösé@x.test", ["ü@y.test"], BODY, body_8bit=True)
     assert sink.messages[0].mail_params == f"SIZE={len(BODY)} BODY=8BITMIME SMTPUTF8"
     await client.quit()
+
+
+SEVEN_BIT_SERVER = {"PIPELINING", "SIZE", "ENHANCEDSTATUSCODES"}
+MIME_8BIT = (
+    "MIME-Version: 1.0\r\nSubject: hi\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln\r\n.dot\r\n"
+).encode()
+
+
+async def test_8bit_mime_is_converted_for_a_server_without_8bitmime() -> None:
+    async with Sink(HOST, advertise=SEVEN_BIT_SERVER) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["b@y.test"], MIME_8BIT, body_8bit=True)
+        assert [r.code for _, r in result.outcomes()] == [250]
+        (message,) = sink.messages
+        assert message.data.isascii()
+        assert message.mail_params == f"SIZE={len(message.data)}"  # no BODY=, converted size
+        assert b"Content-Transfer-Encoding: quoted-printable\r\n" in message.data
+        parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        assert parsed.get_content() == "Grüße aus Köln\r\n.dot\r\n"
+        await client.quit()
+
+
+async def test_undeclared_8bit_body_is_converted_too() -> None:
+    async with Sink(HOST, advertise=SEVEN_BIT_SERVER) as sink:
+        client = await connect(sink)
+        await client.send("a@x.test", ["b@y.test"], MIME_8BIT)  # body_8bit not set
+        assert sink.messages[0].data.isascii()
+        await client.quit()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("Subject: hi\r\n\r\nGrüße\r\n".encode(), "message is not MIME"),
+        ("MIME-Version: 1.0\r\nSubject: Grüße\r\n\r\nx\r\n".encode(), "8-bit data in a header"),
+    ],
+)
+async def test_8bit_that_cannot_be_converted_fails_permanently(body: bytes, reason: str) -> None:
+    async with Sink(HOST, advertise=SEVEN_BIT_SERVER) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["b@y.test", "c@y.test"], body, body_8bit=True)
+        replies = [reply for _, reply in result.outcomes()]
+        assert [(r.code, r.enhanced) for r in replies] == [(554, "5.6.3")] * 2
+        assert "conversion required but not possible" in replies[0].text
+        assert reason in replies[0].text
+        assert result.round_trips == 0 and sink.transactions == 0 and client.is_usable
+        await client.quit()
+
+
+async def test_8bit_goes_unchanged_to_a_server_with_8bitmime(sink: Sink) -> None:
+    client = await connect(sink)
+    await client.send("a@x.test", ["b@y.test"], MIME_8BIT, body_8bit=True)
+    assert sink.messages[0].data == MIME_8BIT
+    assert sink.messages[0].mail_params == f"SIZE={len(MIME_8BIT)} BODY=8BITMIME"
+    await client.quit()
+
+
+async def test_smtputf8_message_is_refused_not_converted_without_smtputf8() -> None:
+    async with Sink(HOST, advertise=SEVEN_BIT_SERVER) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["b@y.test"], MIME_8BIT, smtputf8=True)
+        assert result.outcomes()[0][1].enhanced == "5.6.7" and sink.transactions == 0
+        await client.quit()
+
+
+DSN_SERVER = {"PIPELINING", "8BITMIME", "SIZE", "ENHANCEDSTATUSCODES", "DSN"}
+DSN = DsnEnvelope(
+    ret="HDRS",
+    envid="batch 7+id=x",
+    notify={"b@y.test": "SUCCESS,FAILURE", "c@y.test": "NEVER"},
+    orcpt={"b@y.test": "rfc822;Old+B@y.test"},
+)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_dsn_parameters_go_to_a_server_that_offers_dsn(pipelining: bool) -> None:
+    advertise = DSN_SERVER if pipelining else DSN_SERVER - {"PIPELINING"}
+    async with Sink(HOST, advertise=advertise) as sink:
+        client = await connect(sink)
+        result = await client.send("a@x.test", ["b@y.test", "c@y.test", "d@y.test"], BODY, dsn=DSN)
+        assert [r.code for _, r in result.outcomes()] == [250, 250, 250] and result.dsn_passed
+        (message,) = sink.messages
+        assert message.mail_params == f"SIZE={len(BODY)} RET=HDRS ENVID=batch+207+2Bid+3Dx"
+        assert message.rcpt_params == [
+            "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Old+2BB@y.test",
+            "NOTIFY=NEVER",
+            "",
+        ]
+        await client.quit()
+
+
+async def test_dsn_parameters_are_left_out_without_dsn(sink: Sink) -> None:
+    client = await connect(sink)  # the sink refuses DSN parameters it does not offer
+    result = await client.send("a@x.test", ["b@y.test", "c@y.test"], BODY, dsn=DSN)
+    assert [r.code for _, r in result.outcomes()] == [250, 250] and not result.dsn_passed
+    assert sink.messages[0].mail_params == f"SIZE={len(BODY)}"
+    assert sink.messages[0].rcpt_params == ["", ""]
+    await client.quit()
+
+
+async def test_dsn_envelope_of_a_message() -> None:
+    meta = MessageMeta(id="m", sender="a@x.test", recipients=["b@y.test"], received_at=0, size=1)
+    assert DsnEnvelope.of(meta) is None
+    meta.dsn_notify = {"b@y.test": "DELAY"}
+    meta.dsn_envid = "e1"
+    assert DsnEnvelope.of(meta) == DsnEnvelope("", "e1", {"b@y.test": "DELAY"}, None)
 
 
 async def test_message_over_the_remote_size_limit() -> None:

@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from epoxi.errors import ProtocolError
-from epoxi.smtp.client_parse import MAX_REPLY_LINE, dot_stuff, parse_ehlo, parse_reply
+from epoxi.smtp.client_parse import (
+    MAX_REPLY_LINE,
+    dot_stuff,
+    mail_dsn_params,
+    parse_ehlo,
+    parse_reply,
+    rcpt_dsn_params,
+    xtext,
+)
 from epoxi.smtp.replies import Reply
 
 MULTI = b"250-mx.example greets you\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 STARTTLS\r\n"
@@ -216,3 +224,73 @@ def test_parse_reply_on_any_bytes_parses_waits_or_raises_protocol_error(data: by
         while (reply := parse_reply(buf)) is not None:
             assert 200 <= reply.code <= 599
         assert bytes(buf) == data[len(data) - len(buf) :]  # only whole replies were taken
+
+
+# ----------------------------------------------------------------- DSN parameters
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [
+        ("", ""),
+        ("abc-123_~!", "abc-123_~!"),
+        ("a+b=c", "a+2Bb+3Dc"),
+        ("two words\ttab", "two+20words+09tab"),
+        ("line\r\nbreak", "line+0D+0Abreak"),
+        ("\x7f", "+7F"),
+        ("é", "+C3+A9"),
+    ],
+)
+def test_xtext(value: str, encoded: str) -> None:
+    assert xtext(value) == encoded
+
+
+def xtext_decode(text: str) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "+":
+            out.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(text[i]))
+            i += 1
+    return bytes(out)
+
+
+@given(st.text())
+def test_xtext_is_printable_ascii_and_reversible(value: str) -> None:
+    encoded = xtext(value)
+    assert all(33 <= ord(c) <= 126 and c != "=" for c in encoded)
+    assert xtext_decode(encoded) == value.encode("utf-8")
+
+
+def test_mail_dsn_params() -> None:
+    assert mail_dsn_params("", "") == ""
+    assert mail_dsn_params("full", "") == " RET=FULL"
+    assert mail_dsn_params("HDRS", "q 1") == " RET=HDRS ENVID=q+201"
+    assert mail_dsn_params("BOGUS", "x") == " ENVID=x"
+
+
+@pytest.mark.parametrize(
+    ("notify", "orcpt", "params"),
+    [
+        (None, None, ""),
+        ("NEVER", None, " NOTIFY=NEVER"),
+        ("success, delay", None, " NOTIFY=SUCCESS,DELAY"),
+        ("NEVER,SUCCESS", None, ""),
+        ("SUCCESS\r\nRSET", None, ""),
+        (None, "rfc822;a+b@x.test", " ORCPT=rfc822;a+2Bb@x.test"),
+        (None, "rfc822;jörg@x.test", " ORCPT=utf-8;j\\x{F6}rg@x.test"),
+        (None, "rfc822; a b\\c@x.test", " ORCPT=rfc822;a+20b\\c@x.test"),
+        (None, "no-type", ""),
+        ("FAILURE", "rfc822;b@x.test", " NOTIFY=FAILURE ORCPT=rfc822;b@x.test"),
+    ],
+)
+def test_rcpt_dsn_params(notify: str | None, orcpt: str | None, params: str) -> None:
+    assert rcpt_dsn_params(notify, orcpt) == params
+
+
+def test_utf8_orcpt_escapes_what_is_not_qchar() -> None:
+    assert rcpt_dsn_params(None, "utf-8;ä+b=c\\ d@x.test") == (
+        " ORCPT=utf-8;\\x{E4}\\x{2B}b\\x{3D}c\\x{5C}\\x{20}d@x.test"
+    )

@@ -26,11 +26,20 @@ import base64
 import functools
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
-from epoxi.smtp.client_parse import dot_stuff, parse_ehlo, parse_reply
+from epoxi.message import MessageMeta
+from epoxi.smtp.client_parse import (
+    dot_stuff,
+    mail_dsn_params,
+    parse_ehlo,
+    parse_reply,
+    rcpt_dsn_params,
+)
+from epoxi.smtp.downgrade import Unconvertible, downgrade_8bit
 from epoxi.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,7 @@ BAD_SENDER = Reply(553, "5.1.7", "sender address contains a line break")
 BAD_RECIPIENT = Reply(553, "5.1.3", "recipient address contains a line break")
 NOT_ATTEMPTED = Reply(451, "4.5.0", "transaction not completed")
 TLS_NOT_OFFERED = Reply(421, "4.7.4", "TLS required but not offered")
+NOT_CONVERTIBLE = "8-bit message to a server without 8BITMIME: conversion required but not possible"
 _MAX_UNREAD = 1024 * 1024  # octets of replies not yet read before the connection is dropped
 
 
@@ -115,6 +125,39 @@ class ClientAuth:
         return f"ClientAuth(username={self.username!r}, password='***')"
 
 
+@dataclass(frozen=True, slots=True)
+class DsnEnvelope:
+    """The RFC 3461 parameters of a message, to pass on to a next hop that offers DSN.
+
+    Values as :class:`~epoxi.message.MessageMeta` holds them: ``ret`` ``FULL`` or ``HDRS``
+    ("" for none); ``envid`` decoded ("" for none); ``notify`` maps a recipient to ``NEVER``
+    or a comma list of SUCCESS, FAILURE, DELAY; ``orcpt`` maps a recipient to
+    ``type;address``, decoded. The client encodes them (xtext) and leaves out what is absent
+    or not valid.
+    """
+
+    ret: str = ""
+    envid: str = ""
+    notify: Mapping[str, str] | None = None
+    orcpt: Mapping[str, str] | None = None
+
+    @classmethod
+    def of(cls, meta: MessageMeta) -> DsnEnvelope | None:
+        """The message's DSN parameters, or None when it has none (the cheap case)."""
+        if not (meta.dsn_ret or meta.dsn_envid or meta.dsn_notify or meta.dsn_orcpt):
+            return None
+        return cls(meta.dsn_ret, meta.dsn_envid, meta.dsn_notify, meta.dsn_orcpt)
+
+    def mail_params(self) -> str:
+        """`` RET=... ENVID=...``, or ""."""
+        return mail_dsn_params(self.ret, self.envid)
+
+    def rcpt_params(self, recipients: list[str]) -> list[str]:
+        """`` NOTIFY=... ORCPT=...`` (or "") for each recipient, in order."""
+        notify, orcpt = self.notify or {}, self.orcpt or {}
+        return [rcpt_dsn_params(notify.get(r), orcpt.get(r)) for r in recipients]
+
+
 @dataclass(slots=True)
 class TransactionResult:
     """The replies of one transaction.
@@ -123,12 +166,16 @@ class TransactionResult:
     order given (a recipient whose RCPT was never sent carries the reply that stopped the
     transaction); ``data`` is the data-end reply, or the refusal of DATA itself, or None when
     the message was not sent. ``round_trips`` counts the flights written and waited for.
+    ``dsn_passed`` is True when DSN parameters were given and the server offers DSN, so they
+    went with MAIL and RCPT: the next hop now reports as the sender asked (RFC 3461 §6.2).
+    False means a recipient delivered with ``NOTIFY=SUCCESS`` needs a "relayed" DSN from us.
     """
 
     mail: Reply
     rcpts: list[tuple[str, Reply]]
     data: Reply | None = None
     round_trips: int = 0
+    dsn_passed: bool = False
 
     @classmethod
     def refused(cls, reply: Reply, recipients: list[str]) -> TransactionResult:
@@ -420,6 +467,7 @@ class SmtpClient:
         *,
         smtputf8: bool = False,
         body_8bit: bool = False,
+        dsn: DsnEnvelope | None = None,
     ) -> TransactionResult:
         """Run one mail transaction and return every reply.
 
@@ -429,7 +477,18 @@ class SmtpClient:
         (``553 5.6.7``), or the body exceeds the server's SIZE (``552 5.3.4``). An address with
         a CR or LF is never sent: ``553 5.1.7`` for all (sender) or ``553 5.1.3`` for it.
         MAIL carries ``SIZE=`` when offered, ``BODY=8BITMIME`` for ``body_8bit`` when offered
-        (an 8-bit body goes as it is otherwise, as Postfix does) and ``SMTPUTF8`` when needed.
+        and ``SMTPUTF8`` when needed.
+
+        8-bit content never goes to a server without 8BITMIME (RFC 6152 §3): when the server
+        lacks it and the body is 8-bit (``body_8bit``, or found so then), the 8-bit MIME parts
+        are converted to quoted-printable (:mod:`epoxi.smtp.downgrade`) before SIZE is
+        checked; a message that cannot be converted (not MIME, 8-bit headers) gets
+        ``554 5.6.3 ... conversion required but not possible`` for every recipient, without a
+        round trip. A SMTPUTF8 transaction is not converted: SMTPUTF8 implies 8BITMIME.
+
+        ``dsn`` (see :class:`DsnEnvelope`, e.g. ``DsnEnvelope.of(meta)``) adds ``RET=`` and
+        ``ENVID=`` to MAIL and ``NOTIFY=`` and ``ORCPT=`` to each RCPT when the server offers
+        DSN, and nothing otherwise; ``TransactionResult.dsn_passed`` tells which.
 
         With PIPELINING, MAIL, every RCPT and DATA go in one write, then the message in a
         second (``round_trips == 2``); without it, one command per round trip, stopping early.
@@ -442,7 +501,7 @@ class SmtpClient:
             raise ValueError("send() needs at least one recipient")
         self._begin()
         try:
-            return await self._transaction(sender, recipients, body, smtputf8, body_8bit)
+            return await self._transaction(sender, recipients, body, smtputf8, body_8bit, dsn)
         except BaseException:
             self._broken = True  # whatever happened, the session state is unknown now
             raise
@@ -457,9 +516,20 @@ class SmtpClient:
         self._busy = True
 
     async def _transaction(
-        self, sender: str, recipients: list[str], body: bytes, smtputf8: bool, body_8bit: bool
+        self,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        dsn: DsnEnvelope | None,
     ) -> TransactionResult:
         utf8 = smtputf8 or not (sender.isascii() and all(r.isascii() for r in recipients))
+        if "8BITMIME" not in self._extensions and not utf8:
+            converted = _seven_bit(body, body_8bit)
+            if isinstance(converted, Reply):
+                return TransactionResult.refused(converted, recipients)
+            body = converted
         refusal = self._refusal(utf8, len(body))
         if refusal is not None:
             return TransactionResult.refused(refusal, recipients)
@@ -469,7 +539,11 @@ class SmtpClient:
         if not clean:
             return TransactionResult.refused(BAD_RECIPIENT, recipients)
         mail = f"MAIL FROM:<{sender}>{self._mail_params(len(body), utf8, body_8bit)}"
-        result = await self._run(mail, clean, body)
+        if dsn is not None and "DSN" in self._extensions:
+            result = await self._run(mail + dsn.mail_params(), clean, body, dsn.rcpt_params(clean))
+            result.dsn_passed = True
+        else:
+            result = await self._run(mail, clean, body, None)
         if len(clean) < len(recipients):
             result.rcpts = _merge_refused(recipients, result.rcpts)
         return result
@@ -491,21 +565,26 @@ class SmtpClient:
             params += " SMTPUTF8"
         return params
 
-    async def _run(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
+    async def _run(
+        self, mail: str, recipients: list[str], body: bytes, params: list[str] | None
+    ) -> TransactionResult:
+        """The transaction; ``params`` holds each recipient's RCPT parameters, if any."""
         flights = self._flights
         if "PIPELINING" in self._extensions:
-            result = await self._pipelined(mail, recipients, body)
+            result = await self._pipelined(mail, recipients, body, params)
         else:
-            result = await self._stepwise(mail, recipients, body)
+            result = await self._stepwise(mail, recipients, body, params)
         result.round_trips = self._flights - flights
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s -> %s", self._reader.label, mail, _summary(result))
         return result
 
-    async def _pipelined(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
+    async def _pipelined(
+        self, mail: str, recipients: list[str], body: bytes, params: list[str] | None
+    ) -> TransactionResult:
         timeouts = self._timeouts
         reset = self._needs_reset
-        self._write(_envelope(mail, recipients, reset))
+        self._write(_envelope(mail, recipients, reset, params))
         if reset:
             self._after_reset(await self._read("RSET", timeouts.rset))
         result = TransactionResult(await self._read("MAIL", timeouts.mail), [])
@@ -513,7 +592,9 @@ class SmtpClient:
             result.rcpts.append((recipient, await self._read("RCPT", timeouts.rcpt)))
         return await self._finish(result, await self._read("DATA", timeouts.data), body)
 
-    async def _stepwise(self, mail: str, recipients: list[str], body: bytes) -> TransactionResult:
+    async def _stepwise(
+        self, mail: str, recipients: list[str], body: bytes, params: list[str] | None
+    ) -> TransactionResult:
         timeouts = self._timeouts
         if self._needs_reset:
             self._after_reset(await self._exchange("RSET", "RSET", timeouts.rset))
@@ -522,9 +603,9 @@ class SmtpClient:
             result.rcpts = [(recipient, result.mail) for recipient in recipients]
             return result
         self._needs_reset = True
-        for recipient in recipients:
-            reply = await self._exchange(f"RCPT TO:<{recipient}>", "RCPT", timeouts.rcpt)
-            result.rcpts.append((recipient, reply))
+        for index, recipient in enumerate(recipients):
+            rcpt = f"RCPT TO:<{recipient}>{params[index] if params else ''}"
+            result.rcpts.append((recipient, await self._exchange(rcpt, "RCPT", timeouts.rcpt)))
         if not any(reply.is_positive for _, reply in result.rcpts):
             return result
         return await self._finish(result, await self._exchange("DATA", "DATA", timeouts.data), body)
@@ -650,11 +731,24 @@ async def _open(
     return reader
 
 
-def _envelope(mail: str, recipients: list[str], reset: bool) -> bytes:
+def _envelope(mail: str, recipients: list[str], reset: bool, params: list[str] | None) -> bytes:
     """MAIL, every RCPT and DATA (after RSET when ``reset``) as one pipelined flight."""
-    rcpts = "".join([f"RCPT TO:<{recipient}>\r\n" for recipient in recipients])
+    if params is None:
+        rcpts = "".join([f"RCPT TO:<{recipient}>\r\n" for recipient in recipients])
+    else:
+        rcpts = "".join([f"RCPT TO:<{r}>{p}\r\n" for r, p in zip(recipients, params, strict=True)])
     reset_line = "RSET\r\n" if reset else ""
     return f"{reset_line}{mail}\r\n{rcpts}DATA\r\n".encode("utf-8", "surrogateescape")
+
+
+def _seven_bit(body: bytes, body_8bit: bool) -> bytes | Reply:
+    """``body`` fit for a server without 8BITMIME, or the reply refusing it."""
+    if not body_8bit and body.isascii():
+        return body
+    converted = downgrade_8bit(body)
+    if isinstance(converted, Unconvertible):
+        return Reply(554, "5.6.3", f"{NOT_CONVERTIBLE} ({converted.reason})")
+    return converted
 
 
 def _has_line_break(address: str) -> bool:

@@ -1,4 +1,5 @@
-"""Pure parsing for the SMTP client: replies from a receive buffer, EHLO keywords, DATA payload.
+"""Pure parsing for the SMTP client: replies from a receive buffer, EHLO keywords, DATA payload,
+and the DSN parameters it sends (RFC 3461 xtext).
 
 No I/O here: the client feeds bytes in and gets values out, so all of it is cheap to test.
 """
@@ -137,3 +138,59 @@ def dot_stuff(body: bytes) -> bytes:
     if not body or body.endswith(b"\r\n"):
         return body + b".\r\n"
     return body + b"\r\n.\r\n"
+
+
+# --------------------------------------------------------------------- DSN parameters (RFC 3461)
+
+_XCHARS = frozenset(range(33, 127)) - {ord("+"), ord("=")}
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# RFC 6533 §3: utf-8-addr-xtext escapes what is not QCHAR, as \x{HEX}.
+_NOT_QCHAR = frozenset("+=\\")
+
+
+def _qchar(c: str) -> bool:
+    return "!" <= c <= "~" and c not in _NOT_QCHAR
+
+
+def xtext(value: str) -> str:
+    """``value`` as RFC 3461 xtext: ``+`` and two upper-case hex digits for each octet outside
+    ``!``..``~`` and for ``+`` and ``=``; UTF-8 octets of a non-ASCII value are encoded too."""
+    data = value.encode("utf-8")
+    return "".join(chr(octet) if octet in _XCHARS else f"+{octet:02X}" for octet in data)
+
+
+def mail_dsn_params(ret: str, envid: str) -> str:
+    """`` RET=... ENVID=...`` for MAIL; a part is left out when empty or not valid."""
+    params = f" RET={ret.upper()}" if ret.upper() in ("FULL", "HDRS") else ""
+    if envid:
+        params += f" ENVID={xtext(envid)}"
+    return params
+
+
+def rcpt_dsn_params(notify: str | None, orcpt: str | None) -> str:
+    """`` NOTIFY=... ORCPT=...`` for one RCPT; a part is left out when absent or not valid.
+
+    ``notify`` is ``NEVER`` or a comma list of SUCCESS, FAILURE and DELAY; ``orcpt`` is
+    ``type;address``, decoded. A non-ASCII address goes as ``utf-8;`` with ``\\x{HEX}``
+    escapes (RFC 6533 §3), valid whether or not the session uses SMTPUTF8.
+    """
+    params = ""
+    notify = (notify or "").upper().replace(" ", "")
+    if notify and _valid_notify(notify):
+        params = f" NOTIFY={notify}"
+    if orcpt and ";" in orcpt:
+        params += f" ORCPT={_orcpt(orcpt)}"
+    return params
+
+
+def _valid_notify(notify: str) -> bool:
+    words = notify.split(",")
+    return words == ["NEVER"] or all(word in _NOTIFY_WORDS for word in words)
+
+
+def _orcpt(orcpt: str) -> str:
+    kind, _, address = orcpt.partition(";")
+    kind, address = kind.strip(), address.strip()
+    if address.isascii() and kind.isascii():
+        return f"{xtext(kind)};{xtext(address)}"
+    return "utf-8;" + "".join(c if _qchar(c) else f"\\x{{{ord(c):02X}}}" for c in address)
