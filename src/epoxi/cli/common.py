@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
+from epoxi.cli.show import echo
 from epoxi.config import Settings, load_settings
 from epoxi.errors import ConfigError
+
+# Help texts are plain text: "[users]" is a TOML table there, not Rich markup to swallow.
+PLAIN_HELP: Final = None
 
 ConfigOption = Annotated[
     Path | None,
@@ -27,5 +31,5 @@ def load(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        typer.echo(f"epoxi: {exc}", err=True)
+        echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from epoxi.cli.common import ConfigOption, load
+from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
+from epoxi.cli.show import add_row, echo, print_json, show, table
 from epoxi.store import KeyStore, Scope, store_path
 
 keys_app = typer.Typer(
-    help="Create, list and revoke API keys (kept hashed in the data dir).", no_args_is_help=True
+    help="Create, list and revoke API keys (kept hashed in the data dir).",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
 )
 
 
@@ -40,7 +40,7 @@ def create(
     with _store(config) as store:
         key, secret = store.create(name, set(scope), tenant)
     typer.echo(secret)
-    typer.echo(
+    echo(
         f"created key {key.id} ({', '.join(sorted(s.value for s in key.scopes))}"
         f"{', tenant ' + tenant if tenant else ''}); store it now, it cannot be shown again",
         err=True,
@@ -68,11 +68,12 @@ def list_keys(
             }
             for k in keys
         ]
-        typer.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
-    table = Table("id", "name", "scopes", "tenant", "created", "revoked")
+    listed = table("id", "name", "scopes", "tenant", "created", "revoked")
     for k in keys:
-        table.add_row(
+        add_row(
+            listed,
             k.id,
             k.name,
             ",".join(sorted(s.value for s in k.scopes)),
@@ -80,7 +81,7 @@ def list_keys(
             _date(k.created_at),
             _date(k.revoked_at),
         )
-    Console().print(table)
+    show(listed)
 
 
 @keys_app.command("revoke")
@@ -91,9 +92,9 @@ def revoke(
     """Revoke a key: the API refuses it from the next request on."""
     with _store(config) as store:
         if not store.revoke(key_id):
-            typer.echo(f"epoxi: no active key {key_id!r}", err=True)
+            echo(f"epoxi: no active key {key_id!r}", err=True)
             raise typer.Exit(1)
-    typer.echo(f"revoked {key_id}")
+    echo(f"revoked {key_id}")
 
 
 def _date(timestamp: float | None) -> str:

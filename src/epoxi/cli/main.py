@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
-import logging
 import sys
 from typing import Annotated
 
@@ -13,31 +12,32 @@ import typer
 import uvloop
 
 from epoxi import __version__
-from epoxi.cli.common import ConfigOption, load
+from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
 from epoxi.cli.keys import keys_app
+from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import queue_app, send, status
+from epoxi.cli.show import echo
 from epoxi.config import load_settings
 from epoxi.errors import ConfigError
 
 app = typer.Typer(
-    help="Epoxi, a Mail Transfer Agent.", no_args_is_help=True, pretty_exceptions_enable=False
+    help="Epoxi, a Mail Transfer Agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=PLAIN_HELP,
 )
-config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
-users_app = typer.Typer(help="Manage SMTP AUTH users.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Check configuration files.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
+)
+users_app = typer.Typer(
+    help="Manage SMTP AUTH users.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
+)
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(queue_app, name="queue")
 app.command()(send)
 app.command()(status)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 @app.command()
@@ -49,15 +49,15 @@ def serve(config: ConfigOption = None) -> None:
     from epoxi.app import Epoxi
 
     settings = load(config)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(Epoxi(settings).run(reload=lambda: load_settings(config)))
     except ConfigError as exc:
-        typer.echo(f"epoxi: {exc}", err=True)
+        echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc
     except OSError as exc:  # most often: an address already in use, or not ours to bind
-        typer.echo(f"epoxi: cannot start: {exc}", err=True)
+        echo(f"epoxi: cannot start: {exc}", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -66,7 +66,7 @@ def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file (and the EPOXI_* environment) without starting."""
     settings = load(config)
     listeners = ", ".join(f"{lst.address} ({lst.tls})" for lst in settings.smtp.listeners)
-    typer.echo(
+    echo(
         f"configuration OK: hostname {settings.hostname}, SMTP on {listeners}, "
         f"data in {settings.data_dir}"
     )

@@ -7,7 +7,6 @@ import contextlib
 import csv
 import email.policy
 import email.utils
-import json
 import mimetypes
 import sys
 from collections.abc import Iterator
@@ -18,12 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
+from epoxi.cli.common import PLAIN_HELP
+from epoxi.cli.show import add_row, echo, line, print_json, show, table
 from epoxi.config import parse_duration
-
-console = Console()
 
 Url = Annotated[
     str,
@@ -38,6 +36,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answe
 queue_app = typer.Typer(
     help="Inspect and steer the queues (like postqueue, postsuper and qshape).",
     no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
 )
 
 
@@ -48,12 +47,8 @@ def _api(url: str, key: str | None) -> Iterator[ApiClient]:
         with ApiClient(url, key) as client:
             yield client
     except ApiCallError as exc:
-        typer.echo(f"epoxi: {exc}", err=True)
+        echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(1) from exc
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------- send
@@ -101,13 +96,11 @@ def send(
 ) -> None:
     """Send a message to each recipient, or an .eml file as it is.
 
+    \b
     Examples:
-
-      epoxi send --from me@example.com --to you@example.net --subject Hi --text "Hello"
-
-      epoxi send --from me@example.com --recipients list.csv --subject "Hi {{ name }}"
-      --text-file body.txt
-
+      epoxi send --from me@example.com --to you@example.net --subject Hi --text Hello
+      epoxi send --from me@example.com --recipients list.csv \\
+          --subject "Hi {{ name }}" --text-file body.txt
       epoxi send --eml message.eml
     """
     given = {"tenant": tenant, "campaign": campaign, "send_at": send_at}
@@ -136,14 +129,14 @@ def send(
             else:
                 result = client.send({"message": message, **extra}, idempotency_key)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    table = Table("id", "recipient", title=f"{result['count']} messages queued")
+    queued = table("id", "recipient", title=f"{result['count']} messages queued")
     for item in result["messages"][:50]:
-        table.add_row(item["id"], item["recipient"])
-    console.print(table)
+        add_row(queued, item["id"], item["recipient"])
+    show(queued)
     if result["count"] > 50:
-        console.print(f"... and {result['count'] - 50} more (use --json for all)")
+        line(f"... and {result['count'] - 50} more (use --json for all)")
 
 
 def _send_eml(
@@ -250,29 +243,32 @@ def status(
     with _api(url, key) as client:
         found = client.status(message_id)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
-    console.print(
-        f"[bold]{found['id']}[/] {found['state']}  from <{found['sender']}>  "
-        f"attempts {found['attempts']}  {found['last_response']}"
+    line(
+        found["id"],
+        f" {found['state']}  from <{found['sender']}>  "
+        f"attempts {found['attempts']}  {found['last_response']}",
+        bold_first=True,
     )
-    recipients = Table("recipient", "state", "attempts", "last response")
+    recipients = table("recipient", "state", "attempts", "last response")
     for item in found["recipients"]:
-        recipients.add_row(
-            item["recipient"], item["state"], str(item["attempts"]), item["last_response"]
+        add_row(
+            recipients, item["recipient"], item["state"], item["attempts"], item["last_response"]
         )
-    console.print(recipients)
-    events = Table("time", "event", "recipient", "detail", title="history")
+    show(recipients)
+    events = table("time", "event", "recipient", "detail", title="history")
     for event in found["events"]:
         response = event.get("response") or {}
         detail = " ".join(str(v) for v in response.values()) or event.get("reason", "")
-        events.add_row(
+        add_row(
+            events,
             _time(event["timestamp"]),
             event["type"],
             event.get("recipient", "") or ",".join(event.get("recipients", [])),
             detail,
         )
-    console.print(events)
+    show(events)
 
 
 def _time(timestamp: float | None) -> str:
@@ -328,24 +324,20 @@ def queue_show(
 
 def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     totals = found["totals"]
-    console.print(
+    line(
         f"scheduled {totals['scheduled']}  held {totals['held']}  ready {totals['ready']}  "
         f"connections {totals['connections']}"
     )
-    scheduled = Table("queue", "scheduled", "held", "next due", "suspended", title="scheduled")
+    scheduled = table("queue", "scheduled", "held", "next due", "suspended", title="scheduled")
     for q in found["scheduled"]:
-        scheduled.add_row(
-            q["name"],
-            str(q["scheduled"]),
-            str(q["held"]),
-            _time(q["next_due"]),
-            q["suspended"] or "",
+        add_row(
+            scheduled, q["name"], q["scheduled"], q["held"], _time(q["next_due"]), q["suspended"]
         )
-    console.print(scheduled)
-    ready = Table(
+    show(scheduled)
+    ready = table(
         "ready queue",
         "queued",
         "connections",
@@ -356,23 +348,24 @@ def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
         title="ready",
     )
     for q in found["ready"]:
-        ready.add_row(
+        add_row(
+            ready,
             q["name"],
-            str(q["queued"]),
+            q["queued"],
             f"{q['connections']}/{q['connection_limit']}",
-            str(q["deliveries"]),
-            str(q["attempts_last_minute"]),
-            q["suspended"] or "",
-            q["last_error"] or "",
+            q["deliveries"],
+            q["attempts_last_minute"],
+            q["suspended"],
+            q["last_error"],
         )
-    console.print(ready)
+    show(ready)
     if found["suspensions"]:
-        suspensions = Table("target", "value", "reason", "until", title="suspensions")
+        suspensions = table("target", "value", "reason", "until", title="suspensions")
         for s in found["suspensions"]:
-            suspensions.add_row(
-                s["target"], s["value"], s["reason"], _time(s["until"]) or "resumed"
+            add_row(
+                suspensions, s["target"], s["value"], s["reason"], _time(s["until"]) or "resumed"
             )
-        console.print(suspensions)
+        show(suspensions)
 
 
 @queue_app.command("suspend")
@@ -404,10 +397,10 @@ def queue_suspend(
     with _api(url, key) as client:
         result = client.suspend(body)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         until = _time(result["until"]) or "resumed"
-        console.print(f"suspended {result['target']} {result['value']} until {until}")
+        line(f"suspended {result['target']} {result['value']} until {until}")
 
 
 @queue_app.command("resume")
@@ -426,11 +419,9 @@ def queue_resume(
     with _api(url, key) as client:
         result = client.resume(target)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
-        console.print(
-            f"resumed {result['target']} {result['value']}: {result['released']} released"
-        )
+        line(f"resumed {result['target']} {result['value']}: {result['released']} released")
 
 
 @queue_app.command("bounce")
@@ -492,9 +483,9 @@ def _act_on_selection(
             total += call(selection)[count_key]
             advance()
     if as_json:
-        _print_json({count_key: total})
+        print_json({count_key: total})
     else:
-        console.print(f"{count_key} {total}")
+        line(f"{count_key} {total}")
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -543,22 +534,23 @@ def queue_message(
     with _api(url, key) as client:
         found = client.admin_message(message_id)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     meta = found["meta"]
-    console.print(
-        f"[bold]{meta['id']}[/] from <{meta['sender']}> to {', '.join(meta['recipients'])}"
+    line(
+        meta["id"], f" from <{meta['sender']}> to {', '.join(meta['recipients'])}", bold_first=True
     )
     for name, value in found["headers"]:
-        console.print(f"  {name}: {value}", markup=False, highlight=False)
-    jobs = Table("domain", "where", "attempts", "due", "queue", "site")
+        line(f"  {name}: {value}")
+    jobs = table("domain", "where", "attempts", "due", "queue", "site")
     for job in found["jobs"]:
-        jobs.add_row(
+        add_row(
+            jobs,
             job["domain"],
             job["where"],
-            str(job["attempts"]),
+            job["attempts"],
             _time(job["due"]),
             job["queue"],
             job["site"],
         )
-    console.print(jobs)
+    show(jobs)

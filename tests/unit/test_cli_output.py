@@ -1,0 +1,102 @@
+"""The CLI prints what the API returns escaped: no raw ESC, bidi control or Rich markup.
+
+The API here is a stub HTTP server in a thread answering the CLI's calls with fields that
+hold an ESC sequence, a U+202E and Rich markup, as an address or reply from a stranger can.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from epoxi.cli import app
+
+EVIL = "evil\x1b[31m\u202e[bold]x@a.test"
+SHOWN = "evil\\x1b[31m\\u202e[bold]x@a.test"
+
+PIPELINES = {
+    "totals": {"scheduled": 1, "held": 0, "ready": 1, "connections": 0},
+    "scheduled": [{"name": EVIL, "scheduled": 1, "held": 0, "next_due": None, "suspended": EVIL}],
+    "ready": [
+        {
+            "name": EVIL,
+            "queued": 1,
+            "connections": 0,
+            "connection_limit": 4,
+            "deliveries": 0,
+            "attempts_last_minute": 0,
+            "suspended": None,
+            "last_error": EVIL,
+        }
+    ],
+    "suspensions": [{"target": "domain", "value": EVIL, "reason": EVIL, "until": None}],
+}
+STATUS = {
+    "id": "m1",
+    "state": "deferred",
+    "sender": EVIL,
+    "attempts": 1,
+    "last_response": EVIL,
+    "recipients": [{"recipient": EVIL, "state": "deferred", "attempts": 1, "last_response": EVIL}],
+    "events": [{"timestamp": 1.0, "type": "TransientFailure", "recipient": EVIL, "reason": EVIL}],
+}
+ANSWERS = {"/admin/pipelines": PIPELINES, "/messages/m1": STATUS}
+
+
+class Api(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps(ANSWERS[self.path]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), prog_name="epoxi", env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def assert_escaped(output: str, times: int) -> None:
+    assert "\x1b" not in output and "\u202e" not in output, repr(output)
+    assert output.count(SHOWN) == times, output
+
+
+def test_queue_ls_prints_fields_escaped(url: str) -> None:
+    assert_escaped(run("queue", "ls", "--url", url), 6)
+
+
+def test_status_prints_fields_escaped(url: str) -> None:
+    assert_escaped(run("status", "m1", "--url", url), 6)
+
+
+@pytest.mark.parametrize("args", [("queue", "ls"), ("status", "m1")])
+def test_json_output_escapes_and_parses(url: str, args: tuple[str, ...]) -> None:
+    output = run(*args, "--url", url, "--json")
+    assert "\x1b" not in output and "\u202e" not in output
+    assert "\\u001b[31m\\u202e[bold]" in output
+    assert (
+        json.loads(output) == ANSWERS["/admin/pipelines" if args[0] == "queue" else "/messages/m1"]
+    )
