@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 
 import pytest
 
+from epoxi.reception.auth import Credentials
 from tests.protocol.conftest import MakeClient, MemoryIngest
 
 TRUSTED = "127.0.0.1"
@@ -389,3 +392,30 @@ async def test_connection_limits(make_client: MakeClient) -> None:
     assert extra.transport.closed
     clients[0].session.connection_lost(None)
     assert not make_client(peer="203.0.113.5").transport.closed
+
+
+async def test_replies_are_read_after_a_slow_password_check(make_client: MakeClient) -> None:
+    """The harness waits for the session to be idle, however long the check takes."""
+    client = make_client()
+    slow = SlowAuthenticator()
+    client.session.ctx.authenticator = slow  # type: ignore[assignment]
+    await client.ehlo()
+    token = base64.b64encode(b"\0alice\0s3cret").decode()
+    assert codes(await client.send(f"AUTH PLAIN {token}\r\n")) == ["235 2.7.0"]
+    assert slow.checked == 1
+
+
+class SlowAuthenticator:
+    """Answers from a worker thread that is released only after 50 ms of loop time."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    async def check(self, credentials: Credentials) -> bool:
+        release = threading.Event()
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        await asyncio.to_thread(release.wait)
+        self.checked += 1
+        return credentials.username == "alice"

@@ -137,12 +137,12 @@ class Harness:
         await self._settle()
 
     async def _settle(self) -> None:
+        """Wait until the session is idle and every task it started has ended (a task may
+        start another one, hence the loop)."""
         me = asyncio.current_task()
-        for _ in range(10_000):
-            if all(task.done() for task in self.tasks if task is not me):
-                return
-            await asyncio.sleep(0)
-        raise AssertionError("the session never finished waiting")
+        await self.session.wait_idle()
+        while pending := [t for t in self.tasks if t is not me and not t.done()]:
+            await asyncio.wait(pending)
 
     def output(self) -> bytes:
         out = bytes(self.transport.written[self._read :])

@@ -123,6 +123,7 @@ class SmtpSession(asyncio.Protocol):
         self._bdat_error: Reply | None = None
         self._auth_step: Callable[[str], None] | None = None
         self._login_user = ""
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self.closed = asyncio.Event()
 
     # ----------------------------------------------------------------- connection events
@@ -151,6 +152,7 @@ class SmtpSession(asyncio.Protocol):
         self.ctx.sessions.discard(self)
         self.state = State.CLOSED
         self.closed.set()
+        self._wake_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.state in (State.CLOSED, State.TLS):
@@ -285,6 +287,21 @@ class SmtpSession(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    async def wait_idle(self) -> None:
+        """Return once the session has nothing left to do with the input it has: no spool
+        commit, password check or handshake pending. Tests read replies after this, and the
+        server's shutdown uses it; a future per wait keeps the common path free of events."""
+        while self._busy and self.state is not State.CLOSED:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ----------------------------------------------------------------- commands
 
@@ -474,9 +491,11 @@ class SmtpSession(asyncio.Protocol):
             log.info("[%s] TLS handshake failed: %s", self.peer_ip, exc)
             self.abort()
             self.state = State.CLOSED
+            self._wake_idle()
             return
         if transport is None:
             self.state = State.CLOSED
+            self._wake_idle()
             return
         self.transport = transport
         self.tls_active = True
@@ -588,6 +607,8 @@ class SmtpSession(asyncio.Protocol):
         self._busy = False
         if self.state is not State.CLOSED:
             self._process()
+        if self._idle_waiters and not self._busy:
+            self._wake_idle()
 
     # ----------------------------------------------------------------- message data
 
