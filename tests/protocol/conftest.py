@@ -79,9 +79,7 @@ class Client:
         if isinstance(data, str):
             data = data.encode()
         self.session.data_received(data)
-        for _ in range(20):  # let commits and auth checks finish
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.001)
+        await self.session.wait_idle()  # commits, password checks and handshakes are done
         return self.replies()
 
     def replies(self) -> str:

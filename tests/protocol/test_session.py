@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 
 import pytest
 
+from epoxi.reception.auth import Credentials
 from tests.protocol.conftest import MakeClient, MemoryIngest
 
 TRUSTED = "127.0.0.1"
@@ -305,7 +308,8 @@ async def test_bdat_then_data_is_refused(make_client: MakeClient) -> None:
 async def test_bdat_over_size(make_client: MakeClient, ingest: MemoryIngest) -> None:
     client = make_client(peer=TRUSTED)
     await client.ehlo()
-    chunk = b"x" * 6000
+    chunk = b"x" * 98 + b"\r\n"
+    chunk *= 60
     reply = await client.send(
         b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 6000\r\n"
         + chunk
@@ -314,6 +318,86 @@ async def test_bdat_over_size(make_client: MakeClient, ingest: MemoryIngest) -> 
     )
     assert codes(reply)[-2:] == ["250 2.0.0", "552 5.3.4"]
     assert not ingest.messages
+
+
+async def test_bdat_line_over_the_limit_is_refused_like_data(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    line = b"x" * 2000 + b"\r\n"
+    assert codes(await client.send(b"BDAT 2002 LAST\r\n" + line)) == ["500 5.5.6"]
+    assert codes(await client.send("NOOP\r\n")) == ["250 2.0.0"]  # still in step
+    assert not ingest.messages
+
+
+async def test_bdat_line_over_the_limit_across_chunks_and_reads(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    assert codes(await client.send(b"BDAT 600\r\nok\r\n" + b"x" * 300)) == []
+    assert codes(await client.send(b"x" * 296)) == ["250 2.0.0"]
+    assert codes(await client.send(b"BDAT 500 LAST\r\n" + b"x" * 498 + b"\r\n")) == ["500 5.5.6"]
+    assert not ingest.messages
+
+
+async def test_bdat_line_at_the_limit_is_accepted(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    line = b"x" * 998 + b"\r\n"  # 1000 octets with CRLF, the default limit
+    assert codes(await client.send(b"BDAT 500\r\n" + line[:500])) == ["250 2.0.0"]
+    assert codes(await client.send(b"BDAT 500 LAST\r\n" + line[500:])) == ["250 2.0.0"]
+    assert ingest.messages[0][1].endswith(line)
+
+
+@pytest.mark.parametrize("arg", ["abc", "", "-5", "1e3", "12x LAST", "\u0665"])
+async def test_bdat_without_a_size_is_refused_and_the_connection_closed(
+    make_client: MakeClient, arg: str
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    reply = await client.send(f"BDAT {arg}\r\n12 octets...NOOP\r\n")
+    assert codes(reply) == ["501 5.5.4", "421 4.5.0"]
+    assert client.transport.closed
+
+
+async def test_bdat_with_a_bad_end_marker_is_read_and_refused(make_client: MakeClient) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    reply = await client.send("BDAT 5 FIRST\r\nhelloNOOP\r\n")
+    assert codes(reply) == ["501 5.5.4", "250 2.0.0"]
+
+
+@pytest.mark.parametrize("envelope", [True, False])
+async def test_bdat_chunk_over_the_size_limit_is_refused_at_once(
+    make_client: MakeClient, ingest: MemoryIngest, envelope: bool
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    if envelope:
+        await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    reply = await client.send("BDAT 100000000000000000000 LAST\r\n")
+    assert codes(reply) == ["552 5.3.4", "421 4.5.0"]
+    assert client.transport.closed and not ingest.messages
+
+
+async def test_bdat_chunk_of_exactly_the_size_limit_is_read(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client(peer=TRUSTED)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+    body = (b"x" * 98 + b"\r\n") * 100  # 10,000 octets: max_message_size in these tests
+    assert codes(await client.send(b"BDAT 10000 LAST\r\n" + body)) == ["250 2.0.0"]
+    assert len(ingest.messages) == 1
 
 
 async def test_spool_unavailable_gives_452(make_client: MakeClient, ingest: MemoryIngest) -> None:
@@ -389,3 +473,30 @@ async def test_connection_limits(make_client: MakeClient) -> None:
     assert extra.transport.closed
     clients[0].session.connection_lost(None)
     assert not make_client(peer="203.0.113.5").transport.closed
+
+
+async def test_replies_are_read_after_a_slow_password_check(make_client: MakeClient) -> None:
+    """The harness waits for the session to be idle, however long the check takes."""
+    client = make_client()
+    slow = SlowAuthenticator()
+    client.session.ctx.authenticator = slow  # type: ignore[assignment]
+    await client.ehlo()
+    token = base64.b64encode(b"\0alice\0s3cret").decode()
+    assert codes(await client.send(f"AUTH PLAIN {token}\r\n")) == ["235 2.7.0"]
+    assert slow.checked == 1
+
+
+class SlowAuthenticator:
+    """Answers from a worker thread that is released only after 50 ms of loop time."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.checked = 0
+
+    async def check(self, credentials: Credentials) -> bool:
+        release = threading.Event()
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        await asyncio.to_thread(release.wait)
+        self.checked += 1
+        return credentials.username == "alice"

@@ -92,6 +92,7 @@ class Transaction:
     long_line: bool = False
     bad_endings: bool = False
     at_line_start: bool = True
+    line_run: int = 0  # BDAT: octets of the line in progress, which may span chunks
 
 
 class SmtpSession(asyncio.Protocol):
@@ -123,6 +124,7 @@ class SmtpSession(asyncio.Protocol):
         self._bdat_error: Reply | None = None
         self._auth_step: Callable[[str], None] | None = None
         self._login_user = ""
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self.closed = asyncio.Event()
 
     # ----------------------------------------------------------------- connection events
@@ -151,6 +153,7 @@ class SmtpSession(asyncio.Protocol):
         self.ctx.sessions.discard(self)
         self.state = State.CLOSED
         self.closed.set()
+        self._wake_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.state in (State.CLOSED, State.TLS):
@@ -286,6 +289,21 @@ class SmtpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    async def wait_idle(self) -> None:
+        """Return once the session has nothing left to do with the input it has: no spool
+        commit, password check or handshake pending. Tests read replies after this, and the
+        server's shutdown uses it; a future per wait keeps the common path free of events."""
+        while self._busy and self.state is not State.CLOSED:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     # ----------------------------------------------------------------- commands
 
     def smtp_EHLO(self, arg: str) -> None:
@@ -402,18 +420,33 @@ class SmtpSession(asyncio.Protocol):
             raise CommandError(replies.NO_VALID_RECIPIENTS)
 
     def smtp_BDAT(self, arg: str) -> None:
-        size_text, _, last = arg.partition(" ")
-        if not is_ascii_number(size_text) or last.strip().upper() not in ("", "LAST"):
-            # Without a valid size the chunk cannot be skipped: close rather than guess.
-            self._reply(replies.SYNTAX_ERROR)
-            self._close()
+        size_text, _, marker = arg.partition(" ")
+        if not is_ascii_number(size_text):
+            # RFC 3030 §2: the size is the chunk's only framing. Without it the octets that
+            # follow cannot be told from commands, so nothing after this line can be trusted.
+            self._reply(replies.BDAT_BAD_SIZE)
+            self._close_unframed()
             return
-        self._bdat_remaining = int(size_text)
-        self._bdat_last = bool(last.strip())
-        self._bdat_error = self._bdat_refusal()
+        size = int(size_text)
+        if size > self.ctx.settings.max_message_size:
+            # Never accepted, and too many octets to read and throw away: answer now rather
+            # than after the client has sent them (or after the data timeout), then close.
+            self.txn = Transaction()
+            self._reply(replies.MESSAGE_TOO_BIG)
+            self._close_unframed()
+            return
+        marker = marker.strip().upper()
+        self._bdat_remaining, self._bdat_last = size, marker == "LAST"
+        self._bdat_error = replies.SYNTAX_ERROR if marker not in ("", "LAST") else None
+        self._bdat_error = self._bdat_error or self._bdat_refusal()
         if self._bdat_error is None:
             self.txn.used_bdat = True
         self.state = State.BDAT
+
+    def _close_unframed(self) -> None:
+        """Close after a BDAT whose chunk will not be read: its octets would be commands."""
+        self._reply(replies.CHUNK_NOT_READ)
+        self._close()
 
     def _bdat_refusal(self) -> Reply | None:
         try:
@@ -474,9 +507,11 @@ class SmtpSession(asyncio.Protocol):
             log.info("[%s] TLS handshake failed: %s", self.peer_ip, exc)
             self.abort()
             self.state = State.CLOSED
+            self._wake_idle()
             return
         if transport is None:
             self.state = State.CLOSED
+            self._wake_idle()
             return
         self.transport = transport
         self.tls_active = True
@@ -588,6 +623,8 @@ class SmtpSession(asyncio.Protocol):
         self._busy = False
         if self.state is not State.CLOSED:
             self._process()
+        if self._idle_waiters and not self._busy:
+            self._wake_idle()
 
     # ----------------------------------------------------------------- message data
 
@@ -667,7 +704,9 @@ class SmtpSession(asyncio.Protocol):
         take = min(len(self._buf), self._bdat_remaining)
         if take:
             if self._bdat_error is None and self._count_size(take):
-                self.txn.parts.append(bytes(self._buf[:take]))
+                piece = bytes(self._buf[:take])
+                self._scan_chunk(piece)
+                self.txn.parts.append(piece)
             del self._buf[:take]
             self._bdat_remaining -= take
         if self._bdat_remaining:
@@ -684,6 +723,9 @@ class SmtpSession(asyncio.Protocol):
         elif txn.too_big:
             self.txn = Transaction()
             self._reply(replies.MESSAGE_TOO_BIG)
+        elif txn.long_line:
+            self.txn = Transaction()
+            self._reply(replies.LINE_TOO_LONG)
         elif not self._bdat_last:
             self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
         elif self.ctx.settings.reject_bare_cr_lf and _bare_cr_or_lf(txn.parts):
@@ -691,6 +733,26 @@ class SmtpSession(asyncio.Protocol):
             self._reply(replies.BAD_LINE_ENDINGS)
         else:
             self._commit(txn.parts)
+
+    def _scan_chunk(self, piece: bytes) -> None:
+        """Find a line over the limit in chunk data, as DATA does. Chunks and reads cut lines
+        anywhere, so the length of the unfinished line is carried to the next piece; the
+        searches run in C, and pieces shorter than the limit are never split."""
+        txn = self.txn
+        if txn.long_line:
+            return
+        limit = self.ctx.settings.max_line_length
+        first = piece.find(b"\n")
+        if first < 0:
+            txn.line_run += len(piece)
+        else:
+            if txn.line_run + first + 1 > limit or (
+                len(piece) > limit and max(map(len, piece.split(b"\n"))) + 1 > limit
+            ):
+                txn.long_line = True
+            txn.line_run = len(piece) - piece.rfind(b"\n") - 1
+        if txn.line_run >= limit:  # with its LF still to come, this line is already too long
+            txn.long_line = True
 
     # ----------------------------------------------------------------- the commit
 
