@@ -362,3 +362,34 @@ def test_transaction_failure_keeps_the_servers_reply() -> None:
     assert list(replies) == [("x@a.test", given)]
     [(_, lost)] = outcomes.transaction_failed(["x@a.test"], DeliveryError("reset"))
     assert lost.enhanced == "4.4.2"
+
+
+# ----------------------------------------------------------------------------- NOTIFY
+
+
+async def test_notify_never_means_no_dsn(engine: Engine) -> None:
+    await engine.send("reject@a.test", dsn_notify={"reject@a.test": "NEVER"})
+    assert await engine.outcome("reject@a.test") is RecordType.BOUNCE
+    await engine.outcomes.stop()
+    assert [r.origin for r in engine.records.of(RecordType.RECEPTION)] == ["smtp"]
+
+
+async def test_notify_delay_sends_one_delayed_dsn(engine: Engine) -> None:
+    await engine.send("tempfail@a.test", dsn_notify={"tempfail@a.test": "DELAY,FAILURE"})
+    [dsn] = await engine.dsns(1)
+    body = engine.spool.messages[dsn.message_id][1]
+    assert b"Action: delayed" in body and b"Will-Retry-Until:" in body
+
+
+async def test_notify_success_reports_relayed_when_the_next_hop_cannot(engine: Engine) -> None:
+    await engine.send("ok@a.test", dsn_notify={"ok@a.test": "SUCCESS"}, dsn_envid="env-1")
+    [dsn] = await engine.dsns(1)
+    body = engine.spool.messages[dsn.message_id][1]
+    assert b"Action: relayed" in body and b"Original-Envelope-Id: env-1" in body
+
+
+async def test_ret_full_returns_the_whole_message(engine: Engine) -> None:
+    await engine.send("reject@a.test", dsn_ret="FULL")
+    [dsn] = await engine.dsns(1)
+    body = engine.spool.messages[dsn.message_id][1]
+    assert b"message/rfc822" in body and b"hello" in body

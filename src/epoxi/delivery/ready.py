@@ -232,7 +232,7 @@ class ReadyQueue:
                 # A lost data-end reply lands here too: transient, so at worst a duplicate.
                 replies += self._outcomes.transaction_failed(chunk, exc)
                 usable = False
-        self._outcomes.handle(job, replies, connection.peer)
+        self._outcomes.handle(job, replies, connection.peer, dsn_passed=connection.dsn_passed)
         return usable
 
     def _on_connect_failure(self, exc: Exception) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from epoxi.delivery.client import ClientTimeouts, SmtpClient
+from epoxi.delivery.client import ClientTimeouts, DsnEnvelope, SmtpClient
 from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
@@ -37,6 +37,11 @@ class Connection(Protocol):
         """Whether another transaction may follow."""
         ...
 
+    @property
+    def dsn_passed(self) -> bool:
+        """Whether the last transaction handed the DSN request on (the next hop reports)."""
+        ...
+
     async def send(
         self, meta: MessageMeta, recipients: list[str], body: bytes
     ) -> list[tuple[str, Reply]]:
@@ -59,10 +64,11 @@ class Transport(Protocol):
 class SmtpConnection:
     """An :class:`SmtpClient` seen as a :class:`Connection`."""
 
-    __slots__ = ("_client",)
+    __slots__ = ("_client", "dsn_passed")
 
     def __init__(self, client: SmtpClient) -> None:
         self._client = client
+        self.dsn_passed = False
 
     @property
     def peer(self) -> str:
@@ -76,8 +82,14 @@ class SmtpConnection:
         self, meta: MessageMeta, recipients: list[str], body: bytes
     ) -> list[tuple[str, Reply]]:
         result = await self._client.send(
-            meta.sender, recipients, body, smtputf8=meta.smtputf8, body_8bit=meta.body_8bit
+            meta.sender,
+            recipients,
+            body,
+            smtputf8=meta.smtputf8,
+            body_8bit=meta.body_8bit,
+            dsn=DsnEnvelope.of(meta),
         )
+        self.dsn_passed = result.dsn_passed
         return result.outcomes()
 
     async def quit(self) -> None:

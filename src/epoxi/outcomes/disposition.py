@@ -14,9 +14,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from epoxi.bounce.classify import Classifier
-from epoxi.bounce.dsn import RecipientFailure, build_dsn, should_send_dsn
+from epoxi.bounce.dsn import (
+    DsnKind,
+    RecipientFailure,
+    build_dsn,
+    notify_wants,
+    should_send_dsn,
+    success_action,
+)
 from epoxi.errors import DeliveryError
 from epoxi.events.records import Record, RecordType, Response
 from epoxi.events.sink import EventSink
@@ -109,8 +117,12 @@ class Disposition:
 
     # ----------------------------------------------------------------- replies
 
-    def handle(self, job: Job, replies: Replies, peer: str) -> None:
-        """Record each recipient's outcome; reschedule, bounce or finish the job."""
+    def handle(self, job: Job, replies: Replies, peer: str, *, dsn_passed: bool = False) -> None:
+        """Record each recipient's outcome; reschedule, bounce or finish the job.
+
+        DSNs follow RFC 3461's NOTIFY: failures unless NEVER; a delay once, at the first
+        deferral, when DELAY was asked; a success ("relayed") when SUCCESS was asked and the
+        next hop did not take the request on (``dsn_passed``)."""
         attempt = job.attempts + 1
         delivered: list[str] = []
         bounced: list[Failure] = []
@@ -125,6 +137,7 @@ class Disposition:
             (bounced if verdict.permanent else deferred).append(failure)
         for failure in bounced:
             self._record_failure(RecordType.BOUNCE, job, failure, attempt)
+        self._report_successes(job, delivered, peer, dsn_passed)
         _remove_recipients(job.message.meta, delivered)
         if deferred:
             self._defer(job, deferred, attempt)
@@ -144,6 +157,9 @@ class Disposition:
         job.due = now + self.retry.delay(attempt)
         for failure in deferred:
             self._record_failure(RecordType.TRANSIENT_FAILURE, job, failure, attempt, job.due)
+        if attempt == 1:
+            delayed = [f for f in deferred if _asked_for_delays(job, f.recipient)]
+            self._report(job, delayed, "delayed")
         meta.attempts, meta.due, meta.last_response = attempt, job.due, str(deferred[0].reply)
         job.message.body = None  # re-read from the spool at the next attempt
         self.spool.update(meta)
@@ -214,9 +230,29 @@ class Disposition:
         else:
             self.spool.update(meta)
 
-    async def _send_dsn(self, job: Job, failures: list[Failure], kind: str) -> None:
+    def _report_successes(self, job: Job, delivered: list[str], peer: str, passed: bool) -> None:
+        action = success_action(dsn_passed=passed)
+        asked = [r for r in delivered if action and _asked(job, r, "success")]
+        if asked:
+            reply = Reply(250, "2.0.0", "accepted by the next hop")
+            self._report(job, [Failure(r, reply, peer=peer) for r in asked], "relayed")
+
+    def _report(self, job: Job, recipients: list[Failure], kind: DsnKind) -> None:
+        """A DSN that changes nothing in the queue (a delay, a success)."""
+        if recipients:
+            self._spawn(self._report_safely(job, recipients, kind))
+
+    async def _report_safely(self, job: Job, recipients: list[Failure], kind: DsnKind) -> None:
+        try:
+            await self._send_dsn(job, recipients, kind)
+        except Exception:
+            log.exception("[%s] could not create a %s DSN", job.id, kind)
+
+    async def _send_dsn(self, job: Job, failures: list[Failure], kind: DsnKind | str) -> None:
         meta = job.message.meta
-        if not meta.sender or not self.dsn_wanted(job):
+        if kind in ("failed", "expired"):
+            failures = [f for f in failures if _asked(job, f.recipient, "failure")]
+        if not failures or not meta.sender or not self.dsn_wanted(job):
             return
         body = job.message.body or await self.spool.load_body(meta.id)
         headers = body.split(b"\r\n\r\n", 1)[0] + b"\r\n"
@@ -227,6 +263,8 @@ class Disposition:
             reporting_mta=self.hostname,
             original=meta,
             original_headers=headers,
+            original_message=body,
+            kind="failed" if kind == "expired" else kind,  # type: ignore[arg-type]
             failures=[
                 RecipientFailure(
                     recipient=f.recipient, reply=f.reply, remote_mta=f.peer, reason=f.reason
@@ -234,6 +272,8 @@ class Disposition:
                 for f in failures
             ],
             dsn_id=dsn_id,
+            now=self._clock(),
+            retry_until=meta.age_origin + self.retry.max_age,
         )
         await self.inject(_dsn_meta(dsn_id, meta, len(dsn), kind, self._clock()), dsn)
         log.info(
@@ -305,6 +345,17 @@ class Disposition:
                 next_attempt=next_attempt,
             )
         )
+
+
+def _asked(job: Job, recipient: str, event: Literal["success", "failure", "delay"]) -> bool:
+    return notify_wants(job.message.meta, recipient, event)
+
+
+def _asked_for_delays(job: Job, recipient: str) -> bool:
+    """Delay DSNs only when NOTIFY names DELAY: without NOTIFY they are ours to send, and we
+    do not (as Postfix, whose delay_warning_time is off by default)."""
+    notify = job.message.meta.dsn_notify
+    return bool(notify and recipient in notify) and _asked(job, recipient, "delay")
 
 
 def _remove_recipients(meta: MessageMeta, finished: list[str]) -> None:

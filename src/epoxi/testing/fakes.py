@@ -171,6 +171,10 @@ class _FakeConnection:
         return "192.0.2.1"
 
     @property
+    def dsn_passed(self) -> bool:
+        return False  # a fake next hop that does not offer DSN
+
+    @property
     def is_usable(self) -> bool:
         limit = self._transport.drop_after
         return not self.closed and (limit is None or self._sends < limit)
