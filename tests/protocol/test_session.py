@@ -58,6 +58,28 @@ async def test_local_mail_from_anyone_is_spooled_with_received_header(
     assert body.endswith(b"Subject: hi\r\n\r\n.dotted\r\nbody\r\n")
 
 
+async def test_data_loses_the_first_dot_of_every_line_starting_with_one(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client()
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+    reply = await client.send(".foo\r\n..bar\r\n...\r\nbaz.\r\n .x\r\n.\r\n")
+    assert codes(reply) == ["250 2.0.0"]
+    ((_, body),) = ingest.messages
+    assert body.endswith(b"\r\nfoo\r\n.bar\r\n..\r\nbaz.\r\n .x\r\n")
+
+
+async def test_dot_unstuffing_across_reads(make_client: MakeClient, ingest: MemoryIngest) -> None:
+    client = make_client()
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+    for piece in ("a\r\n", ".b\r\n.", "c\r\n", ".\r\n"):
+        await client.send(piece)
+    ((_, body),) = ingest.messages
+    assert body.endswith(b"\r\na\r\nb\r\nc\r\n")
+
+
 async def test_relay_denied_for_untrusted_unauthenticated(
     make_client: MakeClient, ingest: MemoryIngest
 ) -> None:
@@ -269,7 +291,7 @@ async def test_data_split_across_reads_at_every_point(
         assert codes(await client.send(message[cut:])) == ["250 2.0.0"], cut
         client.session.connection_lost(None)
     bodies = {body[body.index(b"Subject: s") :] for _, body in ingest.messages}
-    assert bodies == {b"Subject: s\r\n\r\n.leading\r\nline\r\n.\r\n"}
+    assert bodies == {b"Subject: s\r\n\r\nleading\r\nline\r\n.\r\n"}
 
 
 async def test_empty_message(make_client: MakeClient, ingest: MemoryIngest) -> None:

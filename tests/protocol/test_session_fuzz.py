@@ -273,9 +273,9 @@ def split_received(body: bytes) -> tuple[bytes, bytes]:
 
 
 def unstuff(content: bytes) -> bytes:
-    """RFC 5321 §4.5.2 as Epoxi applies it: a doubled leading dot loses one dot."""
+    """RFC 5321 §4.5.2: a line that starts with a dot loses that dot."""
     return b"\r\n".join(
-        line[1:] if line.startswith(b"..") else line for line in content.split(b"\r\n")
+        line[1:] if line.startswith(b".") else line for line in content.split(b"\r\n")
     )
 
 

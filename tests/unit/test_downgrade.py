@@ -166,7 +166,11 @@ def test_nesting_is_bounded() -> None:
     assert "nested deeper" in refusal(MIME + message)
 
 
-@given(st.lists(st.text(st.characters(exclude_characters="\r\n")), min_size=1, max_size=5))
+@given(
+    st.lists(
+        st.text(st.characters(codec="utf-8", exclude_characters="\r\n")), min_size=1, max_size=5
+    )
+)
 def test_any_text_round_trips(lines: list[str]) -> None:
     body = "\r\n".join(lines).encode()
     message = MIME + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body

@@ -666,9 +666,11 @@ class SmtpSession(asyncio.Protocol):
         if self._count_size(length):
             # A chunk starts at a line start and ends with CRLF: undo dot-stuffing here, so
             # the message is joined once at the end (a 50 MB message is not copied 4 times).
-            if chunk.startswith(b".."):
+            # RFC 5321 §4.5.2: the first dot of every line that starts with one is removed,
+            # ".." or ".foo" alike (the lone "." ending the data never reaches a chunk).
+            if chunk.startswith(b"."):
                 chunk = chunk[1:]
-            txn.parts.append(chunk.replace(b"\r\n..", b"\r\n."))
+            txn.parts.append(chunk.replace(b"\r\n.", b"\r\n"))
 
     def _count_size(self, length: int) -> bool:
         """Add to the message size; False (and the data dropped) once it is too big."""
