@@ -5,6 +5,8 @@
     EpoxiError
      +-- ConfigError            a setting is unknown or has a bad value (names key and value)
      +-- MessageRefused         ingest will not take a message (too many hops, a hook): its reply
+     +-- InvalidField           a request field is wrong (``field`` names it)
+     |    +-- ComposeError      a send request cannot become a message (epoxi.compose)
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- DnsError               a lookup could not be answered
@@ -40,6 +42,15 @@ class MessageRefused(EpoxiError):
     def __init__(self, message: str, reply: Reply) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+class InvalidField(EpoxiError):
+    """A field of a request is wrong; ``field`` names it, ``recipient`` the recipient if any."""
+
+    def __init__(self, field: str, message: str, recipient: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.recipient = recipient
 
 
 class SpoolError(EpoxiError):

@@ -9,7 +9,6 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from epoxi.admin import Health, MessageDetails, Pipelines, Selector
-from epoxi.api.compose import ComposeError
 from epoxi.api.context import context
 from epoxi.api.models import (
     BounceResponse,
@@ -20,6 +19,7 @@ from epoxi.api.models import (
     SuspendResponse,
 )
 from epoxi.api.problems import problem_responses
+from epoxi.errors import InvalidField
 from epoxi.store.keys import Scope
 
 _ERRORS = problem_responses(401, 403)
@@ -59,7 +59,7 @@ async def suspend(
 ) -> SuspendResponse:
     target = data.target()
     if target is None:
-        raise ComposeError("body", _ONE_TARGET)
+        raise InvalidField("body", _ONE_TARGET)
     kind, value = target
     hit = context(request).admin.suspend(kind, value, data.reason, data.duration)
     active = [s for s in context(request).admin.suspension_list() if (s.target, s.value) == target]
@@ -87,7 +87,7 @@ async def resume(
         domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue, source=source
     ).target()
     if target is None:
-        raise ComposeError("query", _ONE_TARGET)
+        raise InvalidField("query", _ONE_TARGET)
     kind, value = target
     released = context(request).admin.resume(kind, value)
     return ResumeResponse(target=kind, value=value, released=released)
@@ -102,7 +102,7 @@ async def resume(
 async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> BounceResponse:
     selector = _selector(data)
     if selector.is_empty():
-        raise ComposeError("body", "name at least one of domain, site, tenant, campaign, queue, id")
+        raise InvalidField("body", "name at least one of domain, site, tenant, campaign, queue, id")
     return BounceResponse(bounced=context(request).admin.bounce(selector, data.reason))
 
 

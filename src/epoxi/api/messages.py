@@ -22,10 +22,11 @@ from litestar.exceptions import (
 from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from epoxi.api.auth import api_key
-from epoxi.api.compose import Attachment, ComposeError, Composer, Draft, Rendered
 from epoxi.api.context import ApiContext, context
 from epoxi.api.models import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
+from epoxi.compose import Attachment, Composer, Draft, Rendered
+from epoxi.errors import InvalidField
 from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.smtp.parser import CommandError, parse_mailbox
@@ -57,7 +58,7 @@ async def send(
         limit = ctx.settings.api.max_recipients
         message = data.message
         if len(message.to) + len(message.cc) + len(message.bcc) > limit:
-            raise ComposeError("message.to", f"at most {limit} recipients per request")
+            raise InvalidField("message.to", f"at most {limit} recipients per request")
         composer = Composer(_draft(data), ctx.settings.hostname, ctx.settings.smtp.max_message_size)
         rendered = await _render_all(composer)
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
@@ -84,7 +85,7 @@ async def send_raw(
                 f"message is {len(body)} octets; the limit is {limit}", status_code=413
             )
         if b"\r\n\r\n" not in body and b":" not in body.split(b"\r\n", 1)[0]:
-            raise ComposeError("content", "expected an RFC 5322 message: header fields first")
+            raise InvalidField("content", "expected an RFC 5322 message: header fields first")
         meta = MessageMeta(
             id=new_message_id(),
             sender=sender,
@@ -231,7 +232,7 @@ def _draft(data: SendRequest) -> Draft:
         try:
             content = base64.b64decode(item.content, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ComposeError(f"message.attachments[{index}].content", "not valid base64") from exc
+            raise InvalidField(f"message.attachments[{index}].content", "not valid base64") from exc
         attachments.append(Attachment(item.filename, item.content_type, content))
     return Draft(
         sender=message.from_,
@@ -323,7 +324,7 @@ def _honoured_pool(ip_pool: str, ctx: ApiContext) -> str:
     pool that is honoured; anything else would be accepted and ignored, so it is refused."""
     used = ctx.settings.delivery.sources[0].name
     if ip_pool != used:
-        raise ComposeError(
+        raise InvalidField(
             "ip_pool",
             f"ip_pool {ip_pool!r} cannot be honoured: IP pools are not supported yet, and "
             f"every message is sent from source {used!r}; leave ip_pool out",
@@ -333,11 +334,11 @@ def _honoured_pool(ip_pool: str, ctx: ApiContext) -> str:
 
 def _envelope_address(where: str, address: str) -> str:
     if any(c in address for c in "\r\n\x00<> ") or not address.isprintable():
-        raise ComposeError(where, f"not a valid envelope address: {address!r}")
+        raise InvalidField(where, f"not a valid envelope address: {address!r}")
     try:
         parse_mailbox(address)
     except CommandError as exc:
-        raise ComposeError(where, f"not a valid envelope address: {address!r}") from exc
+        raise InvalidField(where, f"not a valid envelope address: {address!r}") from exc
     return address
 
 

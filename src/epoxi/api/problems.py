@@ -11,9 +11,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from epoxi.api.compose import ComposeError, MessageTooLarge
 from epoxi.api.models import Problem
-from epoxi.errors import MessageRefused, SpoolUnavailable
+from epoxi.compose import MessageTooLarge
+from epoxi.errors import InvalidField, MessageRefused, SpoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _field(key: Any) -> str:
     return _PARAMETERS.get(text, text)
 
 
-def _on_compose_error(request: Request[Any, Any, Any], exc: ComposeError) -> Response[Problem]:
+def _on_invalid_field(request: Request[Any, Any, Any], exc: InvalidField) -> Response[Problem]:
     error = {"field": exc.field, "message": str(exc)}
     if exc.recipient is not None:
         error["recipient"] = exc.recipient
@@ -116,7 +116,7 @@ def _on_refused(request: Request[Any, Any, Any], exc: MessageRefused) -> Respons
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
     MessageRefused: _on_refused,
-    ComposeError: _on_compose_error,
+    InvalidField: _on_invalid_field,
     SpoolUnavailable: _on_spool_unavailable,
     RecursionError: _on_recursion,
     Exception: _on_unexpected,

@@ -37,6 +37,7 @@ import msgspec
 
 from epoxi.errors import SpoolError, SpoolUnavailable
 from epoxi.message import MessageMeta
+from epoxi.schema import SchemaTooNew, migrate
 from epoxi.spool.records import decode_meta, encode_meta
 
 log = logging.getLogger(__name__)
@@ -184,14 +185,14 @@ class Spool:
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise SpoolError(f"{self.path}: spool schema {version} is newer than this Epoxi")
-        if version == SCHEMA_VERSION:
-            return
-        steps = _CREATE if version == 0 else _upgrade_steps(version)
-        _run_in_transaction(conn, [*steps, f"PRAGMA user_version={SCHEMA_VERSION}"])
-        log.info("spool %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
+        try:
+            version = migrate(conn, target=SCHEMA_VERSION, create=_CREATE, upgrades=_UPGRADES)
+        except SchemaTooNew as exc:
+            raise SpoolError(
+                f"{self.path}: spool schema {exc.version} is newer than this Epoxi"
+            ) from exc
+        if version != SCHEMA_VERSION:
+            log.info("spool %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
 
     # ------------------------------------------------------------------------- health
 
@@ -493,13 +494,6 @@ def _set_pragmas(conn: sqlite3.Connection, journal_size_limit: int) -> None:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-
-
-def _upgrade_steps(version: int) -> list[str]:
-    steps: list[str] = []
-    for start in range(version, SCHEMA_VERSION):
-        steps.extend(_UPGRADES[start])
-    return steps
 
 
 def _quarantine_steps(message_id: str, reason: str) -> list[tuple[str, tuple[object, ...]]]:

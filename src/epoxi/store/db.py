@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from epoxi import schema
+
 SCHEMA_VERSION = 1
 
 _STEPS: dict[int, list[str]] = {
@@ -79,20 +81,13 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise sqlite3.DatabaseError(
-            f"store schema {version} is newer than this Epoxi knows ({SCHEMA_VERSION})"
+    """A new store runs every step in order; an older one the steps after its version."""
+    try:
+        schema.migrate(
+            conn,
+            target=SCHEMA_VERSION,
+            create=[sql for step in sorted(_STEPS) for sql in _STEPS[step]],
+            upgrades={step - 1: sqls for step, sqls in _STEPS.items()},
         )
-    for step in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current < step:  # another process may have migrated meanwhile
-                for sql in _STEPS[step]:
-                    conn.execute(sql)
-                conn.execute(f"PRAGMA user_version={step}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    except schema.SchemaTooNew as exc:
+        raise sqlite3.DatabaseError(f"store {exc}") from exc

@@ -27,17 +27,12 @@ import jinja2.runtime
 import jinja2.sandbox
 import jinja2.utils
 
-from epoxi.errors import EpoxiError
+from epoxi.errors import InvalidField
 from epoxi.smtp.parser import CommandError, parse_mailbox
 
 
-class ComposeError(EpoxiError):
+class ComposeError(InvalidField):
     """A request that cannot become a message; ``field`` says which part is wrong."""
-
-    def __init__(self, field: str, message: str, recipient: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.recipient = recipient
 
 
 class MessageTooLarge(ComposeError):
