@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from epoxi.events.buffer import BufferedWriter
 from epoxi.events.records import Record, encode_record
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,10 @@ class RecordLog:
         self.path = directory / "records.jsonl"
         self.max_bytes = max_bytes
         self.keep = keep
-        self.flush_interval = flush_interval
-        self._pending: list[bytes] = []
+        self._buffer: BufferedWriter[bytes] = BufferedWriter(
+            self._write_batch, interval=flush_interval, name=f"record log {self.path}"
+        )
         self._subscribers: list[Subscriber] = []
-        self._task: asyncio.Task[None] | None = None
         self._size = 0
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
@@ -47,31 +48,20 @@ class RecordLog:
         return lambda: self._subscribers.remove(subscriber)
 
     def emit(self, record: Record) -> None:
-        self._pending.append(encode_record(record))
+        self._buffer.add(encode_record(record))
         for subscriber in self._subscribers:
             subscriber(record)
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._size = self.path.stat().st_size if self.path.exists() else 0
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            try:
-                await self.flush()
-            except OSError as exc:  # a full or failing disk: keep the records, try again
-                log.warning("record log %s: cannot write (%s); will retry", self.path, exc)
+        self._buffer.start()
 
     async def flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(self._write, batch)
-            except BaseException:
-                self._pending[:0] = batch
-                raise
+        await self._buffer.flush()
+
+    async def _write_batch(self, batch: list[bytes]) -> None:
+        await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: list[bytes]) -> None:
         data = b"\n".join(batch) + b"\n"
@@ -95,8 +85,4 @@ class RecordLog:
         self._size = 0
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        await self._buffer.stop()

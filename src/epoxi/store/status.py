@@ -9,7 +9,6 @@ it has just been told was queued.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from epoxi.events.buffer import BufferedWriter
 from epoxi.events.records import Record, RecordType, decode_record, encode_record
 from epoxi.store.db import connect
 
@@ -93,24 +93,23 @@ class StatusStore:
 
     def __init__(self, path: Path, *, flush_interval: float = 0.25) -> None:
         self.path = path
-        self.flush_interval = flush_interval
-        self._pending: list[Record] = []
+        self._buffer: BufferedWriter[Record] = BufferedWriter(
+            self._write_batch,
+            interval=flush_interval,
+            name=f"store {path}",
+            retry_on=(sqlite3.Error,),
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoxi-store")
         self._conn: sqlite3.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
         self._conn = await self._call(lambda: connect(self.path, check_same_thread=False))
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._buffer.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        await self._buffer.stop()
         if self._conn is not None:
             await self._call(self._conn.close)
         self._executor.shutdown(wait=True)
@@ -118,29 +117,19 @@ class StatusStore:
     async def _call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            try:
-                await self.flush()
-            except sqlite3.Error:
-                log.exception("store %s: could not write records; will retry", self.path)
-
     # ----------------------------------------------------------------- records in
 
     def feed(self, record: Record) -> None:
         """A record-log subscriber: cheap, the write comes later."""
-        self._pending.append(record)
+        self._buffer.add(record)
 
     async def flush(self) -> None:
-        if self._pending and self._conn is not None:
-            batch, self._pending = self._pending, []
-            conn = self._conn
-            try:
-                await self._call(lambda: _apply(conn, batch))
-            except BaseException:
-                self._pending[:0] = batch
-                raise
+        if self._conn is not None:
+            await self._buffer.flush()
+
+    async def _write_batch(self, batch: list[Record]) -> None:
+        conn = self._require()
+        await self._call(lambda: _apply(conn, batch))
 
     # ----------------------------------------------------------------- reads
 
