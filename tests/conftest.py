@@ -113,3 +113,15 @@ def epoxi_process(tmp_path: Path) -> Iterator[EpoxiProcess]:
     yield process
     if process.proc is not None:
         process.stop(signal.SIGKILL)
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "the condition"
+) -> None:
+    """Return once ``predicate()`` holds; fail after ``timeout`` seconds. For state that
+    changes without an event to await (counters, another thread's progress)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.005)

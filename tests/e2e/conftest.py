@@ -270,3 +270,12 @@ def parse(data: bytes) -> EmailMessage:
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
     return message
+
+
+async def wait_left_spool(world: World, message_id: str, timeout: float = 15.0) -> None:
+    """Return once ``message_id`` is no longer in the spool: the engine is done with it (its
+    removal is its last step, after any DSN was spooled and recorded)."""
+    deadline = time.monotonic() + timeout
+    while await world.app.spool.load_meta(message_id) is not None:
+        assert time.monotonic() < deadline, f"{message_id} still in the spool after {timeout}s"
+        await asyncio.sleep(0.02)

@@ -857,10 +857,18 @@ async def test_raw_content_cannot_smuggle_a_second_message(
         data = await wait_delivered(world, recipient)
         assert b"MAIL FROM:<evil@evil.test>" in data  # delivered as text of the one message
         await assert_alive(client, server_log)
-    await asyncio.sleep(0.3)
+    # Barrier: a later message through the same queue is delivered; a smuggled one would
+    # have been spooled (and recorded) with its carrier, before it.
+    reply = await client.post("/messages/raw", json={**RAW, "to": ["barrier@a.test"]})
+    assert reply.status_code == 202, reply.text
+    await wait_delivered(world, "barrier@a.test")
+    received = [r for r in world.records if r.type is RecordType.RECEPTION]
+    assert sorted(r for rec in received for r in rec.recipients) == sorted(
+        [*(f"raw{i}@a.test" for i in range(4)), "barrier@a.test"]
+    )
     assert delivered_to(world, "victim@a.test") == []
     everything = [m for sink in world.sinks.values() for m in sink.messages]
-    assert len(everything) == 4
+    assert len(everything) == 5
 
 
 async def test_raw_content_cannot_pick_its_tenant_by_header(

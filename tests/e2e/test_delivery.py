@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
 import time
@@ -18,7 +17,7 @@ from epoxi.message import MessageMeta
 from epoxi.spool import Spool
 from epoxi.testing.sink import Sink
 from tests.conftest import free_port
-from tests.e2e.conftest import MakeWorld, World, send
+from tests.e2e.conftest import MakeWorld, World, send, wait_left_spool
 
 
 async def test_delivers_to_the_preferred_mx(make_world: MakeWorld) -> None:
@@ -132,9 +131,9 @@ async def test_permanent_failure_bounces_with_a_parseable_dsn(make_world: MakeWo
 
 async def test_no_dsn_for_the_null_sender(make_world: MakeWorld) -> None:
     world: World = await make_world()
-    await send(world, ["reject-x@a.test"], sender="")
+    (queue_id,) = await send(world, ["reject-x@a.test"], sender="")
     await world.wait_records(RecordType.BOUNCE, 1)
-    await asyncio.sleep(0.5)
+    await wait_left_spool(world, queue_id)  # a DSN would have been spooled before this
     assert not any(
         r.type is RecordType.RECEPTION and r.sender == "" and r.origin == "dsn"
         for r in world.records
@@ -160,13 +159,17 @@ async def test_expiry_of_a_message_stuck_in_a_ready_queue(make_world: MakeWorld)
 async def test_suspend_and_resume_a_domain(make_world: MakeWorld) -> None:
     world: World = await make_world()
     world.app.admin.suspend("domain", "a.test", reason="maintenance")
-    await send(world, ["x@a.test"])
+    (held_id,) = await send(world, ["x@a.test"])
     (held,) = await world.wait_records(RecordType.SUSPENDED, 1)
     assert "maintenance" in held.reason
-    await asyncio.sleep(0.3)
-    assert not world.sinks["127.0.0.2"].messages
+    # Barrier: a later message to the same sink (shared.test has a.test's MX hosts) is
+    # delivered; a held message that leaked out would have been sent before it.
+    (later_id,) = await send(world, ["y@shared.test"])
+    await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.message_id == later_id)
+    assert [m.rcpt_tos for m in world.sinks["127.0.0.2"].messages] == [["y@shared.test"]]
+    assert not any(r.type is RecordType.DELIVERY and r.message_id == held_id for r in world.records)
     assert world.app.admin.resume("domain", "a.test") == 1
-    await world.wait_records(RecordType.DELIVERY, 1)
+    await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.message_id == held_id)
 
 
 async def test_tenant_and_campaign_headers_name_the_queue_and_are_removed(
@@ -242,9 +245,9 @@ async def test_records_are_written_as_json_lines(make_world: MakeWorld) -> None:
 async def test_dsn_can_be_turned_off(make_world: MakeWorld, delivery: dict[str, Any]) -> None:
     world: World = await make_world(delivery=delivery)
     body = b"X-Epoxi-Tenant: acme\r\nSubject: s\r\n\r\nhi\r\n"
-    await send(world, ["reject-x@a.test"], body=body)
+    (queue_id,) = await send(world, ["reject-x@a.test"], body=body)
     await world.wait_records(RecordType.BOUNCE, 1)
-    await asyncio.sleep(0.3)
+    await wait_left_spool(world, queue_id)  # a DSN would have been spooled before this
     assert [r.type for r in world.records] == [RecordType.RECEPTION, RecordType.BOUNCE]
 
 

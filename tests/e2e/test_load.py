@@ -1,9 +1,9 @@
 """Load over real loopback sockets: 1,000 concurrent sessions, slowloris, a 50 MB message.
 
-The connection and slowloris tests run Epoxi as a child process (``EpoxiProcess``), so its
-resident memory (``/proc/<pid>/status``) is Epoxi's alone and the clients cannot starve its
-event loop. The 50 MB test runs Epoxi in the test's loop and relays to a loopback ``Sink``.
-Figures are printed (``pytest -s``) and repeated in assertion messages.
+The connection and slowloris tests run Epoxi as a child process (``EpoxiProcess``), so the
+clients cannot starve its event loop. The 50 MB test runs Epoxi in the test's loop and relays
+to a loopback ``Sink``. These tests assert behaviour only; memory and latency under the same
+loads are measured by ``bench/connections.py`` (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import re
 import resource
 import smtplib
 import statistics
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,7 +31,6 @@ from tests.e2e.conftest import MakeServer, Running
 MiB = 1024 * 1024
 BODY = b"From: load@remote.test\r\nTo: rcpt@local.test\r\nSubject: load\r\n\r\nHello.\r\n"
 QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as (\S+)\r\n$")
-RSS_GROWTH_LIMIT_MB = 300.0
 
 
 # --------------------------------------------------------------------- helpers
@@ -48,56 +45,6 @@ def ensure_open_files(needed: int) -> int:
         pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {needed} needed")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     return needed
-
-
-def memory_mb(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
-    figures = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            figures[key] = int(value.split()[0]) / 1024
-    return figures
-
-
-class RssSampler:
-    """Polls a process's VmRSS in the background and keeps the highest figure seen."""
-
-    def __init__(self, pid: int | str) -> None:
-        self.pid = pid
-        self.baseline = memory_mb(pid)["VmRSS"]
-        self.peak = self.baseline
-        self._task: asyncio.Task[None] | None = None
-
-    def sample(self) -> float:
-        rss = memory_mb(self.pid)["VmRSS"]
-        self.peak = max(self.peak, rss)
-        return rss
-
-    async def _run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> str:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        now = self.sample()
-        hwm = memory_mb(self.pid)["VmHWM"]
-        self.peak = max(self.peak, hwm)  # the kernel's high-water mark misses nothing
-        return (
-            f"RSS baseline {self.baseline:.1f} MB, peak {self.peak:.1f} MB "
-            f"(growth {self.growth:.1f} MB), now {now:.1f} MB"
-        )
-
-    @property
-    def growth(self) -> float:
-        return self.peak - self.baseline
 
 
 def summary(values: Iterable[float]) -> str:
@@ -161,7 +108,7 @@ class Client:
 
 def send_ordinary(port: int, name: str) -> str:
     """One smtplib transaction with ordinary timeouts; returns the queue id."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # a hang guard only
         smtp.ehlo(name)
         smtp.mail("ordinary@remote.test")
         code, text = smtp.rcpt(f"{name}@local.test")
@@ -179,7 +126,6 @@ async def start_epoxi(process: EpoxiProcess, tmp_path: Path, **smtp: object) -> 
     await asyncio.to_thread(process.start, config)
     assert process.proc is not None
     await asyncio.to_thread(send_ordinary, process.port, "warmup")  # imports, first commit
-    await asyncio.sleep(0.5)
     return process.proc.pid
 
 
@@ -214,12 +160,10 @@ CONNECTIONS = 1000
 @pytest.mark.slow
 async def test_thousand_concurrent_connections(epoxi_process: EpoxiProcess, tmp_path: Path) -> None:
     limit = ensure_open_files(CONNECTIONS + 1024)
-    pid = await start_epoxi(
+    await start_epoxi(
         epoxi_process, tmp_path, max_connections=CONNECTIONS + 500, max_connections_per_ip=2000
     )
     port = epoxi_process.port
-    rss = RssSampler(pid)
-    rss.start()
 
     # Phase 1: every connection is opened and greeted; none is closed before all are open.
     async def open_one() -> tuple[Client, str, float]:
@@ -260,7 +204,6 @@ async def test_thousand_concurrent_connections(epoxi_process: EpoxiProcess, tmp_
             *(c.command(b"QUIT\r\n") for c in clients), return_exceptions=True
         )
         await asyncio.gather(*(c.close() for c in clients))
-    memory = await rss.stop()
     await stop_epoxi(epoxi_process)
     spooled = await spooled_ids(epoxi_process.data_dir)
 
@@ -271,7 +214,7 @@ async def test_thousand_concurrent_connections(epoxi_process: EpoxiProcess, tmp_
         f"transactions {len(ids)} x 250 in {transaction_phase:.2f}s "
         f"(latency {summary(r[1] for r in results if isinstance(r, tuple))}); "
         f"{sum(isinstance(q, str) and q.startswith('221') for q in quits)} x 221; "
-        f"{len(spooled & set(ids))}/{len(ids)} acknowledged ids spooled; {memory}; "
+        f"{len(spooled & set(ids))}/{len(ids)} acknowledged ids spooled; "
         f"errors {errors[:5]}"
     )
     print(f"\n[load] {figures}")
@@ -279,31 +222,28 @@ async def test_thousand_concurrent_connections(epoxi_process: EpoxiProcess, tmp_
     assert greeted == CONNECTIONS and open_sessions >= CONNECTIONS, figures
     assert len(set(ids)) == CONNECTIONS, figures
     assert set(ids) <= spooled, figures
-    assert rss.growth < RSS_GROWTH_LIMIT_MB, figures
 
 
 # --------------------------------------------------------------------- slowloris
 
 SLOW = 300
 TIMEOUT = 3  # idle_timeout and data_timeout of these tests
-DRIBBLE = 6.0  # seconds the slow clients of the first test dribble before they stall
+ORDINARY = 40  # transactions of ordinary clients while the slow ones hold their sessions
 
 
 @dataclass
 class SlowResult:
     kind: str
     sent: int = 0
-    last_byte: float = 0.0
     reply: str = ""
-    closed_at: float | None = None  # when the reply (then EOF) came
     eof: bool = False
     error: str = ""
-    started: float = field(default_factory=time.monotonic)
+    still_dribbling: bool = False  # Epoxi answered before the client had sent everything
 
 
-async def slowloris(port: int, kind: str, i: int, dribble_for: float, wait: float) -> SlowResult:
-    """Dribble one byte a second (an EHLO line, or message data) for ``dribble_for`` seconds
-    or until Epoxi answers; then wait up to ``wait`` seconds for its reply and the close."""
+async def slowloris(port: int, kind: str, i: int) -> SlowResult:
+    """Dribble one byte a second (an EHLO line, or message data without a line end) until
+    Epoxi answers; the payload would last minutes, so only Epoxi's timeout can end it."""
     result = SlowResult(kind)
     try:
         client, banner = await Client.connect(port)
@@ -312,41 +252,65 @@ async def slowloris(port: int, kind: str, i: int, dribble_for: float, wait: floa
         return result
     try:
         assert banner.startswith("220 "), banner
-        if kind == "data":  # a quick envelope, then the message data a byte at a time
-            for line, code in (
-                (f"EHLO slow{i:03d}.test\r\n", "250"),
-                ("MAIL FROM:<slow@remote.test>\r\n", "250"),
-                (f"RCPT TO:<slow{i:03d}@local.test>\r\n", "250"),
-                ("DATA\r\n", "354"),
-            ):
-                answer = await client.command(line.encode())
-                assert answer.startswith(code), (line, answer)
+        if kind == "data":
+            await envelope(client, i)
             payload = b"Subject: slow\r\n\r\n" + b"x" * 10_000
         else:
             payload = f"EHLO slowloris-{i:03d}-".encode() + b"y" * 500
         reply = asyncio.ensure_future(client.reply())
-        deadline = time.monotonic() + dribble_for
         for byte in payload:
-            if reply.done() or time.monotonic() >= deadline:
+            if reply.done():
                 break
             with contextlib.suppress(ConnectionError):
                 client.writer.write(bytes([byte]))
-                await client.writer.drain()
                 result.sent += 1
-                result.last_byte = time.monotonic()
             await asyncio.wait([reply], timeout=1.0)
-        done, _ = await asyncio.wait([reply], timeout=wait)
-        if done and reply.exception() is None:
-            result.reply = reply.result()
-            result.closed_at = time.monotonic()
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                result.eof = await asyncio.wait_for(client.reader.read(), 3) == b""
-        elif done:
-            result.error = repr(reply.exception())
-        else:
-            reply.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await reply
+        result.still_dribbling = result.sent < len(payload)
+        await finish(client, reply, result)
+    except (AssertionError, ConnectionError) as exc:
+        result.error = repr(exc)
+    finally:
+        await client.close()
+    return result
+
+
+async def envelope(client: Client, i: int) -> None:
+    """A quick envelope, up to the 354 that opens the message data."""
+    for line, code in (
+        (f"EHLO slow{i:03d}.test\r\n", "250"),
+        ("MAIL FROM:<slow@remote.test>\r\n", "250"),
+        (f"RCPT TO:<slow{i:03d}@local.test>\r\n", "250"),
+        ("DATA\r\n", "354"),
+    ):
+        answer = await client.command(line.encode())
+        assert answer.startswith(code), (line, answer)
+
+
+async def finish(client: Client, reply: asyncio.Future[str], result: SlowResult) -> None:
+    """Epoxi's reply (it must come), then the end of the connection."""
+    result.reply = await reply
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        result.eof = await asyncio.wait_for(client.reader.read(), 10) == b""
+
+
+async def held_open(port: int, kind: str, i: int, release: asyncio.Event) -> SlowResult:
+    """A slow client that stays within the timeouts (a whole line of message data,
+    or a NOOP, every half second) until ``release``, then stalls until Epoxi's timeout closes the session."""
+    result = SlowResult(kind)
+    client, banner = await Client.connect(port)
+    try:
+        assert banner.startswith("220 "), banner
+        if kind == "data":
+            await envelope(client, i)
+        while not release.is_set():
+            if kind == "data":
+                client.writer.write(b"x" * 20 + b"\r\n")
+            else:
+                assert (await client.command(b"NOOP\r\n")).startswith("250")
+            result.sent += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 0.5)
+        await finish(client, asyncio.ensure_future(client.reply()), result)
     except (AssertionError, ConnectionError) as exc:
         result.error = repr(exc)
     finally:
@@ -355,28 +319,25 @@ async def slowloris(port: int, kind: str, i: int, dribble_for: float, wait: floa
 
 
 def slow_figures(results: list[SlowResult]) -> str:
-    closed = [r for r in results if r.closed_at is not None]
-    timed_out = [r for r in closed if r.reply.startswith("421 4.4.2") and r.eof]
-    after_last = [r.closed_at - r.last_byte for r in timed_out if r.closed_at and r.last_byte]
-    after_connect = [r.closed_at - r.started for r in timed_out if r.closed_at]
+    cut = [r for r in results if r.reply.startswith("421 4.4.2") and r.eof]
     kinds = sorted({r.kind for r in results})
     return (
-        f"{len(results)} slow connections ({', '.join(kinds)}): {len(timed_out)} closed with "
-        f"421 4.4.2 + EOF, {len(closed) - len(timed_out)} other replies "
-        f"{sorted({r.reply[:40] for r in closed if r not in timed_out})[:3]}, "
-        f"{len(results) - len(closed)} never answered; bytes dribbled per connection "
-        f"max {max((r.sent for r in results), default=0)}; closed after last byte "
-        f"{summary(after_last)}; closed after connect {summary(after_connect)}; "
+        f"{len(results)} slow connections ({', '.join(kinds)}): {len(cut)} closed with "
+        f"421 4.4.2 + EOF, other replies "
+        f"{sorted({r.reply[:40] for r in results if r not in cut})[:3]}; lines or bytes sent "
+        f"per connection max {max((r.sent for r in results), default=0)}; "
         f"errors {[r.error for r in results if r.error][:3]}"
     )
 
 
 @pytest.mark.slow
-async def test_slowloris_does_not_starve_ordinary_clients(
+async def test_slow_clients_do_not_starve_ordinary_clients(
     epoxi_process: EpoxiProcess, tmp_path: Path
 ) -> None:
+    """While SLOW slow clients hold sessions open, ordinary clients get every transaction
+    through; once the slow ones stall, each is cut off with 421 and the connection closed."""
     ensure_open_files(SLOW + 1024)
-    pid = await start_epoxi(
+    await start_epoxi(
         epoxi_process,
         tmp_path,
         idle_timeout=TIMEOUT,
@@ -385,64 +346,41 @@ async def test_slowloris_does_not_starve_ordinary_clients(
         max_connections_per_ip=SLOW + 500,
     )
     port = epoxi_process.port
-    rss = RssSampler(pid)
-    rss.start()
-
+    release = asyncio.Event()
     slow = [
-        asyncio.ensure_future(
-            slowloris(port, "command" if i % 2 else "data", i, DRIBBLE, TIMEOUT + 6)
-        )
+        asyncio.ensure_future(held_open(port, "command" if i % 2 else "data", i, release))
         for i in range(SLOW)
     ]
-    await asyncio.sleep(1.5)  # every slow connection is open and dribbling
-    open_sessions = await smtp_sessions(epoxi_process)
+    try:
+        async with asyncio.timeout(60):
+            while await smtp_sessions(epoxi_process) < SLOW:
+                await asyncio.sleep(0.1)  # until every slow client is connected
 
-    stop = threading.Event()
-    latencies: list[float] = []
-    ids: list[str] = []
-    failures: list[str] = []
+        def ordinary(worker: int) -> list[str]:
+            return [send_ordinary(port, f"w{worker}n{n}") for n in range(ORDINARY // 4)]
 
-    def ordinary(worker: int) -> None:
-        n = 0
-        while not stop.is_set():
-            began = time.monotonic()
-            try:
-                ids.append(send_ordinary(port, f"w{worker}n{n}"))
-            except (OSError, smtplib.SMTPException, AssertionError) as exc:
-                failures.append(repr(exc))
-            latencies.append(time.monotonic() - began)
-            n += 1
-
-    workers = [asyncio.ensure_future(asyncio.to_thread(ordinary, w)) for w in range(4)]
-    await asyncio.sleep(DRIBBLE - 2)
-    stop.set()
-    await asyncio.gather(*workers)
-    async with asyncio.timeout(TIMEOUT + 20):
+        batches = await asyncio.gather(*(asyncio.to_thread(ordinary, w) for w in range(4)))
+        held_meanwhile = await smtp_sessions(epoxi_process)
+    finally:
+        release.set()
+    async with asyncio.timeout(TIMEOUT + 60):
         results = await asyncio.gather(*slow)
     sessions_left = await smtp_sessions(epoxi_process)
-    memory = await rss.stop()
     await stop_epoxi(epoxi_process)
     spooled = await spooled_ids(epoxi_process.data_dir)
+    ids = [queue_id for batch in batches for queue_id in batch]
 
     figures = (
-        f"{slow_figures(results)}; Epoxi counted {open_sessions} sessions while dribbling, "
-        f"{sessions_left} at the end (warm-up excluded); ordinary clients: {len(ids)} x 250, "
-        f"latency {summary(latencies)}, failures {failures[:3]}; "
-        f"{len(spooled & set(ids))}/{len(ids)} spooled; {memory}"
+        f"{slow_figures(results)}; Epoxi counted {held_meanwhile} sessions after the ordinary "
+        f"clients, {sessions_left} at the end; ordinary clients: {len(ids)} x 250, "
+        f"{len(spooled & set(ids))}/{len(ids)} spooled"
     )
     print(f"\n[load] {figures}")
-    assert open_sessions >= SLOW, figures
-    assert not failures and len(ids) >= 20, figures
-    assert max(latencies) < 5.0, figures
-    assert set(ids) <= spooled, figures
+    assert len(set(ids)) == ORDINARY and set(ids) <= spooled, figures
+    assert held_meanwhile >= SLOW, figures  # the slow ones were all still there meanwhile
     for r in results:
         assert not r.error and r.reply.startswith("421 4.4.2") and r.eof, (r, figures)
-        assert r.closed_at is not None and r.closed_at - r.last_byte < TIMEOUT + 3, (r, figures)
     assert sessions_left == 0, figures
-    assert rss.growth < RSS_GROWTH_LIMIT_MB, figures
-
-
-ENDLESS = 10.0  # how long the slow clients below keep dribbling, 1 byte a second
 
 
 @pytest.mark.slow
@@ -459,18 +397,15 @@ async def test_slowloris_dribbling_forever_is_cut_off(
         max_connections=SLOW + 500,
         max_connections_per_ip=SLOW + 500,
     )
-    async with asyncio.timeout(ENDLESS + 30):
+    async with asyncio.timeout(TIMEOUT + 60):
         results = await asyncio.gather(
-            *(slowloris(epoxi_process.port, kind, i, ENDLESS, 2) for i in range(SLOW))
+            *(slowloris(epoxi_process.port, kind, i) for i in range(SLOW))
         )
     figures = slow_figures(results)
-    print(f"\n[load] dribbling for up to {ENDLESS:.0f}s with timeouts of {TIMEOUT}s: {figures}")
-    cut = [
-        r
-        for r in results
-        if r.reply.startswith("421 4.4.2") and r.closed_at and r.closed_at - r.started < ENDLESS
-    ]
-    assert len(cut) == SLOW, figures
+    print(f"\n[load] dribbling one byte a second with timeouts of {TIMEOUT}s: {figures}")
+    for r in results:
+        assert not r.error and r.reply.startswith("421 4.4.2") and r.eof, (r, figures)
+        assert r.still_dribbling, (r, figures)  # cut off by Epoxi, not by running out
 
 
 # --------------------------------------------------------------------- one 50 MB message
@@ -511,8 +446,6 @@ async def test_fifty_megabyte_message_is_spooled_and_delivered_intact(
     server.app.admin.suspend("domain", "local.test", "hold until the spool is checked")
     body = big_body()
     digest = hashlib.sha256(body).hexdigest()
-    rss = RssSampler(os.getpid())
-    rss.start()
 
     def send() -> tuple[int, bytes]:
         with smtplib.SMTP("127.0.0.1", server.ports.open, timeout=60) as smtp:
@@ -538,7 +471,6 @@ async def test_fifty_megabyte_message_is_spooled_and_delivered_intact(
     assert server.app.admin.resume("domain", "local.test") == 1
     await relay_sink.wait_for(1, timeout=60)
     delivered = time.monotonic() - started
-    memory = await rss.stop()
     (message,) = relay_sink.messages
     received = message.data
     header = received[: len(received) - len(body)]
@@ -549,7 +481,7 @@ async def test_fifty_megabyte_message_is_spooled_and_delivered_intact(
         f"({len(body) / MiB / accepted:.0f} MiB/s), delivered to the sink {delivered:.2f}s after "
         f"release; spool copy intact {spooled_ok}, sink copy intact {sink_digest == digest} "
         f"(sent {len(body)} octets, sink got {len(received)} incl. {len(header)} octets of "
-        f"Received); test process (Epoxi + sink + client) {memory}"
+        f"Received)"
     )
     print(f"\n[load] {figures}")
     assert spooled_ok, figures

@@ -18,6 +18,7 @@ import pytest
 from epoxi.smtp.replies import Reply
 from epoxi.testing.certs import client_tls_context, make_test_tls_context
 from epoxi.testing.sink import Sink, run_sink
+from tests.conftest import eventually
 
 HOST = "127.0.0.2"
 BODY = b"Subject: t\r\n\r\n.dot line\r\n..two dots\r\nbody\r\n"
@@ -83,6 +84,14 @@ async def sink() -> AsyncIterator[Sink]:
 def smtplib_send(sink: Sink, sender: str, recipients: list[str], body: bytes) -> dict[str, object]:
     with smtplib.SMTP(sink.host, sink.port, local_hostname="client.test", timeout=5) as client:
         return dict(client.sendmail(sender, recipients, body))
+
+
+async def send_as_its_own_read(sink: Sink, raw: Raw, data: bytes) -> None:
+    """Send ``data`` and wait until the sink has read it (this connection's next read)."""
+    record = sink.connection_records[-1]
+    before = record.reads
+    raw.send(data)
+    await eventually(lambda: record.reads > before, what="the sink's read")
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -159,8 +168,7 @@ async def test_one_command_at_a_time_is_one_flight_each(sink: Sink) -> None:
 
 async def test_a_read_ending_inside_a_line_makes_no_flight(sink: Sink) -> None:
     raw = await Raw.open(sink)
-    raw.send(b"MAIL FROM:<a")
-    await asyncio.sleep(0.05)
+    await send_as_its_own_read(sink, raw, b"MAIL FROM:<a")
     raw.send(b"@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
     assert await raw.codes(3) == [250, 250, 354]
     raw.send(b"x\r\n.\r\n")
@@ -174,8 +182,7 @@ async def test_data_ends_only_at_crlf_dot_crlf_even_split_across_reads(sink: Sin
     raw.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
     await raw.codes(3)
     for part in (b"bare\n.\nlf\r\n", b"..stuffed\r\n", b"end\r\n", b".", b"\r\n"):
-        raw.send(part)
-        await asyncio.sleep(0.02)
+        await send_as_its_own_read(sink, raw, part)
     assert await raw.codes(1) == [250]
     await raw.close()
     assert sink.messages[0].data == b"bare\n.\nlf\r\n.stuffed\r\nend\r\n"

@@ -50,17 +50,27 @@ def test_queue_names() -> None:
 
 async def test_due_now_is_released_at_once_and_later_when_due() -> None:
     clock, released = Clock(), []
-    scheduler = Scheduler(released.append, clock=clock)
-    now_job, later_job = make_job(), make_job(due=1005.0)
+    second = asyncio.Event()
+
+    def release(job: Job) -> None:
+        released.append(job)
+        if len(released) == 2:
+            second.set()
+
+    scheduler = Scheduler(release, clock=clock)
+    now_job, later_job, last_job = make_job(), make_job(due=1005.0), make_job(due=2000.0)
     scheduler.add(now_job)
     scheduler.add(later_job)
     assert released == [now_job] and scheduler.queues["a.example"].scheduled == 1
     task = asyncio.get_running_loop().create_task(scheduler.run())
-    clock.now = 1006.0
-    scheduler.add(make_job(due=2000.0))  # wakes the timer
-    await asyncio.sleep(0.01)
-    task.cancel()
+    try:
+        clock.now = 1006.0
+        scheduler.add(last_job)  # wakes the timer, which finds later_job due
+        await asyncio.wait_for(second.wait(), 5)
+    finally:
+        task.cancel()
     assert released == [now_job, later_job]
+    assert list(scheduler.jobs()) == [last_job]  # not due: still waiting
 
 
 def test_suspend_holds_and_resume_releases() -> None:

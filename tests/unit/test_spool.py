@@ -27,6 +27,7 @@ from epoxi.message import MessageMeta
 from epoxi.spool import Spool
 from epoxi.spool.records import encode_meta
 from epoxi.spool.sqlite import SCHEMA_VERSION
+from tests.conftest import eventually
 
 
 def meta(n: int = 0) -> MessageMeta:
@@ -114,7 +115,7 @@ async def test_a_cancelled_store_is_still_committed(spool: Spool) -> None:
     m = meta()
     with writer_blocked(spool.path):
         task = asyncio.create_task(spool.store(m, b"x"))
-        await asyncio.sleep(0.01)
+        await eventually(lambda: spool.pending == 1, what="the store queued")
         task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -290,10 +291,9 @@ async def test_close_drains_pending_work(tmp_path: Path) -> None:
     metas = [meta(i) for i in range(100)]
     with writer_blocked(spool.path):
         stores = [asyncio.create_task(spool.store(m, b"x")) for m in metas]
-        await asyncio.sleep(0.01)  # all queued behind the blocked writer
-        assert spool.pending == 100
+        await eventually(lambda: spool.pending == 100, what="all queued behind the writer")
         closing = asyncio.create_task(spool.close())
-        await asyncio.sleep(0.01)
+        await eventually(lambda: spool.unhealthy_reason() == "spool closed", what="closing")
     await closing
     await asyncio.gather(*stores)
     assert spool.committed == 100 and spool.pending == 0
