@@ -80,6 +80,33 @@ async def test_dot_unstuffing_across_reads(make_client: MakeClient, ingest: Memo
     assert body.endswith(b"\r\na\r\nb\r\nc\r\n")
 
 
+@pytest.mark.parametrize("reject", [True, False])
+async def test_nul_in_data_is_refused_unless_allowed(
+    make_client: MakeClient, ingest: MemoryIngest, reject: bool
+) -> None:
+    client = make_client(reject_nul=reject)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+    reply = await client.send("Subject: hi\r\n\r\nnul\x00here\r\n.\r\n")
+    assert codes(reply) == (["554 5.6.0"] if reject else ["250 2.0.0"])
+    assert len(ingest.messages) == (0 if reject else 1)
+    if reject:
+        assert "NUL" in reply
+
+
+@pytest.mark.parametrize("reject", [True, False])
+async def test_nul_in_bdat_is_refused_unless_allowed(
+    make_client: MakeClient, ingest: MemoryIngest, reject: bool
+) -> None:
+    client = make_client(reject_nul=reject)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\n")
+    assert codes(await client.send("BDAT 5\r\nab\x00\r\n")) == ["250 2.0.0"]
+    reply = await client.send("BDAT 4 LAST\r\nok\r\n")
+    assert codes(reply) == (["554 5.6.0"] if reject else ["250 2.0.0"])
+    assert len(ingest.messages) == (0 if reject else 1)
+
+
 async def test_relay_denied_for_untrusted_unauthenticated(
     make_client: MakeClient, ingest: MemoryIngest
 ) -> None:

@@ -91,6 +91,7 @@ class Transaction:
     too_big: bool = False
     long_line: bool = False
     bad_endings: bool = False
+    has_nul: bool = False
     at_line_start: bool = True
     line_run: int = 0  # BDAT: octets of the line in progress, which may span chunks
 
@@ -660,6 +661,8 @@ class SmtpSession(asyncio.Protocol):
         if self.ctx.settings.reject_bare_cr_lf and not txn.bad_endings:
             crlf = chunk.count(b"\r\n")
             txn.bad_endings = chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf
+        if self.ctx.settings.reject_nul and not txn.has_nul:
+            txn.has_nul = b"\x00" in chunk  # one C scan per chunk, as for CR and LF
         limit = self.ctx.settings.max_line_length
         if not txn.long_line and length > limit:
             txn.long_line = max(map(len, chunk.split(b"\r\n"))) + 2 > limit
@@ -697,6 +700,8 @@ class SmtpSession(asyncio.Protocol):
             return replies.MESSAGE_TOO_BIG
         if txn.bad_endings:
             return replies.BAD_LINE_ENDINGS
+        if txn.has_nul:
+            return replies.NUL_IN_DATA
         if txn.long_line:
             return replies.LINE_TOO_LONG
         return None
@@ -733,6 +738,9 @@ class SmtpSession(asyncio.Protocol):
         elif self.ctx.settings.reject_bare_cr_lf and _bare_cr_or_lf(txn.parts):
             self.txn = Transaction()
             self._reply(replies.BAD_LINE_ENDINGS)
+        elif self.ctx.settings.reject_nul and any(b"\x00" in part for part in txn.parts):
+            self.txn = Transaction()
+            self._reply(replies.NUL_IN_DATA)
         else:
             self._commit(txn.parts)
 
