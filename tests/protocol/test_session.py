@@ -150,6 +150,27 @@ async def test_authenticated_user_may_relay_plain(make_client: MakeClient) -> No
     assert codes(reply) == ["250 2.1.0", "250 2.1.5"]
 
 
+@pytest.mark.parametrize("ignore", [False, True])
+async def test_auth_plain_as_another_identity_is_refused_unless_ignored(
+    make_client: MakeClient, ignore: bool
+) -> None:
+    client = make_client(auth_ignore_authzid=ignore)
+    await client.ehlo()
+    token = base64.b64encode(b"bob\0alice\0s3cret").decode()
+    reply = await client.send(f"AUTH PLAIN {token}\r\n")
+    assert codes(reply) == (["235 2.7.0"] if ignore else ["535 5.7.8"])
+    assert client.session.auth_user == ("alice" if ignore else "")
+    relayed = await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n")
+    assert codes(relayed) == ["250 2.1.0", "250 2.1.5" if ignore else "550 5.7.1"]
+
+
+async def test_auth_plain_with_the_user_as_identity_is_accepted(make_client: MakeClient) -> None:
+    client = make_client()
+    await client.ehlo()
+    token = base64.b64encode(b"alice\0alice\0s3cret").decode()
+    assert codes(await client.send(f"AUTH PLAIN {token}\r\n")) == ["235 2.7.0"]
+
+
 async def test_auth_login_in_steps(make_client: MakeClient) -> None:
     client = make_client()
     await client.ehlo()

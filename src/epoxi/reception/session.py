@@ -573,6 +573,11 @@ class SmtpSession(asyncio.Protocol):
         except auth.SaslError:
             self._error(replies.SYNTAX_ERROR)
             return
+        if credentials.acts_as_other and not self.ctx.settings.auth_ignore_authzid:
+            # Refused before the password is checked: nothing is learnt about it.
+            log.info("[%s] AUTH PLAIN as another identity refused", self.peer_ip)
+            self._error(replies.AUTHZID_REFUSED)
+            return
         self._check_credentials(credentials)
 
     def _sasl_login_user(self, response: str) -> None:
