@@ -794,7 +794,9 @@ RCPT_OPTIONS = [
     RcptOption("TO:<c@elsewhere.test>", recipient="c@elsewhere.test", relays=True),
     RcptOption("TO:<x%y@local.test>", recipient="x%y@local.test", relays=True),
     RcptOption("TO:<ü@local.test>", recipient="ü@local.test", utf8=True),
-    RcptOption("TO:<b@local.test> NOTIFY=NEVER", "555 5.5.4"),
+    RcptOption("TO:<b@local.test> NOTIFY=NEVER", recipient="b@local.test"),
+    RcptOption("TO:<b@local.test> NOTIFY=NEVER,DELAY", "501 5.5.4"),
+    RcptOption("TO:<b@local.test> BOGUS", "555 5.5.4"),
     RcptOption("TO:b@local.test", "501 5.5.4"),
     RcptOption("TO:<@local.test>", "553 5.1.3"),
 ]

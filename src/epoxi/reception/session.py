@@ -27,8 +27,11 @@ from epoxi.smtp.parser import (
     Mailbox,
     is_ascii_number,
     parse_command,
+    parse_dsn_envid,
+    parse_dsn_ret,
     parse_mail,
     parse_rcpt,
+    parse_rcpt_dsn,
     parse_size_param,
 )
 from epoxi.smtp.replies import Reply
@@ -94,6 +97,11 @@ class Transaction:
     has_nul: bool = False
     at_line_start: bool = True
     line_run: int = 0  # BDAT: octets of the line in progress, which may span chunks
+    # RFC 3461, as given (decoded); left empty or None when absent, as MessageMeta has them
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    dsn_notify: dict[str, str] | None = None
+    dsn_orcpt: dict[str, str] | None = None
 
 
 class SmtpSession(asyncio.Protocol):
@@ -333,6 +341,7 @@ class SmtpSession(asyncio.Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "DSN",
         ]
         if self.ctx.tls_context is not None and not self.tls_active:
             exts.append("STARTTLS")
@@ -376,6 +385,10 @@ class SmtpSession(asyncio.Protocol):
                 txn.body_8bit = value.upper() == "8BITMIME"
             elif key == "SMTPUTF8" and value is None:
                 txn.smtputf8 = True
+            elif key == "RET":
+                txn.dsn_ret = parse_dsn_ret(value)
+            elif key == "ENVID":
+                txn.dsn_envid = parse_dsn_envid(value)
             elif key != "AUTH":  # RFC 4954 AUTH= is accepted and ignored
                 raise CommandError(replies.PARAM_NOT_RECOGNIZED)
 
@@ -383,8 +396,7 @@ class SmtpSession(asyncio.Protocol):
         if not self.txn.has_sender:
             raise CommandError(replies.NEED_MAIL)
         args = parse_rcpt(arg)
-        if args.params:
-            raise CommandError(replies.PARAM_NOT_RECOGNIZED)
+        notify, orcpt = parse_rcpt_dsn(args.params) if args.params else (None, None)
         mailbox = args.recipient
         if not mailbox.is_ascii and not self.txn.smtputf8:
             raise CommandError(replies.NEEDS_SMTPUTF8)
@@ -398,8 +410,20 @@ class SmtpSession(asyncio.Protocol):
         if denial is not None:
             log.info("[%s] relay denied to %s", self.peer_ip, mailbox)
             raise CommandError(denial)
-        self.txn.recipients.append(str(mailbox) if mailbox.domain else "postmaster")
+        recipient = str(mailbox) if mailbox.domain else "postmaster"
+        self.txn.recipients.append(recipient)
+        if notify is not None or orcpt is not None:
+            self._keep_rcpt_dsn(recipient, notify, orcpt)
         self._reply(replies.RECIPIENT_OK)
+
+    def _keep_rcpt_dsn(self, recipient: str, notify: str | None, orcpt: str | None) -> None:
+        txn = self.txn
+        if notify is not None:
+            txn.dsn_notify = txn.dsn_notify or {}
+            txn.dsn_notify[recipient] = notify
+        if orcpt is not None:
+            txn.dsn_orcpt = txn.dsn_orcpt or {}
+            txn.dsn_orcpt[recipient] = orcpt
 
     def smtp_DATA(self, arg: str) -> None:
         if arg:
@@ -797,6 +821,10 @@ class SmtpSession(asyncio.Protocol):
             auth_user=self.auth_user,
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
+            dsn_ret=txn.dsn_ret,
+            dsn_envid=txn.dsn_envid,
+            dsn_notify=txn.dsn_notify,
+            dsn_orcpt=txn.dsn_orcpt,
         )
         self._busy = True
         asyncio.get_running_loop().create_task(self._store(meta, body))
