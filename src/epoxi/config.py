@@ -115,8 +115,12 @@ class SmtpSettings(_Model):
     idle_timeout: Duration = 300.0  # waiting for a command (RFC 5321 §4.5.3.2.7: 5 min)
     data_timeout: Duration = 180.0  # waiting for the next DATA/BDAT block
     reject_bare_cr_lf: bool = True  # 554 5.6.0 for bare CR or LF in DATA (smuggling defence)
+    reject_nul: bool = True  # 554 5.6.0 for NUL in DATA or BDAT (RFC 5321 §4.1.4 forbids it)
     auth_max_failures: int = Field(5, ge=1)  # per client IP within auth_failure_window
     auth_failure_window: Duration = 300.0
+    # AUTH PLAIN naming an authorization identity other than the user: refused with 535 5.7.8
+    # (there is no proxy authorization to grant it); true accepts it and ignores the identity.
+    auth_ignore_authzid: bool = False
     tls_cert: Path | None = None  # PEM; a self-signed pair is generated in data_dir if unset
     tls_key: Path | None = None
     banner: str = "ESMTP Epoxi"

@@ -80,6 +80,33 @@ async def test_dot_unstuffing_across_reads(make_client: MakeClient, ingest: Memo
     assert body.endswith(b"\r\na\r\nb\r\nc\r\n")
 
 
+@pytest.mark.parametrize("reject", [True, False])
+async def test_nul_in_data_is_refused_unless_allowed(
+    make_client: MakeClient, ingest: MemoryIngest, reject: bool
+) -> None:
+    client = make_client(reject_nul=reject)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+    reply = await client.send("Subject: hi\r\n\r\nnul\x00here\r\n.\r\n")
+    assert codes(reply) == (["554 5.6.0"] if reject else ["250 2.0.0"])
+    assert len(ingest.messages) == (0 if reject else 1)
+    if reject:
+        assert "NUL" in reply
+
+
+@pytest.mark.parametrize("reject", [True, False])
+async def test_nul_in_bdat_is_refused_unless_allowed(
+    make_client: MakeClient, ingest: MemoryIngest, reject: bool
+) -> None:
+    client = make_client(reject_nul=reject)
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\n")
+    assert codes(await client.send("BDAT 5\r\nab\x00\r\n")) == ["250 2.0.0"]
+    reply = await client.send("BDAT 4 LAST\r\nok\r\n")
+    assert codes(reply) == (["554 5.6.0"] if reject else ["250 2.0.0"])
+    assert len(ingest.messages) == (0 if reject else 1)
+
+
 async def test_relay_denied_for_untrusted_unauthenticated(
     make_client: MakeClient, ingest: MemoryIngest
 ) -> None:
@@ -121,6 +148,27 @@ async def test_authenticated_user_may_relay_plain(make_client: MakeClient) -> No
     assert codes(await client.send(f"AUTH PLAIN {token}\r\n")) == ["235 2.7.0"]
     reply = await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n")
     assert codes(reply) == ["250 2.1.0", "250 2.1.5"]
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+async def test_auth_plain_as_another_identity_is_refused_unless_ignored(
+    make_client: MakeClient, ignore: bool
+) -> None:
+    client = make_client(auth_ignore_authzid=ignore)
+    await client.ehlo()
+    token = base64.b64encode(b"bob\0alice\0s3cret").decode()
+    reply = await client.send(f"AUTH PLAIN {token}\r\n")
+    assert codes(reply) == (["235 2.7.0"] if ignore else ["535 5.7.8"])
+    assert client.session.auth_user == ("alice" if ignore else "")
+    relayed = await client.send("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n")
+    assert codes(relayed) == ["250 2.1.0", "250 2.1.5" if ignore else "550 5.7.1"]
+
+
+async def test_auth_plain_with_the_user_as_identity_is_accepted(make_client: MakeClient) -> None:
+    client = make_client()
+    await client.ehlo()
+    token = base64.b64encode(b"alice\0alice\0s3cret").decode()
+    assert codes(await client.send(f"AUTH PLAIN {token}\r\n")) == ["235 2.7.0"]
 
 
 async def test_auth_login_in_steps(make_client: MakeClient) -> None:

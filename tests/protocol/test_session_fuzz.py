@@ -584,6 +584,11 @@ smuggle_payloads = st.lists(
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
 
 
+def refused_octets(content: bytes) -> bool:
+    """Bare CR or LF, or NUL: what the session refuses with both switches on."""
+    return has_bare_cr_lf(content) or b"\x00" in content
+
+
 def check_one_legitimate_message(h: Harness, content: bytes) -> None:
     ((meta, body),) = h.ingest.messages
     assert (meta.sender, meta.recipients) == ("a@x.test", ["b@y.test"])
@@ -599,8 +604,8 @@ def test_data_smuggling_never_gives_a_second_envelope(
     assume(end_of_data(message) == len(message))
     chunks, settle = data.draw(deliveries(ENVELOPE + b"DATA\r\n" + message + b"NOOP\r\nQUIT\r\n"))
     content = message[:-3]
-    refused = reject and has_bare_cr_lf(content)
-    with harness(peer=TRUSTED, reject_bare_cr_lf=reject) as h:
+    refused = reject and refused_octets(content)
+    with harness(peer=TRUSTED, reject_bare_cr_lf=reject, reject_nul=reject) as h:
         got = statuses(h.feed(chunks, settle))
         outcome = "554 5.6.0" if refused else "250 2.0.0"
         assert got == [
@@ -631,8 +636,8 @@ def test_bdat_smuggling_never_gives_a_second_envelope(
     stream = ENVELOPE + b"".join(blocks) + b"NOOP\r\nQUIT\r\n"
     chunks, settle = data.draw(deliveries(stream))
     content = b"".join(chunks_)
-    refused = reject and has_bare_cr_lf(content)
-    with harness(peer=TRUSTED, reject_bare_cr_lf=reject) as h:
+    refused = reject and refused_octets(content)
+    with harness(peer=TRUSTED, reject_bare_cr_lf=reject, reject_nul=reject) as h:
         replies = parse_replies(h.feed(chunks, settle))
         sizes = [sum(map(len, chunks_[: i + 1])) for i in range(len(chunks_) - 1)]
         assert [r.texts[-1] for r in replies[4:-3]] == [
@@ -657,7 +662,7 @@ def test_known_smuggling_sequences_cut_everywhere(smuggle: bytes) -> None:
             (data_stream, payload + b"\r\n"),
             (bdat_stream, payload + b"\r\n.\r\n"),
         ):
-            outcome = "554 5.6.0" if reject and has_bare_cr_lf(content) else "250 2.0.0"
+            outcome = "554 5.6.0" if reject and refused_octets(content) else "250 2.0.0"
             want = [
                 "220",
                 "250",
@@ -666,7 +671,7 @@ def test_known_smuggling_sequences_cut_everywhere(smuggle: bytes) -> None:
                 *(["354"] if b"DATA" in stream[:60] else []),
             ]
             for cut in range(1, len(stream)):
-                with harness(peer=TRUSTED, reject_bare_cr_lf=reject) as h:
+                with harness(peer=TRUSTED, reject_bare_cr_lf=reject, reject_nul=reject) as h:
                     got = statuses(h.feed([stream[:cut], stream[cut:]], [cut % 2 == 0]))
                     assert got == [*want, outcome, "250 2.0.0"], (stream[:cut], stream[cut:])
                     assert all(meta.sender == "a@x.test" for meta, _ in h.ingest.messages)
@@ -789,7 +794,9 @@ RCPT_OPTIONS = [
     RcptOption("TO:<c@elsewhere.test>", recipient="c@elsewhere.test", relays=True),
     RcptOption("TO:<x%y@local.test>", recipient="x%y@local.test", relays=True),
     RcptOption("TO:<ü@local.test>", recipient="ü@local.test", utf8=True),
-    RcptOption("TO:<b@local.test> NOTIFY=NEVER", "555 5.5.4"),
+    RcptOption("TO:<b@local.test> NOTIFY=NEVER", recipient="b@local.test"),
+    RcptOption("TO:<b@local.test> NOTIFY=NEVER,DELAY", "501 5.5.4"),
+    RcptOption("TO:<b@local.test> BOGUS", "555 5.5.4"),
     RcptOption("TO:b@local.test", "501 5.5.4"),
     RcptOption("TO:<@local.test>", "553 5.1.3"),
 ]
@@ -901,18 +908,22 @@ class Model:
     def end_of_data(self, content: bytes) -> list[Expected]:
         lines = content.split(b"\r\n")[:-1]
         long = [line for line in lines if len(line) + 2 > 1000]
-        bad_short = self.reject_bare and any(has_bare_cr_lf(x) for x in lines if x not in long)
-        bad_long = self.reject_bare and any(has_bare_cr_lf(x) for x in long)
+        bad_short = any(self.refused_octets(x) for x in lines if x not in long)
+        bad_long = any(self.refused_octets(x) for x in long)
         if len(content) > MAX_SIZE:
             outcome: Expected = "552 5.3.4"
         elif bad_short:
             outcome = "554 5.6.0"
-        elif long:  # a long line may be skipped before its bare CR or LF is seen
+        elif long:  # a long line may be skipped before its bare CR, LF or NUL is seen
             outcome = frozenset({"554 5.6.0", "500 5.5.6"}) if bad_long else "500 5.5.6"
         else:
             return self.commit(unstuff(content))
         self.reset()
         return [outcome]
+
+    def refused_octets(self, content: bytes) -> bool:
+        """A bare CR or LF (when refused), or a NUL (always refused in these tests)."""
+        return (self.reject_bare and has_bare_cr_lf(content)) or b"\x00" in content
 
     def bdat_chunk(self, chunk: bytes, last: bool) -> list[Expected]:
         refusal = self.transaction_refusal() or ("452 4.3.1" if self.unhealthy else None)
@@ -928,7 +939,7 @@ class Model:
             return ["500 5.5.6"]
         if not last:
             return ["250 2.0.0"]
-        if self.reject_bare and has_bare_cr_lf(self.bdat):
+        if self.refused_octets(self.bdat):
             self.reset()
             return ["554 5.6.0"]
         return self.commit(self.bdat)

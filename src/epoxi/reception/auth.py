@@ -69,6 +69,12 @@ class Credentials:
 
     username: str
     password: str = field(repr=False)
+    authzid: str = ""  # SASL PLAIN: the identity to act as; "" means the user itself
+
+    @property
+    def acts_as_other(self) -> bool:
+        """True when the client asks to act as someone other than the user it proves to be."""
+        return bool(self.authzid) and self.authzid != self.username
 
 
 class Authenticator:
@@ -109,7 +115,9 @@ def parse_plain(response: str) -> Credentials:
     if len(parts) != 3 or not parts[1]:
         raise SaslError("PLAIN response must be authzid NUL user NUL password")
     try:
-        return Credentials(parts[1].decode("utf-8"), parts[2].decode("utf-8"))
+        return Credentials(
+            parts[1].decode("utf-8"), parts[2].decode("utf-8"), parts[0].decode("utf-8")
+        )
     except UnicodeDecodeError as exc:
         raise SaslError("PLAIN credentials are not UTF-8") from exc
 

@@ -28,8 +28,11 @@ from epoxi.smtp.parser import (
     Mailbox,
     is_ascii_number,
     parse_command,
+    parse_dsn_envid,
+    parse_dsn_ret,
     parse_mail,
     parse_rcpt,
+    parse_rcpt_dsn,
     parse_size_param,
 )
 from epoxi.smtp.replies import Reply
@@ -91,8 +94,14 @@ class Transaction:
     too_big: bool = False
     long_line: bool = False
     bad_endings: bool = False
+    has_nul: bool = False
     at_line_start: bool = True
     line_run: int = 0  # BDAT: octets of the line in progress, which may span chunks
+    # RFC 3461, as given (decoded); left empty or None when absent, as MessageMeta has them
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    dsn_notify: dict[str, str] | None = None
+    dsn_orcpt: dict[str, str] | None = None
 
 
 class SmtpSession(asyncio.Protocol):
@@ -332,6 +341,7 @@ class SmtpSession(asyncio.Protocol):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "DSN",
         ]
         if self.ctx.tls_context is not None and not self.tls_active:
             exts.append("STARTTLS")
@@ -375,6 +385,10 @@ class SmtpSession(asyncio.Protocol):
                 txn.body_8bit = value.upper() == "8BITMIME"
             elif key == "SMTPUTF8" and value is None:
                 txn.smtputf8 = True
+            elif key == "RET":
+                txn.dsn_ret = parse_dsn_ret(value)
+            elif key == "ENVID":
+                txn.dsn_envid = parse_dsn_envid(value)
             elif key != "AUTH":  # RFC 4954 AUTH= is accepted and ignored
                 raise CommandError(replies.PARAM_NOT_RECOGNIZED)
 
@@ -382,8 +396,7 @@ class SmtpSession(asyncio.Protocol):
         if not self.txn.has_sender:
             raise CommandError(replies.NEED_MAIL)
         args = parse_rcpt(arg)
-        if args.params:
-            raise CommandError(replies.PARAM_NOT_RECOGNIZED)
+        notify, orcpt = parse_rcpt_dsn(args.params) if args.params else (None, None)
         mailbox = args.recipient
         if not mailbox.is_ascii and not self.txn.smtputf8:
             raise CommandError(replies.NEEDS_SMTPUTF8)
@@ -397,8 +410,20 @@ class SmtpSession(asyncio.Protocol):
         if denial is not None:
             log.info("[%s] relay denied to %s", self.peer_ip, mailbox)
             raise CommandError(denial)
-        self.txn.recipients.append(str(mailbox) if mailbox.domain else "postmaster")
+        recipient = str(mailbox) if mailbox.domain else "postmaster"
+        self.txn.recipients.append(recipient)
+        if notify is not None or orcpt is not None:
+            self._keep_rcpt_dsn(recipient, notify, orcpt)
         self._reply(replies.RECIPIENT_OK)
+
+    def _keep_rcpt_dsn(self, recipient: str, notify: str | None, orcpt: str | None) -> None:
+        txn = self.txn
+        if notify is not None:
+            txn.dsn_notify = txn.dsn_notify or {}
+            txn.dsn_notify[recipient] = notify
+        if orcpt is not None:
+            txn.dsn_orcpt = txn.dsn_orcpt or {}
+            txn.dsn_orcpt[recipient] = orcpt
 
     def smtp_DATA(self, arg: str) -> None:
         if arg:
@@ -572,6 +597,11 @@ class SmtpSession(asyncio.Protocol):
         except auth.SaslError:
             self._error(replies.SYNTAX_ERROR)
             return
+        if credentials.acts_as_other and not self.ctx.settings.auth_ignore_authzid:
+            # Refused before the password is checked: nothing is learnt about it.
+            log.info("[%s] AUTH PLAIN as another identity refused", self.peer_ip)
+            self._error(replies.AUTHZID_REFUSED)
+            return
         self._check_credentials(credentials)
 
     def _sasl_login_user(self, response: str) -> None:
@@ -660,6 +690,8 @@ class SmtpSession(asyncio.Protocol):
         if self.ctx.settings.reject_bare_cr_lf and not txn.bad_endings:
             crlf = chunk.count(b"\r\n")
             txn.bad_endings = chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf
+        if self.ctx.settings.reject_nul and not txn.has_nul:
+            txn.has_nul = b"\x00" in chunk  # one C scan per chunk, as for CR and LF
         limit = self.ctx.settings.max_line_length
         if not txn.long_line and length > limit:
             txn.long_line = max(map(len, chunk.split(b"\r\n"))) + 2 > limit
@@ -697,6 +729,8 @@ class SmtpSession(asyncio.Protocol):
             return replies.MESSAGE_TOO_BIG
         if txn.bad_endings:
             return replies.BAD_LINE_ENDINGS
+        if txn.has_nul:
+            return replies.NUL_IN_DATA
         if txn.long_line:
             return replies.LINE_TOO_LONG
         return None
@@ -733,6 +767,9 @@ class SmtpSession(asyncio.Protocol):
         elif self.ctx.settings.reject_bare_cr_lf and _bare_cr_or_lf(txn.parts):
             self.txn = Transaction()
             self._reply(replies.BAD_LINE_ENDINGS)
+        elif self.ctx.settings.reject_nul and any(b"\x00" in part for part in txn.parts):
+            self.txn = Transaction()
+            self._reply(replies.NUL_IN_DATA)
         else:
             self._commit(txn.parts)
 
@@ -784,6 +821,10 @@ class SmtpSession(asyncio.Protocol):
             auth_user=self.auth_user,
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
+            dsn_ret=txn.dsn_ret,
+            dsn_envid=txn.dsn_envid,
+            dsn_notify=txn.dsn_notify,
+            dsn_orcpt=txn.dsn_orcpt,
         )
         self._busy = True
         asyncio.get_running_loop().create_task(self._store(meta, body))

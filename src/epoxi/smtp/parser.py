@@ -1,4 +1,4 @@
-"""Parsing of SMTP command lines, paths and ESMTP parameters (RFC 5321, 6531, 1870, 6152).
+"""Parsing of SMTP command lines, paths and ESMTP parameters (RFC 5321, 6531, 1870, 6152, 3461).
 
 Pure functions over ``bytes``/``str``: no I/O, cheap to test and fuzz. Every failure is a
 :class:`CommandError` carrying the exact reply to send.
@@ -17,6 +17,7 @@ MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF; we allow more fo
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+MAX_ENVID = 100  # RFC 3461 §4.4, octets of the xtext as sent
 
 
 class CommandError(Exception):
@@ -141,8 +142,76 @@ def parse_params(text: str) -> dict[str, str | None]:
         key, eq, value = token.partition("=")
         if not _PARAM_KEYWORD.fullmatch(key) or (eq and not _PARAM_VALUE.fullmatch(value)):
             raise CommandError(replies.SYNTAX_ERROR)
-        params[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in params:  # RFC 3461 §4 says it of its own; no parameter means two things
+            raise CommandError(replies.SYNTAX_ERROR)
+        params[key] = value if eq else None
     return params
+
+
+# ----------------------------------------------------------------- DSN (RFC 3461)
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")  # an RFC 5322 atom
+_NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def decode_xtext(text: str) -> str:
+    """RFC 3461 §4: printable ASCII but "+" and "=", with ``+XX`` (upper-case hex) for others."""
+    if not _XTEXT.fullmatch(text):
+        raise CommandError(replies.SYNTAX_ERROR)
+    if "+" not in text:
+        return text
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_dsn_ret(value: str | None) -> str:
+    """MAIL's ``RET=FULL|HDRS``, upper-cased."""
+    ret = (value or "").upper()
+    if ret not in ("FULL", "HDRS"):
+        raise CommandError(replies.SYNTAX_ERROR)
+    return ret
+
+
+def parse_dsn_envid(value: str | None) -> str:
+    """MAIL's ``ENVID=xtext``, decoded; at most 100 characters as sent."""
+    if not value or len(value) > MAX_ENVID:
+        raise CommandError(replies.SYNTAX_ERROR)
+    return decode_xtext(value)
+
+
+def parse_dsn_notify(value: str | None) -> str:
+    """RCPT's ``NOTIFY=NEVER`` or a list of SUCCESS, FAILURE, DELAY, each once: returned
+    upper-cased, the list in that order (``"SUCCESS,FAILURE"``)."""
+    items = (value or "").upper().split(",")
+    if items == ["NEVER"]:
+        return "NEVER"
+    chosen = set(items)
+    if len(chosen) != len(items) or not chosen <= set(_NOTIFY_ORDER):
+        raise CommandError(replies.SYNTAX_ERROR)  # NEVER with others, unknown, repeated, empty
+    return ",".join(n for n in _NOTIFY_ORDER if n in chosen)
+
+
+def parse_dsn_orcpt(value: str | None) -> str:
+    """RCPT's ``ORCPT=addr-type;xtext``, decoded: ``"rfc822;user@example.com"``."""
+    addr_type, semicolon, address = (value or "").partition(";")
+    if not semicolon or not _ADDR_TYPE.fullmatch(addr_type) or not address:
+        raise CommandError(replies.SYNTAX_ERROR)
+    return f"{addr_type.translate(_ASCII_LOWER)};{decode_xtext(address)}"
+
+
+def parse_rcpt_dsn(params: dict[str, str | None]) -> tuple[str | None, str | None]:
+    """NOTIFY and ORCPT of RCPT (None when not given); any other parameter is refused."""
+    notify = orcpt = None
+    for key, value in params.items():
+        if key == "NOTIFY":
+            notify = parse_dsn_notify(value)
+        elif key == "ORCPT":
+            orcpt = parse_dsn_orcpt(value)
+        else:
+            raise CommandError(replies.PARAM_NOT_RECOGNIZED)
+    return notify, orcpt
 
 
 def parse_path(path: str) -> Mailbox:
