@@ -124,3 +124,39 @@ async def test_a_mail_loop_is_refused_with_554_5_4_6(make_world: MakeWorld) -> N
     code, text = await asyncio.to_thread(deliver)
     assert (code, text.split()[0]) == (554, b"5.4.6")
     assert not [r for r in world.records if r.type is RecordType.RECEPTION]
+
+
+def _send_with_dsn(world: World, mail: str, rcpts: list[tuple[str, str]]) -> None:
+    with smtplib.SMTP("127.0.0.1", world.port, timeout=20) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.has_extn("dsn")
+        smtp.mail("s@sender.test", [mail] if mail else [])
+        for rcpt, options in rcpts:
+            smtp.rcpt(rcpt, [options] if options else [])
+        code, _ = smtp.data(b"Subject: dsn\r\nFrom: s@sender.test\r\n\r\nHi.\r\n")
+        assert code == 250
+
+
+async def test_dsn_extension_end_to_end(make_world: MakeWorld) -> None:
+    """NOTIFY=SUCCESS to a next hop without DSN: a "relayed" DSN; NOTIFY=NEVER: no DSN for a
+    bounce; ENVID and ORCPT come back in the report."""
+    world: World = await make_world()
+    await asyncio.to_thread(
+        _send_with_dsn,
+        world,
+        "RET=HDRS ENVID=batch-27",
+        [
+            ("ok@a.test", "NOTIFY=SUCCESS ORCPT=rfc822;first@origin.test"),
+            ("reject-quiet@a.test", "NOTIFY=NEVER"),
+        ],
+    )
+    await world.wait_records(RecordType.BOUNCE, 1)
+    [dsn] = await world.wait_records(RecordType.RECEPTION, 1, where=lambda r: r.origin == "dsn")
+    await world.wait_records(RecordType.DELIVERY, 2)  # the original, then the DSN to the sender
+    [report] = [
+        m for sink in world.sinks.values() for m in sink.messages if m.rcpt_tos == ["s@sender.test"]
+    ]
+    assert b"Action: relayed" in report.data and b"reject-quiet" not in report.data
+    assert b"Original-Envelope-Id: batch-27" in report.data
+    assert b"Original-Recipient: rfc822; first@origin.test" in report.data
+    assert dsn.recipients == ["s@sender.test"]
