@@ -21,7 +21,6 @@ from epoxi.api.context import ApiContext
 from epoxi.api.server import HttpServer
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, parse_hostport
-from epoxi.delivery.client import ClientTimeouts
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
@@ -80,9 +79,7 @@ class Epoxi:
         self.dispatcher = Dispatcher(
             router=self.router,
             policy=shaping_policy(delivery),
-            transport=SmtpTransport(
-                self.resolver, settings.hostname, ClientTimeouts(**delivery.timeouts.model_dump())
-            ),
+            transport=SmtpTransport(self.resolver, settings.hostname, delivery.timeouts),
             outcomes=self.outcomes,
             suspensions=self.suspensions,
             load_body=self.spool.load_body,

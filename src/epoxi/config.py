@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from epoxi.errors import ConfigError
+from epoxi.shaping.policy import ShapingTls
+from epoxi.shaping.throttle import Rate
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -134,6 +136,9 @@ class SpoolSettings(_Model):
     journal_size_limit: Size = 64 * 1024 * 1024  # the WAL is truncated to this after checkpoints
 
 
+TlsMode = Literal["opportunistic", "required", "disabled", "implicit"]  # of a connection
+
+
 class RelaySettings(_Model):
     """A smarthost that receives all outbound mail."""
 
@@ -141,7 +146,7 @@ class RelaySettings(_Model):
     port: int = Field(25, ge=1, le=65535)
     username: str | None = None
     password: str | None = Field(None, repr=False)
-    tls: Literal["opportunistic", "required", "disabled", "implicit"] = "opportunistic"
+    tls: TlsMode = "opportunistic"
 
 
 class DnsSettings(_Model):
@@ -168,15 +173,13 @@ class ShapingSettings(_Model):
     max_message_rate: str | None = None  # e.g. "100/s", "2000/h"
     max_connection_rate: str | None = None  # new connections, e.g. "10/s"
     max_recipients_per_transaction: int | None = Field(None, ge=1)
-    tls: Literal["opportunistic", "required", "disabled"] | None = None
+    tls: ShapingTls | None = None  # implicit TLS is a property of a route, not of shaping
     tls_verify: bool | None = None
 
     @field_validator("max_message_rate", "max_connection_rate")
     @classmethod
     def _check_rate(cls, value: str | None) -> str | None:
         if value is not None:
-            from epoxi.shaping.throttle import Rate
-
             Rate.parse(value)
         return value
 
@@ -188,7 +191,7 @@ class RouteSettings(_Model):
     hosts: tuple[str, ...]  # host:port, tried in order
     username: str | None = None
     password: str | None = Field(None, repr=False)
-    tls: Literal["opportunistic", "required", "disabled", "implicit"] = "opportunistic"
+    tls: TlsMode = "opportunistic"
     tls_verify: bool = False
     dsn: bool = True  # send DSNs for mail bounced or expired on this route
 
@@ -211,7 +214,12 @@ class SourceSettings(_Model):
 
 
 class TimeoutSettings(_Model):
-    """Delivery client timeouts, one per SMTP phase (seconds or '30s', '5m')."""
+    """Delivery client timeouts, one per SMTP phase (seconds or '30s', '5m'); Postfix-like.
+
+    ``connect`` covers the TCP connection (and the handshake, for implicit TLS); ``starttls``
+    covers the STARTTLS reply and then the handshake; ``data_end`` starts once the whole
+    message is handed to the transport, so it also covers sending it.
+    """
 
     connect: Duration = 30.0
     banner: Duration = 300.0

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from epoxi.delivery.client import ClientAuth, ClientTimeouts, DsnEnvelope, SmtpClient, TlsPolicy
+from epoxi.config import TimeoutSettings
+from epoxi.delivery.client import ClientAuth, DsnEnvelope, SmtpClient, TlsPolicy
 from epoxi.errors import ConnectionFailed, ProtocolError
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
@@ -456,7 +457,7 @@ async def test_helo_when_ehlo_is_refused() -> None:
 
 async def test_phase_timeout_names_the_phase() -> None:
     async with Sink(HOST, slow_delay=2) as sink:
-        client = await connect(sink, timeouts=ClientTimeouts(data_end=0.3))
+        client = await connect(sink, timeouts=TimeoutSettings(data_end=0.3))
         with pytest.raises(ConnectionFailed, match="timeout waiting for the data-end reply"):
             await client.send("a@x.test", ["slow-b@y.test"], BODY)
         assert not client.is_usable
@@ -469,7 +470,7 @@ async def test_banner_timeout() -> None:
 
     async with scripted(silent) as port:
         with pytest.raises(ConnectionFailed, match="timeout waiting for the banner reply"):
-            await connect_to(port, timeouts=ClientTimeouts(banner=0.2))
+            await connect_to(port, timeouts=TimeoutSettings(banner=0.2))
 
 
 async def test_connection_dropped_mid_data(sink: Sink) -> None:

@@ -28,8 +28,9 @@ import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import cast
 
+from epoxi.config import TimeoutSettings, TlsMode
 from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
 from epoxi.message import MessageMeta
 from epoxi.smtp.client_parse import (
@@ -44,7 +45,6 @@ from epoxi.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 
-TlsMode = Literal["opportunistic", "required", "disabled", "implicit"]
 
 NO_SMTPUTF8 = Reply(553, "5.6.7", "remote server does not support SMTPUTF8")
 TOO_BIG_FOR_REMOTE = Reply(552, "5.3.4", "message size exceeds remote limit")
@@ -53,29 +53,8 @@ BAD_RECIPIENT = Reply(553, "5.1.3", "recipient address contains a line break")
 NOT_ATTEMPTED = Reply(451, "4.5.0", "transaction not completed")
 TLS_NOT_OFFERED = Reply(421, "4.7.4", "TLS required but not offered")
 NOT_CONVERTIBLE = "8-bit message to a server without 8BITMIME: conversion required but not possible"
+_DEFAULT_TIMEOUTS = TimeoutSettings()
 _MAX_UNREAD = 1024 * 1024  # octets of replies not yet read before the connection is dropped
-
-
-@dataclass(frozen=True)
-class ClientTimeouts:
-    """Seconds to wait for each reply, one setting per SMTP phase (Postfix-like defaults).
-
-    ``connect`` covers the TCP connection (and the handshake, for implicit TLS); ``starttls``
-    covers the STARTTLS reply and then the handshake; ``data_end`` starts once the whole
-    message is handed to the transport, so it also covers sending it.
-    """
-
-    connect: float = 30.0
-    banner: float = 300.0
-    ehlo: float = 300.0
-    starttls: float = 300.0
-    auth: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data: float = 120.0
-    data_end: float = 600.0
-    rset: float = 60.0
-    quit: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -263,7 +242,7 @@ class SmtpClient:
         self,
         reader: _ReplyReader,
         peer: tuple[str, int],
-        timeouts: ClientTimeouts,
+        timeouts: TimeoutSettings,
         *,
         tls_active: bool,
     ) -> None:
@@ -290,7 +269,7 @@ class SmtpClient:
         source_address: str | None = None,
         tls: TlsPolicy = TlsPolicy(),
         auth: ClientAuth | None = None,
-        timeouts: ClientTimeouts = ClientTimeouts(),
+        timeouts: TimeoutSettings = _DEFAULT_TIMEOUTS,
     ) -> SmtpClient:
         """Connect to ``address:port`` and get the session ready for mail.
 

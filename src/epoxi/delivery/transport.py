@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from epoxi.delivery.client import ClientTimeouts, DsnEnvelope, SmtpClient
+from epoxi.config import TimeoutSettings
+from epoxi.delivery.client import DsnEnvelope, SmtpClient
 from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
@@ -99,7 +100,7 @@ class SmtpConnection:
 class SmtpTransport:
     """SMTP to the destination's hosts, in preference order, each of their addresses in turn."""
 
-    def __init__(self, resolver: Resolver, hostname: str, timeouts: ClientTimeouts) -> None:
+    def __init__(self, resolver: Resolver, hostname: str, timeouts: TimeoutSettings) -> None:
         self._resolver = resolver
         self._hostname = hostname
         self._timeouts = timeouts
