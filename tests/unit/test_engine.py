@@ -393,3 +393,19 @@ async def test_ret_full_returns_the_whole_message(engine: Engine) -> None:
     [dsn] = await engine.dsns(1)
     body = engine.spool.messages[dsn.message_id][1]
     assert b"message/rfc822" in body and b"hello" in body
+
+
+async def test_an_arrival_is_marked_for_the_start_up_load_before_its_commit() -> None:
+    """The load reads committed rows in a thread: it must already know to skip this one."""
+    seen_at_commit: list[bool] = []
+
+    class Watching(MemorySpool):
+        async def store(self, meta: MessageMeta, body: bytes) -> None:
+            seen_at_commit.append(meta.id in (ingest.arrived or set()))
+            await super().store(meta, body)
+
+    ingest = Ingest(spool=Watching(), records=Recorder(), schedule=lambda job: None)
+    ingest.arrived = set()
+    await ingest.accept(_meta(), BODY, trusted=True)
+    await ingest.inject(_meta(), BODY)
+    assert seen_at_commit == [True, True]

@@ -62,11 +62,13 @@ class Ingest:
     async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> None:
         """A message from SMTP. ``trusted``: the client may set control headers."""
         body = await self._prepare(meta, body, trusted=trusted)
+        self._arriving([meta])
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
         """A message Epoxi made itself (a DSN): spooled and queued as it is."""
+        self._arriving([meta])
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
@@ -74,6 +76,7 @@ class Ingest:
         """Messages from the HTTP API (the envelope is the API's: control headers are only
         removed): spooled in one transaction, all or none, then queued."""
         prepared = [(meta, await self._prepare(meta, body, trusted=False)) for meta, body in items]
+        self._arriving([meta for meta, _ in prepared])
         await self.spool.store_many(prepared)
         for meta, body in prepared:
             self._spooled(meta, body)
@@ -99,9 +102,13 @@ class Ingest:
                 Synthetic.TOO_MANY_HOPS.reply(f"{hops} Received: headers, a mail loop?"),
             )
 
-    def _spooled(self, meta: MessageMeta, body: bytes) -> None:
+    def _arriving(self, metas: list[MessageMeta]) -> None:
+        """Mark ids the start-up load must skip, before the commit: the load reads pages in a
+        thread and may see the committed row before this message is queued by its own way."""
         if self.arrived is not None:
-            self.arrived.add(meta.id)
+            self.arrived.update(meta.id for meta in metas)
+
+    def _spooled(self, meta: MessageMeta, body: bytes) -> None:
         self.records.emit(
             Record(
                 type=RecordType.RECEPTION,
