@@ -12,17 +12,25 @@ from typing import Literal
 
 import msgspec
 
+from epoxi.api_types import (
+    Health,
+    JobInfo,
+    MessageDetails,
+    PipelineHealth,
+    Pipelines,
+    ReadyQueueInfo,
+    ScheduledQueueInfo,
+    SuspensionInfo,
+    Totals,
+)
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.ready import ReadyQueue
 from epoxi.events.records import RecordType
-from epoxi.message import MessageMeta
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.scheduled import Scheduler
 from epoxi.queue.suspensions import SuspendKind, Suspension, Suspensions
 from epoxi.spool.port import SpoolPort
-
-SuspendTarget = SuspendKind
 
 
 class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -48,83 +56,6 @@ class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             and (self.queue is None or job.queue == self.queue)
             and (self.id is None or meta.id == self.id)
         )
-
-
-class ScheduledQueueInfo(msgspec.Struct, kw_only=True):
-    name: str
-    domain: str
-    scheduled: int  # waiting for their next attempt (or send_at)
-    held: int  # due but suspended
-    next_due: float | None
-    suspended: str | None  # the reason, when a suspension applies to the whole queue
-
-
-class ReadyQueueInfo(msgspec.Struct, kw_only=True):
-    name: str  # source->site
-    site: str
-    source: str
-    hosts: list[str]
-    queued: int
-    connections: int
-    connection_limit: int
-    connects: int
-    deliveries: int
-    attempts_last_minute: int  # the measured rate: transactions started in the last 60 s
-    max_message_rate: str | None  # the configured limit
-    suspended: str | None
-    suspended_until: float | None
-    last_error: str | None
-    last_error_at: float | None
-
-
-class SuspensionInfo(msgspec.Struct, kw_only=True):
-    target: SuspendTarget
-    value: str
-    reason: str
-    until: float | None
-
-
-class Totals(msgspec.Struct, kw_only=True):
-    scheduled: int
-    held: int
-    ready: int
-    connections: int
-
-
-class Pipelines(msgspec.Struct, kw_only=True):
-    totals: Totals
-    scheduled: list[ScheduledQueueInfo]
-    ready: list[ReadyQueueInfo]
-    suspensions: list[SuspensionInfo]
-
-
-class PipelineHealth(msgspec.Struct, kw_only=True):
-    name: str
-    status: Literal["ok", "suspended", "failing"]
-    queued: int
-    connections: int
-    detail: str | None
-
-
-class Health(msgspec.Struct, kw_only=True):
-    status: Literal["ok", "degraded"]
-    pipelines: list[PipelineHealth]
-
-
-class JobInfo(msgspec.Struct, kw_only=True):
-    domain: str
-    queue: str
-    site: str
-    where: Literal["scheduled", "held", "routing", "ready"]
-    recipients: list[str]
-    attempts: int
-    due: float
-
-
-class MessageDetails(msgspec.Struct, kw_only=True):
-    meta: MessageMeta
-    headers: list[tuple[str, str]]
-    jobs: list[JobInfo]  # empty while a job is on a connection (in flight)
 
 
 class Admin:
@@ -229,7 +160,7 @@ class Admin:
     # ----------------------------------------------------------------- actions
 
     def suspend(
-        self, target: SuspendTarget, value: str, reason: str = "", duration: float | None = None
+        self, target: SuspendKind, value: str, reason: str = "", duration: float | None = None
     ) -> int:
         """Suspend; returns how many ready queues it stopped at once (site and source)."""
         value = value.lower().rstrip(".") if target == "domain" else value
@@ -239,7 +170,7 @@ class Admin:
         )
         return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is not None)
 
-    def resume(self, target: SuspendTarget, value: str) -> int:
+    def resume(self, target: SuspendKind, value: str) -> int:
         """Lift a suspension; returns the held jobs released (ready queues, for a site or
         a source)."""
         value = value.lower().rstrip(".") if target == "domain" else value

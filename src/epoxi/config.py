@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from epoxi.errors import ConfigError
 from epoxi.shaping.policy import ShapingTls
@@ -252,6 +260,18 @@ class DeliverySettings(_Model):
     sources: tuple[SourceSettings, ...] = (SourceSettings(name="default"),)
     timeouts: TimeoutSettings = TimeoutSettings()
     bounce_rules: tuple[Path, ...] = ()  # extra TOML rule files, before the shipped ones
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DeliverySettings:
+        names = [source.name for source in self.sources]
+        if not names:
+            raise ValueError("sources: at least one egress source is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        unknown = sorted(set(self.source_shaping) - set(names))
+        if unknown:
+            raise ValueError(f"source_shaping names no source {unknown}; sources are {names}")
+        return self
 
 
 class ApiSettings(_Model):

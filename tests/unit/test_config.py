@@ -85,3 +85,19 @@ def test_units() -> None:
         parse_duration("5m") == 300 and parse_duration(2) == 2 and parse_duration("250ms") == 0.25
     )
     assert parse_size("25MiB") == 25 * 1024 * 1024 and parse_size("512k") == 512 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[delivery.source_shaping.nope]\nconnection_limit = 2\n", "names no source ['nope']"),
+        ('[[delivery.sources]]\nname = "a"\n[[delivery.sources]]\nname = "a"\n', "unique"),
+        ('[delivery.shaping."x.test"]\ntls = "implicit"\n', "delivery.shaping.x.test.tls"),
+    ],
+)
+def test_sources_and_shaping_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert expected in str(info.value)

@@ -8,17 +8,20 @@ from litestar import Request, Router, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from epoxi.admin import Health, MessageDetails, Pipelines, Selector
+from epoxi.admin import Selector
 from epoxi.api.context import context
-from epoxi.api.models import (
+from epoxi.api.problems import problem_responses
+from epoxi.api_types import (
     BounceResponse,
+    Health,
+    MessageDetails,
+    Pipelines,
     ResumeResponse,
     RetryResponse,
     SelectorIn,
     SuspendRequest,
     SuspendResponse,
 )
-from epoxi.api.problems import problem_responses
 from epoxi.errors import InvalidField
 from epoxi.store.keys import Scope
 

@@ -16,8 +16,8 @@ from epoxi.api.admin_routes import admin_router
 from epoxi.api.auth import authorize
 from epoxi.api.context import ApiContext, context
 from epoxi.api.messages import cancel, send, send_raw, status
-from epoxi.api.models import ReadyStatus, Strict
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
+from epoxi.api_types import ReadyStatus, Strict
 from epoxi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from epoxi.store.keys import Scope
 

@@ -23,8 +23,8 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from epoxi.api.auth import api_key
 from epoxi.api.context import ApiContext, context
-from epoxi.api.models import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
 from epoxi.api.problems import problem_responses
+from epoxi.api_types import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
 from epoxi.compose import Attachment, Composer, Draft, Rendered
 from epoxi.errors import InvalidField
 from epoxi.ids import new_message_id

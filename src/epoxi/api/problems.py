@@ -11,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from epoxi.api.models import Problem
+from epoxi.api_types import Problem
 from epoxi.compose import MessageTooLarge
 from epoxi.errors import InvalidField, MessageRefused, SpoolUnavailable
 

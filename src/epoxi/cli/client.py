@@ -1,12 +1,32 @@
-"""A small client of Epoxi's HTTP API for the CLI: one method per call, errors made readable."""
+"""A small client of Epoxi's HTTP API for the CLI: one method per call, errors made readable.
+
+Replies are decoded into the daemon's own types (``epoxi.api_types``), so the CLI and the
+daemon agree on every field by construction.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import msgspec
 
+from epoxi.api_types import (
+    BounceResponse,
+    Health,
+    MessageDetails,
+    Pipelines,
+    ResumeResponse,
+    RetryResponse,
+    SelectorIn,
+    SendResponse,
+    SuspendRequest,
+    SuspendResponse,
+)
 from epoxi.errors import EpoxiError
+from epoxi.store.status import MessageStatus
+
+T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 
@@ -58,41 +78,51 @@ class ApiClient:
             return reply.json()
         return reply.text
 
+    def typed(self, kind: type[T], method: str, path: str, **options: Any) -> T:
+        """A call whose JSON reply is decoded into ``kind``, one of the daemon's own types."""
+        reply = self.call(method, path, **options)
+        try:
+            return msgspec.convert(reply, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ApiCallError(f"unexpected reply from {self.url}{path}: {exc}") from exc
+
     # ----------------------------------------------------------------- calls
 
-    def send(self, request: dict[str, Any], idempotency_key: str | None = None) -> Any:
+    def send(self, request: dict[str, Any], idempotency_key: str | None = None) -> SendResponse:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self.call("POST", "/messages", json=request, headers=headers)
+        return self.typed(SendResponse, "POST", "/messages", json=request, headers=headers)
 
-    def send_raw(self, request: dict[str, Any], idempotency_key: str | None = None) -> Any:
+    def send_raw(self, request: dict[str, Any], idempotency_key: str | None = None) -> SendResponse:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self.call("POST", "/messages/raw", json=request, headers=headers)
+        return self.typed(SendResponse, "POST", "/messages/raw", json=request, headers=headers)
 
-    def status(self, message_id: str) -> Any:
-        return self.call("GET", f"/messages/{message_id}")
+    def status(self, message_id: str) -> MessageStatus:
+        return self.typed(MessageStatus, "GET", f"/messages/{message_id}")
 
-    def pipelines(self, routing_key: str | None = None) -> Any:
-        return self.call(
-            "GET", f"/admin/pipelines/{routing_key}" if routing_key else "/admin/pipelines"
-        )
+    def pipelines(self, routing_key: str | None = None) -> Pipelines:
+        path = f"/admin/pipelines/{routing_key}" if routing_key else "/admin/pipelines"
+        return self.typed(Pipelines, "GET", path)
 
-    def health(self) -> Any:
-        return self.call("GET", "/admin/pipelines/health")
+    def health(self) -> Health:
+        return self.typed(Health, "GET", "/admin/pipelines/health")
 
-    def suspend(self, target: dict[str, Any]) -> Any:
-        return self.call("POST", "/admin/suspend", json=target)
+    def suspend(self, request: SuspendRequest) -> SuspendResponse:
+        body = msgspec.to_builtins(request)
+        return self.typed(SuspendResponse, "POST", "/admin/suspend", json=body)
 
-    def resume(self, target: dict[str, str]) -> Any:
-        return self.call("DELETE", "/admin/suspend", params=target)
+    def resume(self, target: dict[str, str]) -> ResumeResponse:
+        return self.typed(ResumeResponse, "DELETE", "/admin/suspend", params=target)
 
-    def bounce(self, selector: dict[str, Any]) -> Any:
-        return self.call("POST", "/admin/bounce", json=selector)
+    def bounce(self, selector: SelectorIn) -> BounceResponse:
+        body = msgspec.to_builtins(selector)
+        return self.typed(BounceResponse, "POST", "/admin/bounce", json=body)
 
-    def retry(self, selector: dict[str, Any]) -> Any:
-        return self.call("POST", "/admin/retry", json=selector)
+    def retry(self, selector: SelectorIn) -> RetryResponse:
+        body = msgspec.to_builtins(selector)
+        return self.typed(RetryResponse, "POST", "/admin/retry", json=body)
 
-    def admin_message(self, message_id: str) -> Any:
-        return self.call("GET", f"/admin/messages/{message_id}")
+    def admin_message(self, message_id: str) -> MessageDetails:
+        return self.typed(MessageDetails, "GET", f"/admin/messages/{message_id}")
 
 
 def _describe(reply: httpx.Response) -> str:

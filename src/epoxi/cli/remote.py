@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from epoxi.api_types import Pipelines, Queued, SelectorIn, SendResponse, SuspendRequest
 from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
 from epoxi.cli.common import PLAIN_HELP
 from epoxi.cli.show import add_row, echo, line, print_json, show, table
@@ -131,12 +132,12 @@ def send(
     if as_json:
         print_json(result)
         return
-    queued = table("id", "recipient", title=f"{result['count']} messages queued")
-    for item in result["messages"][:50]:
-        add_row(queued, item["id"], item["recipient"])
+    queued = table("id", "recipient", title=f"{result.count} messages queued")
+    for item in result.messages[:50]:
+        add_row(queued, item.id, item.recipient)
     show(queued)
-    if result["count"] > 50:
-        line(f"... and {result['count'] - 50} more (use --json for all)")
+    if result.count > 50:
+        line(f"... and {result.count - 50} more (use --json for all)")
 
 
 def _send_eml(
@@ -167,9 +168,9 @@ def _send_csv(
     batch: int,
     extra: dict[str, Any],
     idempotency_key: str | None,
-) -> dict[str, Any]:
+) -> SendResponse:
     rows = list(_csv_rows(path))
-    queued: list[dict[str, str]] = []
+    queued: list[Queued] = []
     with Progress(
         TextColumn("[bold]sending"),
         BarColumn(),
@@ -190,9 +191,9 @@ def _send_csv(
                 **extra,
             }
             key = f"{idempotency_key}-{number}" if idempotency_key else None
-            queued += client.send(request, key)["messages"]
+            queued += client.send(request, key).messages
             progress.advance(task, len(chunk))
-    return {"count": len(queued), "messages": queued}
+    return SendResponse(count=len(queued), messages=queued)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
@@ -246,26 +247,27 @@ def status(
         print_json(found)
         return
     line(
-        found["id"],
-        f" {found['state']}  from <{found['sender']}>  "
-        f"attempts {found['attempts']}  {found['last_response']}",
+        found.id,
+        f" {found.state}  from <{found.sender}>  attempts {found.attempts}  {found.last_response}",
         bold_first=True,
     )
     recipients = table("recipient", "state", "attempts", "last response")
-    for item in found["recipients"]:
-        add_row(
-            recipients, item["recipient"], item["state"], item["attempts"], item["last_response"]
-        )
+    for item in found.recipients:
+        add_row(recipients, item.recipient, item.state, item.attempts, item.last_response)
     show(recipients)
     events = table("time", "event", "recipient", "detail", title="history")
-    for event in found["events"]:
-        response = event.get("response") or {}
-        detail = " ".join(str(v) for v in response.values()) or event.get("reason", "")
+    for event in found.events:
+        response = event.response
+        detail = (
+            " ".join(str(v) for v in (response.code, response.enhanced, response.text) if v)
+            if response
+            else event.reason
+        )
         add_row(
             events,
-            _time(event["timestamp"]),
-            event["type"],
-            event.get("recipient", "") or ",".join(event.get("recipients", [])),
+            _time(event.timestamp),
+            event.type.value,
+            event.recipient or ",".join(event.recipients),
             detail,
         )
     show(events)
@@ -287,6 +289,9 @@ Site = Annotated[str | None, typer.Option(help="A site: the MX host set, as in `
 Tenant = Annotated[str | None, typer.Option(help="A tenant.")]
 Campaign = Annotated[str | None, typer.Option(help="A campaign.")]
 Queue = Annotated[str | None, typer.Option(help="A scheduled queue: campaign:tenant@domain.")]
+Source = Annotated[
+    str | None, typer.Option(help="An egress source (delivery.sources): stops its ready queues.")
+]
 
 
 MessageIds = Annotated[list[str] | None, typer.Option("--id", help="A message id (repeatable).")]
@@ -322,20 +327,18 @@ def queue_show(
         _show_pipelines(client.pipelines(routing_key), as_json)
 
 
-def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
+def _show_pipelines(found: Pipelines, as_json: bool) -> None:
     if as_json:
         print_json(found)
         return
-    totals = found["totals"]
+    totals = found.totals
     line(
-        f"scheduled {totals['scheduled']}  held {totals['held']}  ready {totals['ready']}  "
-        f"connections {totals['connections']}"
+        f"scheduled {totals.scheduled}  held {totals.held}  ready {totals.ready}  "
+        f"connections {totals.connections}"
     )
     scheduled = table("queue", "scheduled", "held", "next due", "suspended", title="scheduled")
-    for q in found["scheduled"]:
-        add_row(
-            scheduled, q["name"], q["scheduled"], q["held"], _time(q["next_due"]), q["suspended"]
-        )
+    for q in found.scheduled:
+        add_row(scheduled, q.name, q.scheduled, q.held, _time(q.next_due), q.suspended)
     show(scheduled)
     ready = table(
         "ready queue",
@@ -347,24 +350,22 @@ def _show_pipelines(found: dict[str, Any], as_json: bool) -> None:
         "last error",
         title="ready",
     )
-    for q in found["ready"]:
+    for r in found.ready:
         add_row(
             ready,
-            q["name"],
-            q["queued"],
-            f"{q['connections']}/{q['connection_limit']}",
-            q["deliveries"],
-            q["attempts_last_minute"],
-            q["suspended"],
-            q["last_error"],
+            r.name,
+            r.queued,
+            f"{r.connections}/{r.connection_limit}",
+            r.deliveries,
+            r.attempts_last_minute,
+            r.suspended,
+            r.last_error,
         )
     show(ready)
-    if found["suspensions"]:
+    if found.suspensions:
         suspensions = table("target", "value", "reason", "until", title="suspensions")
-        for s in found["suspensions"]:
-            add_row(
-                suspensions, s["target"], s["value"], s["reason"], _time(s["until"]) or "resumed"
-            )
+        for s in found.suspensions:
+            add_row(suspensions, s.target, s.value, s.reason, _time(s.until) or "resumed")
         show(suspensions)
 
 
@@ -375,6 +376,7 @@ def queue_suspend(
     tenant: Tenant = None,
     campaign: Campaign = None,
     queue: Queue = None,
+    source: Source = None,
     reason: Annotated[str, typer.Option(help="Why; shown in records and `queue ls`.")] = "",
     duration: Annotated[
         str | None, typer.Option(help="How long, e.g. 30m or 2h; default: until resumed.")
@@ -383,24 +385,22 @@ def queue_suspend(
     key: Key = None,
     as_json: AsJson = False,
 ) -> None:
-    """Hold mail for one domain, site, tenant, campaign or queue."""
-    body: dict[str, Any] = _selector(
-        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue
+    """Hold mail for one domain, site, source, tenant, campaign or queue."""
+    target = _selector(
+        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue, source=source
     )
-    if reason:
-        body["reason"] = reason
-    if duration:
-        try:
-            body["duration"] = parse_duration(duration)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--duration") from exc
+    try:
+        seconds = parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--duration") from exc
+    request = SuspendRequest(**target, reason=reason, duration=seconds)
     with _api(url, key) as client:
-        result = client.suspend(body)
+        result = client.suspend(request)
     if as_json:
         print_json(result)
     else:
-        until = _time(result["until"]) or "resumed"
-        line(f"suspended {result['target']} {result['value']} until {until}")
+        until = _time(result.until) or "resumed"
+        line(f"suspended {result.target} {result.value} until {until}")
 
 
 @queue_app.command("resume")
@@ -410,18 +410,21 @@ def queue_resume(
     tenant: Tenant = None,
     campaign: Campaign = None,
     queue: Queue = None,
+    source: Source = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
     as_json: AsJson = False,
 ) -> None:
     """Lift a suspension (name the same target it was made with)."""
-    target = _selector(domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue)
+    target = _selector(
+        domain=domain, site=site, tenant=tenant, campaign=campaign, queue=queue, source=source
+    )
     with _api(url, key) as client:
         result = client.resume(target)
     if as_json:
         print_json(result)
     else:
-        line(f"resumed {result['target']} {result['value']}: {result['released']} released")
+        line(f"resumed {result.target} {result.value}: {result.released} released")
 
 
 @queue_app.command("bounce")
@@ -472,15 +475,17 @@ def _act_on_selection(
     as_json: bool,
 ) -> None:
     """One call for the target, or one per message id (with a progress bar)."""
-    if reason:
-        target["reason"] = reason
-    selections = [{**target, "id": message_id} for message_id in ids] or [target]
+    selections = [SelectorIn(**target, id=message_id, reason=reason) for message_id in ids] or [
+        SelectorIn(**target, reason=reason)
+    ]
     count_key = "bounced" if action == "bounce" else "retried"
-    call = client.bounce if action == "bounce" else client.retry
     total = 0
     with _progress(action, len(selections)) as advance:
         for selection in selections:
-            total += call(selection)[count_key]
+            if action == "bounce":
+                total += client.bounce(selection).bounced
+            else:
+                total += client.retry(selection).retried
             advance()
     if as_json:
         print_json({count_key: total})
@@ -536,21 +541,11 @@ def queue_message(
     if as_json:
         print_json(found)
         return
-    meta = found["meta"]
-    line(
-        meta["id"], f" from <{meta['sender']}> to {', '.join(meta['recipients'])}", bold_first=True
-    )
-    for name, value in found["headers"]:
+    meta = found.meta
+    line(meta.id, f" from <{meta.sender}> to {', '.join(meta.recipients)}", bold_first=True)
+    for name, value in found.headers:
         line(f"  {name}: {value}")
     jobs = table("domain", "where", "attempts", "due", "queue", "site")
-    for job in found["jobs"]:
-        add_row(
-            jobs,
-            job["domain"],
-            job["where"],
-            job["attempts"],
-            _time(job["due"]),
-            job["queue"],
-            job["site"],
-        )
+    for job in found.jobs:
+        add_row(jobs, job.domain, job.where, job.attempts, _time(job.due), job.queue, job.site)
     show(jobs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -48,7 +49,8 @@ def echo(message: str, err: bool = False) -> None:
 
 def print_json(value: Any) -> None:
     """JSON for scripts: readable non-ASCII, with control and bidi characters escaped."""
-    typer.echo(printable_json(json.dumps(value, indent=2, ensure_ascii=False)))
+    plain = msgspec.to_builtins(value)  # the API's structs, or plain data
+    typer.echo(printable_json(json.dumps(plain, indent=2, ensure_ascii=False)))
 
 
 def show(rendered: Table) -> None:

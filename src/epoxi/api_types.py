@@ -1,15 +1,19 @@
-"""Request and response bodies of the HTTP API (msgspec structs: they are the schema)."""
+"""The HTTP API's types: request and response bodies, and the admin snapshots.
+
+msgspec structs: the daemon serves them (they are the OpenAPI schema) and the CLI decodes
+its replies into the same classes, so both sides agree by construction.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from epoxi.admin import SuspendTarget
-from epoxi.message import LABEL_PATTERN
+from epoxi.message import LABEL_PATTERN, MessageMeta
+from epoxi.queue.suspensions import SuspendKind
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
 Short = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]  # no controls
@@ -104,7 +108,7 @@ class SuspendRequest(Strict):
     reason: Short = ""
     duration: Annotated[float, Meta(gt=0, le=365 * 86400)] | None = None
 
-    def target(self) -> tuple[SuspendTarget, str] | None:
+    def target(self) -> tuple[SuspendKind, str] | None:
         given = [
             (name, value)
             for name, value in (
@@ -121,7 +125,7 @@ class SuspendRequest(Strict):
 
 
 class SuspendResponse(msgspec.Struct, kw_only=True):
-    target: SuspendTarget
+    target: SuspendKind
     value: str
     reason: str
     until: float | None
@@ -129,7 +133,7 @@ class SuspendResponse(msgspec.Struct, kw_only=True):
 
 
 class ResumeResponse(msgspec.Struct, kw_only=True):
-    target: SuspendTarget
+    target: SuspendKind
     value: str
     released: int
 
@@ -166,3 +170,83 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str = ""
     instance: str = ""
     errors: list[dict[str, str]] = msgspec.field(default_factory=list)
+
+
+# --------------------------------------------------------------------- admin snapshots
+
+
+class ScheduledQueueInfo(msgspec.Struct, kw_only=True):
+    name: str
+    domain: str
+    scheduled: int  # waiting for their next attempt (or send_at)
+    held: int  # due but suspended
+    next_due: float | None
+    suspended: str | None  # the reason, when a suspension applies to the whole queue
+
+
+class ReadyQueueInfo(msgspec.Struct, kw_only=True):
+    name: str  # source->site
+    site: str
+    source: str
+    hosts: list[str]
+    queued: int
+    connections: int
+    connection_limit: int
+    connects: int
+    deliveries: int
+    attempts_last_minute: int  # the measured rate: transactions started in the last 60 s
+    max_message_rate: str | None  # the configured limit
+    suspended: str | None
+    suspended_until: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+class SuspensionInfo(msgspec.Struct, kw_only=True):
+    target: SuspendKind
+    value: str
+    reason: str
+    until: float | None
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    scheduled: int
+    held: int
+    ready: int
+    connections: int
+
+
+class Pipelines(msgspec.Struct, kw_only=True):
+    totals: Totals
+    scheduled: list[ScheduledQueueInfo]
+    ready: list[ReadyQueueInfo]
+    suspensions: list[SuspensionInfo]
+
+
+class PipelineHealth(msgspec.Struct, kw_only=True):
+    name: str
+    status: Literal["ok", "suspended", "failing"]
+    queued: int
+    connections: int
+    detail: str | None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["ok", "degraded"]
+    pipelines: list[PipelineHealth]
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    domain: str
+    queue: str
+    site: str
+    where: Literal["scheduled", "held", "routing", "ready"]
+    recipients: list[str]
+    attempts: int
+    due: float
+
+
+class MessageDetails(msgspec.Struct, kw_only=True):
+    meta: MessageMeta
+    headers: list[tuple[str, str]]
+    jobs: list[JobInfo]  # empty while a job is on a connection (in flight)
