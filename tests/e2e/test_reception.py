@@ -288,6 +288,27 @@ async def test_pipelined_replies_come_back_together(make_server: MakeServer) -> 
     assert replies == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End d", "250 2.0.0"]
 
 
+async def test_client_talking_before_the_greeting_is_cut_off(make_server: MakeServer) -> None:
+    server: Running = await make_server()
+
+    def talk() -> tuple[str, str, bytes]:
+        sock = socket.create_connection(("127.0.0.1", server.ports.open), timeout=10)
+        try:
+            sock.sendall(b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\n")
+            file = sock.makefile("rb")
+            greeting = file.readline().decode()
+            while file.readline().startswith(b"250-"):  # the EHLO reply
+                pass
+            return greeting, file.readline().decode(), file.read()
+        finally:
+            sock.close()
+
+    greeting, refusal, rest = await asyncio.to_thread(talk)
+    assert greeting.startswith("220 ")
+    assert refusal == "554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    assert rest == b""  # and the connection is closed
+
+
 @pytest.mark.parametrize(
     "smuggle",
     [
