@@ -137,6 +137,7 @@ class SmtpSession(asyncio.Protocol):
         self._auth_step: Callable[[str], None] | None = None
         self._login_user = ""
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._close_when_idle = False  # shutdown: say 421 once the pending wait is over
         self.closed = asyncio.Event()
 
     # ----------------------------------------------------------------- connection events
@@ -321,6 +322,22 @@ class SmtpSession(asyncio.Protocol):
         if self.state is State.COMMAND and not self._busy and not self.txn.has_sender:
             self._reply(replies.SHUTTING_DOWN)
             self._close()
+
+    def shut_down(self) -> None:
+        """Shutdown, once the grace is over: 421 4.3.2 and close, in the middle of DATA or
+        BDAT too (the client keeps its message and retries: nothing was acknowledged). A
+        session waiting for its commit gets the commit's reply first, then 421, so a 250 is
+        never lost and never sent for a message that is not on disk."""
+        if self.state is State.CLOSED:
+            return
+        if self._busy:
+            self._close_when_idle = True
+            return
+        if self.state in (State.DATA, State.BDAT):
+            log.info("[%s] shutting down in the middle of message data", self.peer_ip)
+            self.txn = Transaction()
+        self._reply(replies.SHUTTING_DOWN)
+        self._close()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -681,6 +698,8 @@ class SmtpSession(asyncio.Protocol):
         self._busy = False
         if self.state is not State.CLOSED:
             self._process()
+        if self._close_when_idle and not self._busy:
+            self.shut_down()
         if self._idle_waiters and not self._busy:
             self._wake_idle()
 
