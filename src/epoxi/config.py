@@ -126,6 +126,9 @@ class SmtpSettings(_Model):
     data_timeout: Duration = 180.0  # waiting for the next DATA/BDAT block
     reject_bare_cr_lf: bool = True  # 554 5.6.0 for bare CR or LF in DATA (smuggling defence)
     reject_nul: bool = True  # 554 5.6.0 for NUL in DATA or BDAT (RFC 5321 §4.1.4 forbids it)
+    # Unauthenticated clients sending ahead where RFC 2920 forbids it (before EHLO, after
+    # EHLO/DATA/NOOP/..., behind the end of data) get 554 5.5.0 and are disconnected.
+    forbid_unauth_pipelining: bool = True
     auth_max_failures: int = Field(5, ge=1)  # per client IP within auth_failure_window
     auth_failure_window: Duration = 300.0
     # AUTH PLAIN naming an authorization identity other than the user: refused with 535 5.7.8

@@ -288,6 +288,27 @@ async def test_pipelined_replies_come_back_together(make_server: MakeServer) -> 
     assert replies == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354 End d", "250 2.0.0"]
 
 
+async def test_client_talking_before_the_greeting_is_cut_off(make_server: MakeServer) -> None:
+    server: Running = await make_server()
+
+    def talk() -> tuple[str, str, bytes]:
+        sock = socket.create_connection(("127.0.0.1", server.ports.open), timeout=10)
+        try:
+            sock.sendall(b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\n")
+            file = sock.makefile("rb")
+            greeting = file.readline().decode()
+            while file.readline().startswith(b"250-"):  # the EHLO reply
+                pass
+            return greeting, file.readline().decode(), file.read()
+        finally:
+            sock.close()
+
+    greeting, refusal, rest = await asyncio.to_thread(talk)
+    assert greeting.startswith("220 ")
+    assert refusal == "554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    assert rest == b""  # and the connection is closed
+
+
 @pytest.mark.parametrize(
     "smuggle",
     [
@@ -439,3 +460,41 @@ async def test_auth_brute_force_is_throttled(make_server: MakeServer) -> None:
 
     replies = [await asyncio.to_thread(attempt) for _ in range(3)]
     assert [r[:9] for r in replies] == ["535 5.7.8", "535 5.7.8", "421 4.7.0"]
+
+
+def open_data(port: int) -> RawClient:
+    """A client in the middle of DATA: the envelope given, 354 read, part of a message sent."""
+    client = RawClient(port)
+    client.command(b"EHLO c.test\r\n")
+    for command in (b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@local.test>\r\n", b"DATA\r\n"):
+        assert client.command(command)[0] in "23", command
+    client.send(b"Subject: half\r\n\r\nhalf a mess")
+    return client
+
+
+async def test_shutdown_in_the_middle_of_data_says_421(make_server: MakeServer) -> None:
+    server: Running = await make_server()
+    client = await asyncio.to_thread(open_data, server.ports.open)
+    try:
+        await server.app.smtp.stop(grace=0.1)  # the client never finishes its message
+        assert (await asyncio.to_thread(client.read_reply)).startswith("421 4.3.2")
+        assert await asyncio.to_thread(client.file.read) == b""  # then closed
+    finally:
+        client.close()
+    assert await server.spooled() == []
+
+
+async def test_message_finished_within_the_shutdown_grace_is_accepted_then_421(
+    make_server: MakeServer,
+) -> None:
+    server: Running = await make_server()
+    client = await asyncio.to_thread(open_data, server.ports.open)
+    try:
+        stopping = asyncio.create_task(server.app.smtp.stop(grace=30))
+        final = await asyncio.to_thread(client.command, b"age\r\n.\r\n")
+        after = await asyncio.to_thread(client.read_reply)
+        await stopping
+    finally:
+        client.close()
+    assert final.startswith("250 2.0.0 Ok: queued as ") and after.startswith("421 4.3.2")
+    assert [m.id for m in await server.spooled()] == [final.split()[-1]]

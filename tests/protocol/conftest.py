@@ -110,7 +110,14 @@ def make_client(ingest: MemoryIngest) -> MakeClient:
         auth_plaintext: bool = True,
         **smtp: Any,
     ) -> Client:
-        settings = SmtpSettings(**{"max_message_size": 10_000, "max_recipients": 5, **smtp})
+        # Most tests pipeline freely to reach the rule they test in one send; the pipelining
+        # rule itself is tested with its default on (test_pipelining.py).
+        defaults = {
+            "max_message_size": 10_000,
+            "max_recipients": 5,
+            "forbid_unauth_pipelining": False,
+        }
+        settings = SmtpSettings(**{**defaults, **smtp})
         ctx = SessionContext(
             hostname="mx.test",
             settings=settings,

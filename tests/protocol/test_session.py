@@ -570,3 +570,39 @@ class SlowAuthenticator:
         await asyncio.to_thread(release.wait)
         self.checked += 1
         return credentials.username == "alice"
+
+
+async def test_shut_down_in_the_middle_of_data_says_421(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client()
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nhalf")
+    client.session.shut_down()
+    assert codes(client.replies()) == ["421 4.3.2"]
+    assert client.transport.closed and not ingest.messages
+
+
+async def test_shut_down_in_the_middle_of_a_bdat_chunk_says_421(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client()
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 10 LAST\r\nhal")
+    client.session.shut_down()
+    assert codes(client.replies()) == ["421 4.3.2"]
+    assert client.transport.closed and not ingest.messages
+
+
+async def test_shut_down_during_a_commit_replies_to_it_first(
+    make_client: MakeClient, ingest: MemoryIngest
+) -> None:
+    client = make_client()
+    await client.ehlo()
+    await client.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+    client.session.data_received(b"hi\r\n.\r\n")  # the commit is now pending
+    client.session.shut_down()
+    assert codes(client.replies()) == []
+    await client.session.wait_idle()
+    assert codes(client.replies()) == ["250 2.0.0", "421 4.3.2"]
+    assert client.transport.closed and len(ingest.messages) == 1

@@ -19,6 +19,7 @@ from epoxi.reception.tls import ensure_self_signed, server_context
 log = logging.getLogger(__name__)
 
 _SWEEP_INTERVAL = 1.0  # seconds between timeout checks
+_LAST_WAIT = 5.0  # after the grace, seconds for pending commits to reply before the abort
 
 
 @dataclass
@@ -123,6 +124,16 @@ class SmtpServer:
             auth_plaintext=listener.auth_plaintext,
         )
 
+    def _open_sessions(self) -> list[SmtpSession]:
+        return [s for b in self._bound for s in b.context.sessions]
+
+    async def _wait_closed(self, timeout: float) -> None:
+        waiters = [asyncio.ensure_future(s.closed.wait()) for s in self._open_sessions()]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            for waiter in pending:
+                waiter.cancel()
+
     async def _sweep_timeouts(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
@@ -132,18 +143,20 @@ class SmtpServer:
                     session.check_timeout(now)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting; let transactions in progress finish for up to ``grace`` seconds."""
+        """Stop accepting; let transactions in progress finish for up to ``grace`` seconds,
+        then say 421 4.3.2 to every session left (after its commit, if one is pending)."""
         for bound in self._bound:
             bound.server.close()
             bound.context.draining = True
             for session in list(bound.context.sessions):
                 session.drain()
-        waiters = [s.closed.wait() for b in self._bound for s in b.context.sessions]
-        if waiters:
-            await asyncio.wait([asyncio.ensure_future(w) for w in waiters], timeout=grace)
-        for bound in self._bound:
-            for session in list(bound.context.sessions):
-                session.abort()
+        await self._wait_closed(grace)
+        for session in self._open_sessions():
+            session.shut_down()
+        await self._wait_closed(_LAST_WAIT)
+        for session in self._open_sessions():
+            log.warning("[%s] aborted at shutdown: its commit did not finish", session.peer_ip)
+            session.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _PAUSE_ABOVE = 1 << 20  # buffered octets while busy before reading is paused
 _BDAT_PROGRESS = 512  # octets in one read of a BDAT chunk that restart the data timeout
 _BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
+# RFC 2920 §3.1: these end a group; nothing may follow them before their reply has been read.
+# STARTTLS is not here: what follows it is discarded (RFC 3207 §4.2), as before.
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "NOOP", "QUIT", "HELP"})
 
 
 class State(enum.Enum):
@@ -134,6 +137,7 @@ class SmtpSession(asyncio.Protocol):
         self._auth_step: Callable[[str], None] | None = None
         self._login_user = ""
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._close_when_idle = False  # shutdown: say 421 once the pending wait is over
         self.closed = asyncio.Event()
 
     # ----------------------------------------------------------------- connection events
@@ -234,6 +238,10 @@ class SmtpSession(asyncio.Protocol):
     def _dispatch(self, line: bytes) -> None:
         try:
             command = parse_command(line)
+        except CommandError as exc:
+            self._error(exc.reply)
+            return
+        try:
             handler = self._commands.get(command.verb)
             if handler is None:
                 self._error(replies.UNKNOWN_COMMAND)
@@ -244,6 +252,27 @@ class SmtpSession(asyncio.Protocol):
                 handler(self, command.arg)
         except CommandError as exc:
             self._error(exc.reply)
+        if self._buf and self._pipelining_forbidden(command.verb):
+            self._lost_sync(command.verb)
+
+    def _pipelining_forbidden(self, verb: str) -> bool:
+        """Whether input already waiting after ``verb`` breaks RFC 2920 (as Postfix's
+        ``smtpd_forbid_unauth_pipelining`` judges it): before EHLO no command may be
+        pipelined, after EHLO none may follow a command that ends a group. Authenticated
+        clients are trusted to know what they do. A command sent before the greeting is
+        only caught when more follows it: telling it apart needs a delayed greeting."""
+        if self.state is not State.COMMAND and self.state is not State.DATA:
+            return False  # closed, a BDAT chunk follows, or STARTTLS/AUTH took the input
+        if not self.ctx.settings.forbid_unauth_pipelining or self.auth_user:
+            return False
+        return not self.esmtp or verb in _LAST_IN_GROUP
+
+    def _lost_sync(self, after: str) -> None:
+        """Refuse a client that talks ahead of its replies; whatever it sent is dropped."""
+        log.info("[%s] improper pipelining after %s", self.peer_ip, after)
+        self.txn = Transaction()
+        self._reply(replies.PIPELINING_FORBIDDEN)
+        self._close()
 
     # ----------------------------------------------------------------- output
 
@@ -293,6 +322,22 @@ class SmtpSession(asyncio.Protocol):
         if self.state is State.COMMAND and not self._busy and not self.txn.has_sender:
             self._reply(replies.SHUTTING_DOWN)
             self._close()
+
+    def shut_down(self) -> None:
+        """Shutdown, once the grace is over: 421 4.3.2 and close, in the middle of DATA or
+        BDAT too (the client keeps its message and retries: nothing was acknowledged). A
+        session waiting for its commit gets the commit's reply first, then 421, so a 250 is
+        never lost and never sent for a message that is not on disk."""
+        if self.state is State.CLOSED:
+            return
+        if self._busy:
+            self._close_when_idle = True
+            return
+        if self.state in (State.DATA, State.BDAT):
+            log.info("[%s] shutting down in the middle of message data", self.peer_ip)
+            self.txn = Transaction()
+        self._reply(replies.SHUTTING_DOWN)
+        self._close()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -653,6 +698,8 @@ class SmtpSession(asyncio.Protocol):
         self._busy = False
         if self.state is not State.CLOSED:
             self._process()
+        if self._close_when_idle and not self._busy:
+            self.shut_down()
         if self._idle_waiters and not self._busy:
             self._wake_idle()
 
@@ -716,6 +763,11 @@ class SmtpSession(asyncio.Protocol):
     def _end_of_data(self) -> None:
         self.state = State.COMMAND
         self.last_activity = self._clock()
+        if self._buf and self._pipelining_after_data():
+            # Commands riding behind the end of data are the shape of SMTP smuggling: the
+            # message is not committed (it was never acknowledged), the client is cut off.
+            self._lost_sync("end of data")
+            return
         txn = self.txn
         refusal = self._data_refusal(txn)
         if refusal is not None:
@@ -723,6 +775,13 @@ class SmtpSession(asyncio.Protocol):
             self._reply(refusal)
             return
         self._commit(txn.parts)
+
+    def _pipelining_after_data(self) -> bool:
+        """Input waiting behind the end of data. A lone QUIT is let through: Exim and others
+        send it with the final dot, and it cannot carry a second message."""
+        if not self.ctx.settings.forbid_unauth_pipelining or self.auth_user:
+            return False
+        return bytes(self._buf).upper() != b"QUIT\r\n"
 
     def _data_refusal(self, txn: Transaction) -> Reply | None:
         if txn.too_big:

@@ -72,6 +72,7 @@ SPOOL_FAILED = Reply(451, "4.3.0", "Could not store the message, try again later
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 
 LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")
+PIPELINING_FORBIDDEN = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
 SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BDAT_BAD_SIZE = Reply(501, "5.5.4", "BDAT needs a chunk size in octets")
