@@ -15,6 +15,7 @@
      |         +-- NullMx       RFC 7505: the domain says it takes no mail
      +-- DeliveryError          talking to a remote server failed
           +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
+          |    +-- MailLoop     the server greeted us with our own name: it is us
           +-- ProtocolError     the server broke the protocol (garbage, early close)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -87,6 +88,10 @@ class DeliveryError(EpoxiError):
 
 class ConnectionFailed(DeliveryError):
     """Connecting, reading the banner or the TLS handshake failed."""
+
+
+class MailLoop(ConnectionFailed):
+    """The server greeted us with our own host name: the mail would loop back to us."""
 
 
 class ProtocolError(DeliveryError):

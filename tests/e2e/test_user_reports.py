@@ -160,3 +160,16 @@ async def test_dsn_extension_end_to_end(make_world: MakeWorld) -> None:
     assert b"Original-Envelope-Id: batch-27" in report.data
     assert b"Original-Recipient: rfc822; first@origin.test" in report.data
     assert dsn.recipients == ["s@sender.test"]
+
+
+async def test_a_server_greeting_us_with_our_own_name_is_a_loop(make_world: MakeWorld) -> None:
+    """A local domain whose MX is this very host would come straight back: bounce 5.4.6, as
+    Postfix's "loops back to myself", and never send (the DSN loops too, and stops there)."""
+    world: World = await make_world(sink_options={"hostname": "mx.test"})  # our own name
+    await send(world, ["x@a.test"])
+    [bounce] = await world.wait_records(
+        RecordType.BOUNCE, 1, where=lambda r: r.recipient == "x@a.test"
+    )
+    assert bounce.response is not None and bounce.response.enhanced == "5.4.6"
+    assert "loops back to myself" in bounce.response.text
+    assert not [m for sink in world.sinks.values() for m in sink.messages]

@@ -251,6 +251,7 @@ class SmtpClient:
         self._timeouts = timeouts
         self._tls_active = tls_active
         self._extensions: dict[str, str] = {}
+        self.greeting_name = ""  # the host name the server gave in its 220 banner
         self._max_size: int | None = None
         self._broken = False
         self._busy = False
@@ -342,6 +343,7 @@ class SmtpClient:
 
     async def _read_banner(self) -> None:
         banner = await self._read("banner", self._timeouts.banner)
+        self.greeting_name = banner.text.split(" ", 1)[0].split("\n", 1)[0]
         if banner.code // 100 != 2:
             self._write_quietly(b"QUIT\r\n")  # RFC 5321 §3.1, best effort
             raise ConnectionFailed(f"{self._reader.label} refused at greeting: {banner}", banner)

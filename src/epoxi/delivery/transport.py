@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from epoxi.config import TimeoutSettings
 from epoxi.delivery.client import DsnEnvelope, SmtpClient
-from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError
+from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError, MailLoop
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
 
@@ -124,10 +124,21 @@ class SmtpTransport:
                     log.info("[%s] %s:%d (%s): %s", destination.site, host, port, address, exc)
                     last = exc
                 else:
-                    return SmtpConnection(client)
+                    return await self._not_ourselves(client, destination)
         if order and hosts_without_address == len(order):  # as Postfix: no host can exist
             raise DnsPermanent(f"no address for any mail host of {destination.site}")
         raise last
+
+    async def _not_ourselves(self, client: SmtpClient, destination: Destination) -> Connection:
+        """As Postfix: a server that greets us with our own name is us, and mail sent there
+        would come straight back (a local domain routed by MX to this host, say)."""
+        if client.greeting_name.lower() != self._hostname.lower():
+            return SmtpConnection(client)
+        await client.quit()
+        raise MailLoop(
+            f"mail for {destination.site} loops back to myself: {client.peer[0]} greeted us "
+            f"with our own name {client.greeting_name}"
+        )
 
     async def _open(
         self, destination: Destination, source: SourceSettings, host: str, address: str, port: int

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from epoxi.errors import DeliveryError, DnsPermanent, NullMx
+from epoxi.errors import DeliveryError, DnsPermanent, MailLoop, NullMx
 from epoxi.smtp.replies import Reply
 
 
@@ -27,6 +27,7 @@ class Synthetic(enum.Enum):
     BODY_UNREADABLE = (451, "4.3.0", "message body unreadable")
     EXPIRED = (451, "4.4.7", "message expired")
     TOO_MANY_HOPS = (554, "5.4.6", "too many hops")
+    LOOP = (554, "5.4.6", "mail loop")
 
     def __init__(self, code: int, enhanced: str, summary: str) -> None:
         self.code = code
@@ -57,6 +58,8 @@ def connect_failure(exc: Exception) -> Reply:
     """
     if isinstance(exc, DnsPermanent):
         return Synthetic.NO_MAIL_HOST.reply(exc)
+    if isinstance(exc, MailLoop):
+        return Synthetic.LOOP.reply(exc)
     if isinstance(exc, DeliveryError) and exc.reply is not None:
         if exc.reply.is_permanent:
             return Synthetic.SITE_REFUSED.reply(exc.reply)
