@@ -18,7 +18,7 @@ from epoxi.delivery.client import TlsPolicy
 from epoxi.delivery.dispatcher import Dispatcher, with_tls
 from epoxi.delivery.routing import Destination, Router
 from epoxi.dns.resolver import Resolver
-from epoxi.errors import ConnectionFailed, DeliveryError, DnsPermanent, MessageRefused
+from epoxi.errors import ConnectionFailed, DeliveryError, DnsPermanent, MailLoop, MessageRefused
 from epoxi.events.records import Record, RecordType
 from epoxi.ids import new_message_id
 from epoxi.ingest import Ingest
@@ -180,28 +180,29 @@ async def test_max_age_counts_from_send_at(engine: Engine) -> None:
     assert message_id not in engine.spool.messages
 
 
-async def test_connection_failure_defers_the_waiting_jobs(engine: Engine) -> None:
-    engine.transport.connect_error = ConnectionFailed("connection refused")
+@pytest.mark.parametrize(
+    ("error", "kind", "status"),
+    [
+        (ConnectionFailed("connection refused"), RecordType.TRANSIENT_FAILURE, "4.4.1"),
+        # no mail host exists at all: a bounce, as Postfix does
+        (DnsPermanent("no address for any mail host"), RecordType.BOUNCE, "5.4.4"),
+        # a 5xx banner is the site's trouble, not the message's: retried
+        (
+            ConnectionFailed("banner", Reply(554, "5.7.1", "go away")),
+            RecordType.TRANSIENT_FAILURE,
+            "4.4.1",
+        ),
+        (MailLoop("greeted with our own name"), RecordType.BOUNCE, "5.4.6"),
+    ],
+)
+async def test_connection_failures_have_one_reply_each(
+    engine: Engine, error: Exception, kind: RecordType, status: str
+) -> None:
+    engine.transport.connect_error = error
     await engine.send("x@a.test")
-    assert await engine.outcome("x@a.test") is RecordType.TRANSIENT_FAILURE
-    [record] = engine.records.of(RecordType.TRANSIENT_FAILURE)
-    assert record.response is not None and record.response.enhanced == "4.4.1"
-
-
-async def test_no_mail_host_at_all_bounces_as_postfix_does(engine: Engine) -> None:
-    engine.transport.connect_error = DnsPermanent("no address for any mail host")
-    await engine.send("x@a.test")
-    assert await engine.outcome("x@a.test") is RecordType.BOUNCE
-    [record] = engine.records.of(RecordType.BOUNCE)
-    assert record.response is not None and record.response.enhanced == "5.4.4"
-
-
-async def test_5xx_banner_is_retried_not_bounced(engine: Engine) -> None:
-    engine.transport.connect_error = ConnectionFailed("banner", Reply(554, "5.7.1", "go away"))
-    await engine.send("x@a.test")
-    assert await engine.outcome("x@a.test") is RecordType.TRANSIENT_FAILURE
-    [record] = engine.records.of(RecordType.TRANSIENT_FAILURE)
-    assert record.response is not None and record.response.code == 451
+    assert await engine.outcome("x@a.test") is kind
+    [record] = engine.records.of(kind)
+    assert record.response is not None and record.response.enhanced == status
 
 
 async def test_lost_connection_defers_the_rest_of_the_transactions() -> None:

@@ -112,12 +112,7 @@ async def send_raw(
     tags=["messages"],
 )
 async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> MessageStatus:
-    ctx = context(request)
-    found = await ctx.status.message(message_id)
-    key = api_key(request)
-    if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
-        raise NotFoundException(f"no message {message_id!r}")
-    return found
+    return await _visible_message(request, message_id)
 
 
 @delete(
@@ -129,12 +124,8 @@ async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
     tags=["messages"],
 )
 async def cancel(request: Request[Any, Any, Any], message_id: FromPath[str]) -> CancelResponse:
-    ctx = context(request)
-    found = await ctx.status.message(message_id)
-    key = api_key(request)
-    if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
-        raise NotFoundException(f"no message {message_id!r}")
-    cancelled = ctx.admin.cancel(message_id)
+    await _visible_message(request, message_id)
+    cancelled = context(request).admin.cancel(message_id)
     if not cancelled:
         raise ClientException(
             f"message {message_id!r} is not waiting to be sent: it was sent, bounced or is on "
@@ -145,6 +136,15 @@ async def cancel(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
 
 
 # --------------------------------------------------------------------- helpers
+
+
+async def _visible_message(request: Request[Any, Any, Any], message_id: str) -> MessageStatus:
+    """The message, if it exists for this key: another tenant's is a 404, as if unknown."""
+    found = await context(request).status.message(message_id)
+    key = api_key(request)
+    if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
+        raise NotFoundException(f"no message {message_id!r}")
+    return found
 
 
 async def _once(
