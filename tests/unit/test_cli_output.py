@@ -12,46 +12,90 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from epoxi.api_types import (
+    Pipelines,
+    ReadyQueueInfo,
+    ScheduledQueueInfo,
+    SuspensionInfo,
+    Totals,
+)
 from epoxi.cli import app
+from epoxi.events.records import Record, RecordType
+from epoxi.store.status import MessageStatus, RecipientStatus, State
 
 EVIL = "evil\x1b[31m\u202e[bold]x@a.test"
 SHOWN = "evil\\x1b[31m\\u202e[bold]x@a.test"
 
-PIPELINES = {
-    "totals": {"scheduled": 1, "held": 0, "ready": 1, "connections": 0},
-    "scheduled": [{"name": EVIL, "scheduled": 1, "held": 0, "next_due": None, "suspended": EVIL}],
-    "ready": [
-        {
-            "name": EVIL,
-            "queued": 1,
-            "connections": 0,
-            "connection_limit": 4,
-            "deliveries": 0,
-            "attempts_last_minute": 0,
-            "suspended": None,
-            "last_error": EVIL,
-        }
+# Built from the daemon's own types, so the stub answers exactly what the API would.
+PIPELINES = Pipelines(
+    totals=Totals(scheduled=1, held=0, ready=1, connections=0),
+    scheduled=[
+        ScheduledQueueInfo(
+            name=EVIL, domain=EVIL, scheduled=1, held=0, next_due=None, suspended=EVIL
+        )
     ],
-    "suspensions": [{"target": "domain", "value": EVIL, "reason": EVIL, "until": None}],
-}
-STATUS = {
-    "id": "m1",
-    "state": "deferred",
-    "sender": EVIL,
-    "attempts": 1,
-    "last_response": EVIL,
-    "recipients": [{"recipient": EVIL, "state": "deferred", "attempts": 1, "last_response": EVIL}],
-    "events": [{"timestamp": 1.0, "type": "TransientFailure", "recipient": EVIL, "reason": EVIL}],
-}
+    ready=[
+        ReadyQueueInfo(
+            name=EVIL,
+            site=EVIL,
+            source="default",
+            hosts=[EVIL],
+            queued=1,
+            connections=0,
+            connection_limit=4,
+            connects=0,
+            deliveries=0,
+            attempts_last_minute=0,
+            max_message_rate=None,
+            suspended=None,
+            suspended_until=None,
+            last_error=EVIL,
+            last_error_at=None,
+        )
+    ],
+    suspensions=[SuspensionInfo(target="domain", value=EVIL, reason=EVIL, until=None)],
+)
+STATUS = MessageStatus(
+    id="m1",
+    state=State.DEFERRED,
+    tenant="",
+    campaign="",
+    sender=EVIL,
+    origin="smtp",
+    size=10,
+    received_at=1.0,
+    updated_at=1.0,
+    attempts=1,
+    last_response=EVIL,
+    recipients=[
+        RecipientStatus(
+            recipient=EVIL,
+            state=State.DEFERRED,
+            attempts=1,
+            last_response=EVIL,
+            next_attempt=None,
+        )
+    ],
+    events=[
+        Record(
+            type=RecordType.TRANSIENT_FAILURE,
+            message_id="m1",
+            timestamp=1.0,
+            recipient=EVIL,
+            reason=EVIL,
+        )
+    ],
+)
 ANSWERS = {"/admin/pipelines": PIPELINES, "/messages/m1": STATUS}
 
 
 class Api(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = json.dumps(ANSWERS[self.path]).encode()
+        body = msgspec.json.encode(ANSWERS[self.path])
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -97,6 +141,5 @@ def test_json_output_escapes_and_parses(url: str, args: tuple[str, ...]) -> None
     output = run(*args, "--url", url, "--json")
     assert "\x1b" not in output and "\u202e" not in output
     assert "\\u001b[31m\\u202e[bold]" in output
-    assert (
-        json.loads(output) == ANSWERS["/admin/pipelines" if args[0] == "queue" else "/messages/m1"]
-    )
+    answer = ANSWERS["/admin/pipelines" if args[0] == "queue" else "/messages/m1"]
+    assert json.loads(output) == json.loads(msgspec.json.encode(answer))
