@@ -55,6 +55,7 @@ class Dispatcher:
         self._hold_back = hold_back
         self._ready_queue_limit = ready_queue_limit
         self._lookups: dict[str, list[Job]] = {}
+        self._paths: dict[tuple[str, str], ReadyQueue] = {}  # (domain, site) -> its ready queue
         self._tasks: set[asyncio.Task[None]] = set()
         suspensions.subscribe(self._apply_suspensions)
 
@@ -105,6 +106,14 @@ class Dispatcher:
         ready.put(job)
 
     def _ready_queue(self, domain: str, routed: Destination) -> ReadyQueue:
+        """The ready queue of a domain routed to a site; found once, then one dict lookup."""
+        path = (domain, routed.site)
+        ready = self._paths.get(path)
+        if ready is None:
+            ready = self._paths[path] = self._find_or_make(domain, routed)
+        return ready
+
+    def _find_or_make(self, domain: str, routed: Destination) -> ReadyQueue:
         site, source = routed.site, self.source.name
         shaping = self.policy.resolve(domain, site, source)
         destination = with_tls(routed, shaping)
@@ -130,6 +139,7 @@ class Dispatcher:
     def reshape(self, policy: ShapingPolicy) -> None:
         """Use a new shaping policy: live ready queues take their new limits at once."""
         self.policy = policy
+        self._paths.clear()  # a domain's TLS may now want a ready queue of its own
         for ready in self.ready.values():
             site = ready.destination.site
             ready.reshape(policy.resolve(site, site, self.source.name))

@@ -61,29 +61,40 @@ class Ingest:
 
     async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> None:
         """A message from SMTP. ``trusted``: the client may set control headers."""
-        body = await self._prepare(meta, body, trusted=trusted)
-        self._arriving([meta])
+        if self.hooks:
+            body = await self._run_hooks(meta, body)
+        body = self._prepare(meta, body, trusted=trusted)
+        if self.arrived is not None:  # before the commit: the load reads rows in a thread
+            self.arrived.add(meta.id)
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
         """A message Epoxi made itself (a DSN): spooled and queued as it is."""
-        self._arriving([meta])
+        if self.arrived is not None:
+            self.arrived.add(meta.id)
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
     async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
         """Messages from the HTTP API (the envelope is the API's: control headers are only
         removed): spooled in one transaction, all or none, then queued."""
-        prepared = [(meta, await self._prepare(meta, body, trusted=False)) for meta, body in items]
-        self._arriving([meta for meta, _ in prepared])
+        if self.hooks:
+            items = [(meta, await self._run_hooks(meta, body)) for meta, body in items]
+        prepared = [(meta, self._prepare(meta, body, trusted=False)) for meta, body in items]
+        if self.arrived is not None:
+            self.arrived.update(meta.id for meta, _ in prepared)
         await self.spool.store_many(prepared)
         for meta, body in prepared:
             self._spooled(meta, body)
 
-    async def _prepare(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> bytes:
+    async def _run_hooks(self, meta: MessageMeta, body: bytes) -> bytes:
         for hook in self.hooks:
             body = await hook(meta, body)
+        return body
+
+    def _prepare(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> bytes:
+        """Control headers, then the loop check."""
         body, controls = take_control_headers(body)
         if controls:
             meta.size = len(body)
@@ -101,12 +112,6 @@ class Ingest:
                 f"{hops} Received: headers",
                 Synthetic.TOO_MANY_HOPS.reply(f"{hops} Received: headers, a mail loop?"),
             )
-
-    def _arriving(self, metas: list[MessageMeta]) -> None:
-        """Mark ids the start-up load must skip, before the commit: the load reads pages in a
-        thread and may see the committed row before this message is queued by its own way."""
-        if self.arrived is not None:
-            self.arrived.update(meta.id for meta in metas)
 
     def _spooled(self, meta: MessageMeta, body: bytes) -> None:
         self.records.emit(

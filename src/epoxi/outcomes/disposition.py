@@ -231,6 +231,8 @@ class Disposition:
             self.spool.update(meta)
 
     def _report_successes(self, job: Job, delivered: list[str], peer: str, passed: bool) -> None:
+        if not job.message.meta.dsn_notify:
+            return  # no NOTIFY: successes are never reported (the common case, costs nothing)
         action = success_action(dsn_passed=passed)
         asked = [r for r in delivered if action and _asked(job, r, "success")]
         if asked:
