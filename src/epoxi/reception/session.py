@@ -118,6 +118,7 @@ class SmtpSession(asyncio.Protocol):
         self.state = State.COMMAND
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
+        self.peer_trusted = False
         self.helo = ""
         self.esmtp = False
         self.tls_active = False
@@ -146,6 +147,7 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "unknown"
+        self.peer_trusted = self.ctx.relay.is_trusted(self.peer_ip)  # once, not per message
         self.tls_active = transport.get_extra_info("sslcontext") is not None
         refusal = self.ctx.tracker.admit(self.peer_ip)
         if refusal is not None:
@@ -448,7 +450,7 @@ class SmtpSession(asyncio.Protocol):
         if len(self.txn.recipients) >= self.ctx.settings.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)
             return
-        trusted = self.ctx.relay.is_trusted(self.peer_ip)
+        trusted = self.peer_trusted
         denial = self.ctx.relay.check_recipient(
             mailbox, trusted=trusted, authenticated=bool(self.auth_user)
         )
@@ -897,7 +899,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _may_set_controls(self) -> bool:
         """Whether this client may steer Epoxi with ``X-Epoxi-*`` headers."""
-        return bool(self.auth_user) or self.ctx.relay.is_trusted(self.peer_ip)
+        return bool(self.auth_user) or self.peer_trusted
 
     async def _store(self, meta: MessageMeta, body: bytes) -> None:
         try:
