@@ -6,24 +6,21 @@ bits (9 characters), in an alphabet without look-alike letters (Crockford's base
 
 from __future__ import annotations
 
-import os
+import base64
+import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def _b32(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+# base64's base 32 (RFC 4648) digit by digit into Crockford's: the encoding runs in C.
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 
 
 def new_message_id(now: float | None = None) -> str:
+    """The 100 bits time << 45 | random as 20 base-32 digits (24 from 15 octets, 4 leading 0s)."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    rand = int.from_bytes(os.urandom(6), "big") >> 3
-    return _b32(micros, 11) + _b32(rand, 9)
+    value = (micros << 45) | random.getrandbits(45)  # seeded from the OS, again in a forked child
+    digits = base64.b32encode(value.to_bytes(15, "big")).translate(_CROCKFORD)
+    return digits[4:].decode("ascii")
 
 
 def is_message_id(text: str) -> bool:

@@ -50,8 +50,15 @@ class Router:
     def __init__(self, settings: Settings, resolver: Resolver) -> None:
         self.settings = settings
         self.resolver = resolver
-        self._static = self._static_routes(settings)
+        self._set_routes(settings)
         self._cache: dict[str, tuple[float, Destination]] = {}
+
+    def _set_routes(self, settings: Settings) -> None:
+        """Each route's destination is made once: ``static`` runs for every due job."""
+        routes = self._static_routes(settings)
+        self._static = [(route, _route_destination(route)) for route in routes]
+        wildcard = [destination for route, destination in self._static if "*" in route.domains]
+        self._wildcard = wildcard[0] if wildcard else None
 
     @staticmethod
     def _static_routes(settings: Settings) -> list[RouteSettings]:
@@ -73,16 +80,15 @@ class Router:
     def reload(self, settings: Settings) -> None:
         """New static routes and smarthost; MX answers are looked up again."""
         self.settings = settings
-        self._static = self._static_routes(settings)
+        self._set_routes(settings)
         self._cache.clear()
 
     def static(self, domain: str) -> Destination | None:
         """The destination from a static route (or the smarthost), or None for MX routing."""
-        for exact in (True, False):
-            for route in self._static:
-                if (domain in route.domains) if exact else ("*" in route.domains):
-                    return _route_destination(route)
-        return None
+        for route, destination in self._static:
+            if domain in route.domains:
+                return destination
+        return self._wildcard
 
     def cached(self, domain: str) -> Destination | None:
         """A destination known without waiting: static, or MX looked up recently."""
