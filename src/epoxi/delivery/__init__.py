@@ -1,1 +1,1 @@
-"""Outbound delivery: the pipelined SMTP client, dispatchers and TLS policy."""
+"""Outbound delivery: the dispatcher, its ready queues, the Transport port, the SMTP client."""

@@ -1,1 +1,2 @@
-"""Typed records of every state change, and the JSON-lines log they are written to."""
+"""Typed records of every state change, the EventSink port, the JSON-lines log and the
+buffered writer that every consumer with I/O uses."""

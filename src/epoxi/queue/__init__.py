@@ -1,1 +1,1 @@
-"""Scheduled and ready queues, retry schedule, expiry, suspend/resume."""
+"""Scheduled queues of jobs, the retry schedule and the one suspension registry."""

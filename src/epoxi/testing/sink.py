@@ -1,5 +1,9 @@
 """A scriptable SMTP sink: the receiving end of delivery tests and benchmarks.
 
+It is a second SMTP server, written apart from ``reception/`` and ``smtp/parser.py`` on
+purpose: an independent reading of RFC 5321 that checks the delivery client from the other
+side, so a misreading shared by both ends cannot hide.
+
 It accepts mail, records what it got, and misbehaves on purpose when a recipient's local part
 asks for it. A fault name matches the whole local part or its start followed by ``-``, case
 insensitively: ``reject@``, ``reject-7@`` and ``Reject-x@`` all fail at RCPT.
