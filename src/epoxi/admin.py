@@ -165,10 +165,9 @@ class Admin:
         """Suspend; returns how many ready queues it stopped at once (site and source)."""
         value = value.lower().rstrip(".") if target == "domain" else value
         until = self._clock() + duration if duration else None
-        self.suspensions.suspend(
-            Suspension(target, value, reason or "suspended by an operator", until)
-        )
-        return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is not None)
+        suspension = Suspension(target, value, reason or "suspended by an operator", until)
+        self.suspensions.suspend(suspension)
+        return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is suspension)
 
     def resume(self, target: SuspendKind, value: str) -> int:
         """Lift a suspension; returns the held jobs released (ready queues, for a site or

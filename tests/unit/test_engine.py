@@ -248,6 +248,19 @@ async def test_a_live_ready_queue_takes_new_limits(engine: Engine) -> None:
     )
 
 
+async def test_a_reload_keeps_the_domain_layer_a_ready_queue_was_made_with() -> None:
+    made = Engine(settings(shaping={"a.test": {"connection_limit": 2}}))
+    await made.send("x@a.test")
+    assert await made.outcome("x@a.test") is RecordType.DELIVERY
+    [ready] = made.dispatcher.ready.values()
+    assert ready.shaping.connection_limit == 2
+    made.dispatcher.reshape(
+        shaping_policy(settings(shaping={"a.test": {"connection_limit": 5}}).delivery)
+    )
+    assert ready.shaping.connection_limit == 5
+    await made.close()
+
+
 async def test_domain_that_requires_tls_gets_it_on_a_shared_route() -> None:
     made = Engine(
         settings(defaults={"idle_timeout": 0.01}, shaping={"secure.test": {"tls": "required"}})

@@ -56,6 +56,7 @@ class Dispatcher:
         self._ready_queue_limit = ready_queue_limit
         self._lookups: dict[str, list[Job]] = {}
         self._paths: dict[tuple[str, str], ReadyQueue] = {}  # (domain, site) -> its ready queue
+        self._shaped_for: dict[str, str] = {}  # ready queue key -> the domain its limits are of
         self._tasks: set[asyncio.Task[None]] = set()
         suspensions.subscribe(self._apply_suspensions)
 
@@ -132,6 +133,7 @@ class Dispatcher:
                 load_body=self._load_body,
             )
             ready.set_suspension(self.suspensions.for_path(self.source.name, destination.site))
+            self._shaped_for[key] = domain
         return ready
 
     # ----------------------------------------------------------------- policy and suspensions
@@ -140,9 +142,9 @@ class Dispatcher:
         """Use a new shaping policy: live ready queues take their new limits at once."""
         self.policy = policy
         self._paths.clear()  # a domain's TLS may now want a ready queue of its own
-        for ready in self.ready.values():
-            site = ready.destination.site
-            ready.reshape(policy.resolve(site, site, self.source.name))
+        for key, ready in self.ready.items():
+            domain = self._shaped_for[key]  # the same layers the queue was made with
+            ready.reshape(policy.resolve(domain, ready.destination.site, self.source.name))
 
     def _apply_suspensions(self) -> None:
         for ready in self.ready.values():

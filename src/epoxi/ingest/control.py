@@ -27,23 +27,20 @@ def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
         return body, {}
     kept: list[bytes] = []
     found: dict[str, str] = {}
-    dropping = False
+    current: str | None = None  # the control field being read, continuations included
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field above it
-            if not dropping:
+            if current is None:
                 kept.append(line)
-            elif found:
-                current = list(found)[-1]
+            else:
                 found[current] += " " + line.strip().decode("utf-8", "replace")
             continue
         name, colon, value = line.partition(b":")
-        field = _FIELDS.get(name.strip().lower()) if colon else None
-        dropping = field is not None
-        if field is not None:
-            found.pop(field, None)  # the last one counts; keep insertion order for folding
-            found[field] = value.strip().decode("utf-8", "replace")
-        else:
+        current = _FIELDS.get(name.strip().lower()) if colon else None
+        if current is None:
             kept.append(line)
+        else:
+            found[current] = value.strip().decode("utf-8", "replace")  # the last one counts
     rest = body[end + 2 :] if end >= 0 else b""
     return b"\r\n".join(kept) + rest, {field: value.strip() for field, value in found.items()}
 

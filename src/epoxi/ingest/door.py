@@ -94,19 +94,19 @@ class Ingest:
         return body
 
     def _prepare(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> bytes:
-        """Control headers, then the loop check."""
-        body, controls = take_control_headers(body)
-        if controls:
-            meta.size = len(body)
-            if trusted:
-                _apply_controls(meta, checked_controls(controls))
-        self._check_hops(meta, body)
-        return body
-
-    def _check_hops(self, meta: MessageMeta, body: bytes) -> None:
+        """The loop check and the control headers, from one lower-cased copy of the header
+        block (removing control headers never changes the count of Received: fields)."""
         end = body.find(b"\r\n\r\n")
         head = b"\r\n" + (body[:end] if end >= 0 else body).lower()
-        hops = head.count(b"\r\nreceived:")
+        self._check_hops(head.count(b"\r\nreceived:"))
+        if b"\r\nx-epoxi-" in head:
+            body, controls = take_control_headers(body)
+            meta.size = len(body)
+            if controls and trusted:
+                _apply_controls(meta, checked_controls(controls))
+        return body
+
+    def _check_hops(self, hops: int) -> None:
         if hops > self.max_hops:
             raise MessageRefused(
                 f"{hops} Received: headers",

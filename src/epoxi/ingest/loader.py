@@ -34,13 +34,12 @@ class SpoolLoader:
     async def run(self) -> int:
         """Queue every spooled message; returns how many."""
         started = time.monotonic()
-        arrived = self._arrived
         pages = self.spool.iter_meta()
         count = 0
         try:
             while not self._stop and (page := await asyncio.to_thread(next, pages, None)):
                 for meta in page:
-                    if meta.id not in arrived:
+                    if meta.id not in self._arrived:
                         _share_strings(meta)
                         self.ingest.enqueue(meta, None)
                         count += 1

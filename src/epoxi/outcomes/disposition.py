@@ -45,6 +45,8 @@ from epoxi.spool.port import SpoolPort
 log = logging.getLogger(__name__)
 
 Inject = Callable[[MessageMeta, bytes], Awaitable[None]]
+# Why a DSN is sent: the RFC 3464 actions, and "expired" (a failure; kept apart in metadata).
+Why = Literal["failed", "expired", "delayed", "relayed", "delivered"]
 Replies = Iterable[tuple[str, Reply]]
 
 
@@ -217,7 +219,7 @@ class Disposition:
 
     # ----------------------------------------------------------------- DSNs
 
-    async def _bounce(self, job: Job, failures: list[Failure], kind: str, *, finish: bool) -> None:
+    async def _bounce(self, job: Job, failures: list[Failure], kind: Why, *, finish: bool) -> None:
         """Send the DSN for ``failures`` (durably), then drop those recipients."""
         meta = job.message.meta
         try:
@@ -234,10 +236,12 @@ class Disposition:
         if not job.message.meta.dsn_notify:
             return  # no NOTIFY: successes are never reported (the common case, costs nothing)
         action = success_action(dsn_passed=passed)
-        asked = [r for r in delivered if action and _asked(job, r, "success")]
+        if action is None:
+            return  # the next hop took the request on: it reports
+        asked = [r for r in delivered if _asked(job, r, "success")]
         if asked:
             reply = Reply(250, "2.0.0", "accepted by the next hop")
-            self._report(job, [Failure(r, reply, peer=peer) for r in asked], "relayed")
+            self._report(job, [Failure(r, reply, peer=peer) for r in asked], action)
 
     def _report(self, job: Job, recipients: list[Failure], kind: DsnKind) -> None:
         """A DSN that changes nothing in the queue (a delay, a success)."""
@@ -250,7 +254,7 @@ class Disposition:
         except Exception:
             log.exception("[%s] could not create a %s DSN", job.id, kind)
 
-    async def _send_dsn(self, job: Job, failures: list[Failure], kind: DsnKind | str) -> None:
+    async def _send_dsn(self, job: Job, failures: list[Failure], kind: Why) -> None:
         meta = job.message.meta
         if kind in ("failed", "expired"):
             failures = [f for f in failures if _asked(job, f.recipient, "failure")]
@@ -266,7 +270,7 @@ class Disposition:
             original=meta,
             original_headers=headers,
             original_message=body,
-            kind="failed" if kind == "expired" else kind,  # type: ignore[arg-type]
+            kind="failed" if kind == "expired" else kind,
             failures=[
                 RecipientFailure(
                     recipient=f.recipient, reply=f.reply, remote_mta=f.peer, reason=f.reason
@@ -366,7 +370,7 @@ def _remove_recipients(meta: MessageMeta, finished: list[str]) -> None:
         meta.recipients = [r for r in meta.recipients if r not in gone]
 
 
-def _dsn_meta(dsn_id: str, original: MessageMeta, size: int, kind: str, now: float) -> MessageMeta:
+def _dsn_meta(dsn_id: str, original: MessageMeta, size: int, kind: Why, now: float) -> MessageMeta:
     return MessageMeta(
         id=dsn_id,
         sender="",
