@@ -90,9 +90,10 @@ class SmtpServer:
         self.settings = settings
         self.authenticator = Authenticator(settings.users)
         for bound in self._bound:
-            fresh = self._context_for(bound.listener)
             bound.context.authenticator = self.authenticator
-            bound.context.relay = fresh.relay
+            bound.context.relay = relay = self._relay_for(bound.listener)
+            for session in bound.context.sessions:  # open sessions follow the new networks
+                session.peer_trusted = relay.is_trusted(session.peer_ip)
         done = ["users", "relay rules"]
         smtp = settings.smtp
         if self._tls is not None and smtp.tls_cert and smtp.tls_key:
@@ -100,9 +101,9 @@ class SmtpServer:
             done.append("TLS certificate")
         return done
 
-    def _context_for(self, listener: Listener) -> SessionContext:
+    def _relay_for(self, listener: Listener) -> RelayPolicy:
         settings = self.settings
-        relay = RelayPolicy.build(
+        return RelayPolicy.build(
             listener.local_domains
             if listener.local_domains is not None
             else settings.local_domains,
@@ -111,10 +112,13 @@ class SmtpServer:
             else settings.trusted_networks,
             require_auth=listener.require_auth,
         )
+
+    def _context_for(self, listener: Listener) -> SessionContext:
+        settings = self.settings
         return SessionContext(
             hostname=settings.hostname,
             settings=settings.smtp,
-            relay=relay,
+            relay=self._relay_for(listener),
             ingest=self.ingest,
             tracker=self.tracker,
             authenticator=self.authenticator,

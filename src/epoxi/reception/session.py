@@ -347,8 +347,8 @@ class SmtpSession(asyncio.Protocol):
 
     async def wait_idle(self) -> None:
         """Return once the session has nothing left to do with the input it has: no spool
-        commit, password check or handshake pending. Tests read replies after this, and the
-        server's shutdown uses it; a future per wait keeps the common path free of events."""
+        commit, password check or handshake pending. Tests read replies after this; a future
+        per wait keeps the common path free of events."""
         while self._busy and self.state is not State.CLOSED:
             waiter = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(waiter)
@@ -783,7 +783,7 @@ class SmtpSession(asyncio.Protocol):
         send it with the final dot, and it cannot carry a second message."""
         if not self.ctx.settings.forbid_unauth_pipelining or self.auth_user:
             return False
-        return bytes(self._buf).upper() != b"QUIT\r\n"
+        return len(self._buf) != 6 or bytes(self._buf).upper() != b"QUIT\r\n"
 
     def _data_refusal(self, txn: Transaction) -> Reply | None:
         if txn.too_big:
@@ -828,7 +828,7 @@ class SmtpSession(asyncio.Protocol):
         elif self.ctx.settings.reject_bare_cr_lf and _bare_cr_or_lf(txn.parts):
             self.txn = Transaction()
             self._reply(replies.BAD_LINE_ENDINGS)
-        elif self.ctx.settings.reject_nul and any(b"\x00" in part for part in txn.parts):
+        elif txn.has_nul:
             self.txn = Transaction()
             self._reply(replies.NUL_IN_DATA)
         else:
@@ -839,6 +839,8 @@ class SmtpSession(asyncio.Protocol):
         anywhere, so the length of the unfinished line is carried to the next piece; the
         searches run in C, and pieces shorter than the limit are never split."""
         txn = self.txn
+        if self.ctx.settings.reject_nul and not txn.has_nul:
+            txn.has_nul = b"\x00" in piece  # one C scan per piece, as DATA does per chunk
         if txn.long_line:
             return
         limit = self.ctx.settings.max_line_length
