@@ -13,48 +13,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import resource
 import smtplib
 import threading
 import time
-from pathlib import Path
 
-from harness import Node, emit, percentile
+from harness import Node, emit, percentile, read_reply
 
 TIMEOUT = 3  # idle and data timeouts of the node, as in tests/e2e/test_load.py
 
 
-class LoadNode(Node):
-    """A node whose SMTP listener allows many connections from loopback, short timeouts."""
-
-    def config(self) -> Path:
-        path = super().config()
-        text = path.read_text().replace(
-            "[smtp]\n",
-            f"[smtp]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n"
-            f"idle_timeout = {TIMEOUT}\ndata_timeout = {TIMEOUT}\n",
-        )
-        path.write_text(text)
-        return path
-
-    def hwm_mb(self) -> float:
-        assert self.proc is not None
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(match.group(1)) / 1024 if match else 0.0
-
-
-async def reply(reader: asyncio.StreamReader) -> str:
-    while True:
-        line = (await reader.readline()).decode()
-        if not line or len(line) < 4 or line[3] != "-":
-            return line
+# Many connections from loopback, and short timeouts so slowloris clients are cut off soon.
+LOAD_SMTP = (
+    f"max_connections = 5000\nmax_connections_per_ip = 5000\n"
+    f"idle_timeout = {TIMEOUT}\ndata_timeout = {TIMEOUT}"
+)
 
 
 async def session(port: int, i: int, go: asyncio.Event) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await reply(reader)
+    await read_reply(reader)
     await go.wait()
     began = time.monotonic()
     for line in (
@@ -65,13 +43,13 @@ async def session(port: int, i: int, go: asyncio.Event) -> float:
         "Subject: load\r\n\r\nHello.\r\n.\r\n",
     ):
         writer.write(line.encode())
-        await reply(reader)
+        await read_reply(reader)
     latency = time.monotonic() - began
     writer.close()
     return latency
 
 
-async def many_connections(node: LoadNode, count: int) -> None:
+async def many_connections(node: Node, count: int) -> None:
     before = node.rss_mb()
     go = asyncio.Event()
     tasks = [asyncio.ensure_future(session(node.smtp_port, i, go)) for i in range(count)]
@@ -84,7 +62,7 @@ async def many_connections(node: LoadNode, count: int) -> None:
             "bench": "connections",
             "connections": count,
             "rss_before_mb": round(before, 1),
-            "rss_growth_mb": round(node.hwm_mb() - before, 1),
+            "rss_growth_mb": round(node.memory_mb("VmHWM") - before, 1),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1),
             "p99_ms": round(percentile(latencies, 99) * 1000, 1),
         }
@@ -93,7 +71,7 @@ async def many_connections(node: LoadNode, count: int) -> None:
 
 async def dribble(port: int, i: int, stop: asyncio.Event) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await reply(reader)
+    await read_reply(reader)
     for byte in f"EHLO slowloris-{i}-".encode() + b"y" * 500:
         if stop.is_set() or reader.at_eof():
             break
@@ -116,7 +94,7 @@ def ordinary(port: int, until: float, latencies: list[float]) -> None:
         n += 1
 
 
-async def slowloris(node: LoadNode, slow: int, seconds: float) -> None:
+async def slowloris(node: Node, slow: int, seconds: float) -> None:
     before = node.rss_mb()
     stop = asyncio.Event()
     slow_tasks = [asyncio.ensure_future(dribble(node.smtp_port, i, stop)) for i in range(slow)]
@@ -141,7 +119,7 @@ async def slowloris(node: LoadNode, slow: int, seconds: float) -> None:
             "ordinary_p50_ms": round(percentile(latencies, 50) * 1000, 1),
             "ordinary_p99_ms": round(percentile(latencies, 99) * 1000, 1),
             "ordinary_max_ms": round(max(latencies, default=0) * 1000, 1),
-            "rss_growth_mb": round(node.hwm_mb() - before, 1),
+            "rss_growth_mb": round(node.memory_mb("VmHWM") - before, 1),
         }
     )
 
@@ -156,9 +134,9 @@ def main() -> None:
     needed = args.connections + 1024
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
-    with LoadNode() as node:
+    with Node(smtp_config=LOAD_SMTP) as node:
         asyncio.run(many_connections(node, args.connections))
-    with LoadNode() as node:
+    with Node(smtp_config=LOAD_SMTP) as node:
         asyncio.run(slowloris(node, args.slow, args.seconds))
 
 

@@ -102,6 +102,7 @@ class Node:
     receivers: Receivers | None = None
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="epoxi-bench-")))
     extra_config: str = ""
+    smtp_config: str = ""  # more [smtp] settings
     smtp_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -117,6 +118,7 @@ http_listen = ["127.0.0.1:{self.http_port}"]
 log_level = "info"
 [smtp]
 listeners = [{{ address = "127.0.0.1:{self.smtp_port}" }}]
+{self.smtp_config}
 [dns]
 {dns}
 [delivery]
@@ -164,9 +166,13 @@ listeners = [{{ address = "127.0.0.1:{self.smtp_port}" }}]
         return (self.data_dir / "epoxi.log").read_text(errors="replace")
 
     def rss_mb(self) -> float:
+        return self.memory_mb("VmRSS")
+
+    def memory_mb(self, field: str) -> float:
+        """A memory figure of the process from /proc: VmRSS now, VmHWM its peak."""
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        match = re.search(rf"{field}:\s+(\d+) kB", status)
         return int(match.group(1)) / 1024 if match else 0.0
 
     def metric(self, name: str, labels: str = "") -> float:
@@ -234,9 +240,9 @@ async def inject(
 
     async def session() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await _reply(reader)
+        await read_reply(reader)
         writer.write(b"EHLO injector.bench\r\n")
-        await _reply(reader)
+        await read_reply(reader)
         for n in numbers:
             started = time.perf_counter()
             writer.write(b"MAIL FROM:<bench@epoxi.bench>\r\n")
@@ -257,7 +263,8 @@ async def inject(
     return InjectResult(len(latencies), time.perf_counter() - started, latencies)
 
 
-async def _reply(reader: asyncio.StreamReader) -> bytes:
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """The last line of the next SMTP reply (multi-line replies read whole)."""
     while True:
         line = await reader.readline()
         if not line:
@@ -267,6 +274,6 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _expect(reader: asyncio.StreamReader, code: bytes) -> None:
-    line = await _reply(reader)
+    line = await read_reply(reader)
     if not line.startswith(code):
         raise RuntimeError(f"expected {code!r}, got {line!r}")
