@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from epoxi.admin import Admin
 from epoxi.api.app import build_app
 from epoxi.api.context import ApiContext
+from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, parse_hostport
@@ -38,7 +39,10 @@ from epoxi.queue.suspensions import SuspensionRegistry
 from epoxi.reception.server import SmtpServer
 from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
+from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, store_path
+from epoxi.workers import Placement
+from epoxi.workers.link import SupervisorLink
 
 if TYPE_CHECKING:
     from epoxi.config import Settings
@@ -47,13 +51,25 @@ log = logging.getLogger(__name__)
 
 
 class Epoxi:
-    """One Epoxi node: spool, SMTP reception, ingest, queues, delivery, outcomes, records."""
+    """One Epoxi node: spool, SMTP reception, ingest, queues, delivery, outcomes, records.
 
-    def __init__(self, settings: Settings) -> None:
+    Alone (``--workers 1``) it binds its own sockets. As worker ``placement.index`` of a
+    supervisor it serves the sockets passed down, keeps its own spool shard and record log,
+    shares the store with its peers, and takes connection slots and rate shares from the
+    supervisor.
+    """
+
+    def __init__(self, settings: Settings, placement: Placement | None = None) -> None:
         self.settings = settings
+        self.placement = placement = placement or Placement()
         delivery = settings.delivery
-        self.spool = _spool(settings)
-        self.records = RecordLog(settings.data_dir / "logs")
+        self.spool = _spool(settings, placement.index)
+        self.records = RecordLog(settings.data_dir / "logs", name=_records_name(placement.index))
+        self.link = (
+            SupervisorLink(placement.control, index=placement.index, count=placement.count)
+            if placement.control is not None
+            else None
+        )
         nameservers = [parse_hostport(n, 53) for n in settings.dns.nameservers] or None
         self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
         self.suspensions = SuspensionRegistry()
@@ -86,8 +102,9 @@ class Epoxi:
             hold_back=self.scheduler.add,
             source=delivery.sources[0],
             ready_queue_limit=delivery.ready_queue_limit,
+            slots=self.link,
         )
-        self.smtp = SmtpServer(settings, ingest=self.ingest)
+        self.smtp = SmtpServer(settings, ingest=self.ingest, share=placement.count)
         self.admin = Admin(
             scheduler=self.scheduler,
             dispatcher=self.dispatcher,
@@ -97,6 +114,7 @@ class Epoxi:
         )
         self.status = StatusStore(store_path(settings.data_dir))
         self.records.subscribe(self.status.feed)
+        self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
         self.loader: SpoolLoader | None = None
@@ -120,6 +138,8 @@ class Epoxi:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys = KeyStore(store_path(self.settings.data_dir))
         self._check_http_exposure(self.keys)
+        if not self.placement.supervised:  # a supervisor does this before its workers start
+            adopt_orphans(self.settings.data_dir, workers=1)
         self.spool.open()
         await self.records.start()
         await self.status.start()
@@ -132,12 +152,28 @@ class Epoxi:
             ),
         ]
         self.loader = SpoolLoader(self.spool, self.ingest)  # before the listeners open
-        await self.smtp.start()
+        if self.link is not None:
+            await self._start_link(self.link)
+        await self.smtp.start(self.placement.smtp_sockets)
         if self.settings.http_listen:
             api = build_app(self._api_context(self.keys))
-            self.http = HttpServer(api, self.settings.http_listen)
+            place = self.placement
+            self.http = HttpServer(
+                api,
+                self.settings.http_listen,
+                bound=place.http_sockets,
+                unix=place.api_socket(place.index),
+            )
             await self.http.start()
         self.loaded = loop.create_task(self.loader.run())
+        if self.link is not None:
+            self.link.ready()
+
+    async def _start_link(self, link: SupervisorLink) -> None:
+        link.backlogs = self.dispatcher.rate_backlogs
+        link.on_shares = self.dispatcher.shares_changed
+        link.on_lost = self.request_stop
+        await link.start()
 
     def _check_http_exposure(self, keys: KeyStore) -> None:
         """No API keys means loopback only: refuse to listen anywhere else."""
@@ -152,6 +188,7 @@ class Epoxi:
         metrics = Metrics([self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges])
         self.records.subscribe(metrics.feed)
         return ApiContext(
+            peers=self.peers,
             settings=self.settings,
             inject_many=self.ingest.inject_many,
             status=self.status,
@@ -198,6 +235,7 @@ class Epoxi:
             await self.loaded
         if self.http is not None:
             await self.http.stop()
+        await self.peers.close()
         await self.smtp.stop()
         await self.dispatcher.close()
         await self.outcomes.stop()
@@ -209,6 +247,8 @@ class Epoxi:
         await self.records.stop()
         await self.status.stop()
         await self.spool.close()
+        if self.link is not None:
+            await self.link.stop()
         if self.keys is not None:
             self.keys.close()
 
@@ -291,16 +331,20 @@ def shaping_policy(delivery: DeliverySettings) -> ShapingPolicy:
     )
 
 
-def _spool(settings: Settings) -> Spool:
+def _spool(settings: Settings, shard: int) -> Spool:
     spool = settings.spool
     return Spool(
-        settings.data_dir / "spool.db",
+        shard_path(settings.data_dir, shard),
         max_batch=spool.max_batch,
         max_pending=spool.max_pending,
         min_free_bytes=spool.min_free_space,
         checkpoint_interval=spool.checkpoint_interval,
         journal_size_limit=spool.journal_size_limit,
     )
+
+
+def _records_name(worker: int) -> str:
+    return "records.jsonl" if worker == 0 else f"records-{worker}.jsonl"
 
 
 def _is_loopback(address: str) -> bool:

@@ -58,6 +58,23 @@ def parse_size(value: Any) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+def parse_workers(value: Any) -> Any:
+    """Worker processes: a count, or ``"auto"`` for one per core this process may run on."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return cpu_count()
+        if not text.isdigit():
+            raise ValueError("workers is a number of processes (1, 2, ...) or 'auto'")
+        return int(text)
+    return value
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the whole machine's)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     """Split ``host:port``, ``[v6]:port`` or a bare host."""
     value = value.strip()
@@ -304,6 +321,7 @@ class Settings(_Model):
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
+    workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = 1
 
     @field_validator("local_domains", mode="before")
     @classmethod
@@ -359,6 +377,7 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         "EPOXI_TRUSTED_NETWORKS": "trusted_networks",
         "EPOXI_LOCAL_DOMAINS": "local_domains",
         "EPOXI_LOG_LEVEL": "log_level",
+        "EPOXI_WORKERS": "workers",
     }
     for var, key in simple.items():
         if var in env:

@@ -64,3 +64,31 @@ class _Gauges(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def sum_metrics(texts: list[bytes]) -> bytes:
+    """Several processes' exposition texts as one: each series' values added up.
+
+    Every metric here is a count (records, jobs, connections), so the machine's figure is
+    the sum of its workers' (a counter's ``_created`` time is the earliest). Comment lines
+    and the order of series come from the first text.
+    """
+    if len(texts) == 1:
+        return texts[0]
+    totals: dict[bytes, float] = {}
+    lines: list[bytes] = []
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith(b"#"):
+                if line not in lines:
+                    lines.append(line)
+                continue
+            series, _, text_value = line.rpartition(b" ")
+            value = float(text_value)
+            if series not in totals:
+                lines.append(series)
+            elif series.partition(b"{")[0].endswith(b"_created"):  # a time: the earliest
+                value = min(value, totals[series]) - totals[series]
+            totals[series] = totals.get(series, 0.0) + value
+    out = [line if line.startswith(b"#") else b"%s %r" % (line, totals[line]) for line in lines]
+    return b"\n".join(out) + b"\n"

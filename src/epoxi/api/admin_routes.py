@@ -1,4 +1,6 @@
-"""``/admin``: the queues of this node, and what operators do to them."""
+"""``/admin``: the queues of this node, and what operators do to them.
+
+With worker processes every answer covers all of them (:mod:`epoxi.api.peers`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from epoxi.admin import Selector
 from epoxi.api.context import context
+from epoxi.api.peers import merge_health, merge_pipelines
 from epoxi.api.problems import problem_responses
 from epoxi.api_types import (
     BounceResponse,
@@ -31,12 +34,14 @@ _ONE_TARGET = "name exactly one of domain, site, tenant, campaign, queue, source
 
 @get("/pipelines", responses=_ERRORS, summary="Every scheduled and ready queue")
 async def pipelines(request: Request[Any, Any, Any]) -> Pipelines:
-    return context(request).admin.pipelines()
+    ctx = context(request)
+    return merge_pipelines([ctx.admin.pipelines(), *await ctx.peers.ask(request, Pipelines)])
 
 
 @get("/pipelines/health", responses=_ERRORS, summary="Each ready queue: ok, suspended or failing")
 async def pipelines_health(request: Request[Any, Any, Any]) -> Health:
-    return context(request).admin.health()
+    ctx = context(request)
+    return merge_health([ctx.admin.health(), *await ctx.peers.ask(request, Health)])
 
 
 @get(
@@ -45,7 +50,9 @@ async def pipelines_health(request: Request[Any, Any, Any]) -> Health:
     summary="The queues of one domain, site or ready queue",
 )
 async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) -> Pipelines:
-    found = context(request).admin.pipelines(routing_key)
+    ctx = context(request)
+    here = ctx.admin.pipelines(routing_key)
+    found = merge_pipelines([here, *await ctx.peers.ask(request, Pipelines)])
     if not found.scheduled and not found.ready:
         raise NotFoundException(f"no queue for {routing_key!r}")
     return found
@@ -64,8 +71,10 @@ async def suspend(
     if target is None:
         raise InvalidField("body", _ONE_TARGET)
     kind, value = target
-    hit = context(request).admin.suspend(kind, value, data.reason, data.duration)
-    active = [s for s in context(request).admin.suspension_list() if (s.target, s.value) == target]
+    ctx = context(request)
+    hit = ctx.admin.suspend(kind, value, data.reason, data.duration)
+    hit += sum(peer.ready_queues for peer in await ctx.peers.ask(request, SuspendResponse))
+    active = [s for s in ctx.admin.suspension_list() if (s.target, s.value) == target]
     until = active[-1].until if active else None
     reason = active[-1].reason if active else data.reason
     return SuspendResponse(target=kind, value=value, reason=reason, until=until, ready_queues=hit)
@@ -92,7 +101,9 @@ async def resume(
     if target is None:
         raise InvalidField("query", _ONE_TARGET)
     kind, value = target
-    released = context(request).admin.resume(kind, value)
+    ctx = context(request)
+    released = ctx.admin.resume(kind, value)
+    released += sum(peer.released for peer in await ctx.peers.ask(request, ResumeResponse))
     return ResumeResponse(target=kind, value=value, released=released)
 
 
@@ -106,7 +117,10 @@ async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) ->
     selector = _selector(data)
     if selector.is_empty():
         raise InvalidField("body", "name at least one of domain, site, tenant, campaign, queue, id")
-    return BounceResponse(bounced=context(request).admin.bounce(selector, data.reason))
+    ctx = context(request)
+    bounced = ctx.admin.bounce(selector, data.reason)
+    bounced += sum(peer.bounced for peer in await ctx.peers.ask(request, BounceResponse))
+    return BounceResponse(bounced=bounced)
 
 
 @post(
@@ -116,7 +130,10 @@ async def bounce(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) ->
     summary="Make matching deferred messages due now (an empty selector {}: all of them)",
 )
 async def retry(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> RetryResponse:
-    return RetryResponse(retried=context(request).admin.retry(_selector(data)))
+    ctx = context(request)
+    retried = ctx.admin.retry(_selector(data))
+    retried += sum(peer.retried for peer in await ctx.peers.ask(request, RetryResponse))
+    return RetryResponse(retried=retried)
 
 
 @get(
@@ -125,7 +142,10 @@ async def retry(request: Request[Any, Any, Any], data: JSONBody[SelectorIn]) -> 
     summary="A queued message: envelope, headers, where its jobs wait, attempts",
 )
 async def message(request: Request[Any, Any, Any], message_id: FromPath[str]) -> MessageDetails:
-    found = await context(request).admin.message(message_id)
+    ctx = context(request)
+    found = await ctx.admin.message(message_id)
+    if found is None:
+        found = next(iter(await ctx.peers.ask(request, MessageDetails)), None)
     if found is None:
         raise NotFoundException(f"message {message_id!r} is not in the spool")
     return found

@@ -19,6 +19,7 @@ from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.api_types import ReadyStatus, Strict
 from epoxi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from epoxi.metrics import sum_metrics
 from epoxi.store.keys import Scope
 
 DESCRIPTION = """\
@@ -69,7 +70,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
-    return context(request).metrics_text()
+    ctx = context(request)
+    return sum_metrics([ctx.metrics_text(), *await ctx.peers.ask_raw(request)])
 
 
 async def _require_json_body(request: Request[Any, Any, Any]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 
 from epoxi.admin import Admin
+from epoxi.api.peers import Peers
 from epoxi.config import Settings
 from epoxi.message import MessageMeta
 from epoxi.store.keys import KeyStore
@@ -26,6 +27,7 @@ class ApiContext:
     admin: Admin
     readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
     metrics_text: Callable[[], bytes]
+    peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
 
 

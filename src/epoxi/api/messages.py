@@ -112,7 +112,12 @@ async def send_raw(
     tags=["messages"],
 )
 async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> MessageStatus:
-    return await _visible_message(request, message_id)
+    found = await _status(request, message_id)
+    if found is None:  # not yet written by the worker that took it: that one flushes first
+        found = next(iter(await context(request).peers.ask(request, MessageStatus)), None)
+    if found is None:
+        raise NotFoundException(f"no message {message_id!r}")
+    return found
 
 
 @delete(
@@ -124,8 +129,19 @@ async def status(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
     tags=["messages"],
 )
 async def cancel(request: Request[Any, Any, Any], message_id: FromPath[str]) -> CancelResponse:
-    await _visible_message(request, message_id)
-    cancelled = context(request).admin.cancel(message_id)
+    ctx = context(request)
+    known = await _status(request, message_id) is not None
+    cancelled = ctx.admin.cancel(message_id) if known else 0
+    if ctx.peers.is_forwarded(request):
+        if not known:
+            raise NotFoundException(f"no message {message_id!r}")
+        return CancelResponse(id=message_id, cancelled=cancelled)  # 0: not waiting here
+    if not cancelled:
+        answers = await ctx.peers.ask(request, CancelResponse)  # the worker that holds it
+        known = known or bool(answers)
+        cancelled = sum(answer.cancelled for answer in answers)
+    if not known:
+        raise NotFoundException(f"no message {message_id!r}")
     if not cancelled:
         raise ClientException(
             f"message {message_id!r} is not waiting to be sent: it was sent, bounced or is on "
@@ -138,12 +154,12 @@ async def cancel(request: Request[Any, Any, Any], message_id: FromPath[str]) -> 
 # --------------------------------------------------------------------- helpers
 
 
-async def _visible_message(request: Request[Any, Any, Any], message_id: str) -> MessageStatus:
-    """The message, if it exists for this key: another tenant's is a 404, as if unknown."""
+async def _status(request: Request[Any, Any, Any], message_id: str) -> MessageStatus | None:
+    """The message, if it exists for this key: another tenant's is None, as if unknown."""
     found = await context(request).status.message(message_id)
     key = api_key(request)
     if found is None or (key is not None and key.tenant and found.tenant != key.tenant):
-        raise NotFoundException(f"no message {message_id!r}")
+        return None
     return found
 
 

@@ -44,11 +44,18 @@ def _each_line(text: str) -> str:
     return "\n".join(printable(line) for line in text.split("\n"))
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
-    """Send log records at ``level`` and above to ``stream`` (stderr), made printable."""
+def configure_logging(
+    level: str, stream: TextIO | None = None, process: str = ""
+) -> logging.Handler:
+    """Send log records at ``level`` and above to ``stream`` (stderr), made printable.
+
+    ``process`` names the process in every line ("supervisor", "worker 1") when several
+    write to the same stream."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(PrintableFormatter(FORMAT))
+    named = FORMAT.replace("%(name)s", f"[{process}] %(name)s") if process else FORMAT
+    handler.setFormatter(PrintableFormatter(named))
     root = logging.getLogger()
     root.setLevel(level.upper())
     root.addHandler(handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call between workers
     return handler

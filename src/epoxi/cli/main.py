@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import getpass
 import sys
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvloop
@@ -17,8 +18,10 @@ from epoxi.cli.keys import keys_app
 from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import queue_app, send, status
 from epoxi.cli.show import echo
-from epoxi.config import load_settings
+from epoxi.config import load_settings, parse_workers
 from epoxi.errors import ConfigError
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Epoxi, a Mail Transfer Agent.",
@@ -40,19 +43,80 @@ app.command()(send)
 app.command()(status)
 
 
+WorkersOption = Annotated[
+    str | None,
+    typer.Option(
+        "--workers",
+        "-w",
+        help="Worker processes: a number, or 'auto' for one per core "
+        "(default: the 'workers' setting, EPOXI_WORKERS, else 1).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def serve(config: ConfigOption = None) -> None:
+def serve(config: ConfigOption = None, workers: WorkersOption = None) -> None:
     """Run Epoxi in the foreground until SIGTERM or SIGINT.
 
-    Environment variables (EPOXI_SMTP_LISTEN, EPOXI_DATA_DIR, ...) override the file.
+    With --workers N (N > 1) this process supervises N workers: each is a full Epoxi on its
+    own spool shard, all serve the same SMTP and HTTP ports, and one that dies is restarted
+    at once. Environment variables (EPOXI_SMTP_LISTEN, EPOXI_DATA_DIR, ...) override the file.
     """
-    from epoxi.app import Epoxi
-
     settings = load(config)
-    configure_logging(settings.log_level)
+    count = settings.workers if workers is None else _worker_count(workers)
+    if count == 1:
+        from epoxi.app import Epoxi
+
+        configure_logging(settings.log_level)
+        _serve(Epoxi(settings).run(reload=lambda: load_settings(config)))
+        return
+    from epoxi.supervisor import Supervisor
+
+    configure_logging(settings.log_level, process="supervisor")
+    command = [sys.executable, "-m", "epoxi", "worker", *(["-c", str(config)] if config else [])]
+    supervisor = Supervisor(settings, count, command, load=lambda: load_settings(config))
+    code = _serve(supervisor.run(), loop_factory=asyncio.new_event_loop)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def worker(config: ConfigOption = None) -> None:
+    """One worker of `epoxi serve --workers N`, started by that supervisor."""
+    from epoxi.app import Epoxi
+    from epoxi.workers.placement import Placement, die_with_supervisor
+
+    placement = Placement.from_env()
+    if placement is None:
+        echo("epoxi: workers are started by `epoxi serve --workers N`", err=True)
+        raise typer.Exit(2)
+    die_with_supervisor(placement)
+    settings = load(config)
+    configure_logging(settings.log_level, process=f"worker {placement.index}")
+    _serve(Epoxi(settings, placement).run(reload=lambda: load_settings(config)))
+
+
+def _worker_count(text: str) -> int:
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(Epoxi(settings).run(reload=lambda: load_settings(config)))
+        count = int(parse_workers(text))
+    except ValueError as exc:
+        echo(f"epoxi: --workers {text!r}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if count < 1:
+        echo("epoxi: --workers must be at least 1", err=True)
+        raise typer.Exit(2)
+    return count
+
+
+def _serve(
+    main: Coroutine[Any, Any, T],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
+) -> T:
+    """Run the server's main coroutine; a configuration or socket error exits with a line."""
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main)
     except ConfigError as exc:
         echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc

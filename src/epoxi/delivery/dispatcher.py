@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 from epoxi.config import SourceSettings
@@ -24,6 +24,7 @@ from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.suspensions import Suspensions
 from epoxi.shaping.policy import Shaping, ShapingPolicy
+from epoxi.shaping.slots import ConnectionSlots
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Dispatcher:
         hold_back: Callable[[Job], None],
         source: SourceSettings,
         ready_queue_limit: int = 10_000,
+        slots: ConnectionSlots | None = None,
     ) -> None:
         self.router = router
         self.policy = policy
@@ -54,6 +56,7 @@ class Dispatcher:
         self._load_body = load_body
         self._hold_back = hold_back
         self._ready_queue_limit = ready_queue_limit
+        self._slots = slots
         self._lookups: dict[str, list[Job]] = {}
         self._paths: dict[tuple[str, str], ReadyQueue] = {}  # (domain, site) -> its ready queue
         self._shaped_for: dict[str, str] = {}  # ready queue key -> the domain its limits are of
@@ -131,6 +134,7 @@ class Dispatcher:
                 transport=self.transport,
                 outcomes=self.outcomes,
                 load_body=self._load_body,
+                slots=self._slots,
             )
             ready.set_suspension(self.suspensions.for_path(self.source.name, destination.site))
             self._shaped_for[key] = domain
@@ -151,6 +155,21 @@ class Dispatcher:
             ready.set_suspension(
                 self.suspensions.for_path(self.source.name, ready.destination.site)
             )
+
+    def rate_backlogs(self) -> dict[str, tuple[str, int]]:
+        """Ready queues with a message rate -> (the rate, their backlog), for rate shares."""
+        return {
+            key: (str(rate), ready.backlog)
+            for key, ready in self.ready.items()
+            if (rate := ready.shaping.max_message_rate) is not None
+        }
+
+    def shares_changed(self, keys: Iterable[str]) -> None:
+        """This worker's rate shares of ``keys`` changed: their queues pace anew."""
+        for key in keys:
+            ready = self.ready.get(key)
+            if ready is not None:
+                ready.share_changed()
 
     # ----------------------------------------------------------------- inspection and admin
 

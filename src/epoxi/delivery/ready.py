@@ -4,7 +4,9 @@ A ready queue holds jobs that are due and routed to one site from one egress sou
 dispatcher opens connections through a :class:`~epoxi.delivery.transport.Transport` up to
 ``connection_limit`` (and no faster than ``max_connection_rate``), reuses each for up to
 ``max_deliveries_per_connection`` jobs, paces messages to ``max_message_rate`` and closes a
-connection once it has been idle for ``idle_timeout``. Each attempt's replies go to the
+connection once it has been idle for ``idle_timeout``. With worker processes, each opening
+also waits for a machine-wide slot and the message rate is this worker's share of it
+(:mod:`epoxi.shaping.slots`). Each attempt's replies go to the
 outcome disposition; the ready queue never decides what a reply means.
 """
 
@@ -23,6 +25,7 @@ from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.suspensions import Suspension
 from epoxi.shaping.policy import Shaping
+from epoxi.shaping.slots import ConnectionSlots, LocalSlots
 from epoxi.shaping.throttle import LocalThrottle, Rate, Throttle
 from epoxi.smtp.replies import Reply
 
@@ -73,6 +76,7 @@ class ReadyQueue:
         transport: Transport,
         outcomes: Disposition,
         load_body: LoadBody,
+        slots: ConnectionSlots | None = None,
     ) -> None:
         self.key = key
         self.source = source
@@ -86,9 +90,11 @@ class ReadyQueue:
         self._transport = transport
         self._outcomes = outcomes
         self._load_body = load_body
+        self._slots = slots or LocalSlots()
         self._idle: deque[asyncio.Future[Job]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._message_throttle = _throttle(shaping.max_message_rate)
+        self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
+        self._message_throttle = _throttle(self._my_rate(shaping))
         self._connection_throttle = _throttle(shaping.max_connection_rate)
         self._open_later: asyncio.TimerHandle | None = None
         self._closing = False
@@ -130,11 +136,25 @@ class ReadyQueue:
     def reshape(self, shaping: Shaping) -> None:
         """Apply new limits now, keeping the queue, its jobs and its connections."""
         self.shaping = shaping
-        self._message_throttle = _reshaped(self._message_throttle, shaping.max_message_rate)
+        self._message_throttle = _reshaped(self._message_throttle, self._my_rate(shaping))
         self._connection_throttle = _reshaped(
             self._connection_throttle, shaping.max_connection_rate
         )
         self._maybe_open()
+
+    def share_changed(self) -> None:
+        """This worker's part of the machine's message rate changed: pace to the new one."""
+        self._message_throttle = _reshaped(self._message_throttle, self._my_rate(self.shaping))
+
+    def _my_rate(self, shaping: Shaping) -> Rate | None:
+        rate = shaping.max_message_rate
+        share = self._slots.rate_share(self.key)
+        return rate if rate is None or share >= 1.0 else Rate(rate.count * share, rate.period)
+
+    @property
+    def backlog(self) -> int:
+        """Jobs waiting here plus connections at work: what this worker wants to send."""
+        return len(self.jobs) + self.connections
 
     # ----------------------------------------------------------------- connections
 
@@ -161,6 +181,28 @@ class ReadyQueue:
         self._maybe_open()
 
     async def _connection(self) -> None:
+        shaping = self.shaping
+        waiting = asyncio.current_task()
+        assert waiting is not None
+        self._acquiring.add(waiting)
+        try:
+            await self._slots.acquire(
+                self.key, shaping.connection_limit, shaping.max_connection_rate
+            )
+        except asyncio.CancelledError:
+            self.connections -= 1
+            raise
+        finally:
+            self._acquiring.discard(waiting)
+        try:
+            if self._closing or self.suspension is not None or not self.jobs:
+                self.connections -= 1  # the jobs went another way while this waited
+                return
+            await self._connect_and_serve()
+        finally:
+            self._slots.release(self.key)
+
+    async def _connect_and_serve(self) -> None:
         try:
             connection = await self._transport.connect(self.destination, self.source)
         except (EpoxiError, DnsError, OSError) as exc:
@@ -254,6 +296,8 @@ class ReadyQueue:
         for waiter in self._idle:
             if not waiter.done():
                 waiter.cancel()
+        for task in self._acquiring:  # waiting for a slot another worker holds: give up
+            task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
 

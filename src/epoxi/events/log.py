@@ -22,18 +22,21 @@ Subscriber = Callable[[Record], None]
 
 
 class RecordLog:
-    """Appends records to ``directory/records.jsonl``; rotates at ``max_bytes``."""
+    """Appends records to ``directory/name`` (``records.jsonl``); rotates at ``max_bytes``.
+
+    Each worker process has a file of its own (``records-<i>.jsonl``)."""
 
     def __init__(
         self,
         directory: Path,
         *,
+        name: str = "records.jsonl",
         max_bytes: int = 100 * 1024 * 1024,
         keep: int = 10,
         flush_interval: float = 0.2,
     ) -> None:
         self.directory = directory
-        self.path = directory / "records.jsonl"
+        self.path = directory / name
         self.max_bytes = max_bytes
         self.keep = keep
         self._buffer: BufferedWriter[bytes] = BufferedWriter(

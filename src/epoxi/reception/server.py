@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from epoxi.config import Listener, Settings
@@ -30,13 +32,18 @@ class _Bound:
 
 
 class SmtpServer:
-    """Owns every listener; limits are shared across them."""
+    """Owns every listener; limits are shared across them.
 
-    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+    ``share``: how many worker processes serve the same sockets. Each takes that part of the
+    connection limits (rounded up), so the machine holds about the configured figures."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, share: int = 1) -> None:
         self.settings = settings
         self.ingest = ingest
         smtp = settings.smtp
-        self.tracker = ConnectionTracker(smtp.max_connections, smtp.max_connections_per_ip)
+        self.tracker = ConnectionTracker(
+            -(-smtp.max_connections // share), -(-smtp.max_connections_per_ip // share)
+        )
         self.auth_throttle = AuthThrottle(smtp.auth_max_failures, smtp.auth_failure_window)
         self.authenticator = Authenticator(settings.users)
         self._tls: ssl.SSLContext | None = None
@@ -55,7 +62,11 @@ class SmtpServer:
 
     @property
     def sessions(self) -> int:
-        return sum(len(b.context.sessions) for b in self._bound)
+        return sum(len(context.sessions) for context in self._contexts())
+
+    def _contexts(self) -> list[SessionContext]:
+        """One per listener (a listener may serve several sockets)."""
+        return list({id(b.context): b.context for b in self._bound}.values())
 
     def tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -67,20 +78,31 @@ class SmtpServer:
             self._tls = server_context(cert, key)
         return self._tls
 
-    async def start(self) -> None:
+    async def start(self, bound: Mapping[str, list[socket.socket]] | None = None) -> None:
+        """Listen on every listener's address, or serve the sockets ``bound`` for it (by a
+        supervisor, shared with the other workers)."""
         loop = asyncio.get_running_loop()
         for listener in self.settings.smtp.listeners:
             context = self._context_for(listener)
-            host, port = listener.host_port
-            server = await loop.create_server(
-                lambda ctx=context: SmtpSession(ctx),
-                host,
-                port,
-                reuse_address=True,
-                backlog=1024,
-                ssl=self.tls_context() if listener.tls == "implicit" else None,
-            )
-            self._bound.append(_Bound(listener, context, server))
+            tls = self.tls_context() if listener.tls == "implicit" else None
+            sockets = (bound or {}).get(listener.address)
+            if sockets:
+                for sock in sockets:
+                    server = await loop.create_server(
+                        lambda ctx=context: SmtpSession(ctx), sock=sock, backlog=1024, ssl=tls
+                    )
+                    self._bound.append(_Bound(listener, context, server))
+            else:
+                host, port = listener.host_port
+                server = await loop.create_server(
+                    lambda ctx=context: SmtpSession(ctx),
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=1024,
+                    ssl=tls,
+                )
+                self._bound.append(_Bound(listener, context, server))
             log.info("SMTP listening on %s (tls=%s)", listener.address, listener.tls)
         self._sweeper = loop.create_task(self._sweep_timeouts())
 
@@ -129,7 +151,7 @@ class SmtpServer:
         )
 
     def _open_sessions(self) -> list[SmtpSession]:
-        return [s for b in self._bound for s in b.context.sessions]
+        return [s for context in self._contexts() for s in context.sessions]
 
     async def _wait_closed(self, timeout: float) -> None:
         waiters = [asyncio.ensure_future(s.closed.wait()) for s in self._open_sessions()]
@@ -142,17 +164,17 @@ class SmtpServer:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
             now = time.monotonic()
-            for bound in self._bound:
-                for session in list(bound.context.sessions):
-                    session.check_timeout(now)
+            for session in self._open_sessions():
+                session.check_timeout(now)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let transactions in progress finish for up to ``grace`` seconds,
         then say 421 4.3.2 to every session left (after its commit, if one is pending)."""
         for bound in self._bound:
             bound.server.close()
-            bound.context.draining = True
-            for session in list(bound.context.sessions):
+        for context in self._contexts():
+            context.draining = True
+            for session in list(context.sessions):
                 session.drain()
         await self._wait_closed(grace)
         for session in self._open_sessions():

@@ -153,6 +153,15 @@ class Spool:
         self._thread = threading.Thread(target=self._run, name="epoxi-spool-writer", daemon=True)
         self._thread.start()
 
+    def prepare(self) -> None:
+        """Create or upgrade the database, checkpoint it and close it again (no writer thread).
+
+        Blocking; for tools that work on closed spools (merging shards)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect_writer()
+        _checkpoint(conn, "TRUNCATE")
+        conn.close()
+
     async def close(self) -> None:
         """Refuse new writes, let the writer commit everything queued, checkpoint, stop.
 

@@ -73,7 +73,8 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
     conn = sqlite3.connect(
         path, isolation_level=None, timeout=10.0, check_same_thread=check_same_thread
     )
-    conn.execute("PRAGMA journal_mode=WAL")
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # set once, not per worker
+        conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # history, not mail: the spool holds the mail
     conn.execute("PRAGMA foreign_keys=ON")
     migrate(conn)

@@ -1,0 +1,185 @@
+"""The other workers of this machine: one API call answered for all of them.
+
+With ``--workers N`` a request reaches one worker (they share the listening socket), but the
+queues, suspensions and messages it asks about are spread over all of them. The worker that
+got it answers for itself, forwards the same request to each peer over the peer's unix
+socket, marked :data:`SCOPE_HEADER` ``: worker`` so the peer answers for itself alone, and
+merges the answers (the functions below). The caller's ``Authorization`` goes along: a
+peer checks the key as the first worker did (the key store is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import httpx
+import msgspec
+from litestar import Request
+
+from epoxi.api_types import (
+    Health,
+    PipelineHealth,
+    Pipelines,
+    ReadyQueueInfo,
+    ScheduledQueueInfo,
+    SuspensionInfo,
+    Totals,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCOPE_HEADER: Final = "x-epoxi-scope"
+WORKER_ONLY: Final = "worker"
+_PASSED_ON: Final = ("authorization", "content-type")
+
+
+class Peers:
+    """Clients of the other workers' APIs (none for a single process)."""
+
+    def __init__(self, sockets: Iterable[Path] = (), timeout: float = 60.0) -> None:
+        self._clients = [
+            httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(path)),
+                base_url="http://worker",
+                timeout=timeout,
+            )
+            for path in sockets
+        ]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self._clients))
+
+    @staticmethod
+    def is_forwarded(request: Request[Any, Any, Any]) -> bool:
+        """True when another worker sent this request: answer for this worker alone."""
+        return request.headers.get(SCOPE_HEADER) == WORKER_ONLY
+
+    async def ask(self, request: Request[Any, Any, Any], answer: type[T]) -> list[T]:
+        """Each peer's 2xx answer to this same request, decoded; [] when it was forwarded
+        itself. A peer that is restarting, or answers 4xx (not there), adds nothing."""
+        return [msgspec.json.decode(body, type=answer) for body in await self.ask_raw(request)]
+
+    async def ask_raw(self, request: Request[Any, Any, Any]) -> list[bytes]:
+        if not self._clients or self.is_forwarded(request):
+            return []
+        body = await request.body()
+        headers = {name: request.headers[name] for name in _PASSED_ON if name in request.headers}
+        headers[SCOPE_HEADER] = WORKER_ONLY
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        replies = await asyncio.gather(
+            *(self._one(c, request.method, path, body, headers) for c in self._clients)
+        )
+        return [reply for reply in replies if reply is not None]
+
+    async def _one(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> bytes | None:
+        try:
+            reply = await client.request(method, path, content=body, headers=headers)
+        except httpx.HTTPError as exc:  # restarting: it holds nothing in memory yet
+            log.info("worker at %s did not answer %s %s: %s", client, method, path, exc)
+            return None
+        if reply.status_code >= 500:
+            log.error("a worker answered %s %s with %d", method, path, reply.status_code)
+        return reply.content if reply.is_success else None
+
+
+# --------------------------------------------------------------------- merging answers
+
+
+def merge_pipelines(parts: list[Pipelines]) -> Pipelines:
+    """The queues of all workers: a queue several have is one line with their sums."""
+    scheduled: dict[str, ScheduledQueueInfo] = {}
+    for part in parts:
+        for queue in part.scheduled:
+            seen = scheduled.get(queue.name)
+            scheduled[queue.name] = queue if seen is None else _add_scheduled(seen, queue)
+    ready: dict[str, ReadyQueueInfo] = {}
+    for part in parts:
+        for rq in part.ready:
+            known = ready.get(rq.name)
+            ready[rq.name] = rq if known is None else _add_ready(known, rq)
+    suspensions: dict[tuple[str, str], SuspensionInfo] = {}
+    for part in parts:
+        for suspension in part.suspensions:
+            suspensions.setdefault((suspension.target, suspension.value), suspension)
+    return Pipelines(
+        totals=Totals(
+            scheduled=sum(p.totals.scheduled for p in parts),
+            held=sum(p.totals.held for p in parts),
+            ready=sum(p.totals.ready for p in parts),
+            connections=sum(p.totals.connections for p in parts),
+        ),
+        scheduled=sorted(scheduled.values(), key=lambda q: q.name),
+        ready=list(ready.values()),
+        suspensions=list(suspensions.values()),
+    )
+
+
+def _add_scheduled(a: ScheduledQueueInfo, b: ScheduledQueueInfo) -> ScheduledQueueInfo:
+    dues = [d for d in (a.next_due, b.next_due) if d is not None]
+    return msgspec.structs.replace(
+        a,
+        scheduled=a.scheduled + b.scheduled,
+        held=a.held + b.held,
+        next_due=min(dues) if dues else None,
+        suspended=a.suspended or b.suspended,
+    )
+
+
+def _add_ready(a: ReadyQueueInfo, b: ReadyQueueInfo) -> ReadyQueueInfo:
+    latest = max((a, b), key=lambda q: q.last_error_at or 0.0)
+    return msgspec.structs.replace(
+        a,
+        queued=a.queued + b.queued,
+        connections=a.connections + b.connections,
+        connects=a.connects + b.connects,
+        deliveries=a.deliveries + b.deliveries,
+        attempts_last_minute=a.attempts_last_minute + b.attempts_last_minute,
+        suspended=a.suspended or b.suspended,
+        suspended_until=a.suspended_until or b.suspended_until,
+        last_error=latest.last_error,
+        last_error_at=latest.last_error_at,
+    )
+
+
+def merge_health(parts: list[Health]) -> Health:
+    """A queue fails only when it fails everywhere it exists (no worker has a connection)."""
+    merged: dict[str, list[PipelineHealth]] = {}
+    for part in parts:
+        for pipeline in part.pipelines:
+            merged.setdefault(pipeline.name, []).append(pipeline)
+    pipelines = [_one_health(name, same) for name, same in merged.items()]
+    failing = any(p.status == "failing" for p in pipelines)
+    return Health(status="degraded" if failing else "ok", pipelines=pipelines)
+
+
+def _one_health(name: str, same: list[PipelineHealth]) -> PipelineHealth:
+    connections = sum(p.connections for p in same)
+    suspended = [p for p in same if p.status == "suspended"]
+    failing = [p for p in same if p.status == "failing"]
+    status: Literal["ok", "suspended", "failing"]
+    if suspended:
+        status, detail = "suspended", suspended[0].detail
+    elif failing and connections == 0:
+        status, detail = "failing", failing[0].detail
+    else:
+        status, detail = "ok", None
+    return PipelineHealth(
+        name=name,
+        status=status,
+        queued=sum(p.queued for p in same),
+        connections=connections,
+        detail=detail,
+    )

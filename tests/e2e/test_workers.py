@@ -1,0 +1,224 @@
+"""``epoxi serve --workers N``: one supervisor, N worker processes, one set of ports.
+
+Each test runs the real thing: ``epoxi serve`` in a child process, mail over smtplib, the API
+over HTTP, a sink on a real socket, and SIGKILL for a dying worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import smtplib
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from epoxi.testing.sink import Sink
+from tests.conftest import EpoxiProcess, eventually
+
+BODY = b"Subject: workers\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20
+FAST_RETRY = '[delivery]\nretry_interval = "1s"\nmax_retry_interval = "2s"\n'
+
+
+def send_session(port: int, count: int) -> list[str]:
+    """``count`` messages on one connection; the queue ids of their 250 replies."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        for _ in range(count):
+            smtp.mail("a@x.test")
+            smtp.rcpt("b@local.test")
+            code, text = smtp.data(BODY)
+            assert code == 250, text
+            ids.append(text.split()[-1].decode())
+    return ids
+
+
+def send_concurrently(port: int, sessions: int, each: int = 1) -> list[str]:
+    """``sessions`` connections open at once (so the kernel spreads them over the workers)."""
+    with ThreadPoolExecutor(sessions) as pool:
+        batches = list(pool.map(lambda _: send_session(port, each), range(sessions)))
+    return [queue_id for batch in batches for queue_id in batch]
+
+
+def record_types(path: Path) -> dict[str, set[str]]:
+    """Record type -> message ids, from one worker's record log."""
+    found: dict[str, set[str]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            found.setdefault(record["type"], set()).add(record["message_id"])
+    return found
+
+
+def worker_log(process: EpoxiProcess, index: int) -> Path:
+    name = "records.jsonl" if index == 0 else f"records-{index}.jsonl"
+    return process.data_dir / "logs" / name
+
+
+def worker_pids(process: EpoxiProcess) -> list[int]:
+    assert process.proc is not None
+    pid = process.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(child) for child in children)
+
+
+async def wait_for_log(process: EpoxiProcess, text: str, count: int = 1) -> None:
+    await eventually(lambda: process.log().count(text) >= count, 30, f"{text!r} in the log")
+
+
+async def start(
+    tmp_path: Path, workers: int, config: str = "", env: dict[str, str] | None = None
+) -> EpoxiProcess:
+    process = EpoxiProcess(tmp_path / "data", env={"EPOXI_WORKERS": str(workers), **(env or {})})
+    path = tmp_path / "epoxi.toml"
+    path.write_text(config)
+    await asyncio.to_thread(process.start, path)
+    if workers > 1:
+        await wait_for_log(process, f"ready: {workers} workers")
+    return process
+
+
+async def stop(process: EpoxiProcess) -> None:
+    if process.proc is not None:
+        await asyncio.to_thread(process.kill)
+
+
+def api(process: EpoxiProcess, method: str, path: str, **kwargs: object) -> httpx.Response:
+    """One call on a fresh connection: it may reach either worker."""
+    url = f"http://127.0.0.1:{process.http_port}{path}"
+    with httpx.Client(timeout=30) as client:
+        return client.request(method, url, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_two_workers_take_connections_and_answer_for_each_other(tmp_path: Path) -> None:
+    process = await start(tmp_path, workers=2)
+    try:
+        ids = await asyncio.to_thread(send_concurrently, process.port, 40)
+        assert len(set(ids)) == 40
+
+        def both_received() -> bool:
+            return all("Reception" in record_types(worker_log(process, i)) for i in (0, 1))
+
+        await eventually(both_received, 15, "receptions in both workers' record logs")
+        first = record_types(worker_log(process, 1))["Reception"]
+        for message_id in sorted(first)[:5]:  # accepted by worker 1, asked of any worker
+            for _ in range(4):
+                reply = await asyncio.to_thread(api, process, "GET", f"/messages/{message_id}")
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["id"] == message_id
+        pipelines = (await asyncio.to_thread(api, process, "GET", "/admin/pipelines")).json()
+        waiting = pipelines["totals"]["scheduled"] + pipelines["totals"]["ready"]
+        assert waiting + pipelines["totals"]["connections"] == 40  # both workers, summed
+        metrics = (await asyncio.to_thread(api, process, "GET", "/metrics")).text
+        assert 'epoxi_records_total{type="Reception"} 40.0' in metrics
+    finally:
+        await stop(process)
+
+
+async def test_sigkill_of_one_worker_loses_nothing(tmp_path: Path) -> None:
+    process = await start(tmp_path, workers=2, config=FAST_RETRY)
+    try:
+        ids = await asyncio.to_thread(send_concurrently, process.port, 20, 3)
+        pids = worker_pids(process)
+        await eventually(
+            lambda: "Reception" in record_types(worker_log(process, 1)), 15, "worker 1's mail"
+        )
+        victim = pids[1] if _index_of(process, pids[1]) == 1 else pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_for_log(process, "died (killed by SIGKILL)")
+        await wait_for_log(process, "worker 1 ready", 2)  # restarted on its shard
+        async with Sink("127.0.0.1", process.relay_port) as sink:
+            await sink.wait_for(60, timeout=60)
+            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
+        assert set(ids) <= received
+    finally:
+        await stop(process)
+
+
+async def test_restart_with_fewer_workers_delivers_every_shard(tmp_path: Path) -> None:
+    process = await start(tmp_path, workers=3, config=FAST_RETRY)
+    try:
+        ids = await asyncio.to_thread(send_concurrently, process.port, 30)
+        assert await asyncio.to_thread(process.stop) == 0
+        shards = {i: _spooled(process.data_dir, i) for i in (1, 2)}
+        assert sum(shards.values()) > 0, "no mail reached workers 1 and 2"
+        async with Sink("127.0.0.1", process.relay_port) as sink:
+            process.extra_env["EPOXI_WORKERS"] = "1"
+            await asyncio.to_thread(process.start, tmp_path / "epoxi.toml")
+            await sink.wait_for(30, timeout=60)
+            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
+        assert received == set(ids)
+        assert not (process.data_dir / "spool-1.db").exists()
+        assert not (process.data_dir / "spool-2.db").exists()
+    finally:
+        await stop(process)
+
+
+async def test_a_suspension_holds_mail_on_every_worker(tmp_path: Path) -> None:
+    async with Sink("127.0.0.1") as sink:
+        process = await start(tmp_path, workers=2, env={"EPOXI_SMTP_PORT": str(sink.port)})
+        try:
+            reply = await asyncio.to_thread(
+                api, process, "POST", "/admin/suspend", json={"domain": "local.test"}
+            )
+            assert reply.status_code == 200, reply.text
+            await asyncio.to_thread(send_concurrently, process.port, 20)
+
+            def held() -> int:
+                totals = api(process, "GET", "/admin/pipelines").json()["totals"]
+                return int(totals["held"])
+
+            await eventually(lambda: held() == 20, 15, "20 messages held by the suspension")
+            assert sink.received == 0
+            await eventually(
+                lambda: all("Reception" in record_types(worker_log(process, i)) for i in (0, 1)),
+                10,
+                "mail taken by both workers",
+            )
+            reply = await asyncio.to_thread(
+                api, process, "DELETE", "/admin/suspend", params={"domain": "local.test"}
+            )
+            assert reply.json()["released"] == 20
+            await sink.wait_for(20, timeout=30)
+        finally:
+            await stop(process)
+
+
+async def test_connection_limit_holds_for_the_whole_machine(tmp_path: Path) -> None:
+    config = "[delivery.defaults]\nconnection_limit = 2\nidle_timeout = 0.2\n"
+    async with Sink("127.0.0.1", reply_delay=0.002) as sink:
+        process = await start(
+            tmp_path, workers=2, config=config, env={"EPOXI_SMTP_PORT": str(sink.port)}
+        )
+        try:
+            await asyncio.to_thread(send_concurrently, process.port, 20, 10)
+            await sink.wait_for(200, timeout=60)
+            assert sink.max_concurrent_connections <= 2
+            await eventually(
+                lambda: all("Delivery" in record_types(worker_log(process, i)) for i in (0, 1)),
+                10,
+                "deliveries by both workers (through two connections between them)",
+            )
+        finally:
+            await stop(process)
+
+
+def _index_of(process: EpoxiProcess, pid: int) -> int:
+    """Which worker a pid is, from the supervisor's log."""
+    for line in process.log().splitlines():
+        if f"(pid {pid})" in line and "ready" in line:
+            return int(line.split("worker ")[1].split()[0])
+    raise AssertionError(f"pid {pid} is not a worker")
+
+
+def _spooled(data_dir: Path, shard: int) -> int:
+    path = data_dir / f"spool-{shard}.db"
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
