@@ -169,6 +169,11 @@ class Admin:
         self.suspensions.suspend(suspension)
         return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is suspension)
 
+    def adopt(self, suspensions: list[SuspensionInfo]) -> None:
+        """Take on suspensions another worker of this machine holds (a restarted worker)."""
+        for item in suspensions:
+            self.suspensions.suspend(Suspension(item.target, item.value, item.reason, item.until))
+
     def resume(self, target: SuspendKind, value: str) -> int:
         """Lift a suspension; returns the held jobs released (ready queues, for a site or
         a source)."""

@@ -20,6 +20,7 @@ from epoxi.api.app import build_app
 from epoxi.api.context import ApiContext
 from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
+from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
@@ -146,14 +147,16 @@ class Epoxi:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
-            loop.create_task(self._every(3600, self._purge_store)),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
         ]
+        if self.placement.index == 0:  # the store is one for all workers: purged by one
+            self._tasks.append(loop.create_task(self._every(3600, self._purge_store)))
         self.loader = SpoolLoader(self.spool, self.ingest)  # before the listeners open
         if self.link is not None:
             await self._start_link(self.link)
+            await self._adopt_suspensions()
         await self.smtp.start(self.placement.smtp_sockets)
         if self.settings.http_listen:
             api = build_app(self._api_context(self.keys))
@@ -168,6 +171,11 @@ class Epoxi:
         self.loaded = loop.create_task(self.loader.run())
         if self.link is not None:
             self.link.ready()
+
+    async def _adopt_suspensions(self) -> None:
+        """A worker restarted while others run: hold what they hold before loading mail."""
+        for peer in await self.peers.get("/admin/pipelines", Pipelines, timeout=5.0):
+            self.admin.adopt(peer.suspensions)
 
     async def _start_link(self, link: SupervisorLink) -> None:
         link.backlogs = self.dispatcher.rate_backlogs
@@ -308,6 +316,7 @@ _RESTART_ONLY = (
     "spool",
     "dns",
     "delivery.sources",
+    "workers",
 )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
 from tests.conftest import EpoxiProcess, eventually
 
@@ -175,6 +176,12 @@ async def test_a_suspension_holds_mail_on_every_worker(tmp_path: Path) -> None:
 
             await eventually(lambda: held() == 20, 15, "20 messages held by the suspension")
             assert sink.received == 0
+            victim = worker_pids(process)[0]
+            os.kill(victim, signal.SIGKILL)  # its replacement must hold its mail too
+            await wait_for_log(process, f"(pid {victim}) died")
+            await wait_for_log(process, "ready (pid", 3)
+            await eventually(lambda: held() == 20, 15, "the restarted worker's mail held")
+            assert sink.received == 0
             await eventually(
                 lambda: all("Reception" in record_types(worker_log(process, i)) for i in (0, 1)),
                 10,
@@ -222,3 +229,30 @@ def _spooled(data_dir: Path, shard: int) -> int:
         return 0
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+async def test_with_api_keys_each_worker_checks_the_key_it_is_forwarded(tmp_path: Path) -> None:
+    with KeyStore(store_path(tmp_path / "data")) as keys:
+        _, admin = keys.create("ops", {Scope.ADMIN, Scope.READ, Scope.SEND})
+        _, tenant = keys.create("acme", {Scope.READ}, tenant="acme")
+    process = await start(tmp_path, workers=2)
+    try:
+        ids = await asyncio.to_thread(send_concurrently, process.port, 20)
+        as_admin = {"Authorization": f"Bearer {admin}"}
+        as_tenant = {"Authorization": f"Bearer {tenant}"}
+        assert (await asyncio.to_thread(api, process, "GET", "/admin/pipelines")).status_code == 401
+
+        def waiting() -> int:
+            reply = api(process, "GET", "/admin/pipelines", headers=as_admin)
+            assert reply.status_code == 200, reply.text
+            totals = reply.json()["totals"]
+            return int(totals["scheduled"] + totals["ready"] + totals["connections"])
+
+        await eventually(lambda: waiting() == 20, 15, "all 20 messages counted over both")
+        for message_id in ids[:4]:  # another tenant's message: unknown on every worker
+            reply = await asyncio.to_thread(
+                api, process, "GET", f"/messages/{message_id}", headers=as_tenant
+            )
+            assert reply.status_code == 404, reply.text
+    finally:
+        await stop(process)

@@ -230,7 +230,11 @@ def test_pipelines_of_workers_add_up_queue_by_queue() -> None:
 def test_a_queue_fails_only_where_no_worker_has_a_connection() -> None:
     def health(status: str, connections: int) -> Health:
         pipe = PipelineHealth(
-            name="q", status=status, queued=1, connections=connections, detail="x"  # type: ignore[arg-type]
+            name="q",
+            status=status,
+            queued=1,
+            connections=connections,
+            detail="x",  # type: ignore[arg-type]
         )
         return Health(status="ok", pipelines=[pipe])
 

@@ -1,4 +1,9 @@
-"""Who may call what: bearer API keys with scopes, or loopback clients while no key exists."""
+"""Who may call what: bearer API keys with scopes, or loopback clients while no key exists.
+
+A request on a worker's own unix socket (only its peers and its supervisor's user can reach
+the private directory it is in) is the machine asking itself: without a key it may do
+anything; with one, that key's scopes and tenant apply as anywhere else.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ async def authorize(
             _require_loopback(connection)
         return
     token = _bearer(connection.headers.get("authorization"))
+    if token is None and connection.client is None:
+        return  # a worker's unix socket, in its supervisor's private directory: the machine
     if token is not None:
         key = keys.authenticate(token)
         if key is None:

@@ -72,8 +72,24 @@ class Peers:
         headers = {name: request.headers[name] for name in _PASSED_ON if name in request.headers}
         headers[SCOPE_HEADER] = WORKER_ONLY
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return await self._everyone(request.method, path, body, headers)
+
+    async def get(self, path: str, answer: type[T], timeout: float) -> list[T]:
+        """Each peer's own answer to ``GET path``, as the machine asking itself (no key)."""
+        headers = {SCOPE_HEADER: WORKER_ONLY}
+        replies = await self._everyone("GET", path, b"", headers, timeout)
+        return [msgspec.json.decode(body, type=answer) for body in replies]
+
+    async def _everyone(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
+    ) -> list[bytes]:
         replies = await asyncio.gather(
-            *(self._one(c, request.method, path, body, headers) for c in self._clients)
+            *(self._one(c, method, path, body, headers, timeout) for c in self._clients)
         )
         return [reply for reply in replies if reply is not None]
 
@@ -84,11 +100,18 @@ class Peers:
         path: str,
         body: bytes,
         headers: dict[str, str],
+        timeout: float | None,
     ) -> bytes | None:
         try:
-            reply = await client.request(method, path, content=body, headers=headers)
-        except httpx.HTTPError as exc:  # restarting: it holds nothing in memory yet
-            log.info("worker at %s did not answer %s %s: %s", client, method, path, exc)
+            reply = await client.request(
+                method,
+                path,
+                content=body,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.HTTPError as exc:  # starting or restarting: it holds nothing yet
+            log.debug("a worker did not answer %s %s: %s", method, path, exc)
             return None
         if reply.status_code >= 500:
             log.error("a worker answered %s %s with %d", method, path, reply.status_code)
