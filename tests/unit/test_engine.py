@@ -6,6 +6,7 @@ Recorder stand in for the spool, SMTP, time and the record log.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,10 @@ from epoxi.queue.model import Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
 from epoxi.shaping.policy import Shaping
+from epoxi.shaping.slots import ConnectionSlots
 from epoxi.smtp.replies import Reply
-from epoxi.testing.fakes import FakeTransport, ManualClock, MemorySpool, Recorder
+from epoxi.testing.fakes import FakeTransport, GatedSlots, ManualClock, MemorySpool, Recorder
+from tests.conftest import eventually
 
 BODY = b"From: a@sender.test\r\nSubject: hi\r\n\r\nhello\r\n"
 DAY = 86400.0
@@ -45,6 +48,7 @@ class Engine:
     records: Recorder = field(default_factory=Recorder)
     transport: FakeTransport = field(default_factory=FakeTransport)
     rescheduled: list[Job] = field(default_factory=list)
+    slots: ConnectionSlots | None = None
 
     def __post_init__(self) -> None:
         delivery = self.settings.delivery
@@ -73,6 +77,7 @@ class Engine:
             load_body=self.spool.load_body,
             hold_back=self.rescheduled.append,
             source=delivery.sources[0],
+            slots=self.slots,
         )
 
     def submit(self, job: Job) -> None:
@@ -246,6 +251,42 @@ async def test_a_live_ready_queue_takes_new_limits(engine: Engine) -> None:
         ready.shaping.connection_limit == 3
         and next(iter(engine.dispatcher.ready.values())) is ready
     )
+
+
+async def test_a_connection_opens_only_when_the_machine_grants_a_slot() -> None:
+    slots = GatedSlots()
+    engine = Engine(settings(defaults={"idle_timeout": 0.01}), slots=slots)
+    await engine.send("x@a.test")
+    await asyncio.sleep(0)  # the connection task starts and asks for its slot
+    assert len(slots.waiting) == 1 and engine.transport.connects == 0
+    slots.grant()
+    assert await engine.outcome("x@a.test") is RecordType.DELIVERY
+    await eventually(lambda: slots.released == 1, 5, "the slot given back once idle")
+    await engine.close()
+
+
+async def test_closing_gives_up_a_wait_for_a_slot() -> None:
+    slots = GatedSlots()
+    engine = Engine(settings(defaults={"idle_timeout": 0.01}), slots=slots)
+    await engine.send("x@a.test")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(engine.close(), 5)  # not the 30 s a connection may take to finish
+    [ready] = engine.dispatcher.ready.values()
+    assert engine.transport.connects == 0 and ready.connections == 0 and len(ready) == 1
+
+
+async def test_a_worker_paces_to_its_share_of_the_message_rate() -> None:
+    slots = GatedSlots(share=0.5)
+    engine = Engine(settings(defaults={"max_message_rate": "10/s"}), slots=slots)
+    await engine.send("x@a.test")
+    [ready] = engine.dispatcher.ready.values()
+    assert ready._message_throttle is not None
+    assert ready._message_throttle.interval == pytest.approx(0.2)  # 5/s: half of 10/s
+    slots.share = 0.25
+    engine.dispatcher.shares_changed([ready.key])
+    assert ready._message_throttle.interval == pytest.approx(0.4)
+    assert engine.dispatcher.rate_backlogs() == {ready.key: ("10/s", 2)}  # 1 job, 1 opening
+    await engine.close()
 
 
 async def test_a_reload_keeps_the_domain_layer_a_ready_queue_was_made_with() -> None:

@@ -4,7 +4,8 @@
 - :class:`FakeTransport`: answers each recipient from a script, like the sink does by address
   (``tempfail-...@`` 451, ``reject-...@`` 550, anything else 250), and counts connections;
 - :class:`ManualClock`: time that moves only when told;
-- :class:`Recorder`: an event sink that keeps the records.
+- :class:`Recorder`: an event sink that keeps the records;
+- :class:`GatedSlots`: connection slots granted by hand, as a busy supervisor would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from epoxi.errors import DeliveryError, SpoolError
 from epoxi.events.records import Record, RecordType
 from epoxi.message import MessageMeta
+from epoxi.shaping.throttle import Rate
 from epoxi.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -196,3 +198,28 @@ def _done() -> asyncio.Future[None]:
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+class GatedSlots:
+    """:class:`~epoxi.shaping.slots.ConnectionSlots` whose slots wait for ``grant()``;
+    ``share`` is the rate share of every queue."""
+
+    def __init__(self, share: float = 1.0) -> None:
+        self.share = share
+        self.waiting: list[asyncio.Future[None]] = []
+        self.released = 0
+
+    async def acquire(self, key: str, limit: int, connection_rate: Rate | None) -> None:
+        granted = asyncio.get_running_loop().create_future()
+        self.waiting.append(granted)
+        await granted
+
+    def grant(self) -> None:
+        """Let the longest-waiting opening go ahead."""
+        self.waiting.pop(0).set_result(None)
+
+    def release(self, key: str) -> None:
+        self.released += 1
+
+    def rate_share(self, key: str) -> float:
+        return self.share
