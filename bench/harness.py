@@ -103,6 +103,8 @@ class Node:
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="epoxi-bench-")))
     extra_config: str = ""
     smtp_config: str = ""  # more [smtp] settings
+    workers: int = 1
+    relay_port: int | None = None  # a smarthost on 127.0.0.1 for all mail
     smtp_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -111,11 +113,14 @@ class Node:
     def config(self) -> Path:
         dns = f'nameservers = ["127.0.0.1:{self.receivers.dns_port}"]' if self.receivers else ""
         mx_port = f"mx_port = {self.receivers.sink_port}" if self.receivers else ""
+        relay = f'[relay]\nhost = "127.0.0.1"\nport = {self.relay_port}' if self.relay_port else ""
         text = f"""
 hostname = "epoxi.bench"
 data_dir = "{self.data_dir}"
 http_listen = ["127.0.0.1:{self.http_port}"]
 log_level = "info"
+workers = {self.workers}
+{relay}
 [smtp]
 listeners = [{{ address = "127.0.0.1:{self.smtp_port}" }}]
 {self.smtp_config}

@@ -1,9 +1,11 @@
 #!/bin/sh
 # Epoxi against Postfix, side by side on this machine, with the yardstick in ../shared/bench:
-#   bench/relay.sh [compare|run|killtest] [N] [REPEAT]
-# smtp-source -> MTA on 127.0.0.1:2525 -> smtp-sink on :2526, 5 KB, 20 sessions. Prints both
-# rates and ratio_candidate_over_postfix (compare), Epoxi's rate and delivered (run), or
-# acked_lost (killtest). The test suite's relay smoke test (tests/e2e/test_relay.py) needs
+#   bench/relay.sh [compare|run|killtest|ceiling] [N] [REPEAT]
+# smtp-source -> MTA on 127.0.0.1:2525 -> smtp-sink on :2526, 5 KB, 20 sessions. compare runs
+# the yardstick twice, Epoxi with --workers 1 and with EPOXI_BENCH_WORKERS (default auto: one
+# per core), each alternating with Postfix: both rates, ratio_candidate_over_postfix and each
+# MTA's CPU per message. run and killtest use EPOXI_WORKERS (default auto); killtest prints
+# acked_lost. ceiling is smtp-source straight into smtp-sink, with the disk probe. The test suite's relay smoke test (tests/e2e/test_relay.py) needs
 # none of this: it brings its own injector and sink. Installs Postfix
 # (for smtp-source, smtp-sink and Postfix itself) from Debian's packages when it is missing.
 set -eu
@@ -17,9 +19,14 @@ if [ ! -x "$YARDSTICK" ]; then
     echo "no yardstick at $YARDSTICK; set EPOXI_YARDSTICK to relay_bench.py" >&2
     exit 1
 fi
+CMD="$PWD/bench/epoxi_relay.sh"
+WORKERS=${EPOXI_BENCH_WORKERS:-auto}
 case "$MODE" in
-    compare) exec "$YARDSTICK" compare --name epoxi --cmd "$PWD/bench/epoxi_relay.sh" -n "$N" --repeat "$REPEAT" ;;
-    run) exec "$YARDSTICK" run --name epoxi --cmd "$PWD/bench/epoxi_relay.sh" -n "$N" ;;
-    killtest) exec "$YARDSTICK" killtest --name epoxi --cmd "$PWD/bench/epoxi_relay.sh" -n "$N" ;;
-    *) echo "usage: bench/relay.sh [compare|run|killtest] [N] [REPEAT]" >&2; exit 2 ;;
+    compare)
+        EPOXI_WORKERS=1 "$YARDSTICK" compare --name epoxi-workers-1 --cmd "$CMD" -n "$N" --repeat "$REPEAT"
+        EPOXI_WORKERS=$WORKERS exec "$YARDSTICK" compare --name "epoxi-workers-$WORKERS" --cmd "$CMD" -n "$N" --repeat "$REPEAT" ;;
+    run) EPOXI_WORKERS=${EPOXI_WORKERS:-auto} exec "$YARDSTICK" run --name epoxi --cmd "$CMD" -n "$N" ;;
+    killtest) EPOXI_WORKERS=${EPOXI_WORKERS:-auto} exec "$YARDSTICK" killtest --name epoxi --cmd "$CMD" -n "$N" ;;
+    ceiling) exec "$YARDSTICK" ceiling -n "$N" ;;
+    *) echo "usage: bench/relay.sh [compare|run|killtest|ceiling] [N] [REPEAT]" >&2; exit 2 ;;
 esac
