@@ -12,6 +12,8 @@ import os
 import signal
 import smtplib
 import sqlite3
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import httpx
 
 from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
-from tests.conftest import EpoxiProcess, eventually
+from tests.conftest import EpoxiProcess, eventually, free_port
 
 BODY = b"Subject: workers\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20
 FAST_RETRY = '[delivery]\nretry_interval = "1s"\nmax_retry_interval = "2s"\n'
@@ -256,3 +258,42 @@ async def test_with_api_keys_each_worker_checks_the_key_it_is_forwarded(tmp_path
             assert reply.status_code == 404, reply.text
     finally:
         await stop(process)
+
+
+async def test_sighup_reaches_every_worker_and_a_bad_file_none(tmp_path: Path) -> None:
+    process = await start(tmp_path, workers=2, config="[delivery.defaults]\nconnection_limit = 3\n")
+    try:
+        config = tmp_path / "epoxi.toml"
+        config.write_text("[delivery.defaults]\nconnection_limit = 7\n")
+        assert process.proc is not None
+        process.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(process, "configuration reloaded: shaping", 2)
+        assert "[worker 0]" in process.log() and "[worker 1]" in process.log()
+        config.write_text("[delivery]\nnot_a_key = 1\n")
+        process.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(process, "the running one is kept")
+        assert "[supervisor]" in process.log().split("the running one is kept")[0].splitlines()[-1]
+        assert process.log().count("configuration reloaded") == 2  # the workers never saw it
+        assert len(await asyncio.to_thread(send_concurrently, process.port, 4)) == 4
+        assert await asyncio.to_thread(process.stop) == 0
+    finally:
+        await stop(process)
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_code(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "EPOXI_WORKERS": "2",
+        "EPOXI_DATA_DIR": str(tmp_path),
+        "EPOXI_SMTP_LISTEN": f"127.0.0.1:{free_port()}",
+        "EPOXI_HTTP_LISTEN": f"0.0.0.0:{free_port()}",  # public, and no API key exists
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "epoxi", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "epoxi keys create" in result.stderr and "could not start" in result.stderr
