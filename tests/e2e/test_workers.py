@@ -297,3 +297,25 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_code(tmp_path:
     )
     assert result.returncode == 2, result.stderr
     assert "epoxi keys create" in result.stderr and "could not start" in result.stderr
+
+
+async def test_a_cancel_reaches_the_worker_that_holds_the_message(tmp_path: Path) -> None:
+    process = await start(tmp_path, workers=2)  # nothing listens at the relay: all deferred
+    try:
+        ids = await asyncio.to_thread(send_concurrently, process.port, 12)
+
+        def deferred() -> int:
+            return int(api(process, "GET", "/admin/pipelines").json()["totals"]["scheduled"])
+
+        await eventually(lambda: deferred() == 12, 15, "12 messages deferred")
+        for message_id in ids:  # each call may land on either worker
+            reply = await asyncio.to_thread(api, process, "DELETE", f"/messages/{message_id}")
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["cancelled"] == 1
+        again = await asyncio.to_thread(api, process, "DELETE", f"/messages/{ids[0]}")
+        assert again.status_code == 409, again.text
+        unknown = await asyncio.to_thread(api, process, "DELETE", "/messages/0000000000000000000Z")
+        assert unknown.status_code == 404, unknown.text
+        assert deferred() == 0
+    finally:
+        await stop(process)
