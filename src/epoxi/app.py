@@ -180,6 +180,7 @@ class Epoxi:
     async def _start_link(self, link: SupervisorLink) -> None:
         link.backlogs = self.dispatcher.rate_backlogs
         link.on_shares = self.dispatcher.shares_changed
+        link.on_wanted = self.dispatcher.slots_wanted
         link.on_lost = self.request_stop
         await link.start()
 

@@ -296,3 +296,23 @@ def test_a_placement_travels_through_the_environment(tmp_path: Path) -> None:
         control[0].close()
         control[1].close()
     assert Placement.from_env({}) is None
+
+
+def test_holders_of_a_full_queue_are_asked_once_to_close_idle_connections() -> None:
+    asked: list[tuple[int, str]] = []
+    board = SlotBoard(
+        lambda worker, ask: None,
+        lambda delay, then: None,
+        wanted=lambda worker, key: asked.append((worker, key)),
+    )
+    board.acquire(1, 1, "q", 1, None)
+    board.acquire(2, 1, "q", 1, None)  # full: worker 1 holds the slot
+    board.acquire(2, 2, "q", 1, None)
+    assert asked == [(1, "q")]  # once, however many wait
+    board.release(1, "q")  # worker 2 gets it; worker 2 still waits, holding one itself
+    assert asked == [(1, "q")]
+    board.release(2, "q")
+    board.release(2, "q")
+    board.acquire(1, 2, "q", 1, None)
+    board.acquire(2, 3, "q", 1, None)
+    assert asked == [(1, "q"), (1, "q")]  # a new wait, a new request

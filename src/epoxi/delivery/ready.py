@@ -129,9 +129,7 @@ class ReadyQueue:
         if suspension is None:
             self._maybe_open()
             return
-        for waiter in self._idle:
-            if not waiter.done():
-                waiter.cancel()
+        self.close_idle()
 
     def reshape(self, shaping: Shaping) -> None:
         """Apply new limits now, keeping the queue, its jobs and its connections."""
@@ -141,6 +139,12 @@ class ReadyQueue:
             self._connection_throttle, shaping.max_connection_rate
         )
         self._maybe_open()
+
+    def close_idle(self) -> None:
+        """Close the connections that wait for a job now (their slots are wanted elsewhere)."""
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.cancel()
 
     def share_changed(self) -> None:
         """This worker's part of the machine's message rate changed: pace to the new one."""
@@ -293,9 +297,7 @@ class ReadyQueue:
         self._closing = True
         if self._open_later is not None:
             self._open_later.cancel()
-        for waiter in self._idle:
-            if not waiter.done():
-                waiter.cancel()
+        self.close_idle()
         for task in self._acquiring:  # waiting for a slot another worker holds: give up
             task.cancel()
         if self._tasks:

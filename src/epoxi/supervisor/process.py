@@ -74,7 +74,11 @@ class Supervisor:
         self._failed: int | None = None  # exit code of a worker that could not start
         self._started = False  # every worker has served once: from now on, deaths restart
         self._tasks: set[asyncio.Task[None]] = set()
-        self.board = SlotBoard(self._grant, lambda delay, then: _later(delay, then))
+        self.board = SlotBoard(
+            self._grant,
+            lambda delay, then: _later(delay, then),
+            wanted=lambda worker, key: self._send(worker, wire.Wanted(key)),
+        )
         self.shares = RateShares()
 
     # ----------------------------------------------------------------- life cycle

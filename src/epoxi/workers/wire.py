@@ -2,8 +2,8 @@
 
 Worker to supervisor: :class:`Ready` once it serves, :class:`Acquire` / :class:`Cancel` /
 :class:`Release` for connection slots, :class:`Backlog` for rate shares. Supervisor to
-worker: :class:`Granted` and :class:`Shares`. A worker whose channel closes has died (or its
-supervisor has): the supervisor frees its slots, a worker stops.
+worker: :class:`Granted`, :class:`Wanted` and :class:`Shares`. A worker whose channel closes
+has died (or its supervisor has): the supervisor frees its slots, a worker stops.
 """
 
 from __future__ import annotations
@@ -44,18 +44,22 @@ class Granted(msgspec.Struct, tag=True):
     id: int
 
 
+class Wanted(msgspec.Struct, tag=True):
+    key: str  # other workers wait for this queue's slots: close its idle connections
+
+
 class Shares(msgspec.Struct, tag=True):
     shares: dict[str, float]  # ready queue -> this worker's part of its message rate
 
 
 ToSupervisor = Ready | Acquire | Cancel | Release | Backlog
-ToWorker = Granted | Shares
+ToWorker = Granted | Shares | Wanted
 
 MAX_LINE: Final = 1 << 24  # a Backlog of many rate-limited queues stays far below this
 
 encode = msgspec.json.Encoder().encode
-_to_supervisor = msgspec.json.Decoder(ToSupervisor)
-_to_worker = msgspec.json.Decoder(ToWorker)
+_to_supervisor: msgspec.json.Decoder[ToSupervisor] = msgspec.json.Decoder(ToSupervisor)
+_to_worker: msgspec.json.Decoder[ToWorker] = msgspec.json.Decoder(ToWorker)
 
 
 def line(message: ToSupervisor | ToWorker) -> bytes:
