@@ -61,6 +61,21 @@ async def send_to_every_worker(process: EpoxiProcess, workers: int, sessions: in
     raise AssertionError(f"20 batches of {sessions} sessions never reached all {workers} workers")
 
 
+async def send_evenly(process: EpoxiProcess) -> int:
+    """At least 30 messages, each of two workers holding 40 % or more of them."""
+    sent = 0
+
+    def counts() -> list[int]:
+        return [len(record_types(worker_log(process, i)).get("Reception", ())) for i in (0, 1)]
+
+    for _ in range(30):
+        sent += len(await asyncio.to_thread(send_concurrently, process.port, 10))
+        await eventually(lambda: sum(counts()) == sent, 5, "the receptions in the record logs")
+        if sent >= 30 and min(counts()) >= 0.4 * sent:
+            return sent
+    raise AssertionError(f"the mail never split evenly between the workers: {counts()}")
+
+
 def workers_with_mail(process: EpoxiProcess, workers: int) -> int:
     return sum("Reception" in record_types(worker_log(process, i)) for i in range(workers))
 
@@ -322,3 +337,23 @@ async def test_a_cancel_reaches_the_worker_that_holds_the_message(tmp_path: Path
         assert deferred() == 0
     finally:
         await stop(process)
+
+
+async def test_message_rate_holds_for_the_whole_machine(tmp_path: Path) -> None:
+    config = '[delivery.defaults]\nmax_message_rate = "20/s"\nidle_timeout = 2\n'
+    async with Sink("127.0.0.1") as sink:
+        process = await start(
+            tmp_path, workers=2, config=config, env={"EPOXI_SMTP_PORT": str(sink.port)}
+        )
+        try:
+            reply = await asyncio.to_thread(
+                api, process, "POST", "/admin/suspend", json={"domain": "local.test"}
+            )
+            assert reply.status_code == 200, reply.text
+            sent = await send_evenly(process)  # alone, either worker would take 20/s
+            await asyncio.to_thread(api, process, "DELETE", "/admin/suspend?domain=local.test")
+            await sink.wait_for(sent, timeout=60)  # both workers send at once from here
+            times = sorted(m.received_at for m in sink.messages)
+            assert times[-1] - times[0] >= 0.8 * (sent - 1) / 20  # 20/s for the machine
+        finally:
+            await stop(process)

@@ -298,21 +298,25 @@ def test_a_placement_travels_through_the_environment(tmp_path: Path) -> None:
     assert Placement.from_env({}) is None
 
 
-def test_holders_of_a_full_queue_are_asked_once_to_close_idle_connections() -> None:
-    asked: list[tuple[int, str]] = []
+def test_a_holder_above_its_fair_part_is_asked_once_to_trim() -> None:
+    asked: list[tuple[int, str, int]] = []
     board = SlotBoard(
         lambda worker, ask: None,
         lambda delay, then: None,
-        wanted=lambda worker, key: asked.append((worker, key)),
+        wanted=lambda worker, key, keep: asked.append((worker, key, keep)),
     )
-    board.acquire(1, 1, "q", 1, None)
-    board.acquire(2, 1, "q", 1, None)  # full: worker 1 holds the slot
-    board.acquire(2, 2, "q", 1, None)
-    assert asked == [(1, "q")]  # once, however many wait
-    board.release(1, "q")  # worker 2 gets it; worker 2 still waits, holding one itself
-    assert asked == [(1, "q")]
+    for ask in range(4):
+        board.acquire(1, ask, "q", 4, None)  # worker 1 takes all four
+    board.acquire(2, 1, "q", 4, None)
+    board.acquire(2, 2, "q", 4, None)
+    assert asked == [(1, "q", 2)]  # once: four over two workers
+    board.release(1, "q")  # worker 2 gets one; worker 1, at 3, was told already
+    assert asked == [(1, "q", 2)]
+    board.acquire(3, 1, "q", 4, None)  # a third worker waits: the part is one now
+    assert asked == [(1, "q", 2), (1, "q", 1)]
+    for _ in range(3):
+        board.release(1, "q")
     board.release(2, "q")
     board.release(2, "q")
-    board.acquire(1, 2, "q", 1, None)
-    board.acquire(2, 3, "q", 1, None)
-    assert asked == [(1, "q"), (1, "q")]  # a new wait, a new request
+    board.release(3, "q")
+    assert board.open_connections("q") == 0

@@ -164,11 +164,11 @@ class Dispatcher:
             if (rate := ready.shaping.max_message_rate) is not None
         }
 
-    def slots_wanted(self, key: str) -> None:
-        """Other workers wait for ``key``'s connection slots: close its idle connections."""
+    def slots_wanted(self, key: str, keep: int) -> None:
+        """Other workers wait for ``key``'s connection slots: keep at most ``keep``."""
         ready = self.ready.get(key)
         if ready is not None:
-            ready.close_idle()
+            ready.trim(keep)
 
     def shares_changed(self, keys: Iterable[str]) -> None:
         """This worker's rate shares of ``keys`` changed: their queues pace anew."""

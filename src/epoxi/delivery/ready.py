@@ -94,6 +94,7 @@ class ReadyQueue:
         self._idle: deque[asyncio.Future[Job]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
+        self._keep: int | None = None  # open connections to trim down to (``trim``)
         self._message_throttle = _throttle(self._my_rate(shaping))
         self._connection_throttle = _throttle(shaping.max_connection_rate)
         self._open_later: asyncio.TimerHandle | None = None
@@ -140,11 +141,21 @@ class ReadyQueue:
         )
         self._maybe_open()
 
-    def close_idle(self) -> None:
-        """Close the connections that wait for a job now (their slots are wanted elsewhere)."""
+    def close_idle(self, keep: int = 0) -> None:
+        """Close the connections that wait for a job now, beyond ``keep`` open ones."""
+        extra = self.connections - len(self._acquiring) - keep
         for waiter in self._idle:
+            if extra <= 0:
+                return
             if not waiter.done():
                 waiter.cancel()
+                extra -= 1
+
+    def trim(self, keep: int) -> None:
+        """Other workers wait for this queue's slots: down to ``keep`` open connections, the
+        idle ones now, the busy ones as each finishes its message."""
+        self._keep = keep
+        self.close_idle(keep)
 
     def share_changed(self) -> None:
         """This worker's part of the machine's message rate changed: pace to the new one."""
@@ -218,6 +229,8 @@ class ReadyQueue:
             await self._serve(connection)
         finally:
             self.connections -= 1
+            if self._keep is not None and self.connections - len(self._acquiring) <= self._keep:
+                self._keep = None
             await connection.quit()
             self._maybe_open()
 
@@ -231,6 +244,8 @@ class ReadyQueue:
             self.attempts_last_minute.tick()
             if not await self._attempt(connection, job) or not connection.is_usable:
                 return
+            if self._keep is not None and self._keep < self.connections - len(self._acquiring):
+                return  # trimmed: this connection's slot goes to a worker that waits
 
     async def _next_job(self) -> Job | None:
         if self.suspension is not None:

@@ -3,10 +3,13 @@
 :class:`SlotBoard` counts the open connections of each ready queue over every worker and
 grants a new one only while the count is under the queue's ``connection_limit`` and its
 ``max_connection_rate`` allows; waiting workers are served first come, first served, so a
-worker with mail gets the next slot another one gives back, and a worker holding slots idle
-while others wait is asked to close those connections at once. :class:`RateShares` splits each
-queue's ``max_message_rate`` between the workers that have that queue, in proportion to
-their backlogs. Both are plain logic: the supervisor feeds them what its workers say.
+worker with mail gets the next slot another one gives back. While some wait, a worker that
+holds more than its fair part (the limit over the workers holding or waiting) is asked to
+close connections down to that part as each finishes its message, so a queue's slots are
+spread over the workers that have mail for it instead of staying where they went first.
+:class:`RateShares` splits each queue's ``max_message_rate`` between the workers that have
+that queue, in proportion to their backlogs. Both are plain logic: the supervisor feeds them
+what its workers say.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from epoxi.shaping.throttle import LocalThrottle, Rate
 
 Grant = Callable[[int, int], None]  # (worker, acquire id): tell the worker its slot is free
-Wanted = Callable[[int, str], None]  # (worker, queue): others wait; close idle connections
+Wanted = Callable[[int, str, int], None]  # (worker, queue, keep): close connections to keep
 Later = Callable[[float, Callable[[], None]], object]  # call after a delay (loop.call_later)
 
 
@@ -28,7 +31,7 @@ class _Queue:
     limit: int
     open: Counter[int] = field(default_factory=Counter)  # worker -> connections it holds
     waiting: deque[tuple[int, int]] = field(default_factory=deque)  # (worker, acquire id)
-    asked: set[int] = field(default_factory=set)  # holders told that others wait
+    asked: dict[int, int] = field(default_factory=dict)  # holder -> the part it was told
     rate: str | None = None
     throttle: LocalThrottle | None = None
     timer: object | None = None  # a grant held back by the connection rate
@@ -42,7 +45,7 @@ class SlotBoard:
         grant: Grant,
         later: Later,
         clock: Callable[[], float] = time.monotonic,
-        wanted: Wanted = lambda worker, key: None,
+        wanted: Wanted = lambda worker, key, keep: None,
     ) -> None:
         self._grant = grant
         self._wanted = wanted
@@ -108,21 +111,23 @@ class SlotBoard:
             worker, ask = queue.waiting.popleft()
             queue.open[worker] += 1
             self._grant(worker, ask)
-        self._ask_idle_back(key, queue)
+        self._spread(key, queue)
         if not queue.waiting and not any(queue.open.values()) and queue.timer is None:
             del self._queues[key]  # nothing open, nobody waiting: forget the queue
 
-    def _ask_idle_back(self, key: str, queue: _Queue) -> None:
-        """Workers wait for a full queue: the holders that wait for nothing themselves are told
-        once, and close the connections they keep idle (instead of after ``idle_timeout``)."""
+    def _spread(self, key: str, queue: _Queue) -> None:
+        """Workers wait for a full queue: each holder above its fair part is told (once per
+        part) to close connections down to it."""
         if not queue.waiting:
             queue.asked.clear()
             return
-        waiters = {worker for worker, _ in queue.waiting}
+        wanting = {worker for worker, held in queue.open.items() if held}
+        wanting |= {worker for worker, _ in queue.waiting}
+        fair = max(1, queue.limit // len(wanting))
         for worker, held in queue.open.items():
-            if held and worker not in waiters and worker not in queue.asked:
-                queue.asked.add(worker)
-                self._wanted(worker, key)
+            if held > fair and queue.asked.get(worker) != fair:
+                queue.asked[worker] = fair
+                self._wanted(worker, key, fair)
 
     def _after_wait(self, key: str) -> None:
         queue = self._queues.get(key)

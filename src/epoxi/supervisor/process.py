@@ -77,7 +77,7 @@ class Supervisor:
         self.board = SlotBoard(
             self._grant,
             lambda delay, then: _later(delay, then),
-            wanted=lambda worker, key: self._send(worker, wire.Wanted(key)),
+            wanted=lambda worker, key, keep: self._send(worker, wire.Wanted(key, keep)),
         )
         self.shares = RateShares()
 

@@ -24,15 +24,15 @@ class SupervisorLink:
     """Slots are granted by the supervisor; rate shares come from it as backlogs change.
 
     ``backlogs`` reports this worker's rate-limited queues (set by the composition root),
-    ``on_shares`` hears which queues' shares changed, ``on_wanted`` that other workers wait for
-    a queue's slots, ``on_lost`` that the supervisor is gone.
+    ``on_shares`` hears which queues' shares changed, ``on_wanted`` how many connections of a
+    queue to keep while other workers wait for its slots, ``on_lost`` that the supervisor is gone.
     """
 
     def __init__(self, sock: socket.socket, *, index: int, count: int) -> None:
         self.index = index
         self.backlogs: Callable[[], dict[str, tuple[str, int]]] = dict
         self.on_shares: Callable[[Iterable[str]], None] = lambda keys: None
-        self.on_wanted: Callable[[str], None] = lambda key: None
+        self.on_wanted: Callable[[str, int], None] = lambda key, keep: None
         self.on_lost: Callable[[], None] = lambda: None
         self._sock = sock
         self._default_share = 1.0 / count  # until the supervisor has seen this worker's backlog
@@ -107,7 +107,7 @@ class SupervisorLink:
                 granted.set_result(None)
             return
         if isinstance(message, wire.Wanted):
-            self.on_wanted(message.key)
+            self.on_wanted(message.key, message.keep)
             return
         changed = [k for k, v in message.shares.items() if self._shares.get(k) != v]
         self._shares.update(message.shares)

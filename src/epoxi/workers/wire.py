@@ -45,7 +45,11 @@ class Granted(msgspec.Struct, tag=True):
 
 
 class Wanted(msgspec.Struct, tag=True):
-    key: str  # other workers wait for this queue's slots: close its idle connections
+    """Other workers wait for this queue's slots: keep at most ``keep`` connections open
+    (idle ones close now, busy ones after their message)."""
+
+    key: str
+    keep: int
 
 
 class Shares(msgspec.Struct, tag=True):
