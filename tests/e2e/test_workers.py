@@ -15,7 +15,9 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -70,11 +72,14 @@ async def send_evenly(process: EpoxiProcess) -> int:
 
     for _ in range(30):
         sent += len(await asyncio.to_thread(send_concurrently, process.port, 10))
-        logged = sent
-        await eventually(lambda: sum(counts()) == logged, 5, "the receptions in the logs")
+        await eventually(partial(_all_logged, counts, sent), 5, "the receptions in the logs")
         if sent >= 30 and min(counts()) >= 0.4 * sent:
             return sent
     raise AssertionError(f"the mail never split evenly between the workers: {counts()}")
+
+
+def _all_logged(counts: Callable[[], list[int]], sent: int) -> bool:
+    return sum(counts()) == sent
 
 
 def workers_with_mail(process: EpoxiProcess, workers: int) -> int:
