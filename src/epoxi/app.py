@@ -157,7 +157,7 @@ class Epoxi:
         if self.link is not None:
             await self._start_link(self.link)
             await self._adopt_suspensions()
-        await self.smtp.start(self.placement.smtp_sockets)
+        await self.smtp.start(self.placement.smtp_sockets, self.placement.handoff)
         if self.settings.http_listen:
             api = build_app(self._api_context(self.keys))
             place = self.placement

@@ -279,6 +279,7 @@ def test_a_placement_travels_through_the_environment(tmp_path: Path) -> None:
             smtp={"127.0.0.1:25": [smtp.fileno()]},
             http=[],
             control=control[1].fileno(),
+            handoff=control[0].fileno(),
             peer_dir=tmp_path,
         )
         placement = Placement.from_env({"EPOXI_WORKER": text})
@@ -289,8 +290,9 @@ def test_a_placement_travels_through_the_environment(tmp_path: Path) -> None:
         for socks in placement.smtp_sockets.values():
             for sock in socks:
                 sock.detach()  # the same descriptor as ``smtp``: closed once, below
-        assert placement.control is not None
+        assert placement.control is not None and placement.handoff is not None
         placement.control.detach()
+        placement.handoff.detach()
     finally:
         smtp.close()
         control[0].close()

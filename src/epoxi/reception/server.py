@@ -25,10 +25,15 @@ _LAST_WAIT = 5.0  # after the grace, seconds for pending commits to reply before
 
 
 @dataclass
-class _Bound:
+class _Listening:
+    """One listener: its sessions' context, and the servers that accept for it (none when a
+    supervisor accepts and hands each connection over)."""
+
     listener: Listener
     context: SessionContext
-    server: asyncio.Server
+    tls: ssl.SSLContext | None  # implicit TLS
+    servers: list[asyncio.Server]
+    sockets: list[socket.socket]  # what it listens on
 
 
 class SmtpServer:
@@ -47,15 +52,17 @@ class SmtpServer:
         self.auth_throttle = AuthThrottle(smtp.auth_max_failures, smtp.auth_failure_window)
         self.authenticator = Authenticator(settings.users)
         self._tls: ssl.SSLContext | None = None
-        self._bound: list[_Bound] = []
+        self._listening: list[_Listening] = []
+        self._handoff: socket.socket | None = None
+        self._handed: set[asyncio.Task[object]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """Where each listener actually listens (ports resolved when 0 was asked)."""
         out = []
-        for bound in self._bound:
-            for sock in bound.server.sockets:
+        for listening in self._listening:
+            for sock in listening.sockets:
                 host, port = sock.getsockname()[:2]
                 out.append((str(host), int(port)))
         return out
@@ -65,8 +72,7 @@ class SmtpServer:
         return sum(len(context.sessions) for context in self._contexts())
 
     def _contexts(self) -> list[SessionContext]:
-        """One per listener (a listener may serve several sockets)."""
-        return list({id(b.context): b.context for b in self._bound}.values())
+        return [listening.context for listening in self._listening]
 
     def tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -78,43 +84,105 @@ class SmtpServer:
             self._tls = server_context(cert, key)
         return self._tls
 
-    async def start(self, bound: Mapping[str, list[socket.socket]] | None = None) -> None:
-        """Listen on every listener's address, or serve the sockets ``bound`` for it (by a
-        supervisor, shared with the other workers)."""
+    async def start(
+        self,
+        bound: Mapping[str, list[socket.socket]] | None = None,
+        handoff: socket.socket | None = None,
+    ) -> None:
+        """Listen on every listener's address. A worker gets its listeners' sockets ``bound``
+        by its supervisor, which accepts on them and hands each connection over ``handoff``
+        (a message of one octet, the listener's index, with the descriptor)."""
         loop = asyncio.get_running_loop()
         for listener in self.settings.smtp.listeners:
             context = self._context_for(listener)
             tls = self.tls_context() if listener.tls == "implicit" else None
-            sockets = (bound or {}).get(listener.address)
-            if sockets:
-                for sock in sockets:
-                    server = await loop.create_server(
+            sockets = list((bound or {}).get(listener.address, ()))
+            listening = _Listening(listener, context, tls, [], sockets)
+            if handoff is None:
+                await self._listen(listening)
+            self._listening.append(listening)
+            log.info("SMTP listening on %s (tls=%s)", listener.address, listener.tls)
+        if handoff is not None:
+            self._handoff = handoff
+            handoff.setblocking(False)
+            loop.add_reader(handoff.fileno(), self._take_handed)
+        self._sweeper = loop.create_task(self._sweep_timeouts())
+
+    async def _listen(self, listening: _Listening) -> None:
+        loop = asyncio.get_running_loop()
+        context, tls = listening.context, listening.tls
+        if listening.sockets:
+            for sock in listening.sockets:
+                listening.servers.append(
+                    await loop.create_server(
                         lambda ctx=context: SmtpSession(ctx), sock=sock, backlog=1024, ssl=tls
                     )
-                    self._bound.append(_Bound(listener, context, server))
-            else:
-                host, port = listener.host_port
-                server = await loop.create_server(
-                    lambda ctx=context: SmtpSession(ctx),
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=1024,
-                    ssl=tls,
                 )
-                self._bound.append(_Bound(listener, context, server))
-            log.info("SMTP listening on %s (tls=%s)", listener.address, listener.tls)
-        self._sweeper = loop.create_task(self._sweep_timeouts())
+            return
+        host, port = listening.listener.host_port
+        server = await loop.create_server(
+            lambda ctx=context: SmtpSession(ctx),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=tls,
+        )
+        listening.servers.append(server)
+        listening.sockets = list(server.sockets)
+
+    def _take_handed(self) -> None:
+        """Connections the supervisor accepted for this worker: serve each as if accepted."""
+        assert self._handoff is not None
+        for _ in range(64):
+            try:
+                data, fds, _, _ = socket.recv_fds(self._handoff, 16, 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("connections from the supervisor: %s", exc)
+                data, fds = b"", []
+            if not data:  # the supervisor is gone
+                self._stop_handoffs()
+                return
+            for fd in fds:
+                self._serve_handed(data[0], socket.socket(fileno=fd))
+
+    def _serve_handed(self, index: int, sock: socket.socket) -> None:
+        listening = self._listening[index]
+        if listening.context.draining:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        context = listening.context
+        task = loop.create_task(
+            loop.connect_accepted_socket(lambda: SmtpSession(context), sock=sock, ssl=listening.tls)
+        )
+        self._handed.add(task)
+        task.add_done_callback(self._handed_done)
+
+    def _handed_done(self, task: asyncio.Task[object]) -> None:
+        self._handed.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("a connection handed over could not start: %s", task.exception())
+
+    def _stop_handoffs(self) -> None:
+        if self._handoff is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._handoff.fileno())
+            self._handoff.close()
+            self._handoff = None
 
     def reload(self, settings: Settings) -> list[str]:
         """Take new users and relay rules, and re-read the TLS certificate, for new sessions;
         returns what was reloaded. Listeners and limits need a restart."""
         self.settings = settings
         self.authenticator = Authenticator(settings.users)
-        for bound in self._bound:
-            bound.context.authenticator = self.authenticator
-            bound.context.relay = relay = self._relay_for(bound.listener)
-            for session in bound.context.sessions:  # open sessions follow the new networks
+        for listening in self._listening:
+            context = listening.context
+            context.authenticator = self.authenticator
+            context.relay = relay = self._relay_for(listening.listener)
+            for session in context.sessions:  # open sessions follow the new networks
                 session.peer_trusted = relay.is_trusted(session.peer_ip)
         done = ["users", "relay rules"]
         smtp = settings.smtp
@@ -170,8 +238,10 @@ class SmtpServer:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let transactions in progress finish for up to ``grace`` seconds,
         then say 421 4.3.2 to every session left (after its commit, if one is pending)."""
-        for bound in self._bound:
-            bound.server.close()
+        self._stop_handoffs()
+        for listening in self._listening:
+            for server in listening.servers:
+                server.close()
         for context in self._contexts():
             context.draining = True
             for session in list(context.sessions):
@@ -187,6 +257,7 @@ class SmtpServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for bound in self._bound:
-            await bound.server.wait_closed()
+        for listening in self._listening:
+            for server in listening.servers:
+                await server.wait_closed()
         log.info("SMTP server stopped")

@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 _STOP_GRACE: Final = 60.0  # seconds a worker has to stop (SMTP grace, delivery) before SIGKILL
 _QUICK_DEATH: Final = 10.0  # a worker dying sooner than this after its start is crash-looping
 _MAX_BACKOFF: Final = 30.0
-# libuv (under uvloop) accepts every pending connection in one go, so the worker that wakes
-# first took nearly all 20 sessions of a burst (measured: 580 against 29 CPU ticks). With
-# this it takes one, then yields, and the workers split a burst evenly (371 against 337).
+# On the HTTP socket, which the workers share: libuv (under uvloop) accepts every pending
+# connection in one go, so the worker that wakes first takes a whole burst; with this it takes
+# one, then yields. SMTP connections are handed over by the supervisor instead (_accept).
 _BALANCED_ACCEPT: Final = {"UV_TCP_SINGLE_ACCEPT": "1"}
+_ACCEPTS_PER_WAKE: Final = 64
 
 
 @dataclass(eq=False)
@@ -45,8 +46,13 @@ class _Worker:
     incarnation: int  # one per start: the board's name for it, so a dead one's words are void
     process: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
+    handoff: socket.socket  # SMTP connections accepted for it go down this one
     started_at: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def takes_connections(self) -> bool:
+        return self.ready.is_set() and self.process.returncode is None
 
 
 class Supervisor:
@@ -66,6 +72,7 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}  # index -> the live one
         self._by_incarnation: dict[int, _Worker] = {}
         self._incarnations = itertools.count(1)
+        self._next_turn = 0  # round robin over the workers for SMTP connections
         self._quick_deaths: dict[int, int] = {}  # index -> deaths in a row soon after start
         self._smtp: dict[str, list[socket.socket]] = {}
         self._http: list[socket.socket] = []
@@ -97,6 +104,7 @@ class Supervisor:
                 await self._spawn(index)
             self._started = await self._all_ready()
             if self._started:
+                self._accept_smtp()
                 log.info(
                     "Epoxi %s ready: %d workers (pids %s)",
                     self.settings.hostname,
@@ -149,6 +157,7 @@ class Supervisor:
 
     async def _stop_workers(self) -> None:
         self._stopping.set()
+        self._stop_accepting()
         live = [w for w in self._workers.values() if w.process.returncode is None]
         for worker in live:
             with contextlib.suppress(ProcessLookupError):
@@ -185,6 +194,8 @@ class Supervisor:
     async def _spawn(self, index: int) -> None:
         assert self._peer_dir is not None
         ours, theirs = socket.socketpair()
+        handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handoff.setblocking(False)
         inherited = [s.fileno() for s in itertools.chain(*self._smtp.values(), self._http)]
         placement = Placement.describe(
             index=index,
@@ -192,19 +203,26 @@ class Supervisor:
             smtp={a: [s.fileno() for s in socks] for a, socks in self._smtp.items()},
             http=[s.fileno() for s in self._http],
             control=theirs.fileno(),
+            handoff=their_handoff.fileno(),
             peer_dir=self._peer_dir,
         )
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.command,
                 env={**os.environ, ENV: placement, **_BALANCED_ACCEPT},
-                pass_fds=[*inherited, theirs.fileno()],
+                pass_fds=[*inherited, theirs.fileno(), their_handoff.fileno()],
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            handoff.close()
+            raise
         finally:
             theirs.close()
+            their_handoff.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=wire.MAX_LINE)
-        worker = _Worker(index, next(self._incarnations), process, writer, time.monotonic())
+        worker = _Worker(
+            index, next(self._incarnations), process, writer, handoff, time.monotonic()
+        )
         self._workers[index] = worker
         self._by_incarnation[worker.incarnation] = worker
         self._track(self._listen(worker, reader))
@@ -254,6 +272,7 @@ class Supervisor:
             log.error("worker %d: control channel broke: %s", worker.index, exc)
         finally:
             worker.writer.close()
+            worker.handoff.close()
             self._by_incarnation.pop(worker.incarnation, None)
             self.board.forget(worker.incarnation)
             self._send_shares(self.shares.forget(worker.incarnation))
@@ -273,6 +292,51 @@ class Supervisor:
             case wire.Ready():
                 worker.ready.set()
                 log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
+
+    # ----------------------------------------------------------------- SMTP connections
+
+    def _accept_smtp(self) -> None:
+        """Accept SMTP connections here and hand them to the workers in turn: the kernel,
+        left to choose, gave a burst of sessions to whichever worker woke first."""
+        loop = asyncio.get_running_loop()
+        for index, listener in enumerate(self.settings.smtp.listeners):
+            for sock in self._smtp[listener.address]:
+                sock.setblocking(False)
+                loop.add_reader(sock.fileno(), self._accept, index, sock)
+
+    def _stop_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in itertools.chain(*self._smtp.values()):
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener: int, sock: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_WAKE):
+            try:
+                connection, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the kernel keeps the backlog
+                log.error("cannot accept an SMTP connection: %s", exc)
+                return
+            with connection:
+                self._hand_over(listener, connection)
+
+    def _hand_over(self, listener: int, connection: socket.socket) -> None:
+        """To the next worker that takes connections; one that cannot (its buffer is full,
+        it just died) is passed over."""
+        workers = [self._workers[i] for i in sorted(self._workers)]
+        for _ in range(len(workers)):
+            worker = workers[self._next_turn % len(workers)]
+            self._next_turn += 1
+            if not worker.takes_connections:
+                continue
+            try:
+                socket.send_fds(worker.handoff, [bytes([listener])], [connection.fileno()])
+                return
+            except OSError:
+                continue
+        log.error("no worker could take an SMTP connection: closed")
 
     def _grant(self, incarnation: int, ask: int) -> None:
         self._send(incarnation, wire.Granted(ask))

@@ -27,6 +27,7 @@ class _Described(msgspec.Struct, kw_only=True):
     smtp: dict[str, list[int]]  # listener address -> descriptors bound for it
     http: list[int]
     control: int
+    handoff: int
     peer_dir: str
     supervisor: int  # its process id
 
@@ -41,6 +42,7 @@ class Placement:
     smtp_sockets: Mapping[str, list[socket.socket]] = field(default_factory=dict)
     http_sockets: list[socket.socket] = field(default_factory=list)
     control: socket.socket | None = None  # the channel to the supervisor
+    handoff: socket.socket | None = None  # SMTP connections the supervisor accepted for us
     peer_dir: Path | None = None  # holds worker-<i>.sock, each worker's API
     supervisor_pid: int = 0
 
@@ -65,6 +67,7 @@ class Placement:
         smtp: Mapping[str, list[int]],
         http: list[int],
         control: int,
+        handoff: int,
         peer_dir: Path,
     ) -> str:
         """The ``EPOXI_WORKER`` value for a child that inherits these descriptors."""
@@ -74,6 +77,7 @@ class Placement:
             smtp=dict(smtp),
             http=http,
             control=control,
+            handoff=handoff,
             peer_dir=str(peer_dir),
             supervisor=os.getpid(),
         )
@@ -95,6 +99,7 @@ class Placement:
             },
             http_sockets=[socket.socket(fileno=fd) for fd in described.http],
             control=socket.socket(fileno=described.control),
+            handoff=socket.socket(fileno=described.handoff),
             peer_dir=Path(described.peer_dir),
             supervisor_pid=described.supervisor,
         )
