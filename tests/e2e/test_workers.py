@@ -13,6 +13,7 @@ import os
 import signal
 import smtplib
 import sqlite3
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -363,3 +364,24 @@ async def test_message_rate_holds_for_the_whole_machine(tmp_path: Path) -> None:
             assert times[-1] - times[0] >= 0.8 * (sent - 1) / 20  # 20/s for the machine
         finally:
             await stop(process)
+
+
+async def test_implicit_tls_sessions_are_handed_to_every_worker(tmp_path: Path) -> None:
+    config = '[smtp]\nlisteners = [{ address = "127.0.0.1:1", tls = "implicit" }]\n'
+    process = await start(tmp_path, workers=2, config=config)
+    try:
+
+        def send_over_tls(_: int) -> dict[str, tuple[int, bytes]]:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with smtplib.SMTP_SSL("127.0.0.1", process.port, context=context, timeout=30) as smtp:
+                return smtp.sendmail("a@x.test", ["b@local.test"], BODY)
+
+        def send_eight() -> list[dict[str, tuple[int, bytes]]]:
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(send_over_tls, range(8)))
+
+        assert await asyncio.to_thread(send_eight) == [{}] * 8  # nobody refused
+        await eventually(lambda: workers_with_mail(process, 2) == 2, 10, "mail on both workers")
+    finally:
+        await stop(process)
