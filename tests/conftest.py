@@ -80,6 +80,7 @@ class EpoxiProcess:
             "EPOXI_SMTP_RELAY": "127.0.0.1",
             "EPOXI_SMTP_PORT": str(self.relay_port),
             "EPOXI_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
+            "EPOXI_WORKERS": "1",  # one process, one spool.db; tests/e2e/test_workers.py runs N
             **self.extra_env,
         }
         args = [sys.executable, "-m", "epoxi", "serve"] + (["-c", str(config)] if config else [])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -41,7 +40,7 @@ from epoxi.reception.server import SmtpServer
 from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
-from epoxi.store import KeyStore, StatusStore, store_path
+from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -138,7 +137,7 @@ class Epoxi:
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys = KeyStore(store_path(self.settings.data_dir))
-        self._check_http_exposure(self.keys)
+        check_http_exposure(self.settings.http_listen, self.keys)
         if not self.placement.supervised:  # a supervisor does this before its workers start
             adopt_orphans(self.settings.data_dir, workers=1)
         self.spool.open()
@@ -183,15 +182,6 @@ class Epoxi:
         link.on_wanted = self.dispatcher.slots_wanted
         link.on_lost = self.request_stop
         await link.start()
-
-    def _check_http_exposure(self, keys: KeyStore) -> None:
-        """No API keys means loopback only: refuse to listen anywhere else."""
-        exposed = [a for a in self.settings.http_listen if not _is_loopback(a)]
-        if exposed and not keys.any_active():
-            raise ConfigError(
-                f"http_listen {', '.join(exposed)} is not loopback and no API key exists: "
-                "create one with `epoxi keys create`, or listen on 127.0.0.1"
-            )
 
     def _api_context(self, keys: KeyStore) -> ApiContext:
         metrics = Metrics([self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges])
@@ -355,11 +345,3 @@ def _spool(settings: Settings, shard: int) -> Spool:
 
 def _records_name(worker: int) -> str:
     return "records.jsonl" if worker == 0 else f"records-{worker}.jsonl"
-
-
-def _is_loopback(address: str) -> bool:
-    host, _ = parse_hostport(address, 4000)
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

@@ -7,6 +7,7 @@ Validation happens once, at start. An unknown key or a bad value raises
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -71,8 +72,14 @@ def parse_workers(value: Any) -> Any:
 
 
 def cpu_count() -> int:
-    """The cores this process may run on (its affinity mask, not the whole machine's)."""
-    return len(os.sched_getaffinity(0)) or 1
+    """The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container given 2 CPUs of a 64-core host gets 2 workers, not 64)."""
+    cores = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cores
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
@@ -321,7 +328,9 @@ class Settings(_Model):
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
-    workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = 1
+    workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = Field(
+        default_factory=cpu_count  # "auto": one worker process per core
+    )
 
     @field_validator("local_domains", mode="before")
     @classmethod

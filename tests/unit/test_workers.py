@@ -264,7 +264,7 @@ def test_metrics_of_workers_are_summed_and_created_is_the_earliest() -> None:
 def test_workers_is_a_count_or_auto(tmp_path: Path) -> None:
     assert load_settings(env={"EPOXI_WORKERS": "3"}).workers == 3
     assert load_settings(env={"EPOXI_WORKERS": "auto"}).workers == cpu_count()
-    assert load_settings(env={}).workers == 1
+    assert load_settings(env={}).workers == cpu_count()  # auto is the default
     for bad in ("0", "many", "-2"):
         with pytest.raises(ConfigError, match="workers"):
             load_settings(env={"EPOXI_WORKERS": bad})

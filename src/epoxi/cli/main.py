@@ -19,7 +19,7 @@ from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import queue_app, send, status
 from epoxi.cli.show import echo
 from epoxi.config import load_settings, parse_workers
-from epoxi.errors import ConfigError
+from epoxi.errors import ConfigError, EpoxiError
 
 T = TypeVar("T")
 
@@ -49,7 +49,7 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         help="Worker processes: a number, or 'auto' for one per core "
-        "(default: the 'workers' setting, EPOXI_WORKERS, else 1).",
+        "(default: the 'workers' setting, EPOXI_WORKERS, else auto).",
         show_default=False,
     ),
 ]
@@ -120,7 +120,7 @@ def _serve(
     except ConfigError as exc:
         echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc
-    except OSError as exc:  # most often: an address already in use, or not ours to bind
+    except (OSError, EpoxiError) as exc:  # an address in use, a spool it cannot open ...
         echo(f"epoxi: cannot start: {exc}", err=True)
         raise typer.Exit(1) from exc
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from epoxi.config import parse_hostport
+from epoxi.errors import ConfigError
 from epoxi.store.db import connect
 
 PREFIX = "epx_"
@@ -124,3 +128,21 @@ def _key(row: sqlite3.Row | tuple[object, ...]) -> ApiKey:
         created_at=float(created_at),  # type: ignore[arg-type]
         revoked_at=float(revoked_at) if revoked_at is not None else None,  # type: ignore[arg-type]
     )
+
+
+def check_http_exposure(listen: Iterable[str], keys: KeyStore) -> None:
+    """No API keys means loopback only: refuse to listen anywhere else."""
+    exposed = [address for address in listen if not _is_loopback(address)]
+    if exposed and not keys.any_active():
+        raise ConfigError(
+            f"http_listen {', '.join(exposed)} is not loopback and no API key exists: "
+            "create one with `epoxi keys create`, or listen on 127.0.0.1"
+        )
+
+
+def _is_loopback(address: str) -> bool:
+    host, _ = parse_hostport(address, 4000)
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

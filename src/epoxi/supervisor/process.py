@@ -23,7 +23,7 @@ from epoxi.config import Settings, parse_hostport
 from epoxi.errors import ConfigError
 from epoxi.reception.tls import ensure_self_signed
 from epoxi.spool.shards import adopt_orphans
-from epoxi.store.db import connect, store_path
+from epoxi.store import KeyStore, check_http_exposure, store_path
 from epoxi.supervisor.board import RateShares, SlotBoard
 from epoxi.workers import wire
 from epoxi.workers.placement import ENV, Placement
@@ -123,7 +123,8 @@ class Supervisor:
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         adopt_orphans(data_dir, self.count)
-        connect(store_path(data_dir)).close()  # made and migrated once, not by N at a time
+        with KeyStore(store_path(data_dir)) as keys:  # made and migrated once, not N at a time
+            check_http_exposure(self.settings.http_listen, keys)  # before binding anything
         smtp = self.settings.smtp
         wants_tls = any(listener.tls != "none" for listener in smtp.listeners)
         if wants_tls and not (smtp.tls_cert and smtp.tls_key):
