@@ -196,6 +196,94 @@ async def test_corrupt_meta_rows_are_quarantined_and_the_rest_loads(
     await spool.close()
 
 
+# ----------------------------------------------------------------------------- stores first
+
+
+def settled_in_order(futures: dict[str, asyncio.Future[None]]) -> list[str]:
+    """The names of ``futures`` in the order they resolve (filled in as they do)."""
+    order: list[str] = []
+    for name, future in futures.items():
+        future.add_done_callback(lambda _, name=name: order.append(name))
+    return order
+
+
+async def test_a_store_is_not_delayed_behind_a_large_group_of_removes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_batch=100)
+    spool.open()
+    old = [meta(i) for i in range(300)]
+    await spool.store_many([(m, b"x") for m in old])
+    first, late = meta(1000), meta(1001)
+    with writer_blocked(spool.path):  # the writer waits to commit ``first``
+        stores = {"first": asyncio.ensure_future(spool.store(first, b"1"))}
+        await eventually(lambda: spool.pending == 1, what="the first store taken")
+        removes = {m.id: spool.remove(m.id) for m in old}  # queued before the late store
+        stores["late"] = asyncio.ensure_future(spool.store(late, b"2"))
+        order = settled_in_order({**stores, **removes})
+    await asyncio.gather(*stores.values(), *removes.values())
+    assert order[:2] == ["first", "late"]  # the late store went before every remove
+    assert spool.count() == 2
+    assert spool.commits == 1 + 2 + 3  # store_many, the two stores, 300 removes by 100
+
+
+async def test_stores_queued_during_a_slow_commit_form_the_next_group(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    with writer_blocked(spool.path):  # as a 30 ms fsync would: the writer is in a commit
+        first = asyncio.ensure_future(spool.store(meta(), b"x"))
+        await eventually(lambda: spool.pending == 1, what="the first store taken")
+        rest = [asyncio.ensure_future(spool.store(meta(i), b"x")) for i in range(50)]
+    await asyncio.gather(first, *rest)
+    assert (spool.commits, spool.committed) == (2, 51)
+    await spool.close()
+
+
+async def test_removes_wait_aside_while_stores_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", lazy_delay=3600)
+    spool.open()
+    gone = meta(1)
+    await spool.store(gone, b"x")
+    removed = spool.remove(gone.id)
+    await spool.store(meta(2), b"y")  # committed while the remove waits for company
+    assert not removed.done()
+    assert spool.count() == 2
+    await spool.close()  # commits it, durably
+    assert removed.done() and removed.exception() is None
+    assert query(spool.path, "SELECT count(*) FROM messages") == [(1,)]
+    assert query(spool.path, "SELECT count(*) FROM bodies") == [(1,)]
+
+
+async def test_updates_and_removes_land_in_queue_order_across_groups(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_batch=1, lazy_delay=0)  # one write a group
+    spool.open()
+    a, b = meta(1), meta(2)
+    await spool.store_many([(a, b"a"), (b, b"b")])
+    writes = []
+    for attempts in (1, 2, 3):
+        a.attempts = b.attempts = attempts
+        writes += [spool.update(a), spool.update(b)]
+    writes.append(spool.remove(a.id))  # after its updates: the row is gone at the end
+    await asyncio.gather(*writes)
+    assert spool.commits == 1 + 7
+    assert [(m.id, m.attempts) for m in all_metas(spool)] == [(b.id, 3)]
+    await spool.close()
+
+
+async def test_removes_are_durable_after_close(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", lazy_delay=3600)
+    spool.open()
+    metas = [meta(i) for i in range(10)]
+    await spool.store_many([(m, b"x") for m in metas])
+    for m in metas[:7]:
+        spool.remove(m.id)  # fire and forget, as delivery does
+    await spool.close()
+    wal = tmp_path / "spool.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # in the database file itself
+    again = Spool(tmp_path / "spool.db")
+    again.open()
+    assert [m.id for m in all_metas(again)] == sorted(m.id for m in metas[7:])
+    await again.close()
+
+
 # ----------------------------------------------------------------------------- health
 
 
