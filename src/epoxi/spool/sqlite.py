@@ -103,7 +103,6 @@ _Rows = list[tuple[Any, ...]]
 
 _FREE_SPACE_EVERY: Final = 0.5  # seconds between free-space checks (and idle wake-ups)
 _BUSY_TIMEOUT_MS: Final = 5000
-_WRITER_CACHE_KIB: Final = 8192
 _CLOSED: Final = "spool closed"
 _WRITER_BEHIND: Final = "spool writer behind"
 _DISK_ERRORS: Final = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
@@ -522,8 +521,6 @@ def _set_pragmas(conn: sqlite3.Connection, journal_size_limit: int) -> None:
         raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is unavailable here")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA secure_delete=FAST")
-    # Room for the pages a group of removes reads back (SQLite's default is 2 MB).
-    conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
