@@ -468,3 +468,9 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_message_ids_sort_by_time() -> None:
     early, late = new_message_id(1_000_000.0), new_message_id(2_000_000.0)
     assert is_message_id(early) and early < late
+
+
+def test_message_ids_spell_the_time_in_crockford_base_32() -> None:
+    one_second = new_message_id(1.0)  # 1,000,000 us = 30, 16, 18, 0 in base 32
+    assert one_second[:11] == "0000000YGJ0"
+    assert is_message_id(one_second) and len({new_message_id(1.0) for _ in range(50)}) == 50
