@@ -44,16 +44,17 @@ def parse_reply(buf: bytearray) -> Reply | None:
         if reply is None:
             _check_line(line, None)
             reply = _reply_from([line])
-            if len(_seen) < _SEEN_MAX:
-                _seen[line] = reply
+            if len(_seen) >= _SEEN_MAX:
+                _seen.clear()  # full of lines said once (queue ids): start again
+            _seen[line] = reply
         del buf[: end + 1]
         return reply
     return _parse_lines(buf, end)
 
 
 # One-line replies already parsed, by their line: a server says "250 2.1.5 Ok" once per
-# recipient. Replies are immutable, so one object serves every time. Bounded: once full,
-# lines seen later (queue ids and the like) are parsed each time.
+# recipient. Replies are immutable, so one object serves every time. Bounded: once full of
+# lines said once (queue ids and the like), it is emptied and the common lines come back.
 _SEEN_MAX: Final = 1024
 _seen: dict[bytes, Reply] = {}
 
