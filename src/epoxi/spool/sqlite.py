@@ -9,13 +9,14 @@ Two kinds of write, with two promises:
   meanwhile. While a commit's fsync runs (a slow disk: tens of milliseconds), new stores queue
   and form the next group.
 - **Updates and removes** (after a delivery attempt) wait for no one. They are kept aside and
-  committed later in bigger groups (``max_batch``, or after ``lazy_delay`` seconds), only when
-  no store is waiting, with ``synchronous=NORMAL``: no fsync of their own. Each is durable once
-  the next store commit (which syncs the whole WAL), the next checkpoint or ``close`` has run;
-  a process crash keeps them anyway (the WAL is in the page cache). What a power loss can
-  take is an update or a remove, never a store: the message comes back as it was and is
-  delivered again (a duplicate, never a loss). A store never waits behind more than one of
-  these groups, and that group has no fsync.
+  committed later in bigger groups (``max_batch`` of them, or the oldest ``lazy_delay``
+  seconds old; 50 ms by default), with ``synchronous=NORMAL``: no fsync of their own. At most
+  one such group goes between two store groups, so a store never waits behind more than one,
+  and that one has no fsync. Once committed, a write survives a process crash (the WAL is in
+  the page cache) and is durable after the next store commit (which syncs the whole WAL), the
+  next checkpoint or ``close``. What a crash can take is an update or a remove, never a
+  store: those still waiting aside (a process crash) or not yet synced (a power loss). The
+  message then comes back as it was and is delivered again: a duplicate, never a loss.
 
 Order: a store is committed before any update or remove queued after it; updates and removes
 keep their queue order among themselves. Within one transaction of them all updates run
@@ -124,7 +125,7 @@ class Spool:
         path: Path,
         *,
         max_batch: int = 512,
-        lazy_delay: float = 0.25,
+        lazy_delay: float = 0.05,
         max_pending: int = 20_000,
         min_free_bytes: int = 256 * MiB,
         checkpoint_interval: float = 1.0,
