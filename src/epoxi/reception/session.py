@@ -118,6 +118,7 @@ class SmtpSession(asyncio.Protocol):
         self._clock = clock
         self.state = State.COMMAND
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.peer_ip = ""
         self.peer_trusted = False
         self.helo = ""
@@ -892,7 +893,15 @@ class SmtpSession(asyncio.Protocol):
             dsn_orcpt=txn.dsn_orcpt,
         )
         self._busy = True
-        asyncio.get_running_loop().create_task(self._store(meta, body))
+        self._event_loop().create_task(self._store(meta, body))
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The session's loop, looked up once: on Python 3.11 every ``get_running_loop`` is
+        a ``getpid`` system call."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _protocol_name(self, txn: Transaction) -> str:
         """WITH protocol type of the Received header (RFC 3848, RFC 6531 §3.7.4.2)."""
