@@ -398,6 +398,8 @@ class Spool:
             log.debug("spool %s: event loop closed, %d futures dropped", self.path, len(futures))
 
     def _finish(self, conn: sqlite3.Connection) -> None:
+        if not self._sync_full:  # the last commit had no fsync: sync it now, checkpoint or not
+            _fsync(Path(f"{self.path}-wal"))
         _checkpoint(conn, "TRUNCATE")
         conn.close()
         self._conn = None
@@ -640,6 +642,20 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
         except sqlite3.Error as exc:  # SQLite may have rolled back already
             log.debug("spool rollback: %s", exc)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file if it exists (fsync is per file, whoever else has it open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("spool fsync of %s failed: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
