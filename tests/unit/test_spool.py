@@ -298,6 +298,21 @@ async def test_removes_are_durable_after_close(tmp_path: Path) -> None:
     await again.close()
 
 
+async def test_close_syncs_the_wal_after_a_commit_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr("epoxi.spool.sqlite._fsync", synced.append)
+    spool = Spool(tmp_path / "spool.db", lazy_delay=0)
+    spool.open()
+    m = meta()
+    await spool.store(m, b"x")
+    await spool.remove(m.id)  # committed alone, without an fsync of its own
+    assert synced == []
+    await spool.close()
+    assert synced == [tmp_path / "spool.db-wal"]
+
+
 # ----------------------------------------------------------------------------- health
 
 
