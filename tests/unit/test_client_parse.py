@@ -294,3 +294,14 @@ def test_utf8_orcpt_escapes_what_is_not_qchar() -> None:
     assert rcpt_dsn_params(None, "utf-8;ä+b=c\\ d@x.test") == (
         " ORCPT=utf-8;\\x{E4}\\x{2B}b\\x{3D}c\\x{5C}\\x{20}d@x.test"
     )
+
+
+def test_a_line_seen_before_parses_to_the_same_reply_and_is_still_checked() -> None:
+    line = b"250 2.1.5 Ok %d\r\n"
+    for n in range(3000):  # fills the cache of seen lines more than once
+        assert parse_reply(bytearray(line % n)) == Reply(250, "2.1.5", f"Ok {n}")
+    first, again = bytearray(b"250 2.1.5 Ok\r\n"), bytearray(b"250 2.1.5 Ok\r\n")
+    assert parse_reply(first) is parse_reply(again) == Reply(250, "2.1.5", "Ok")
+    assert not first and not again
+    with pytest.raises(ProtocolError):
+        parse_reply(bytearray(b"2x0 2.1.5 Ok\r\n"))

@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,6 +195,122 @@ async def test_corrupt_meta_rows_are_quarantined_and_the_rest_loads(
     assert query(spool.path, "SELECT count(*) FROM bodies WHERE id LIKE '00%'") == [(0,)]
     assert spool.count() == 10
     await spool.close()
+
+
+# ----------------------------------------------------------------------------- stores first
+
+
+def record_groups(spool: Spool) -> list[tuple[bool, int]]:
+    """(fsynced, writes) of each group the writer commits from now on, in commit order."""
+    groups: list[tuple[bool, int]] = []
+    commit = spool._commit
+
+    def recording(conn: sqlite3.Connection, batch: list[Any], *, full: bool) -> None:
+        groups.append((full, len(batch)))
+        commit(conn, batch, full=full)
+
+    spool._commit = recording  # type: ignore[method-assign]
+    return groups
+
+
+async def test_a_store_is_not_delayed_behind_a_large_group_of_removes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_batch=100, lazy_delay=3600)
+    spool.open()
+    old = [meta(i) for i in range(500)]
+    await spool.store_many([(m, b"x") for m in old])
+    groups = record_groups(spool)
+    with writer_blocked(spool.path):  # the writer waits to commit the first store
+        first = asyncio.ensure_future(spool.store(meta(1000), b"1"))
+        await eventually(
+            lambda: spool.pending == 1 and spool._ops.empty(), what="the writer took the store"
+        )
+        removes = [spool.remove(m.id) for m in old]  # all queued before the late store
+        late = asyncio.ensure_future(spool.store(meta(1001), b"2"))
+    await asyncio.gather(first, late, *removes)
+    # The writer may have taken some removes along with the first store: one group of them
+    # (max_batch) may go between two store groups, never all 500 queued before the late one.
+    stores = [index for index, (fsynced, _) in enumerate(groups) if fsynced]
+    assert stores[:2] in ([0, 1], [0, 2]), groups
+    assert [size for fsynced, size in groups if not fsynced] == [100] * 5
+    assert spool.count() == 2
+    await spool.close()
+
+
+async def test_stores_queued_during_a_slow_commit_form_the_next_group(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    with writer_blocked(spool.path):  # as a 30 ms fsync would: the writer is in a commit
+        first = asyncio.ensure_future(spool.store(meta(), b"x"))
+        await eventually(
+            lambda: spool.pending == 1 and spool._ops.empty(), what="the writer took the store"
+        )
+        rest = [asyncio.ensure_future(spool.store(meta(i), b"x")) for i in range(50)]
+        await eventually(lambda: spool.pending == 51, what="the other stores queued")
+    await asyncio.gather(first, *rest)
+    assert (spool.commits, spool.committed) == (2, 51)
+    await spool.close()
+
+
+async def test_removes_wait_aside_while_stores_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", lazy_delay=3600)
+    spool.open()
+    gone = meta(1)
+    await spool.store(gone, b"x")
+    removed = spool.remove(gone.id)
+    await spool.store(meta(2), b"y")  # committed while the remove waits for company
+    assert not removed.done()
+    assert spool.count() == 2
+    await spool.close()  # commits it, durably
+    assert removed.done() and removed.exception() is None
+    assert query(spool.path, "SELECT count(*) FROM messages") == [(1,)]
+    assert query(spool.path, "SELECT count(*) FROM bodies") == [(1,)]
+
+
+async def test_updates_and_removes_land_in_queue_order_across_groups(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_batch=1, lazy_delay=0)  # one write a group
+    spool.open()
+    a, b = meta(1), meta(2)
+    await spool.store_many([(a, b"a"), (b, b"b")])
+    writes = []
+    for attempts in (1, 2, 3):
+        a.attempts = b.attempts = attempts
+        writes += [spool.update(a), spool.update(b)]
+    writes.append(spool.remove(a.id))  # after its updates: the row is gone at the end
+    await asyncio.gather(*writes)
+    assert spool.commits == 1 + 7
+    assert [(m.id, m.attempts) for m in all_metas(spool)] == [(b.id, 3)]
+    await spool.close()
+
+
+async def test_removes_are_durable_after_close(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", lazy_delay=3600)
+    spool.open()
+    metas = [meta(i) for i in range(10)]
+    await spool.store_many([(m, b"x") for m in metas])
+    for m in metas[:7]:
+        spool.remove(m.id)  # fire and forget, as delivery does
+    await spool.close()
+    wal = tmp_path / "spool.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # in the database file itself
+    again = Spool(tmp_path / "spool.db")
+    again.open()
+    assert [m.id for m in all_metas(again)] == sorted(m.id for m in metas[7:])
+    await again.close()
+
+
+async def test_close_syncs_the_wal_after_a_commit_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr("epoxi.spool.sqlite._fsync", synced.append)
+    spool = Spool(tmp_path / "spool.db", lazy_delay=0)
+    spool.open()
+    m = meta()
+    await spool.store(m, b"x")
+    await spool.remove(m.id)  # committed alone, without an fsync of its own
+    assert synced == []
+    await spool.close()
+    assert synced == [tmp_path / "spool.db-wal"]
 
 
 # ----------------------------------------------------------------------------- health
@@ -380,3 +497,9 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_message_ids_sort_by_time() -> None:
     early, late = new_message_id(1_000_000.0), new_message_id(2_000_000.0)
     assert is_message_id(early) and early < late
+
+
+def test_message_ids_spell_the_time_in_crockford_base_32() -> None:
+    one_second = new_message_id(1.0)  # 1,000,000 us = 30, 16, 18, 0 in base 32
+    assert one_second[:11] == "0000000YGJ0"
+    assert is_message_id(one_second) and len({new_message_id(1.0) for _ in range(50)}) == 50

@@ -180,6 +180,7 @@ class _ReplyReader(asyncio.Protocol):
         self.loss_error: type[DeliveryError] = ConnectionFailed
         self.discarding = False
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -203,7 +204,9 @@ class _ReplyReader(asyncio.Protocol):
 
     async def wait_reply(self, phase: str, timeout: float) -> Reply:
         """The next reply, once the buffer holds no complete one; ``timeout`` seconds in all."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # looked up once: on Python 3.11 each lookup is a getpid call
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             if self.lost is not None:

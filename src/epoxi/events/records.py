@@ -24,7 +24,7 @@ class RecordType(enum.Enum):
     SUSPENDED = "Suspended"
 
 
-class Response(msgspec.Struct, frozen=True):
+class Response(msgspec.Struct, frozen=True, gc=False):
     code: int
     enhanced: str = ""
     text: str = ""
@@ -34,8 +34,13 @@ class Response(msgspec.Struct, frozen=True):
         return cls(reply.code, reply.enhanced, reply.text)
 
 
-class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One state change. Fields that do not apply are left at their defaults."""
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One state change. Fields that do not apply are left at their defaults.
+
+    ``gc=False`` (as ``MessageMeta``): strings, numbers, a list of strings and a Response
+    cannot form a reference cycle, and the collector need not visit the thousands of records
+    waiting in the buffers for their next write.
+    """
 
     type: RecordType
     message_id: str

@@ -23,6 +23,7 @@ from epoxi.message import MessageMeta
 from epoxi.reception import auth
 from epoxi.reception.ingest import received_header
 from epoxi.smtp import replies
+from epoxi.smtp.data import has_bare_cr_or_lf, has_long_line, unstuff
 from epoxi.smtp.parser import (
     CommandError,
     Mailbox,
@@ -117,6 +118,7 @@ class SmtpSession(asyncio.Protocol):
         self._clock = clock
         self.state = State.COMMAND
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.peer_ip = ""
         self.peer_trusted = False
         self.helo = ""
@@ -279,7 +281,7 @@ class SmtpSession(asyncio.Protocol):
     # ----------------------------------------------------------------- output
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        self._out.append(replies.wire(reply))
 
     def _error(self, reply: Reply) -> None:
         """Reply with an error, and close the session once it has made too many."""
@@ -736,22 +738,23 @@ class SmtpSession(asyncio.Protocol):
         self.last_activity = self._clock()
         txn = self.txn
         txn.at_line_start = True
-        if self.ctx.settings.reject_bare_cr_lf and not txn.bad_endings:
-            crlf = chunk.count(b"\r\n")
-            txn.bad_endings = chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf
-        if self.ctx.settings.reject_nul and not txn.has_nul:
+        settings = self.ctx.settings
+        crlf_only = settings.reject_bare_cr_lf
+        if crlf_only and not txn.bad_endings:
+            txn.bad_endings = has_bare_cr_or_lf(chunk)
+        if settings.reject_nul and not txn.has_nul:
             txn.has_nul = b"\x00" in chunk  # one C scan per chunk, as for CR and LF
-        limit = self.ctx.settings.max_line_length
+        limit = settings.max_line_length
         if not txn.long_line and length > limit:
-            txn.long_line = max(map(len, chunk.split(b"\r\n"))) + 2 > limit
+            if not crlf_only:
+                txn.long_line = max(map(len, chunk.split(b"\r\n"))) + 2 > limit
+            elif not txn.bad_endings:  # else refused for that, whatever the line lengths
+                txn.long_line = has_long_line(chunk, limit)
         if self._count_size(length):
             # A chunk starts at a line start and ends with CRLF: undo dot-stuffing here, so
             # the message is joined once at the end (a 50 MB message is not copied 4 times).
-            # RFC 5321 §4.5.2: the first dot of every line that starts with one is removed,
-            # ".." or ".foo" alike (the lone "." ending the data never reaches a chunk).
-            if chunk.startswith(b"."):
-                chunk = chunk[1:]
-            txn.parts.append(chunk.replace(b"\r\n.", b"\r\n"))
+            # The lone "." ending the data never reaches a chunk.
+            txn.parts.append(unstuff(chunk))
 
     def _count_size(self, length: int) -> bool:
         """Add to the message size; False (and the data dropped) once it is too big."""
@@ -890,7 +893,15 @@ class SmtpSession(asyncio.Protocol):
             dsn_orcpt=txn.dsn_orcpt,
         )
         self._busy = True
-        asyncio.get_running_loop().create_task(self._store(meta, body))
+        self._event_loop().create_task(self._store(meta, body))
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The session's loop, looked up once: on Python 3.11 every ``get_running_loop`` is
+        a ``getpid`` system call."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _protocol_name(self, txn: Transaction) -> str:
         """WITH protocol type of the Received header (RFC 3848, RFC 6531 §3.7.4.2)."""

@@ -7,6 +7,7 @@ No I/O here: the client feeds bytes in and gets values out, so all of it is chea
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from epoxi.errors import ProtocolError
 from epoxi.smtp.replies import Reply
@@ -39,10 +40,23 @@ def parse_reply(buf: bytearray) -> Reply | None:
         return None
     if end > 3 and buf[3] == 32:  # one line, "250 ...": the common case
         line = bytes(buf[: end - 1 if buf[end - 1] == 13 else end])
-        _check_line(line, None)
+        reply = _seen.get(line)
+        if reply is None:
+            _check_line(line, None)
+            reply = _reply_from([line])
+            if len(_seen) >= _SEEN_MAX:
+                _seen.clear()  # full of lines said once (queue ids): start again
+            _seen[line] = reply
         del buf[: end + 1]
-        return _reply_from([line])
+        return reply
     return _parse_lines(buf, end)
+
+
+# One-line replies already parsed, by their line: a server says "250 2.1.5 Ok" once per
+# recipient. Replies are immutable, so one object serves every time. Bounded: once full of
+# lines said once (queue ids and the like), it is emptied and the common lines come back.
+_SEEN_MAX: Final = 1024
+_seen: dict[bytes, Reply] = {}
 
 
 def _parse_lines(buf: bytearray, end: int) -> Reply | None:

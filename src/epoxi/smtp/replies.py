@@ -99,3 +99,14 @@ NUL_IN_DATA = Reply(554, "5.6.0", "Message contains NUL octets, rejected")
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 BAD_ADDRESS = Reply(553, "5.1.3", "Bad address syntax")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+
+
+def wire(reply: Reply) -> bytes:
+    """``reply.encode()``; the replies of the catalogue above are rendered once, at import."""
+    data = _WIRE.get(reply)
+    return data if data is not None else reply.encode()
+
+
+_WIRE: dict[Reply, bytes] = {
+    r: r.encode() for r in list(globals().values()) if isinstance(r, Reply)
+}

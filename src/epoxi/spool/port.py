@@ -1,8 +1,9 @@
 """The spool as the rest of Epoxi sees it: a port, so the engine runs on a fake in unit tests.
 
 :class:`~epoxi.spool.sqlite.Spool` is the real one; ``epoxi.testing.fakes.MemorySpool`` keeps
-everything in memory. Writes resolve once durable; ``update`` and ``remove`` may be left
-unawaited (a lost update means a duplicate delivery after a crash, never a loss).
+everything in memory. Stores resolve once durable; ``update`` and ``remove`` resolve once
+committed, may be made durable later and may be left unawaited (a lost update or remove means
+a duplicate delivery after a crash, never a loss).
 """
 
 from __future__ import annotations

@@ -1,19 +1,35 @@
-"""The spool: SQLite in WAL mode with ``synchronous=FULL``, written by one thread in groups.
+"""The spool: SQLite in WAL mode, written by one thread in groups.
 
-Every write (store, update, remove) is put on a queue. The writer thread blocks for the first
-one, takes whatever else is queued (up to ``max_batch``), runs it all in one transaction and
-commits: one fsync for the whole group, however many sessions are waiting on it. The futures
-of a group are then resolved together, with one call into the event loop.
+Two kinds of write, with two promises:
+
+- **Stores** (``store``, ``store_many``) are what a client waits for: its ``250`` is sent only
+  once the store's future resolves, and that is after the commit, fsync included
+  (``synchronous=FULL``), returned. Stores go first: whenever one is waiting, the writer's next
+  transaction holds stores and nothing else, so one fsync serves every session that queued
+  meanwhile. While a commit's fsync runs (a slow disk: tens of milliseconds), new stores queue
+  and form the next group.
+- **Updates and removes** (after a delivery attempt) wait for no one. They are kept aside and
+  committed later in bigger groups (``max_batch`` of them, or the oldest ``lazy_delay``
+  seconds old; 50 ms by default), with ``synchronous=NORMAL``: no fsync of their own. At most
+  one such group goes between two store groups, so a store never waits behind more than one,
+  and that one has no fsync. Once committed, a write survives a process crash (the WAL is in
+  the page cache) and is durable after the next store commit (which syncs the whole WAL), the
+  next checkpoint or ``close``. What a crash can take is an update or a remove, never a
+  store: those still waiting aside (a process crash) or not yet synced (a power loss). The
+  message then comes back as it was and is delivered again: a duplicate, never a loss.
+
+Order: a store is committed before any update or remove queued after it; updates and removes
+keep their queue order among themselves. Within one transaction of them all updates run
+before all removes, which equals queue order for every message, since a removed row is never
+written again (ids are unique by construction, and an update of a missing row is a no-op).
 
 Layout: ``messages(id, meta)`` holds the small msgpack metadata and ``bodies(id, body)`` the
 message. They are separate tables, not separate columns, because SQLite rewrites a whole row
 on UPDATE: with the body in the same row a retry (new attempt count, due time) wrote the body
 again (~9 KB of WAL per update for a 5 KB message, against ~0.5 KB now). Start-up enumeration
-reads only ``messages``.
-
-Order within a group: all stores run first, then updates, then removes, each kind in queue
-order. That equals queue order for every message because a message's writes always come as
-store, update..., remove, and an id is stored once (ids are unique by construction).
+reads only ``messages``. ``secure_delete`` is ``FAST`` (Debian builds SQLite with it on): a
+removed body's pages go to the free list without being zeroed and written again; they are
+reused by the next stores.
 
 Reads (``load_body``, ``count``) use read-only connections of their own; WAL lets them run
 alongside the writer.
@@ -29,6 +45,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
@@ -79,7 +96,7 @@ _ID_BODY: Final = itemgetter(0, 2)
 
 # ----------------------------------------------------------------------------- queue items
 
-_STORE, _STORE_MANY, _UPDATE, _REMOVE, _STOP = range(5)
+_STORE, _STORE_MANY, _UPDATE, _REMOVE, _STOP = range(5)  # a kind below _UPDATE is a store
 # (kind, row or list of rows, future). A plain tuple: the cheapest thing to build per write.
 _Op = tuple[int, Any, asyncio.Future[None] | None]
 _STOP_OP: Final[_Op] = (_STOP, None, None)
@@ -97,8 +114,10 @@ class Spool:
 
     Writes (``store``, ``store_many``, ``update``, ``remove``) must be called from the thread
     of the event loop the spool serves (the first loop that uses it); reads may be called
-    from any thread. Counters for metrics: ``commits`` (group commits), ``committed``
-    (writes in them), ``failed_commits``, ``free_bytes`` (last statvfs).
+    from any thread. ``max_batch`` bounds the writes of one transaction; ``lazy_delay`` is
+    how long an update or a remove may wait for more to join its group. Counters for
+    metrics: ``commits`` (group commits), ``committed`` (writes in them), ``failed_commits``,
+    ``free_bytes`` (last statvfs).
     """
 
     def __init__(
@@ -106,6 +125,7 @@ class Spool:
         path: Path,
         *,
         max_batch: int = 512,
+        lazy_delay: float = 0.05,
         max_pending: int = 20_000,
         min_free_bytes: int = 256 * MiB,
         checkpoint_interval: float = 1.0,
@@ -113,6 +133,7 @@ class Spool:
     ) -> None:
         self.path = Path(path)
         self.max_batch = max_batch
+        self.lazy_delay = lazy_delay
         self.max_pending = max_pending
         self.min_free_bytes = min_free_bytes
         self.checkpoint_interval = checkpoint_interval
@@ -127,6 +148,7 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None  # the writer's; used by its thread only
+        self._sync_full = True  # the writer connection's synchronous setting (its thread only)
         self._closed = True
         self._disk_reason: str | None = None  # set by the free-space check
         self._write_failed: str | None = None  # set when a commit hit a full or failing disk
@@ -270,14 +292,16 @@ class Spool:
     def update(self, meta: MessageMeta) -> asyncio.Future[None]:
         """Replace a message's metadata (encoded now, so ``meta`` may change afterwards).
 
-        Batched with the other writes; await the future to know it is durable, or drop it
-        (a failure is logged by the writer). Accepted while unhealthy; raises
+        Committed later, in a group of updates and removes (see the module documentation):
+        the future resolves once it is committed, durable after the next store commit; it
+        may be dropped (a failure is logged by the writer). Accepted while unhealthy; raises
         SpoolUnavailable only when the spool is closed. No-op if the id is unknown.
         """
         return self._put(_UPDATE, (meta.id, encode_meta(meta)))
 
     def remove(self, message_id: str) -> asyncio.Future[None]:
-        """Delete a message and its body (delivered, bounced, expired). Batched like update."""
+        """Delete a message and its body (delivered, bounced, expired). Committed like update:
+        lost in a power failure, it costs a duplicate delivery, never a loss."""
         return self._put(_REMOVE, (message_id,))
 
     def _put(self, kind: int, row: tuple[Any, ...]) -> asyncio.Future[None]:
@@ -310,46 +334,46 @@ class Spool:
             self._finish(conn)
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        wait = min(_FREE_SPACE_EVERY, self.checkpoint_interval)
+        idle = min(_FREE_SPACE_EVERY, self.checkpoint_interval)
+        waiting = _Waiting()
         next_checkpoint = time.monotonic() + self.checkpoint_interval
         next_statvfs = 0.0
         while True:
-            batch, stop = self._next_batch(wait)
-            if batch:
-                self._commit(conn, batch)
+            self._take(waiting, waiting.wait_time(time.monotonic(), idle, self.lazy_delay))
+            if waiting.stores:  # whoever waits for a 250 goes first, and alone
+                self._commit(conn, waiting.take_stores(self.max_batch), full=True)
+                next_statvfs = 0.0  # a statvfs after each store commit: they fill the disk
             now = time.monotonic()
-            if batch or now >= next_statvfs:  # after each commit (a statvfs is cheap) or idle
+            if waiting.lazy_due(now, self.max_batch, self.lazy_delay):  # then, at most one
+                self._commit(conn, waiting.take_lazy(self.max_batch, now), full=waiting.stop)
+            elif waiting.stop and not waiting.stores:
+                return
+            now = time.monotonic()
+            if now >= next_statvfs:
                 self._check_free_space(now)
                 next_statvfs = now + _FREE_SPACE_EVERY
             if now >= next_checkpoint:
                 _checkpoint(conn, "PASSIVE")
                 next_checkpoint = now + self.checkpoint_interval
-            if stop:
-                return
 
-    def _next_batch(self, timeout: float) -> tuple[list[_Op], bool]:
-        """Block up to ``timeout`` for one op, then take what is queued, up to max_batch."""
+    def _take(self, waiting: _Waiting, timeout: float) -> None:
+        """Wait up to ``timeout`` for a write (not at all when 0), then take all queued."""
+        ops = self._ops
         try:
-            op = self._ops.get(timeout=timeout)
+            op = ops.get(timeout=timeout) if timeout > 0 else ops.get_nowait()
+            while True:
+                waiting.add(op)
+                op = ops.get_nowait()
         except queue.Empty:
-            return [], False
-        batch: list[_Op] = []
-        take = self._ops.get_nowait
-        while op[0] != _STOP:
-            batch.append(op)
-            if len(batch) >= self.max_batch:
-                return batch, False
-            try:
-                op = take()
-            except queue.Empty:
-                return batch, False
-        return batch, True
+            return
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        """Run one group in one transaction, then settle all its futures with one call."""
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Op], *, full: bool) -> None:
+        """Run one group in one transaction, then settle all its futures with one call.
+        ``full``: the commit fsyncs (``synchronous=FULL``); else it waits for the next one."""
         stores, updates, removes, futures = _split(batch)
         error: Exception | None = None
         try:
+            self._set_sync(conn, full)
             _write(conn, stores, updates, removes)
         except Exception as exc:  # sqlite3.Error mostly; anything else must not kill us
             error = exc
@@ -359,6 +383,11 @@ class Spool:
             self.committed += len(stores) + len(updates) + len(removes)
         self._done += len(stores) + len(updates) + len(removes)
         self._resolve(futures, error)
+
+    def _set_sync(self, conn: sqlite3.Connection, full: bool) -> None:
+        if full != self._sync_full:
+            conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+            self._sync_full = full
 
     def _note_failure(self, exc: Exception, waiting: int) -> None:
         self.failed_commits += 1
@@ -378,6 +407,8 @@ class Spool:
             log.debug("spool %s: event loop closed, %d futures dropped", self.path, len(futures))
 
     def _finish(self, conn: sqlite3.Connection) -> None:
+        if not self._sync_full:  # the last commit had no fsync: sync it now, checkpoint or not
+            _fsync(Path(f"{self.path}-wal"))
         _checkpoint(conn, "TRUNCATE")
         conn.close()
         self._conn = None
@@ -501,6 +532,7 @@ def _set_pragmas(conn: sqlite3.Connection, journal_size_limit: int) -> None:
     if str(mode).lower() != "wal":
         raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is unavailable here")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA secure_delete=FAST")
     conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
@@ -530,6 +562,50 @@ def _run_in_transaction(
     except BaseException:
         _rollback(conn)
         raise
+
+
+@dataclass
+class _Waiting:
+    """The writes the writer thread has taken from the queue: stores, and the rest aside."""
+
+    stores: list[_Op] = field(default_factory=list)
+    lazy: list[_Op] = field(default_factory=list)  # updates and removes, in queue order
+    lazy_since: float = 0.0  # when the oldest of ``lazy`` was taken
+    stop: bool = False
+
+    def add(self, op: _Op) -> None:
+        kind = op[0]
+        if kind < _UPDATE:
+            self.stores.append(op)
+        elif kind == _STOP:
+            self.stop = True
+        else:
+            if not self.lazy:
+                self.lazy_since = time.monotonic()
+            self.lazy.append(op)
+
+    def wait_time(self, now: float, idle: float, lazy_delay: float) -> float:
+        """How long the writer may block for the next write: 0 when it has work now."""
+        if self.stores or self.stop:
+            return 0.0
+        if self.lazy:
+            return min(idle, max(0.0, self.lazy_since + lazy_delay - now))
+        return idle
+
+    def lazy_due(self, now: float, size: int, delay: float) -> bool:
+        """Whether updates and removes are to be committed now (no store is waiting)."""
+        if not self.lazy:
+            return False
+        return self.stop or len(self.lazy) >= size or now >= self.lazy_since + delay
+
+    def take_stores(self, size: int) -> list[_Op]:
+        batch, self.stores = self.stores[:size], self.stores[size:]
+        return batch
+
+    def take_lazy(self, size: int, now: float) -> list[_Op]:
+        batch, self.lazy = self.lazy[:size], self.lazy[size:]
+        self.lazy_since = now
+        return batch
 
 
 def _split(batch: list[_Op]) -> tuple[_Rows, _Rows, _Rows, list[asyncio.Future[None]]]:
@@ -575,6 +651,20 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
         except sqlite3.Error as exc:  # SQLite may have rolled back already
             log.debug("spool rollback: %s", exc)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file if it exists (fsync is per file, whoever else has it open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("spool fsync of %s failed: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:

@@ -186,64 +186,73 @@ class StatusStore:
 # --------------------------------------------------------------------- in the store's thread
 
 
+_INSERT_MESSAGE = "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_RECIPIENT = (
+    "INSERT OR IGNORE INTO recipients (message_id, recipient, state, next_attempt, updated_at)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+_UPDATE_RECIPIENT = (
+    "UPDATE recipients SET state = ?, attempts = MAX(attempts, ?), last_response = ?,"
+    " next_attempt = ?, updated_at = ? WHERE message_id = ? AND recipient = ?"
+)
+_TOUCH_MESSAGE = "UPDATE messages SET updated_at = ? WHERE id = ?"
+_INSERT_EVENT = "INSERT INTO events (message_id, record) VALUES (?, ?)"
+
+
 def _apply(conn: sqlite3.Connection, batch: list[Record]) -> None:
+    """One transaction, a statement per kind of row for the whole batch: receptions first
+    (a message's Reception always comes before its outcomes), then the outcomes in order."""
+    receptions = [r for r in batch if r.type is RecordType.RECEPTION]
+    outcomes = [(s, r) for r in batch if (s := _OUTCOME_STATE.get(r.type)) is not None]
     conn.execute("BEGIN")
     try:
-        for record in batch:
-            _apply_one(conn, record)
-        conn.executemany(
-            "INSERT INTO events (message_id, record) VALUES (?, ?)",
-            [(r.message_id, encode_record(r)) for r in batch],
-        )
+        if receptions:
+            conn.executemany(_INSERT_MESSAGE, map(_message_row, receptions))
+            conn.executemany(_INSERT_RECIPIENT, _recipient_rows(receptions))
+        if outcomes:
+            conn.executemany(_UPDATE_RECIPIENT, [_outcome_row(s, r) for s, r in outcomes])
+            conn.executemany(_TOUCH_MESSAGE, [(r.timestamp, r.message_id) for _, r in outcomes])
+        conn.executemany(_INSERT_EVENT, [(r.message_id, encode_record(r)) for r in batch])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
 
 
-def _apply_one(conn: sqlite3.Connection, record: Record) -> None:
-    if record.type is RecordType.RECEPTION:
-        state = State.SCHEDULED if record.next_attempt > record.timestamp else State.QUEUED
-        conn.execute(
-            "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.message_id,
-                record.tenant,
-                record.campaign,
-                record.sender,
-                record.origin,
-                record.size,
-                record.timestamp,
-                record.timestamp,
-            ),
-        )
-        conn.executemany(
-            "INSERT OR IGNORE INTO recipients (message_id, recipient, state, next_attempt,"
-            " updated_at) VALUES (?, ?, ?, ?, ?)",
-            [
-                (record.message_id, r, state.value, record.next_attempt, record.timestamp)
-                for r in record.recipients
-            ],
-        )
-        return
-    outcome = _OUTCOME_STATE.get(record.type)
-    if outcome is None:
-        return  # Suspended and the like: history only
-    conn.execute(
-        "UPDATE recipients SET state = ?, attempts = MAX(attempts, ?), last_response = ?,"
-        " next_attempt = ?, updated_at = ? WHERE message_id = ? AND recipient = ?",
-        (
-            outcome.value,
-            record.attempt,
-            _response_text(record),
-            record.next_attempt,
-            record.timestamp,
-            record.message_id,
-            record.recipient,
-        ),
+def _message_row(record: Record) -> tuple[Any, ...]:
+    return (
+        record.message_id,
+        record.tenant,
+        record.campaign,
+        record.sender,
+        record.origin,
+        record.size,
+        record.timestamp,
+        record.timestamp,
     )
-    conn.execute(
-        "UPDATE messages SET updated_at = ? WHERE id = ?", (record.timestamp, record.message_id)
+
+
+def _recipient_rows(receptions: list[Record]) -> list[tuple[Any, ...]]:
+    rows = []
+    for record in receptions:
+        scheduled = record.next_attempt > record.timestamp
+        state = (State.SCHEDULED if scheduled else State.QUEUED).value
+        rows += [
+            (record.message_id, r, state, record.next_attempt, record.timestamp)
+            for r in record.recipients
+        ]
+    return rows
+
+
+def _outcome_row(state: State, record: Record) -> tuple[Any, ...]:
+    return (
+        state.value,
+        record.attempt,
+        _response_text(record),
+        record.next_attempt,
+        record.timestamp,
+        record.message_id,
+        record.recipient,
     )
 
 
