@@ -97,9 +97,9 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         await asyncio.to_thread(self._prepare_data_dir)
-        self._bind()
-        self._peer_dir = Path(tempfile.mkdtemp(prefix="epoxi-"))
         try:
+            self._bind()
+            self._peer_dir = Path(tempfile.mkdtemp(prefix="epoxi-"))
             for index in range(self.count):
                 await self._spawn(index)
             self._started = await self._all_ready()
