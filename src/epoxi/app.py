@@ -21,10 +21,11 @@ from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
 from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
-from epoxi.config import DeliverySettings, parse_hostport
+from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
+from epoxi.dkim import Signer, load_key
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
@@ -79,6 +80,8 @@ class Epoxi:
             records=self.records,
             schedule=self.scheduler.add,
             max_hops=settings.max_hops,
+            signer=dkim_signer(settings.dkim),
+            sign_threads=settings.dkim.threads,
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
@@ -246,6 +249,7 @@ class Epoxi:
         await self.records.stop()
         await self.status.stop()
         await self.spool.close()
+        self.ingest.close()
         if self.link is not None:
             await self.link.stop()
         if self.keys is not None:
@@ -258,11 +262,14 @@ class Epoxi:
         """Apply what can change while running (SIGHUP); log what was done and what needs a
         restart."""
         old = self.settings
+        signer = dkim_signer(new.dkim)  # reads the key files: fails before anything changes
         self.router.reload(new)
         self.dispatcher.reshape(shaping_policy(new.delivery))
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
+        self.ingest.signer = signer
         done = [
+            "DKIM keys",
             "shaping",
             "routes",
             "retries",
@@ -341,6 +348,15 @@ def _spool(settings: Settings, shard: int) -> Spool:
         checkpoint_interval=spool.checkpoint_interval,
         journal_size_limit=spool.journal_size_limit,
     )
+
+
+def dkim_signer(dkim: DkimSettings) -> Signer | None:
+    """The signer of the configured keys (each file read now), or None without keys. A key
+    that cannot be used raises ConfigError naming its file."""
+    if not dkim.keys:
+        return None
+    keys = [load_key(k.domain, k.selector, k.key_file) for k in dkim.keys]
+    return Signer(keys, dkim.tenants)
 
 
 def _records_name(worker: int) -> str:

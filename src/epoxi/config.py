@@ -301,6 +301,29 @@ class DeliverySettings(_Model):
         return self
 
 
+class DkimKeySettings(_Model):
+    """One signing key: ``d=`` domain, ``s=`` selector, and its PEM file (RSA or Ed25519)."""
+
+    domain: str
+    selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+    key_file: Path
+
+    @field_validator("domain")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower().rstrip(".")
+
+
+class DkimSettings(_Model):
+    """DKIM signing at the ingest door. A message is signed with every key of its ``From:``
+    domain (or the nearest parent with keys); ``tenants`` gives a tenant's mail a fixed ``d=``
+    ("" leaves it unsigned). Mail without a key goes out unsigned, never held back."""
+
+    keys: tuple[DkimKeySettings, ...] = ()
+    tenants: dict[str, str] = Field(default_factory=dict)
+    threads: int = Field(2, ge=1, le=64)  # signing runs off the event loop, in these
+
+
 class ApiSettings(_Model):
     """The HTTP API (it listens on ``http_listen``)."""
 
@@ -327,6 +350,7 @@ class Settings(_Model):
     relay: RelaySettings | None = None
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    dkim: DkimSettings = DkimSettings()
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
     workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = Field(
         default_factory=cpu_count  # "auto": one worker process per core

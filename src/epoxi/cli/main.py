@@ -14,6 +14,7 @@ import uvloop
 
 from epoxi import __version__
 from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
+from epoxi.cli.dkim import dkim_app
 from epoxi.cli.keys import keys_app
 from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import queue_app, send, status
@@ -39,6 +40,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(queue_app, name="queue")
+app.add_typer(dkim_app, name="dkim")
 app.command()(send)
 app.command()(status)
 
@@ -127,8 +129,17 @@ def _serve(
 
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
-    """Validate a configuration file (and the EPOXI_* environment) without starting."""
+    """Validate a configuration file (and the EPOXI_* environment) without starting.
+
+    DKIM key files are read too."""
+    from epoxi.app import dkim_signer
+
     settings = load(config)
+    try:
+        dkim_signer(settings.dkim)
+    except ConfigError as exc:
+        echo(f"epoxi: {exc}", err=True)
+        raise typer.Exit(2) from exc
     listeners = ", ".join(f"{lst.address} ({lst.tls})" for lst in settings.smtp.listeners)
     echo(
         f"configuration OK: hostname {settings.hostname}, SMTP on {listeners}, "

@@ -61,6 +61,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     tenant: str = ""
     campaign: str = ""
     origin: str = ""  # Reception: how the message came in (smtp, http, dsn)
+    dkim: str = ""  # Reception: the DKIM signatures added, or why none ("unsigned: ...")
 
 
 _encoder = msgspec.json.Encoder()

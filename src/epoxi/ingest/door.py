@@ -7,17 +7,21 @@ SMTP (``accept``), the HTTP API (``inject_many``) and the DSNs Epoxi writes itse
    policy hooks plug in here);
 2. control headers: ``X-Epoxi-*`` are removed, and honoured only from trusted clients;
 3. the loop check: more ``Received:`` headers than ``max_hops`` refuses it (``554 5.4.6``);
-4. the spool commit (group fsync): only then is the client told yes;
-5. the Reception record;
-6. scheduling: one job per recipient domain, into the scheduled queues.
+4. DKIM signing, off the event loop, when keys are configured: what is spooled is what is sent;
+5. the spool commit (group fsync): only then is the client told yes;
+6. the Reception record;
+7. scheduling: one job per recipient domain, into the scheduled queues.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from epoxi.dkim import Signer
 from epoxi.errors import MessageRefused
 from epoxi.events.records import Record, RecordType
 from epoxi.events.sink import EventSink
@@ -48,8 +52,13 @@ class Ingest:
         schedule: Callable[[Job], None],
         hooks: Sequence[IngestHook] = (),
         max_hops: int = 50,
+        signer: Signer | None = None,
+        sign_threads: int = 2,
     ) -> None:
         self.spool = spool
+        self.signer = signer  # None: no DKIM keys; a reload may set or clear it
+        self.sign_threads = sign_threads
+        self._signing: ThreadPoolExecutor | None = None
         self.records = records
         self.schedule = schedule
         self.hooks = list(hooks)
@@ -64,13 +73,18 @@ class Ingest:
         if self.hooks:
             body = await self._run_hooks(meta, body)
         body = self._prepare(meta, body, trusted=trusted)
+        if self.signer is not None:
+            body = await self._sign(meta, body)
         if self.arrived is not None:  # before the commit: the load reads rows in a thread
             self.arrived.add(meta.id)
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
-        """A message Epoxi made itself (a DSN): spooled and queued as it is."""
+        """A message Epoxi made itself (a DSN): signed if its domain has keys, spooled and
+        queued."""
+        if self.signer is not None:
+            body = await self._sign(meta, body)
         if self.arrived is not None:
             self.arrived.add(meta.id)
         await self.spool.store(meta, body)
@@ -82,6 +96,8 @@ class Ingest:
         if self.hooks:
             items = [(meta, await self._run_hooks(meta, body)) for meta, body in items]
         prepared = [(meta, self._prepare(meta, body, trusted=False)) for meta, body in items]
+        if self.signer is not None:
+            prepared = [(meta, await self._sign(meta, body)) for meta, body in prepared]
         if self.arrived is not None:
             self.arrived.update(meta.id for meta, _ in prepared)
         await self.spool.store_many(prepared)
@@ -106,6 +122,21 @@ class Ingest:
                 _apply_controls(meta, checked_controls(controls))
         return body
 
+    async def _sign(self, meta: MessageMeta, body: bytes) -> bytes:
+        """Add the DKIM signatures (in a thread: RSA is CPU work) and note them on the meta."""
+        assert self.signer is not None
+        if self._signing is None:
+            self._signing = ThreadPoolExecutor(self.sign_threads, thread_name_prefix="epoxi-dkim")
+        loop = asyncio.get_running_loop()
+        signed = await loop.run_in_executor(self._signing, self.signer.sign, body, meta.tenant)
+        meta.dkim = "; ".join(signed.signatures) or f"unsigned: {signed.unsigned_reason}"
+        meta.size = len(signed.body)
+        return signed.body
+
+    def close(self) -> None:
+        if self._signing is not None:
+            self._signing.shutdown(wait=True)
+
     def _check_hops(self, hops: int) -> None:
         if hops > self.max_hops:
             raise MessageRefused(
@@ -126,6 +157,7 @@ class Ingest:
                 next_attempt=meta.due,
                 tenant=meta.tenant,
                 campaign=meta.campaign,
+                dkim=meta.dkim,
             )
         )
         self.enqueue(meta, body)
