@@ -269,11 +269,11 @@ class Epoxi:
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
         done = [
-            "DKIM keys",
             "shaping",
             "routes",
             "retries",
             "max_hops",
+            "DKIM keys",
             *self.smtp.reload(new),
             "API keys (read per request)",
         ]
