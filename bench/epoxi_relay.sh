@@ -1,12 +1,22 @@
 #!/bin/sh
 # Start command for ../shared/bench/relay_bench.py: Epoxi relaying everything from
 # 127.0.0.1:$LISTEN_PORT to the sink on 127.0.0.1:$RELAY_PORT, spool in $BENCH_WORKDIR.
+# EPOXI_BENCH_DKIM=rsa or ed25519 signs every message (the yardstick's From: is @example.com).
 cd "$(dirname "$0")/.."
+WORKDIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}"
 export EPOXI_SMTP_LISTEN="127.0.0.1:${LISTEN_PORT:-2525}"
 export EPOXI_SMTP_RELAY=127.0.0.1
 export EPOXI_SMTP_PORT="${RELAY_PORT:-2526}"
-export EPOXI_DATA_DIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}/epoxi"
+export EPOXI_DATA_DIR="$WORKDIR/epoxi"
 export EPOXI_HOSTNAME=epoxi.bench
 export EPOXI_LOG_LEVEL="${EPOXI_LOG_LEVEL:-warning}"
 export EPOXI_HTTP_LISTEN="${EPOXI_HTTP_LISTEN:-127.0.0.1:2580}"
+if [ -n "${EPOXI_BENCH_DKIM:-}" ]; then
+    KEY="$WORKDIR/dkim-$EPOXI_BENCH_DKIM.pem"
+    [ -f "$KEY" ] || .venv/bin/epoxi dkim keygen --domain example.com --selector bench \
+        --type "$EPOXI_BENCH_DKIM" --out "$KEY" >/dev/null
+    printf '[[dkim.keys]]\ndomain = "example.com"\nselector = "bench"\nkey_file = "%s"\n' \
+        "$KEY" >"$WORKDIR/epoxi-dkim.toml"
+    exec .venv/bin/epoxi serve -c "$WORKDIR/epoxi-dkim.toml"
+fi
 exec .venv/bin/epoxi serve

@@ -9,7 +9,7 @@ import pytest
 
 from epoxi.dkim import DkimKey, Signer, generate, load_key
 from epoxi.dkim.keys import parse_record
-from epoxi.dkim.signer import from_domain, sign_list
+from epoxi.dkim.signer import from_domain, header_fields, relaxed_body, sign_list
 from epoxi.errors import ConfigError
 
 MESSAGE = (
@@ -73,9 +73,15 @@ def test_the_signing_domain_is_the_from_domain_or_its_parent_or_the_tenants(tmp_
 
 
 def test_from_domain_reads_folded_and_bare_addresses() -> None:
-    assert from_domain(b"From: Ann\r\n <ann@A.Example.COM>\r\n\r\nx") == "a.example.com"
-    assert from_domain(b"Subject: x\r\nfrom: bob@b.test\r\n\r\n") == "b.test"
-    assert from_domain(b"Subject: x\r\n\r\nFrom: c@c.test\r\n") == ""
+    assert from_domain(header_fields(b"From: Ann\r\n <ann@A.Example.COM>\r\n")) == ("a.example.com")
+    assert from_domain(header_fields(b"Subject: x\r\nfrom: bob@b.test\r\n")) == "b.test"
+    assert from_domain(header_fields(b"Subject: x\r\n")) == ""
+
+
+def test_relaxed_body_follows_rfc_6376() -> None:
+    assert relaxed_body(b" C \r\nD \t E\r\n\r\n\r\n") == b" C\r\nD E\r\n"  # its 3.4.6
+    assert relaxed_body(b"") == b"" and relaxed_body(b"\r\n\r\n") == b""
+    assert relaxed_body(b"no line end  ") == b"no line end\r\n"
 
 
 def test_the_header_list_oversigns_what_a_reader_sees() -> None:
