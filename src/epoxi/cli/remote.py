@@ -261,7 +261,7 @@ def status(
         detail = (
             " ".join(str(v) for v in (response.code, response.enhanced, response.text) if v)
             if response
-            else event.reason
+            else event.reason or (f"DKIM: {event.dkim}" if event.dkim else "")
         )
         add_row(
             events,
