@@ -356,7 +356,7 @@ def dkim_signer(dkim: DkimSettings) -> Signer | None:
     if not dkim.keys:
         return None
     keys = [load_key(k.domain, k.selector, k.key_file) for k in dkim.keys]
-    return Signer(keys, dkim.tenants)
+    return Signer(keys, dkim.tenants, dkim.expire)
 
 
 def _records_name(worker: int) -> str:

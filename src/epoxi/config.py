@@ -322,6 +322,7 @@ class DkimSettings(_Model):
     keys: tuple[DkimKeySettings, ...] = ()
     tenants: dict[str, str] = Field(default_factory=dict)
     threads: int = Field(2, ge=1, le=64)  # signing runs off the event loop, in these
+    expire: Duration | None = None  # x=: signatures expire this long after signing
 
 
 class ApiSettings(_Model):

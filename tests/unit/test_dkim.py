@@ -84,6 +84,14 @@ def test_relaxed_body_follows_rfc_6376() -> None:
     assert relaxed_body(b"no line end  ") == b"no line end\r\n"
 
 
+def test_an_expiry_is_signed_and_honoured(tmp_path: Path) -> None:
+    key = make_key(tmp_path, "ed25519")
+    fresh = Signer([key], expire=3600).sign(MESSAGE)
+    assert b"; x=" in fresh.body and verifies(fresh.body, 0, key)
+    old = Signer([key], expire=60).sign(MESSAGE, now=1_000_000_000)
+    assert not verifies(old.body, 0, key)  # expired long ago
+
+
 def test_the_header_list_oversigns_what_a_reader_sees() -> None:
     names = sign_list(["received", "from", "to", "subject", "x-mailer"])
     assert names[:3] == ["from", "to", "subject"] and "received" not in names

@@ -70,7 +70,13 @@ class Signer:
     mail unsigned), else the ``From:`` domain or its nearest parent that has keys (aligned
     for DMARC, relaxed)."""
 
-    def __init__(self, keys: Sequence[DkimKey], tenants: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        keys: Sequence[DkimKey],
+        tenants: Mapping[str, str] | None = None,
+        expire: float | None = None,
+    ) -> None:
+        self.expire = expire  # seconds: adds x=, when set
         self.by_domain: dict[str, list[DkimKey]] = {}
         for key in keys:
             self.by_domain.setdefault(key.domain, []).append(key)
@@ -104,18 +110,20 @@ class Signer:
         signed_part = canonical_headers(fields, names)
         body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode()
         stamp = int(time.time() if now is None else now)
-        made = [signature_field(key, names, body_hash, signed_part, stamp) for key in keys]
+        times = f"t={stamp}" + (f"; x={stamp + int(self.expire)}" if self.expire else "")
+        made = [signature_field(key, names, body_hash, signed_part, times) for key in keys]
         described = [f"d={k.domain} s={k.selector} a={k.algorithm}" for k in keys]
         return Signed(b"".join(made) + message, described)
 
 
 def signature_field(
-    key: DkimKey, names: list[str], body_hash: str, signed_part: bytes, stamp: int
+    key: DkimKey, names: list[str], body_hash: str, signed_part: bytes, times: str
 ) -> bytes:
-    """One ``DKIM-Signature:`` field (folded, CRLF-terminated)."""
+    """One ``DKIM-Signature:`` field (folded, CRLF-terminated); ``times`` is ``t=`` (and
+    ``x=``)."""
     value = (
         f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain}; s={key.selector};\r\n"
-        f"\tt={stamp}; h={':'.join(names)};\r\n\tbh={body_hash};\r\n\tb="
+        f"\t{times}; h={':'.join(names)};\r\n\tbh={body_hash};\r\n\tb="
     ).encode()
     data = signed_part + b"dkim-signature:" + relaxed_value(value)
     signature = base64.b64encode(_signature(key, data))
