@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -126,3 +128,22 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} did not happen within {timeout}s")
         await asyncio.sleep(0.005)
+
+
+def send_batch(port: int, count: int, body: bytes) -> list[str]:
+    """Send ``count`` messages on one connection; return the queue ids from the 250 replies."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        for _ in range(count):
+            smtp.mail("a@x.test")
+            smtp.rcpt("b@local.test")
+            code, text = smtp.data(body)
+            assert code == 250, text
+            ids.append(text.split()[-1].decode())
+    return ids
+
+
+def queue_ids(messages: Iterable[Any]) -> set[str]:
+    """The Epoxi queue ids of messages at a sink, from the Received: field Epoxi added."""
+    return {m.data.split(b" id ", 1)[1][:20].decode() for m in messages}

@@ -67,7 +67,7 @@ class Epoxi:
         self.spool = _spool(settings, placement.index)
         self.records = RecordLog(settings.data_dir / "logs", name=_records_name(placement.index))
         self.link = (
-            SupervisorLink(placement.control, index=placement.index, count=placement.count)
+            SupervisorLink(placement.control, count=placement.count)
             if placement.control is not None
             else None
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import smtplib
 import socket
 import subprocess
 import sys
@@ -16,23 +15,14 @@ from pathlib import Path
 from epoxi.reception.auth import verify_password
 from epoxi.spool import Spool
 from epoxi.testing.sink import Sink
-from tests.conftest import EpoxiProcess, free_port, wait_for_port
+from tests.conftest import EpoxiProcess, free_port, queue_ids, wait_for_port
+from tests.conftest import send_batch as send_messages
 
 BODY = b"Subject: durable\r\n\r\n" + (b"x" * 76 + b"\r\n") * 65
 
 
 def send_batch(port: int, count: int) -> list[str]:
-    """Send ``count`` messages on one connection; return the queue ids from the 250 replies."""
-    ids = []
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
-        smtp.ehlo("client.test")
-        for _ in range(count):
-            smtp.mail("a@x.test")
-            smtp.rcpt("b@local.test")
-            code, text = smtp.data(BODY)
-            assert code == 250, text
-            ids.append(text.split()[-1].decode())
-    return ids
+    return send_messages(port, count, BODY)
 
 
 def spooled_ids(data_dir: Path) -> set[str]:
@@ -153,8 +143,7 @@ async def test_restart_mid_run_delivers_everything_queued(tmp_path: Path) -> Non
         async with Sink("127.0.0.1", process.relay_port) as sink:
             await asyncio.to_thread(process.start, config)
             await sink.wait_for(20, timeout=30)
-            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
-            assert received == set(ids)
+            assert queue_ids(sink.messages) == set(ids)
     finally:
         if process.proc is not None:
             await asyncio.to_thread(process.kill)

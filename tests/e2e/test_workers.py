@@ -25,30 +25,16 @@ import httpx
 
 from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
-from tests.conftest import EpoxiProcess, eventually, free_port
+from tests.conftest import EpoxiProcess, eventually, free_port, queue_ids, send_batch
 
 BODY = b"Subject: workers\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20
 FAST_RETRY = '[delivery]\nretry_interval = "1s"\nmax_retry_interval = "2s"\n'
 
 
-def send_session(port: int, count: int) -> list[str]:
-    """``count`` messages on one connection; the queue ids of their 250 replies."""
-    ids = []
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
-        smtp.ehlo("client.test")
-        for _ in range(count):
-            smtp.mail("a@x.test")
-            smtp.rcpt("b@local.test")
-            code, text = smtp.data(BODY)
-            assert code == 250, text
-            ids.append(text.split()[-1].decode())
-    return ids
-
-
 def send_concurrently(port: int, sessions: int, each: int = 1) -> list[str]:
     """``sessions`` connections open at once (so the kernel spreads them over the workers)."""
     with ThreadPoolExecutor(sessions) as pool:
-        batches = list(pool.map(lambda _: send_session(port, each), range(sessions)))
+        batches = list(pool.map(lambda _: send_batch(port, each, BODY), range(sessions)))
     return [queue_id for batch in batches for queue_id in batch]
 
 
@@ -167,8 +153,7 @@ async def test_sigkill_of_one_worker_loses_nothing(tmp_path: Path) -> None:
         await wait_for_log(process, "worker 1 ready", 2)  # restarted on its shard
         async with Sink("127.0.0.1", process.relay_port) as sink:
             await sink.wait_for(len(ids), timeout=60)
-            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
-        assert set(ids) <= received
+        assert set(ids) <= queue_ids(sink.messages)
     finally:
         await stop(process)
 
@@ -183,8 +168,7 @@ async def test_restart_with_fewer_workers_delivers_every_shard(tmp_path: Path) -
             process.extra_env["EPOXI_WORKERS"] = "1"
             await asyncio.to_thread(process.start, tmp_path / "epoxi.toml")
             await sink.wait_for(len(ids), timeout=60)
-            received = {m.data.split(b" id ", 1)[1][:20].decode() for m in sink.messages}
-        assert received == set(ids)
+        assert queue_ids(sink.messages) == set(ids)
         assert not (process.data_dir / "spool-1.db").exists()
         assert not (process.data_dir / "spool-2.db").exists()
     finally:

@@ -54,22 +54,6 @@ class DkimKey:
         kind = "rsa" if self.algorithm == "rsa-sha256" else "ed25519"
         return f"v=DKIM1; k={kind}; p={self.public_value()}"
 
-    def dkimpy_secret(self) -> bytes:
-        """The private key as dkimpy takes it: PKCS#1 PEM for RSA, the base64 seed for
-        Ed25519."""
-        if isinstance(self.private, rsa.RSAPrivateKey):
-            return self.private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        seed = self.private.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
-        return base64.b64encode(seed)
-
 
 def load_key(domain: str, selector: str, path: Path) -> DkimKey:
     """Read a PEM private key; ConfigError naming the file when it cannot be used."""

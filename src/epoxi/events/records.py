@@ -1,6 +1,7 @@
 """Typed records: one per state change of a message, the source of truth for tests and tools.
 
-Written as JSON lines (msgspec) to ``<data_dir>/logs/records.jsonl`` by :mod:`epoxi.events.log`.
+Written as JSON lines (msgspec) to ``<data_dir>/logs/records.jsonl`` (``records-<i>.jsonl``
+for worker i of several) by :mod:`epoxi.events.log`.
 """
 
 from __future__ import annotations

@@ -70,7 +70,6 @@ class Supervisor:
         self.command = list(command)
         self._load = load
         self._workers: dict[int, _Worker] = {}  # index -> the live one
-        self._by_incarnation: dict[int, _Worker] = {}
         self._incarnations = itertools.count(1)
         self._next_turn = 0  # round robin over the workers for SMTP connections
         self._quick_deaths: dict[int, int] = {}  # index -> deaths in a row soon after start
@@ -225,7 +224,6 @@ class Supervisor:
             index, next(self._incarnations), process, writer, handoff, time.monotonic()
         )
         self._workers[index] = worker
-        self._by_incarnation[worker.incarnation] = worker
         self._track(self._listen(worker, reader))
         self._track(self._watch(worker))
 
@@ -274,7 +272,6 @@ class Supervisor:
         finally:
             worker.writer.close()
             worker.handoff.close()
-            self._by_incarnation.pop(worker.incarnation, None)
             self.board.forget(worker.incarnation)
             self._send_shares(self.shares.forget(worker.incarnation))
 
@@ -347,8 +344,8 @@ class Supervisor:
             self._send(incarnation, wire.Shares(parts))
 
     def _send(self, incarnation: int, message: wire.ToWorker) -> None:
-        worker = self._by_incarnation.get(incarnation)
-        if worker is not None and not worker.writer.is_closing():
+        worker = next((w for w in self._workers.values() if w.incarnation == incarnation), None)
+        if worker is not None and not worker.writer.is_closing():  # a dead one's is closed
             worker.writer.write(wire.line(message))
 
 

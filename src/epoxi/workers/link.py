@@ -28,8 +28,7 @@ class SupervisorLink:
     queue to keep while other workers wait for its slots, ``on_lost`` that the supervisor is gone.
     """
 
-    def __init__(self, sock: socket.socket, *, index: int, count: int) -> None:
-        self.index = index
+    def __init__(self, sock: socket.socket, *, count: int) -> None:
         self.backlogs: Callable[[], dict[str, tuple[str, int]]] = dict
         self.on_shares: Callable[[Iterable[str]], None] = lambda keys: None
         self.on_wanted: Callable[[str, int], None] = lambda key, keep: None
@@ -60,7 +59,7 @@ class SupervisorLink:
             self._writer.close()
 
     def ready(self) -> None:
-        self._send(wire.Ready(self.index))
+        self._send(wire.Ready())
 
     # ----------------------------------------------------------------- ConnectionSlots
 

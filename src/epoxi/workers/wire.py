@@ -14,7 +14,7 @@ import msgspec
 
 
 class Ready(msgspec.Struct, tag=True):
-    index: int
+    """The worker serves (the supervisor knows which worker by its channel)."""
 
 
 class Acquire(msgspec.Struct, tag=True):
