@@ -1,4 +1,4 @@
-"""Commands that talk to a running Epoxi over its HTTP API: send, status, queue."""
+"""Commands that talk to a running Epoxi over its HTTP API: send, status, queue, pool."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from epoxi.api_types import Pipelines, Queued, SelectorIn, SendResponse, SuspendRequest
+from epoxi.api_types import (
+    Pipelines,
+    PoolList,
+    Queued,
+    SelectorIn,
+    SendResponse,
+    SuspendRequest,
+)
 from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
 from epoxi.cli.common import PLAIN_HELP
 from epoxi.cli.show import add_row, echo, line, print_json, show, table
@@ -36,6 +43,12 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answe
 
 queue_app = typer.Typer(
     help="Inspect and steer the queues (like postqueue, postsuper and qshape).",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+
+pool_app = typer.Typer(
+    help="Egress pools and their sources (suspend a source: `epoxi queue suspend --source`).",
     no_args_is_help=True,
     rich_markup_mode=PLAIN_HELP,
 )
@@ -549,3 +562,45 @@ def queue_message(
     for job in found.jobs:
         add_row(jobs, job.domain, job.where, job.attempts, _time(job.due), job.queue, job.site)
     show(jobs)
+
+
+# --------------------------------------------------------------------- pool
+
+
+@pool_app.command("ls")
+def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
+    """List each pool's sources: weight, address and EHLO name, state, and the last ten
+    minutes' recipients sent, deferred and bounced and connections made and failed."""
+    with _api(url, key) as client:
+        found = client.typed(PoolList, "GET", "/admin/pools")
+    if as_json:
+        print_json(found)
+        return
+    for pool in found.pools:
+        notes = [
+            f"fallback {pool.fallback}" if pool.fallback else "",
+            "default" if pool.default else "",
+        ]
+        notes += [f"tenants {', '.join(pool.tenants)}"] if pool.tenants else []
+        sources = table(
+            "source",
+            "weight",
+            "bind / ehlo",
+            "state",
+            "sent/deferred/bounced",
+            "connects/failed",
+            "last error",
+            title=" ".join([pool.name, *(f"({n})" for n in notes if n)]),
+        )
+        for s in pool.sources:
+            add_row(
+                sources,
+                s.name,
+                s.weight,
+                f"{s.bind or 'any'} {s.ehlo or '(hostname)'}",
+                s.state,
+                f"{s.delivered}/{s.deferred}/{s.bounced}",
+                f"{s.connections}/{s.connection_failures}",
+                f"{_time(s.last_error_at)} {s.last_error}" if s.last_error else "",
+            )
+        show(sources)
