@@ -398,6 +398,18 @@ class DkimSettings(_Model):
     threads: int = Field(2, ge=1, le=64)  # signing runs off the event loop, in these
     expire: Duration | None = None  # x=: signatures expire this long after signing
 
+    @model_validator(mode="after")
+    def _one_key_per_selector(self) -> DkimSettings:
+        seen: dict[tuple[str, str], Path] = {}
+        for key in self.keys:
+            other = seen.setdefault((key.domain, key.selector), key.key_file)
+            if other != key.key_file:
+                raise ValueError(
+                    f"selector {key.selector} of {key.domain} has two keys: {other} and "
+                    f"{key.key_file}; a selector publishes one key"
+                )
+        return self
+
 
 class ApiSettings(_Model):
     """The HTTP API (it listens on ``http_listen``)."""

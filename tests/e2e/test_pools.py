@@ -11,8 +11,10 @@ import smtplib
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from epoxi.dkim import generate
 from epoxi.events.records import RecordType
 from tests.e2e.conftest import Api, World, message_request, send
 
@@ -65,10 +67,22 @@ async def test_weights_hold_and_each_source_binds_its_address_and_says_its_name(
     # With several workers each holds its share to within one pick per worker.
     assert peers(world) == {"127.0.0.10": 1501, "127.0.0.11": 500, "127.0.0.20": 21}
     assert_each_source_said_its_own_name(world)
+
+
+async def test_each_attempt_shows_its_source_pool_and_dkim_signatures(
+    api: Api, tmp_path: Path
+) -> None:
+    key = tmp_path / "e2026.pem"
+    key.write_bytes(generate("ed25519"))
+    signing = {"keys": [{"domain": "sender.test", "selector": "e2026", "key_file": str(key)}]}
+    world, client = await api(**pooled(), dkim=signing)
+    chosen = await client.post("/messages", json={**message_request(), "ip_pool": "spare"})
+    await world.wait_records(RecordType.DELIVERY, 1)
     message_id = chosen.json()["messages"][0]["id"]
     status = (await client.get(f"/messages/{message_id}")).json()
     [delivery] = [e for e in status["events"] if e["type"] == "Delivery"]
-    assert delivery["pool"] == "bulk" and delivery["source"] in ("ip10", "ip11")
+    assert (delivery["pool"], delivery["source"], delivery["attempt"]) == ("spare", "ip20", 1)
+    assert delivery["dkim"].startswith("d=sender.test s=e2026 a=ed25519-sha256")
 
 
 async def test_an_unknown_pool_is_refused_over_smtp_and_the_api(api: Api) -> None:

@@ -155,6 +155,7 @@ class Pools:
         self._clock = clock
         self.health: dict[str, SourceHealth] = {}
         self._suspended: set[str] = set()
+        self._failing_until = 0.0  # the latest time any source is failing until
         self.configure(delivery)
         suspensions.subscribe(self._suspensions_changed)
         self._suspensions_changed()
@@ -220,8 +221,14 @@ class Pools:
         return health is not None and source not in self._suspended and not health.failing()
 
     def _any_failing(self) -> bool:
+        """Cheap when nothing failed lately: one clock read, no walk over the sources."""
+        if self._failing_until <= 0.0:
+            return False
         now = self._clock()
-        return any(h.failing_until > now for h in self.health.values())
+        if self._failing_until > now:
+            return True
+        self._failing_until = 0.0  # every failing source is due to be tried again
+        return False
 
     def _unusable_reason(self, pool: PoolSettings) -> str:
         return ", ".join(
@@ -252,8 +259,9 @@ class Pools:
         health = self.health.get(source)
         if health is None:
             return False
-        local = _is_local(exc)
-        return health.connect_failed(site, str(exc), local=local)
+        became = health.connect_failed(site, str(exc), local=_is_local(exc))
+        self._failing_until = max(self._failing_until, health.failing_until)
+        return became
 
     def snapshot(self) -> list[PoolInfo]:
         """Every pool with its sources, their state and counts, for /admin/pools."""
