@@ -245,3 +245,27 @@ async def test_an_unknown_pool_is_refused_at_the_door() -> None:
         assert not engine.spool.messages
     finally:
         await engine.close()
+
+
+async def test_a_reload_moves_the_jobs_of_a_removed_source_and_renames_the_others() -> None:
+    engine = Engine(pooled())
+    engine.suspensions.suspend(Suspension("site", "route:192.0.2.1:25", "hold"))
+    try:
+        for index in range(4):
+            await engine.send(f"r{index}@a.test", pool="bulk")
+        assert {r.source.name for r in engine.dispatcher.ready.values()} == {"ip10", "ip11"}
+        renamed = [{**s, "ehlo": "new." + s["ehlo"]} for s in SOURCES if s["name"] != "ip11"]
+        pools = [{**POOLS[0], "sources": {"ip10": 1}}, *POOLS[1:]]
+        engine.dispatcher.reconfigure(pooled(sources=renamed, pools=pools).delivery)
+        queues = {r.source.name: r for r in engine.dispatcher.ready.values()}
+        assert queues["ip10"].source.ehlo == "new.mta10.sender.test"
+        assert len(queues["ip10"]) == 4 and len(queues["ip11"]) == 0
+        moved = engine.records.of(RecordType.REROUTED)
+        assert [r.reason for r in moved] == [
+            "source ip11 was removed from the configuration: moved to source ip10 of pool bulk"
+        ]
+        engine.suspensions.resume("site", "route:192.0.2.1:25")
+        await engine.records.wait(lambda r: r.type is RecordType.DELIVERY, 4)
+        assert {sent.source for sent in engine.transport.sent} == {"ip10"}
+    finally:
+        await engine.close()

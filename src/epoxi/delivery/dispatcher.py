@@ -186,8 +186,18 @@ class Dispatcher:
         return stuck
 
     def reconfigure(self, delivery: DeliverySettings) -> None:
-        """New sources and pools (a reload): queued jobs keep their source until they move."""
+        """New sources and pools (a reload). A source that stays takes its new address and
+        EHLO name from its next connection; the jobs of one that is gone move to a source
+        of their pool now."""
         self.pools.configure(delivery)
+        for ready in list(self.ready.values()):
+            source = self.pools.sources.get(ready.source.name)
+            if source is not None:
+                ready.source = source
+            elif ready.jobs:
+                reason = f"source {ready.source.name} was removed from the configuration"
+                for job in self._move(ready.take(_every), reason):
+                    ready.put(job)  # nowhere else to go (cannot happen: it is in no pool)
 
     # ----------------------------------------------------------------- policy and suspensions
 
