@@ -224,7 +224,8 @@ async def test_suspending_a_source_moves_its_queued_jobs_to_the_others() -> None
     engine.suspensions.suspend(Suspension("source", "ip11", "maintenance"))
     try:
         await engine.send("x@a.test", pool="bulk")  # nowhere to go: held by its own pool
-        assert not engine.transport.sent
+        engine.suspensions.suspend(Suspension("domain", "other.test"))  # any change re-applies
+        assert not engine.transport.sent and not engine.records.of(RecordType.REROUTED)
         engine.suspensions.resume("source", "ip20")  # the fallback pool is back
         assert await engine.outcome("x@a.test") is RecordType.DELIVERY
         [sent] = engine.transport.sent

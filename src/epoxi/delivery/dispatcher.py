@@ -171,12 +171,13 @@ class Dispatcher:
         return self._move(jobs, f"source {source} is failing ({exc})")
 
     def _move(self, jobs: list[Job], reason: str) -> list[Job]:
-        """Pick again for jobs leaving their source; returns those with nowhere else to go."""
+        """Pick again for jobs leaving their source; returns those with nowhere else to go
+        (no usable source in their pool or its fallbacks: moving them to another suspended
+        one would only move them back)."""
         stuck = []
         for job in jobs:
-            was = job.source
             pick = self.pools.pick(job.message.meta)
-            if pick.source.name == was:
+            if pick.source.name == job.source or not self.pools.usable(pick.source.name):
                 stuck.append(job)
                 continue
             job.source, job.pool = pick.source.name, pick.pool
