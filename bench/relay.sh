@@ -1,6 +1,6 @@
 #!/bin/sh
 # Epoxi against Postfix, side by side on this machine, with the yardstick in ../shared/bench:
-#   bench/relay.sh [compare|run|killtest|ceiling|dkim-compare] [N] [REPEAT]
+#   bench/relay.sh [compare|run|killtest|ceiling|dkim-compare] [N] [REPEAT] [dkim-compare options]
 # smtp-source -> MTA on 127.0.0.1:2525 -> smtp-sink on :2526, 5 KB, 20 sessions. compare runs
 # the yardstick twice, Epoxi with --workers 1 and with EPOXI_BENCH_WORKERS (default auto: one
 # per core), each alternating with Postfix: both rates, ratio_candidate_over_postfix and each
@@ -32,7 +32,10 @@ case "$MODE" in
     run) EPOXI_WORKERS=${EPOXI_WORKERS:-auto} exec "$YARDSTICK" run --name epoxi --cmd "$CMD" -n "$N" ;;
     killtest) EPOXI_WORKERS=${EPOXI_WORKERS:-auto} exec "$YARDSTICK" killtest --name epoxi --cmd "$CMD" -n "$N" ;;
     ceiling) exec "$YARDSTICK" ceiling -n "$N" ;;
-    dkim-compare) exec .venv/bin/python bench/dkim_compare.py --yardstick "$YARDSTICK" \
-        --workers "$WORKERS" -n "$N" --rounds "$REPEAT" ;;
+    dkim-compare)
+        # Options after REPEAT go to bench/dkim_compare.py, e.g. --mta-port 2545 --sink-port 2546
+        if [ $# -ge 3 ]; then shift 3; else set --; fi
+        exec .venv/bin/python bench/dkim_compare.py --yardstick "$YARDSTICK" \
+            --workers "$WORKERS" -n "$N" --rounds "$REPEAT" "$@" ;;
     *) echo "usage: bench/relay.sh [compare|run|killtest|ceiling|dkim-compare] [N] [REPEAT]" >&2; exit 2 ;;
 esac
