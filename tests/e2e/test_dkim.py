@@ -93,7 +93,8 @@ def one_signature_each(message: bytes) -> list[bytes]:
 
 def opendkim_verdicts(message: bytes, dns_port: int, workdir: Path) -> list[str]:
     """OpenDKIM's test mode (``opendkim -t``) on each signature, its resolver (libunbound)
-    forwarding every query to the loopback DNS server."""
+    forwarding every query to the loopback DNS server. Test mode reports the first signature
+    of a message only, so each signature goes in a file of its own, all in one run."""
     assert OPENDKIM.exists(), f"{OPENDKIM} is missing: run ./scripts/bootstrap test as root"
     workdir.mkdir(exist_ok=True)
     (workdir / "unbound.conf").write_text(
