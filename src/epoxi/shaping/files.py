@@ -1,0 +1,270 @@
+"""Shaping files: the limits of every destination as data, in layers.
+
+A shaping file is TOML with four kinds of block::
+
+    [default]                                  # every destination
+    connection_limit = 10
+    [default.sources.out1]                     # ... when sending from egress source out1
+    max_connection_rate = "5/s"
+
+    [providers.google]                         # a mailbox provider: its MX hosts or domains
+    match_mx_suffix = ["google.com", "googlemail.com"]
+    match_domains = ["gmail.com", "googlemail.com"]
+    max_message_rate = "2000/h"
+
+    [sites."mx1.example.net,mx2.example.net"]  # one site: a set of MX hosts, as queues name it
+    [domains."example.org"]                    # one recipient domain
+
+Several files are layered in the order given: a block in a later file merges over the same
+block of an earlier one, setting by setting, or replaces it whole with ``replace_base = true``.
+For one destination (domain, site, egress source) the blocks apply in one order, each over
+the ones before::
+
+    built-in -> default -> provider -> site -> domain
+             -> then their `sources.<source>` tables, in the same order
+
+The provider is the first (in file order) whose ``match_domains`` holds the domain or one of
+whose ``match_mx_suffix`` ends one of the site's MX host names, so every Google Workspace
+domain gets Google's limits without being listed. Parsing and layering are pure; reading a
+file is :func:`load_file`, which names the file and the key of anything invalid.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from epoxi.errors import ConfigError
+from epoxi.shaping.policy import ShapingTls
+from epoxi.shaping.throttle import Rate
+from epoxi.units import parse_duration
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+class Values(BaseModel):
+    """The settings a block may give; what it leaves out comes from the layers before."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connection_limit: int | None = Field(None, ge=1)
+    max_deliveries_per_connection: int | None = Field(None, ge=1)
+    idle_timeout: Seconds | None = None
+    max_message_rate: str | None = None  # "100/s", "2000/h"
+    max_connection_rate: str | None = None
+    max_recipients_per_transaction: int | None = Field(None, ge=1)
+    tls: ShapingTls | None = None
+    tls_verify: bool | None = None
+    retry_interval: Seconds | None = None
+    max_retry_interval: Seconds | None = None
+    max_age: Seconds | None = None
+    priority: int | None = Field(None, ge=-100, le=100)  # higher goes first
+
+    @field_validator("max_message_rate", "max_connection_rate")
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            Rate.parse(value)
+        return value
+
+    def given(self) -> dict[str, Any]:
+        """The settings this block gives (not its sources or match rules)."""
+        return self.model_dump(include=_SETTINGS, exclude_none=True)
+
+
+_SETTINGS = set(Values.model_fields)
+
+
+class Block(Values):
+    sources: dict[str, Values] = Field(default_factory=dict)
+    replace_base: bool = False  # replace the same block of earlier files instead of merging
+
+
+class Provider(Block):
+    match_mx_suffix: tuple[str, ...] = ()
+    match_domains: tuple[str, ...] = ()
+
+    @field_validator("match_mx_suffix", "match_domains")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(item.lower().strip(".") for item in value)
+
+
+@dataclass
+class _Match:
+    """Which destinations a provider covers: a later block without match rules keeps these
+    (even with ``replace_base``, which replaces settings); one with rules adds to them, or
+    replaces them with ``replace_base``."""
+
+    domains: set[str] = field(default_factory=set)
+    mx_suffixes: set[str] = field(default_factory=set)
+
+    def add(self, block: Provider) -> None:
+        if not (block.match_domains or block.match_mx_suffix):
+            return
+        if block.replace_base:
+            self.domains.clear()
+            self.mx_suffixes.clear()
+        self.domains.update(block.match_domains)
+        self.mx_suffixes.update(block.match_mx_suffix)
+
+    def covers(self, domain: str, mx_hosts: Sequence[str]) -> bool:
+        if domain in self.domains:
+            return True
+        return any(_under(host, suffix) for suffix in self.mx_suffixes for host in mx_hosts)
+
+
+class ShapingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Block = Block()
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    sites: dict[str, Block] = Field(default_factory=dict)
+    domains: dict[str, Block] = Field(default_factory=dict)
+
+    @field_validator("domains")
+    @classmethod
+    def _lower_domains(cls, value: dict[str, Block]) -> dict[str, Block]:
+        return {name.lower().rstrip("."): block for name, block in value.items()}
+
+
+def _under(host: str, suffix: str) -> bool:
+    return host == suffix or host.endswith("." + suffix)
+
+
+def parse(text: str, name: str = "<text>") -> ShapingFile:
+    """A shaping file from its TOML text; ConfigError naming ``name`` and the bad key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from exc
+    try:
+        return ShapingFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, name)) from exc
+
+
+def load_file(path: Path) -> ShapingFile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the shaping file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    return parse(text, str(path))
+
+
+def _describe(exc: ValidationError, name: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{name}: unknown key {key!r}")
+        else:
+            lines.append(f"{name}: {key} = {err['input']!r}: {err['msg']}")
+    return "invalid shaping file:\n  " + "\n  ".join(lines)
+
+
+# --------------------------------------------------------------------- layering
+
+
+@dataclass
+class _Stacked:
+    """One block as the files give it: its parts, each with the file it came from, in order
+    (a ``replace_base`` drops the parts before it)."""
+
+    parts: list[tuple[str, Block]] = field(default_factory=list)
+
+    def add(self, origin: str, block: Block) -> None:
+        if block.replace_base:
+            self.parts.clear()
+        self.parts.append((origin, block))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Settings from one block of one file, named for ``epoxi shaping resolve``."""
+
+    label: str  # e.g. "provider google (shaping.toml)"
+    values: Mapping[str, Any]
+
+
+class ShapingFiles:
+    """Shaping files layered in order; answers the layers that apply to a destination."""
+
+    def __init__(self, files: Sequence[tuple[str, ShapingFile]] = ()) -> None:
+        self.origins = [origin for origin, _ in files]
+        self._default = _Stacked()
+        self._providers: dict[str, _Stacked] = {}
+        self._matches: dict[str, _Match] = {}
+        self._sites: dict[str, _Stacked] = {}
+        self._domains: dict[str, _Stacked] = {}
+        for origin, parsed in files:
+            self._default.add(origin, parsed.default)
+            for kind, blocks in (
+                (self._providers, parsed.providers),
+                (self._sites, parsed.sites),
+                (self._domains, parsed.domains),
+            ):
+                for name, block in blocks.items():
+                    kind.setdefault(name, _Stacked()).add(origin, block)
+            for name, provider in parsed.providers.items():
+                self._matches.setdefault(name, _Match()).add(provider)
+
+    @classmethod
+    def load(cls, paths: Sequence[Path]) -> ShapingFiles:
+        return cls([(str(path), load_file(path)) for path in paths])
+
+    def provider_of(self, domain: str, mx_hosts: Sequence[str]) -> str | None:
+        """The first provider whose domains or MX suffixes match, if any."""
+        for name, match in self._matches.items():
+            if match.covers(domain, mx_hosts):
+                return name
+        return None
+
+    def layers(self, domain: str, site: str, source: str = "") -> list[Layer]:
+        """The blocks that apply to ``domain`` at ``site`` from ``source``, first to last."""
+        mx_hosts = mx_hosts_of(site)
+        provider = self.provider_of(domain, mx_hosts)
+        blocks: list[tuple[str, _Stacked | None]] = [
+            ("default", self._default),
+            (f"provider {provider}", self._providers.get(provider) if provider else None),
+            (f"site {site}", self._sites.get(site)),
+            (f"domain {domain}", self._domains.get(domain)),
+        ]
+        found = [Layer(*part) for part in _parts(blocks, lambda block: block.given())]
+        if source:
+            found += [
+                Layer(f"{label} source {source}", values)
+                for label, values in _parts(blocks, lambda block: _source_values(block, source))
+            ]
+        return found
+
+
+def _parts(
+    blocks: list[tuple[str, _Stacked | None]], values_of: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for label, stacked in blocks:
+        if stacked is None:
+            continue
+        for origin, block in stacked.parts:
+            values = values_of(block)
+            if values:
+                yield f"{label} ({origin})", values
+
+
+def _source_values(block: Block, source: str) -> dict[str, Any]:
+    values = block.sources.get(source)
+    return values.given() if values is not None else {}
+
+
+def mx_hosts_of(site: str) -> list[str]:
+    """The MX host names of a site ("mx1.a.test,mx2.a.test"); none for a static route."""
+    if site.startswith("route:"):
+        return []
+    return [host for host in site.split(",") if host]

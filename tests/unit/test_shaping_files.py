@@ -1,0 +1,139 @@
+"""Shaping files: parsing with errors that name the file and key, layering across files
+(merge and replace_base), provider matching by MX suffix and by domain, and the order in
+which the blocks for one destination apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epoxi.errors import ConfigError
+from epoxi.shaping.files import ShapingFiles, load_file, mx_hosts_of, parse
+
+SHIPPED = """
+[default]
+connection_limit = 10
+max_message_rate = "100/s"
+
+[default.sources.out1]
+max_connection_rate = "5/s"
+
+[providers.google]
+match_mx_suffix = [".google.com", "googlemail.com"]
+match_domains = ["gmail.com", "googlemail.com"]
+connection_limit = 20
+max_message_rate = "2000/h"
+
+[providers.microsoft]
+match_mx_suffix = ["mail.protection.outlook.com"]
+connection_limit = 5
+
+[sites."aspmx.l.google.com,alt1.aspmx.l.google.com"]
+idle_timeout = "30s"
+
+[domains."example.org"]
+tls = "required"
+[domains."example.org".sources.out1]
+connection_limit = 2
+"""
+
+OURS = """
+[default]
+connection_limit = 8
+
+[providers.google]
+max_message_rate = "1000/h"
+
+[providers.microsoft]
+replace_base = true
+max_message_rate = "10/s"
+"""
+
+GOOGLE_SITE = "alt1.aspmx.l.google.com,aspmx.l.google.com"
+
+
+def layered() -> ShapingFiles:
+    return ShapingFiles([("shipped", parse(SHIPPED, "shipped")), ("ours", parse(OURS, "ours"))])
+
+
+def merged(files: ShapingFiles, domain: str, site: str, source: str = "") -> dict[str, object]:
+    values: dict[str, object] = {}
+    for layer in files.layers(domain, site, source):
+        values.update(layer.values)
+    return values
+
+
+def test_a_workspace_domain_gets_its_providers_limits_through_the_mx_suffix() -> None:
+    files = layered()
+    assert files.provider_of("shop.example", ["aspmx.l.google.com"]) == "google"
+    assert files.provider_of("gmail.com", []) == "google"
+    assert files.provider_of("notgoogle.com", ["mx.notgoogle.com"]) is None
+    assert files.provider_of("a.test", ["google.com.evil.test"]) is None
+    assert merged(files, "shop.example", GOOGLE_SITE) == {
+        "connection_limit": 20,  # provider over default
+        "max_message_rate": "1000/h",  # our file's provider over the shipped one
+    }
+
+
+def test_layers_apply_in_order_with_the_file_each_setting_came_from() -> None:
+    files = layered()
+    layers = files.layers("example.org", "mx.example.org", "out1")
+    assert [layer.label for layer in layers] == [
+        "default (shipped)",
+        "default (ours)",
+        "domain example.org (shipped)",
+        "default (shipped) source out1",
+        "domain example.org (shipped) source out1",
+    ]
+    assert merged(files, "example.org", "mx.example.org", "out1") == {
+        "connection_limit": 2,
+        "max_message_rate": "100/s",
+        "max_connection_rate": "5/s",
+        "tls": "required",
+    }
+
+
+def test_replace_base_drops_what_earlier_files_said_of_the_block() -> None:
+    files = layered()
+    site = "acme-com.mail.protection.outlook.com"
+    assert files.provider_of("acme.com", [site]) == "microsoft"  # the match is kept
+    values = merged(files, "acme.com", site)
+    assert values == {"connection_limit": 8, "max_message_rate": "10/s"}
+
+
+def test_a_site_block_matches_the_queue_name_of_the_site() -> None:
+    files = layered()
+    shipped_site = "aspmx.l.google.com,alt1.aspmx.l.google.com"
+    assert "idle_timeout" in merged(files, "gmail.com", shipped_site)
+    assert mx_hosts_of(shipped_site) == ["aspmx.l.google.com", "alt1.aspmx.l.google.com"]
+    assert mx_hosts_of("route:10.0.0.1:25") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("[default]\nconnection_limit = 0\n", "shaping.toml: default.connection_limit = 0"),
+        ("[default]\nmax_message_rate = 'fast'\n", "default.max_message_rate = 'fast'"),
+        (
+            "[domains.'a.test']\nconection_limit = 3\n",
+            "unknown key 'domains.a.test.conection_limit'",
+        ),
+        ("[default]\nidle_timeout = 'soon'\n", "default.idle_timeout = 'soon'"),
+        ("[default]\ntls = 'maybe'\n", "default.tls = 'maybe'"),
+        ("[nonsense]\n", "unknown key 'nonsense'"),
+        ("[default\n", "shaping.toml: not valid TOML"),
+    ],
+)
+def test_an_invalid_file_is_refused_naming_the_file_and_the_key(text: str, complaint: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(text, "shaping.toml")
+    assert complaint in str(refused.value)
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the shaping file"):
+        load_file(tmp_path / "missing.toml")
+    good = tmp_path / "good.toml"
+    good.write_text(OURS)
+    assert ShapingFiles.load([good]).origins == [str(good)]
