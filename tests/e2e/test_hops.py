@@ -1,0 +1,424 @@
+"""Egress hops on real peers: Dante's danted as the SOCKS5 proxy (sending from 127.0.0.30),
+HAProxy with ``accept-proxy`` and ``usesrc clientip`` reading our PROXY v2 header (sending from
+the source's bind, to the destination named in the header), and a small SOCKS5 server here
+for RFC 1929 username/password (danted checks those against system accounts). A dead hop
+makes its source failing at once, and the pool's other source takes the mail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from epoxi.delivery.client import SmtpClient, TlsPolicy
+from epoxi.delivery.hops import ProxyProtocolHop, Socks5Hop
+from epoxi.errors import ConnectionFailed, SourceUnusable
+from epoxi.events.records import RecordType
+from epoxi.testing.certs import make_test_tls_context
+from tests.conftest import eventually, free_port, wait_for_port
+from tests.e2e.conftest import Api, World, send
+from tests.e2e.test_client import _TlsGreeter
+from tests.e2e.test_pools import body, peers
+
+SOCKS_EXTERNAL = "127.0.0.30"  # danted connects onward from here
+AUTH_EXTERNAL = "127.0.0.31"  # the in-test SOCKS5 server with username/password
+HAPROXY_SOURCE = "127.0.0.40"  # the source address our PROXY header gives HAProxy
+BLOCKED = "127.0.0.99"  # danted's rules refuse this destination
+
+DANTED_CONF = """\
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: {external}
+clientmethod: none
+socksmethod: none
+{users}
+client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+socks block {{ from: 0.0.0.0/0 to: {blocked}/32 }}
+socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+"""
+
+# accept-proxy: the frontend reads our PROXY v2 header; the backend connects to the header's
+# destination (server 0.0.0.0:0, transparent) from its source (usesrc clientip, which needs
+# root: HAProxy refuses to drop privileges with it).
+HAPROXY_CFG = """\
+global
+    log stderr format raw local0
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp
+    bind 127.0.0.1:{port} accept-proxy
+    log-format "hop client=%ci:%cp server=%si:%sp"
+    default_backend mx
+backend mx
+    source 0.0.0.0 usesrc clientip
+    server mx 0.0.0.0:0
+"""
+
+
+@dataclass
+class Peer:
+    """A proxy process started for one test."""
+
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: danted's children too
+        self.proc.wait(10)
+
+
+def program(name: str, package: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin")
+    if found is None:
+        pytest.fail(f"{name} is missing: ./scripts/bootstrap test installs Debian's {package}")
+    return found
+
+
+@contextlib.contextmanager
+def started(args: list[str], port: int, log: Path) -> Iterator[Peer]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+    peer = Peer(port, log, proc)
+    try:
+        wait_for_port("127.0.0.1", port, proc=proc)
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def danted(tmp_path: Path) -> Iterator[Peer]:
+    """Dante's SOCKS5 server on a free loopback port, without authentication; as root it
+    drops to nobody for everything but binding."""
+    danted = program("danted", "dante-server")
+    port, log = free_port(), tmp_path / "danted.log"
+    users = "user.privileged: root\nuser.unprivileged: nobody" if os.getuid() == 0 else ""
+    config = tmp_path / "danted.conf"
+    config.write_text(
+        DANTED_CONF.format(
+            log=log, port=port, external=SOCKS_EXTERNAL, users=users, blocked=BLOCKED
+        )
+    )
+    pid = tmp_path / "danted.pid"
+    with started([danted, "-f", str(config), "-p", str(pid), "-N", "1"], port, log) as peer:
+        yield peer
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Peer]:
+    """HAProxy taking PROXY v2 on a free loopback port, connecting as the header says."""
+    haproxy = program("haproxy", "haproxy")
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(port=port))
+    with started([haproxy, "-db", "-f", str(config)], port, tmp_path / "haproxy.log") as peer:
+        yield peer
+
+
+def sources(**hop: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": "hop", "ehlo": "hop.sender.test", **hop},
+        {"name": "ip11", "bind": "127.0.0.11", "ehlo": "mta11.sender.test"},
+    ]
+
+
+def through(**hop: Any) -> dict[str, Any]:
+    """Delivery settings: pool "only" has the hop's source alone, pool "both" the hop's and
+    a direct one on 127.0.0.11."""
+    pools = [
+        {"name": "only", "sources": ["hop"]},
+        {"name": "both", "sources": ["hop", "ip11"]},
+    ]
+    return {"sources": sources(**hop), "pools": pools, "default_pool": "only"}
+
+
+def sink_tls() -> dict[str, Any]:
+    context, _, _ = make_test_tls_context("mx1.a.test")
+    return {"tls": context}
+
+
+async def source_state(api_client: Any, name: str) -> dict[str, Any]:
+    pools = (await api_client.get("/admin/pools")).json()["pools"]
+    return next(s for p in pools for s in p["sources"] if s["name"] == name)
+
+
+async def assert_dead_hop_reroutes(world: World, client: Any, error: str) -> None:
+    """Mail for pool "both" leaves by ip11; the hop's source is failing, naming its hop."""
+    await send(world, ["x@a.test"], body=body("both"), count=6)
+    await world.wait_records(RecordType.DELIVERY, 6)
+    assert peers(world) == {"127.0.0.11": 6}
+    moved = [r for r in world.records if r.type is RecordType.REROUTED]
+    assert moved and all(r.source == "ip11" for r in moved)
+    assert not [r for r in world.records if r.type is RecordType.TRANSIENT_FAILURE]
+    hop = await source_state(client, "hop")
+    assert hop["state"] == "failing" and error in hop["last_error"], hop
+
+
+# --------------------------------------------------------------------- SOCKS5: danted
+
+
+async def test_mail_leaves_through_danted_from_its_external_address_with_starttls(
+    api: Api, danted: Peer
+) -> None:
+    world, client = await api(
+        sink_options=sink_tls(), delivery=through(socks5=f"127.0.0.1:{danted.port}")
+    )
+    await send(world, ["x@a.test", "y@shared.test"], count=3)
+    delivered = await world.wait_records(RecordType.DELIVERY, 6)
+    assert {(r.pool, r.source) for r in delivered} == {("only", "hop")}
+    assert peers(world) == {SOCKS_EXTERNAL: 6}
+    received = [m for sink in world.sinks.values() for m in sink.messages]
+    assert all(m.tls and m.helo == "hop.sender.test" for m in received)
+    hop = await source_state(client, "hop")
+    assert (hop["hop"], hop["bind"]) == (f"socks5 127.0.0.1:{danted.port}", None)
+    assert hop["state"] == "ok" and hop["connections"] >= 1
+
+
+async def test_a_dead_socks5_proxy_makes_its_source_failing_and_the_pool_reroutes(
+    api: Api,
+) -> None:
+    dead = free_port()  # nothing listens there
+    world, client = await api(delivery=through(socks5=f"127.0.0.1:{dead}"))
+    await assert_dead_hop_reroutes(world, client, f"cannot reach socks5 proxy 127.0.0.1:{dead}")
+
+
+@pytest.mark.both_loops
+async def test_implicit_tls_runs_over_the_socks5_hop(danted: Peer) -> None:
+    context, _, _ = make_test_tls_context("tls.test", addresses=("127.0.0.2",))
+    server = await asyncio.get_running_loop().create_server(
+        _TlsGreeter, "127.0.0.2", 0, ssl=context
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await SmtpClient.connect(
+            "127.0.0.2",
+            port,
+            server_name="tls.test",
+            ehlo_name="c.test",
+            tls=TlsPolicy("implicit"),
+            hop=Socks5Hop(("127.0.0.1", danted.port)),
+        )
+        assert client.tls_active and client.extensions == {"SIZE": "100"}
+        await client.quit()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.both_loops
+async def test_danted_refusals_say_whose_fault_they_are(danted: Peer) -> None:
+    hop = Socks5Hop(("127.0.0.1", danted.port))
+    closed = free_port("127.0.0.2")
+    with pytest.raises(ConnectionFailed) as info:
+        await hop.open("127.0.0.2", closed)
+    assert not isinstance(info.value, SourceUnusable)  # the destination's fault, not ours
+    assert str(info.value) == (
+        f"socks5 proxy 127.0.0.1:{danted.port} refused CONNECT to 127.0.0.2:{closed}: "
+        "connection refused (5)"
+    )
+    with pytest.raises(SourceUnusable, match=r"connection not allowed by ruleset \(2\)"):
+        await hop.open(BLOCKED, 25)
+
+
+# --------------------------------------------------------------------- SOCKS5: RFC 1929
+
+
+class PasswordSocks:
+    """A small SOCKS5 server that takes only username/password (RFC 1929) and IPv4 CONNECT,
+    and connects onward from ``external``."""
+
+    def __init__(self, username: str, password: str, external: str) -> None:
+        self.credentials, self.external = (username, password), external
+        self.seen: list[tuple[str, str]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            if await self._authenticate(reader, writer):
+                await self._connect(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        _, count = await reader.readexactly(2)
+        if 2 not in await reader.readexactly(count):
+            writer.write(b"\x05\xff")
+            return False
+        writer.write(b"\x05\x02")
+        _, length = await reader.readexactly(2)
+        username = (await reader.readexactly(length)).decode()
+        password = (await reader.readexactly((await reader.readexactly(1))[0])).decode()
+        self.seen.append((username, password))
+        good = (username, password) == self.credentials
+        writer.write(b"\x01\x00" if good else b"\x01\x01")
+        return good
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readexactly(10)
+        assert request[:4] == b"\x05\x01\x00\x01", request
+        host, port = socket.inet_ntoa(request[4:8]), int.from_bytes(request[8:], "big")
+        up_reader, up_writer = await asyncio.open_connection(
+            host, port, local_addr=(self.external, 0)
+        )
+        writer.write(b"\x05\x00\x00\x01" + socket.inet_aton(self.external) + b"\x00\x00")
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            up_writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def password_socks() -> AsyncIterator[PasswordSocks]:
+    server = PasswordSocks("mta", "s3cret", AUTH_EXTERNAL)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_username_and_password_reach_the_proxy_and_mail_leaves_through_it(
+    api: Api, password_socks: PasswordSocks
+) -> None:
+    world, _ = await api(
+        delivery=through(
+            socks5=f"127.0.0.1:{password_socks.port}",
+            socks5_username="mta",
+            socks5_password="s3cret",
+        )
+    )
+    await send(world, ["x@a.test"], count=2)
+    await world.wait_records(RecordType.DELIVERY, 2)
+    assert peers(world) == {AUTH_EXTERNAL: 2}
+    assert password_socks.seen and set(password_socks.seen) == {("mta", "s3cret")}
+
+
+async def test_a_refused_password_makes_the_source_failing_and_the_pool_reroutes(
+    api: Api, password_socks: PasswordSocks
+) -> None:
+    world, client = await api(
+        delivery=through(
+            socks5=f"127.0.0.1:{password_socks.port}",
+            socks5_username="mta",
+            socks5_password="wrong",
+        )
+    )
+    await assert_dead_hop_reroutes(world, client, "username/password refused (status 1)")
+    hop = await source_state(client, "hop")
+    assert "wrong" not in hop["last_error"]
+
+
+async def test_a_proxy_that_wants_a_password_we_do_not_have_is_unusable(
+    password_socks: PasswordSocks,
+) -> None:
+    hop = Socks5Hop(("127.0.0.1", password_socks.port))
+    with pytest.raises(SourceUnusable) as info:
+        await hop.open("127.0.0.2", 25)
+    assert str(info.value) == (
+        f"socks5 proxy 127.0.0.1:{password_socks.port}: no acceptable authentication method "
+        "(offered no authentication)"
+    )
+
+
+# --------------------------------------------------------------------- PROXY v2: HAProxy
+
+
+async def test_mail_leaves_through_haproxy_from_the_address_in_our_proxy_header(
+    api: Api, haproxy: Peer
+) -> None:
+    world, client = await api(
+        sink_options=sink_tls(),
+        delivery=through(bind=HAPROXY_SOURCE, proxy_protocol=f"127.0.0.1:{haproxy.port}"),
+    )
+    await send(world, ["x@a.test"], count=3)
+    await world.wait_records(RecordType.DELIVERY, 3)
+    assert peers(world) == {HAPROXY_SOURCE: 3}
+    received = [m for sink in world.sinks.values() for m in sink.messages]
+    assert all(m.tls and m.helo == "hop.sender.test" for m in received)
+    hop = await source_state(client, "hop")
+    assert (hop["hop"], hop["bind"]) == (f"proxy_protocol 127.0.0.1:{haproxy.port}", HAPROXY_SOURCE)
+    # HAProxy logs each session as it ends: the client address it read from our header, and
+    # the server it connected to, the destination in the header (the sink's port).
+    sink_port = world.sink_port
+    await eventually(lambda: "hop client=" in haproxy.output(), what="HAProxy's log line")
+    line = next(x for x in haproxy.output().splitlines() if x.startswith("hop client="))
+    assert line.startswith(f"hop client={HAPROXY_SOURCE}:") and line.endswith(
+        f"server=127.0.0.2:{sink_port}"
+    ), line
+
+
+async def test_a_dead_haproxy_makes_its_source_failing_and_the_pool_reroutes(api: Api) -> None:
+    dead = free_port()
+    world, client = await api(
+        delivery=through(bind=HAPROXY_SOURCE, proxy_protocol=f"127.0.0.1:{dead}")
+    )
+    await assert_dead_hop_reroutes(world, client, f"cannot reach haproxy 127.0.0.1:{dead}")
+
+
+@pytest.mark.both_loops
+async def test_the_proxy_header_comes_first_on_the_connection() -> None:
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.set_result(await reader.readexactly(28))
+        writer.close()
+
+    server = await asyncio.start_server(read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sock = await ProxyProtocolHop(("127.0.0.1", port), HAPROXY_SOURCE).open("127.0.0.2", 25)
+        local_port = sock.getsockname()[1]
+        sock.close()
+        header = await received
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert header[:16] == b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+    assert header[16:] == socket.inet_aton(HAPROXY_SOURCE) + socket.inet_aton("127.0.0.2") + (
+        local_port.to_bytes(2, "big") + (25).to_bytes(2, "big")
+    )
