@@ -1,19 +1,20 @@
-"""Egress hops on real peers: Dante's danted as the SOCKS5 proxy (sending from 127.0.0.30),
-HAProxy with ``accept-proxy`` and ``usesrc clientip`` reading our PROXY v2 header (sending from
-the source's bind, to the destination named in the header), and a small SOCKS5 server here
-for RFC 1929 username/password (danted checks those against system accounts). A dead hop
-makes its source failing at once, and the pool's other source takes the mail."""
+"""Egress hops on real peers: Dante's danted as the SOCKS5 proxy (sending from 127.0.0.30; with
+RFC 1929 username/password checked against a system account made for the test), and HAProxy
+with ``accept-proxy`` and ``usesrc clientip`` reading our PROXY v2 header (sending from the
+source's bind, to the destination named in the header). A dead hop makes its source failing at
+once, and the pool's other source takes the mail."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tests.e2e.test_client import _TlsGreeter
 from tests.e2e.test_pools import body, peers
 
 SOCKS_EXTERNAL = "127.0.0.30"  # danted connects onward from here
-AUTH_EXTERNAL = "127.0.0.31"  # the in-test SOCKS5 server with username/password
+AUTH_EXTERNAL = "127.0.0.31"  # danted with username/password connects from here
 HAPROXY_SOURCE = "127.0.0.40"  # the source address our PROXY header gives HAProxy
 BLOCKED = "127.0.0.99"  # danted's rules refuse this destination
 
@@ -40,11 +41,11 @@ logoutput: {log}
 internal: 127.0.0.1 port = {port}
 external: {external}
 clientmethod: none
-socksmethod: none
+socksmethod: {method}
 {users}
 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
 socks block {{ from: 0.0.0.0/0 to: {blocked}/32 }}
-socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 log: connect }}
 """
 
 # accept-proxy: the frontend reads our PROXY v2 header; the backend connects to the header's
@@ -107,15 +108,20 @@ def started(args: list[str], port: int, log: Path) -> Iterator[Peer]:
 
 @pytest.fixture
 def danted(tmp_path: Path) -> Iterator[Peer]:
-    """Dante's SOCKS5 server on a free loopback port, without authentication; as root it
-    drops to nobody for everything but binding."""
+    """danted without authentication."""
+    yield from run_danted(tmp_path, "none", SOCKS_EXTERNAL)
+
+
+def run_danted(tmp_path: Path, method: str, external: str) -> Iterator[Peer]:
+    """Dante's SOCKS5 server on a free loopback port, connecting onward from ``external``; as
+    root it drops to nobody for everything but binding and reading passwords."""
     danted = program("danted", "dante-server")
     port, log = free_port(), tmp_path / "danted.log"
     users = "user.privileged: root\nuser.unprivileged: nobody" if os.getuid() == 0 else ""
     config = tmp_path / "danted.conf"
     config.write_text(
         DANTED_CONF.format(
-            log=log, port=port, external=SOCKS_EXTERNAL, users=users, blocked=BLOCKED
+            log=log, port=port, external=external, method=method, users=users, blocked=BLOCKED
         )
     )
     pid = tmp_path / "danted.pid"
@@ -242,109 +248,63 @@ async def test_danted_refusals_say_whose_fault_they_are(danted: Peer) -> None:
 # --------------------------------------------------------------------- SOCKS5: RFC 1929
 
 
-class PasswordSocks:
-    """A small SOCKS5 server that takes only username/password (RFC 1929) and IPv4 CONNECT,
-    and connects onward from ``external``."""
+@dataclass
+class Account:
+    """A system account for danted's username method (RFC 1929 against /etc/shadow)."""
 
-    def __init__(self, username: str, password: str, external: str) -> None:
-        self.credentials, self.external = (username, password), external
-        self.seen: list[tuple[str, str]] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            if await self._authenticate(reader, writer):
-                await self._connect(reader, writer)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _authenticate(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        _, count = await reader.readexactly(2)
-        if 2 not in await reader.readexactly(count):
-            writer.write(b"\x05\xff")
-            return False
-        writer.write(b"\x05\x02")
-        _, length = await reader.readexactly(2)
-        username = (await reader.readexactly(length)).decode()
-        password = (await reader.readexactly((await reader.readexactly(1))[0])).decode()
-        self.seen.append((username, password))
-        good = (username, password) == self.credentials
-        writer.write(b"\x01\x00" if good else b"\x01\x01")
-        return good
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readexactly(10)
-        assert request[:4] == b"\x05\x01\x00\x01", request
-        host, port = socket.inet_ntoa(request[4:8]), int.from_bytes(request[8:], "big")
-        up_reader, up_writer = await asyncio.open_connection(
-            host, port, local_addr=(self.external, 0)
-        )
-        writer.write(b"\x05\x00\x00\x01" + socket.inet_aton(self.external) + b"\x00\x00")
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            up_writer.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
+    username: str
+    password: str
 
 
 @pytest.fixture
-async def password_socks() -> AsyncIterator[PasswordSocks]:
-    server = PasswordSocks("mta", "s3cret", AUTH_EXTERNAL)
-    await server.start()
-    yield server
-    await server.stop()
+def account() -> Iterator[Account]:
+    """A system user of its own for this test, removed afterwards (needs root, as CI is)."""
+    if os.getuid() != 0:
+        pytest.fail("danted checks SOCKS5 passwords against system users: creating one needs root")
+    created = Account(f"epoxi-socks-{secrets.token_hex(3)}", "s3cret-pw")
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+         created.username],
+        check=True,
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            ["chpasswd"], input=f"{created.username}:{created.password}\n", text=True, check=True
+        )
+        yield created
+    finally:
+        subprocess.run(["userdel", created.username], check=True)
+
+
+@pytest.fixture
+def danted_password(tmp_path: Path, account: Account) -> Iterator[Peer]:
+    """danted taking only username/password."""
+    yield from run_danted(tmp_path, "username", AUTH_EXTERNAL)
 
 
 async def test_username_and_password_reach_the_proxy_and_mail_leaves_through_it(
-    api: Api, password_socks: PasswordSocks
+    api: Api, danted_password: Peer, account: Account
 ) -> None:
     world, _ = await api(
         delivery=through(
-            socks5=f"127.0.0.1:{password_socks.port}",
-            socks5_username="mta",
-            socks5_password="s3cret",
+            socks5=f"127.0.0.1:{danted_password.port}",
+            socks5_username=account.username,
+            socks5_password=account.password,
         )
     )
     await send(world, ["x@a.test"], count=2)
     await world.wait_records(RecordType.DELIVERY, 2)
     assert peers(world) == {AUTH_EXTERNAL: 2}
-    assert password_socks.seen and set(password_socks.seen) == {("mta", "s3cret")}
+    assert f"username%{account.username}@" in danted_password.output()  # danted's log
 
 
 async def test_a_refused_password_makes_the_source_failing_and_the_pool_reroutes(
-    api: Api, password_socks: PasswordSocks
+    api: Api, danted_password: Peer, account: Account
 ) -> None:
     world, client = await api(
         delivery=through(
-            socks5=f"127.0.0.1:{password_socks.port}",
-            socks5_username="mta",
+            socks5=f"127.0.0.1:{danted_password.port}",
+            socks5_username=account.username,
             socks5_password="wrong",
         )
     )
@@ -354,13 +314,13 @@ async def test_a_refused_password_makes_the_source_failing_and_the_pool_reroutes
 
 
 async def test_a_proxy_that_wants_a_password_we_do_not_have_is_unusable(
-    password_socks: PasswordSocks,
+    danted_password: Peer,
 ) -> None:
-    hop = Socks5Hop(("127.0.0.1", password_socks.port))
+    hop = Socks5Hop(("127.0.0.1", danted_password.port))
     with pytest.raises(SourceUnusable) as info:
         await hop.open("127.0.0.2", 25)
     assert str(info.value) == (
-        f"socks5 proxy 127.0.0.1:{password_socks.port}: no acceptable authentication method "
+        f"socks5 proxy 127.0.0.1:{danted_password.port}: no acceptable authentication method "
         "(offered no authentication)"
     )
 

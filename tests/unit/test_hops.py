@@ -4,6 +4,7 @@ against the specifications' layouts; the hop settings; a hop failure as the sour
 from __future__ import annotations
 
 import socket
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,11 @@ def test_a_hop_failure_makes_its_source_failing_at_once() -> None:
     refused = ConnectionFailed("socks5 proxy 127.0.0.1:1080 refused CONNECT to 127.0.0.2:25")
     assert not pools.connect_failed("ip10", "site-a", refused)  # the destination's fault
     assert pools.usable("ip10")
+
+
+def test_the_readme_example_of_hops_is_valid() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [example] = [b for b in readme.split("```toml\n")[1:] if "socks5 =" in b.split("```")[0]]
+    sources = tomllib.loads(example.split("```")[0])["delivery"]["sources"]
+    settings = [SourceSettings.model_validate(s) for s in sources]
+    assert [s.hop for s in settings] == ["socks5 10.0.0.5:1080", "proxy_protocol 10.0.0.6:2525"]
