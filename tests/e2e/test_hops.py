@@ -40,12 +40,14 @@ DANTED_CONF = """\
 logoutput: {log}
 internal: 127.0.0.1 port = {port}
 external: {external}
+external: ::1
 clientmethod: none
 socksmethod: {method}
 {users}
 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
 socks block {{ from: 0.0.0.0/0 to: {blocked}/32 }}
 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 log: connect }}
+socks pass {{ from: 127.0.0.0/8 to: ::/0 log: connect }}
 """
 
 # accept-proxy: the frontend reads our PROXY v2 header; the backend connects to the header's
@@ -210,9 +212,13 @@ async def test_a_dead_socks5_proxy_makes_its_source_failing_and_the_pool_reroute
 @pytest.mark.both_loops
 async def test_implicit_tls_runs_over_the_socks5_hop(danted: Peer) -> None:
     context, _, _ = make_test_tls_context("tls.test", addresses=("127.0.0.2",))
-    server = await asyncio.get_running_loop().create_server(
-        _TlsGreeter, "127.0.0.2", 0, ssl=context
-    )
+    greeters: list[_Greeter] = []
+
+    def greeter() -> _Greeter:
+        greeters.append(_Greeter())
+        return greeters[-1]
+
+    server = await asyncio.get_running_loop().create_server(greeter, "127.0.0.2", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     try:
         client = await SmtpClient.connect(
@@ -225,9 +231,33 @@ async def test_implicit_tls_runs_over_the_socks5_hop(danted: Peer) -> None:
         )
         assert client.tls_active and client.extensions == {"SIZE": "100"}
         await client.quit()
+        await asyncio.wait_for(greeters[0].closed, 10)  # our side is closed too, then
     finally:
         server.close()
         await server.wait_closed()
+
+
+class _Greeter(_TlsGreeter):
+    def __init__(self) -> None:
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set_result(None)
+
+
+@pytest.mark.both_loops
+async def test_an_ipv6_destination_is_connected_through_danted(danted: Peer) -> None:
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        sock = await Socks5Hop(("127.0.0.1", danted.port)).open("::1", port)
+        accepted, peer = await loop.sock_accept(listener)
+        accepted.close()
+        sock.close()
+    assert peer[0] == "::1"  # danted's IPv6 external address
 
 
 @pytest.mark.both_loops
