@@ -312,16 +312,16 @@ def danted_password(tmp_path: Path, account: Account) -> Iterator[Peer]:
     yield from run_danted(tmp_path, "username", AUTH_EXTERNAL)
 
 
+def logging_in(proxy: Peer, username: str, password: str) -> dict[str, Any]:
+    return through(
+        socks5=f"127.0.0.1:{proxy.port}", socks5_username=username, socks5_password=password
+    )
+
+
 async def test_username_and_password_reach_the_proxy_and_mail_leaves_through_it(
     api: Api, danted_password: Peer, account: Account
 ) -> None:
-    world, _ = await api(
-        delivery=through(
-            socks5=f"127.0.0.1:{danted_password.port}",
-            socks5_username=account.username,
-            socks5_password=account.password,
-        )
-    )
+    world, _ = await api(delivery=logging_in(danted_password, account.username, account.password))
     await send(world, ["x@a.test"], count=2)
     await world.wait_records(RecordType.DELIVERY, 2)
     assert peers(world) == {AUTH_EXTERNAL: 2}
@@ -331,13 +331,7 @@ async def test_username_and_password_reach_the_proxy_and_mail_leaves_through_it(
 async def test_a_refused_password_makes_the_source_failing_and_the_pool_reroutes(
     api: Api, danted_password: Peer, account: Account
 ) -> None:
-    world, client = await api(
-        delivery=through(
-            socks5=f"127.0.0.1:{danted_password.port}",
-            socks5_username=account.username,
-            socks5_password="wrong",
-        )
-    )
+    world, client = await api(delivery=logging_in(danted_password, account.username, "wrong"))
     await assert_dead_hop_reroutes(world, client, "username/password refused (status 1)")
     hop = await source_state(client, "hop")
     assert "wrong" not in hop["last_error"]
