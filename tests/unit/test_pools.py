@@ -224,7 +224,8 @@ async def test_suspending_a_source_moves_its_queued_jobs_to_the_others() -> None
     engine.suspensions.suspend(Suspension("source", "ip11", "maintenance"))
     try:
         await engine.send("x@a.test", pool="bulk")  # nowhere to go: held by its own pool
-        assert not engine.transport.sent
+        engine.suspensions.suspend(Suspension("domain", "other.test"))  # any change re-applies
+        assert not engine.transport.sent and not engine.records.of(RecordType.REROUTED)
         engine.suspensions.resume("source", "ip20")  # the fallback pool is back
         assert await engine.outcome("x@a.test") is RecordType.DELIVERY
         [sent] = engine.transport.sent
@@ -245,3 +246,40 @@ async def test_an_unknown_pool_is_refused_at_the_door() -> None:
         assert not engine.spool.messages
     finally:
         await engine.close()
+
+
+async def test_a_reload_moves_the_jobs_of_a_removed_source_and_renames_the_others() -> None:
+    engine = Engine(pooled())
+    engine.suspensions.suspend(Suspension("site", "route:192.0.2.1:25", "hold"))
+    try:
+        for index in range(4):
+            await engine.send(f"r{index}@a.test", pool="bulk")
+        assert {r.source.name for r in engine.dispatcher.ready.values()} == {"ip10", "ip11"}
+        renamed = [{**s, "ehlo": "new." + s["ehlo"]} for s in SOURCES if s["name"] != "ip11"]
+        pools = [{**POOLS[0], "sources": {"ip10": 1}}, *POOLS[1:]]
+        engine.dispatcher.reconfigure(pooled(sources=renamed, pools=pools).delivery)
+        queues = {r.source.name: r for r in engine.dispatcher.ready.values()}
+        assert queues["ip10"].source.ehlo == "new.mta10.sender.test"
+        assert len(queues["ip10"]) == 4 and len(queues["ip11"]) == 0
+        moved = engine.records.of(RecordType.REROUTED)
+        assert [r.reason for r in moved] == [
+            "source ip11 was removed from the configuration: moved to source ip10 of pool bulk"
+        ]
+        engine.suspensions.resume("site", "route:192.0.2.1:25")
+        await engine.records.wait(lambda r: r.type is RecordType.DELIVERY, 4)
+        assert {sent.source for sent in engine.transport.sent} == {"ip10"}
+    finally:
+        await engine.close()
+
+
+def test_a_source_bound_to_one_address_family_tries_only_addresses_of_that_family() -> None:
+    from epoxi.config import SourceSettings
+    from epoxi.delivery.transport import _reachable_from
+
+    addresses = ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
+    assert _reachable_from(SourceSettings(name="v4", bind="127.0.0.10"), addresses) == [
+        "192.0.2.1",
+        "192.0.2.2",
+    ]
+    assert _reachable_from(SourceSettings(name="v6", bind="::1"), addresses) == ["2001:db8::1"]
+    assert _reachable_from(SourceSettings(name="any"), addresses) == addresses

@@ -30,6 +30,7 @@ from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
 from epoxi.cli.common import PLAIN_HELP
 from epoxi.cli.show import add_row, echo, line, print_json, show, table
 from epoxi.config import parse_duration
+from epoxi.events.records import Record
 
 Url = Annotated[
     str,
@@ -281,9 +282,18 @@ def status(
             _time(event.timestamp),
             event.type.value,
             event.recipient or ",".join(event.recipients),
-            detail,
+            "\n".join(part for part in (detail, _path(event)) if part),
         )
     show(events)
+
+
+def _path(event: Record) -> str:
+    """Which egress source (and pool) an attempt left from, and the server that answered."""
+    if not event.source:
+        return ""
+    pool = f" (pool {event.pool})" if event.pool else ""
+    to = f" to {event.peer_address}" if event.peer_address else ""
+    return f"from {event.source}{pool}{to}"
 
 
 def _time(timestamp: float | None) -> str:

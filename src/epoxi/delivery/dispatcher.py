@@ -171,12 +171,13 @@ class Dispatcher:
         return self._move(jobs, f"source {source} is failing ({exc})")
 
     def _move(self, jobs: list[Job], reason: str) -> list[Job]:
-        """Pick again for jobs leaving their source; returns those with nowhere else to go."""
+        """Pick again for jobs leaving their source; returns those with nowhere else to go
+        (no usable source in their pool or its fallbacks: moving them to another suspended
+        one would only move them back)."""
         stuck = []
         for job in jobs:
-            was = job.source
             pick = self.pools.pick(job.message.meta)
-            if pick.source.name == was:
+            if pick.source.name == job.source or not self.pools.usable(pick.source.name):
                 stuck.append(job)
                 continue
             job.source, job.pool = pick.source.name, pick.pool
@@ -186,8 +187,18 @@ class Dispatcher:
         return stuck
 
     def reconfigure(self, delivery: DeliverySettings) -> None:
-        """New sources and pools (a reload): queued jobs keep their source until they move."""
+        """New sources and pools (a reload). A source that stays takes its new address and
+        EHLO name from its next connection; the jobs of one that is gone move to a source
+        of their pool now."""
         self.pools.configure(delivery)
+        for ready in list(self.ready.values()):
+            source = self.pools.sources.get(ready.source.name)
+            if source is not None:
+                ready.source = source
+            elif ready.jobs:
+                reason = f"source {ready.source.name} was removed from the configuration"
+                for job in self._move(ready.take(_every), reason):
+                    ready.put(job)  # nowhere else to go (cannot happen: it is in no pool)
 
     # ----------------------------------------------------------------- policy and suspensions
 

@@ -34,7 +34,7 @@ WINDOW_MINUTES = 10  # how far back the health counts go
 LOCAL_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAFNOSUPPORT})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pick:
     """The source a job leaves from, the pool it came from, and why, when not its own."""
 
@@ -168,6 +168,11 @@ class Pools:
         self.default_pool = delivery.default_pool
         self.tenant_pools = dict(delivery.tenant_pools)
         self._rotations = {name: _Rotation() for name in self.pools}
+        self._only = {  # a pool of one source always picks it: one Pick made once
+            name: Pick(self.sources[next(iter(pool.sources))], name)
+            for name, pool in self.pools.items()
+            if len(pool.sources) == 1
+        }
         self.health = {
             name: self.health.get(name)
             or SourceHealth(delivery.source_failures, delivery.source_retry_after, self._clock)
@@ -193,9 +198,15 @@ class Pools:
 
     def pick(self, meta: MessageMeta) -> Pick:
         """The source for a job of ``meta``: see the module's description."""
-        wanted, why = self.pool_of(meta)
+        if meta.pool:
+            wanted, why = self.pool_of(meta)
+        else:  # the common case, inlined: this runs for every job
+            wanted, why = self.tenant_pools.get(meta.tenant, self.default_pool), ""
         pool = self.pools[wanted]
         if not self._suspended and not self._any_failing():
+            only = self._only.get(wanted)
+            if only is not None and not why:
+                return only
             return Pick(self._next(pool, pool.sources), wanted, why)
         name, tried = wanted, list[tuple[str, str]]()
         while True:
