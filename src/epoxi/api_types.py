@@ -218,6 +218,7 @@ class SourceInfo(msgspec.Struct, kw_only=True):
     connection_failures: int
     last_error: str | None
     last_error_at: float | None
+    hop: str | None = None  # "socks5 host:port" or "proxy_protocol host:port"
 
 
 class PoolInfo(msgspec.Struct, kw_only=True):

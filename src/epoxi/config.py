@@ -216,11 +216,20 @@ class RouteSettings(_Model):
 
 
 class SourceSettings(_Model):
-    """An egress source: the local address connections come from, and the EHLO name."""
+    """An egress source: the local address connections come from, and the EHLO name.
+
+    At most one hop: ``socks5`` (a SOCKS5 proxy connects for us, from an address it chooses;
+    ``bind`` is refused) or ``proxy_protocol`` (an HAProxy told with a PROXY v2 header to
+    connect from ``bind``, which is then not bound here and required).
+    """
 
     name: str = Field(pattern=_NAME)
     bind: str | None = None  # local IP address; None lets the kernel choose
     ehlo: str | None = None  # None: the hostname
+    socks5: str | None = None  # host:port of a SOCKS5 proxy (RFC 1928)
+    socks5_username: str | None = None  # RFC 1929, with socks5_password
+    socks5_password: str | None = Field(None, repr=False)
+    proxy_protocol: str | None = None  # host:port of an HAProxy taking PROXY v2 (accept-proxy)
 
     @field_validator("bind")
     @classmethod
@@ -228,6 +237,51 @@ class SourceSettings(_Model):
         if value is not None:
             ipaddress.ip_address(value)
         return value
+
+    @field_validator("socks5", "proxy_protocol")
+    @classmethod
+    def _check_hop(cls, value: str | None) -> str | None:
+        if value is not None and parse_hostport(value, default_port=0)[1] == 0:
+            raise ValueError("expected host:port with a port, such as 127.0.0.1:1080")
+        return value
+
+    @field_validator("socks5_username", "socks5_password")
+    @classmethod
+    def _check_credential(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value.encode()) <= 255:
+            raise ValueError("must be 1 to 255 octets (RFC 1929)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_hops(self) -> SourceSettings:
+        if self.socks5 and self.proxy_protocol:
+            raise ValueError(f"source {self.name}: socks5 or proxy_protocol, not both")
+        if self.socks5 and self.bind:
+            raise ValueError(
+                f"source {self.name}: bind is not used with socks5 (the proxy chooses the "
+                "address mail leaves from); remove it"
+            )
+        if self.proxy_protocol and not self.bind:
+            raise ValueError(
+                f"source {self.name}: proxy_protocol needs bind, the address HAProxy sends from"
+            )
+        if (self.socks5_username is None) != (self.socks5_password is None):
+            raise ValueError(f"source {self.name}: socks5_username and socks5_password go together")
+        if self.socks5_username is not None and not self.socks5:
+            raise ValueError(f"source {self.name}: socks5_username without socks5")
+        return self
+
+    @property
+    def local_bind(self) -> str | None:
+        """The address to bind here: ``bind``, unless it is only written in a PROXY header."""
+        return None if self.proxy_protocol else self.bind
+
+    @property
+    def hop(self) -> str | None:
+        """The hop, as shown to operators ("socks5 127.0.0.1:1080"), or None."""
+        if self.socks5:
+            return f"socks5 {self.socks5}"
+        return f"proxy_protocol {self.proxy_protocol}" if self.proxy_protocol else None
 
 
 class PoolSettings(_Model):
@@ -509,9 +563,16 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        value = "<hidden>" if "password" in key or key.startswith("users") else repr(err["input"])
+        value = "<hidden>" if "password" in key or key.startswith("users") else _shown(err["input"])
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}unknown key {key!r} (value {value})")
         else:
             lines.append(f"{where}{key} = {value}: {err['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, with any password in it hidden (a whole table's)."""
+    if isinstance(value, dict):
+        value = {k: "<hidden>" if "password" in str(k) else v for k, v in value.items()}
+    return repr(value)

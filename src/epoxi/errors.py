@@ -16,6 +16,8 @@
      +-- DeliveryError          talking to a remote server failed
           +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
           |    +-- MailLoop     the server greeted us with our own name: it is us
+          |    +-- SourceUnusable  the source's own way out failed (its SOCKS5 proxy or HAProxy
+          |                        cannot be reached or refuses us): the source's, not the site's
           +-- ProtocolError     the server broke the protocol (garbage, early close)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -92,6 +94,11 @@ class ConnectionFailed(DeliveryError):
 
 class MailLoop(ConnectionFailed):
     """The server greeted us with our own host name: the mail would loop back to us."""
+
+
+class SourceUnusable(ConnectionFailed):
+    """The egress source itself cannot be used: its SOCKS5 proxy or HAProxy cannot be reached,
+    refuses us or breaks its protocol. Counts against the source's health, not the site's."""
 
 
 class ProtocolError(DeliveryError):

@@ -607,7 +607,7 @@ def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) ->
                 sources,
                 s.name,
                 s.weight,
-                f"{s.bind or 'any'} {s.ehlo or '(hostname)'}",
+                f"{s.bind or 'any'} {s.ehlo or '(hostname)'}" + (f" via {s.hop}" if s.hop else ""),
                 s.state,
                 f"{s.delivered}/{s.deferred}/{s.bounced}",
                 f"{s.connections}/{s.connection_failures}",

@@ -28,7 +28,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from epoxi.config import TimeoutSettings, TlsMode
 from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
@@ -42,6 +42,9 @@ from epoxi.smtp.client_parse import (
 )
 from epoxi.smtp.downgrade import Unconvertible, downgrade_8bit
 from epoxi.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from epoxi.delivery.hops import Hop
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +277,7 @@ class SmtpClient:
         tls: TlsPolicy = TlsPolicy(),
         auth: ClientAuth | None = None,
         timeouts: TimeoutSettings = _DEFAULT_TIMEOUTS,
+        hop: Hop | None = None,
     ) -> SmtpClient:
         """Connect to ``address:port`` and get the session ready for mail.
 
@@ -281,13 +285,14 @@ class SmtpClient:
         with the reply); EHLO (HELO when EHLO gets a 5xx); STARTTLS as ``tls`` says, then EHLO
         again; AUTH when ``auth`` is given (refused: ``ConnectionFailed`` with the reply, a
         configuration problem rather than the message's). ``server_name`` is the name for SNI
-        and certificate checks unless ``tls.server_name`` is set. Raises ``ConnectionFailed``
-        or ``ProtocolError``; nothing is left open then.
+        and certificate checks unless ``tls.server_name`` is set. With ``hop`` the connection
+        goes through it (a SOCKS5 proxy, an HAProxy), within the connect timeout. Raises
+        ``ConnectionFailed`` or ``ProtocolError``; nothing is left open then.
         """
         name = tls.server_name or server_name
         implicit = tls.mode == "implicit"
         context = tls.context() if implicit else None
-        reader = await _open(address, port, source_address, timeouts.connect, context, name)
+        reader = await _open(address, port, source_address, timeouts.connect, context, name, hop)
         client = cls(reader, (address, port), timeouts, tls_active=implicit)
         try:
             await client._start_session(ehlo_name, name, tls, auth)
@@ -694,12 +699,15 @@ async def _open(
     timeout: float,
     context: ssl.SSLContext | None,
     server_name: str,
+    hop: Hop | None = None,
 ) -> _ReplyReader:
     """Connect (TLS from the first byte when ``context`` is given); errors as ConnectionFailed."""
     loop = asyncio.get_running_loop()
     label = f"{address}:{port}"
     try:
         async with asyncio.timeout(timeout):
+            if hop is not None:
+                return await _open_through(hop, address, port, context, server_name, label)
             _, reader = await loop.create_connection(
                 lambda: _ReplyReader(label),
                 address,
@@ -709,10 +717,34 @@ async def _open(
                 local_addr=(source, 0) if source else None,
             )
     except TimeoutError as exc:
-        raise ConnectionFailed(f"timeout connecting to {label}") from exc
+        through = f" through {hop}" if hop is not None else ""
+        raise ConnectionFailed(f"timeout connecting to {label}{through}") from exc
     except OSError as exc:  # ssl.SSLError included
         origin = f" from {source}" if source else ""
         raise ConnectionFailed(f"cannot connect to {label}{origin}: {exc}") from exc
+    return reader
+
+
+async def _open_through(
+    hop: Hop,
+    address: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    server_name: str,
+    label: str,
+) -> _ReplyReader:
+    """The session over the socket the hop connected (the caller times it out)."""
+    sock = await hop.open(address, port)
+    try:
+        _, reader = await asyncio.get_running_loop().create_connection(
+            lambda: _ReplyReader(label),
+            sock=sock,
+            ssl=context,
+            server_hostname=server_name if context is not None else None,
+        )
+    except BaseException:
+        sock.close()
+        raise
     return reader
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 
 from epoxi.api_types import PoolInfo, SourceInfo
 from epoxi.config import DeliverySettings, PoolSettings, SourceSettings
+from epoxi.errors import SourceUnusable
 from epoxi.events.records import Record, RecordType
 from epoxi.message import MessageMeta
 from epoxi.queue.suspensions import Suspensions
@@ -301,6 +302,7 @@ class Pools:
             weight=weight,
             bind=source.bind,
             ehlo=source.ehlo,
+            hop=source.hop,
             state=state,
             delivered=delivered,
             deferred=deferred,
@@ -313,9 +315,12 @@ class Pools:
 
 
 def _is_local(exc: BaseException) -> bool:
-    """Whether a connection failed on this machine (the source address), not on the way."""
+    """Whether a connection failed on this machine (the source address) or at the source's
+    own hop (its SOCKS5 proxy or HAProxy), not on the way."""
     cause: BaseException | None = exc
     while cause is not None:
+        if isinstance(cause, SourceUnusable):
+            return True
         if isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS:
             return True
         cause = cause.__cause__

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from epoxi.config import TimeoutSettings
 from epoxi.delivery.client import DsnEnvelope, SmtpClient
-from epoxi.errors import ConnectionFailed, DnsError, DnsPermanent, EpoxiError, MailLoop
+from epoxi.delivery.hops import hop_of
+from epoxi.errors import (
+    ConnectionFailed,
+    DnsError,
+    DnsPermanent,
+    EpoxiError,
+    MailLoop,
+    SourceUnusable,
+)
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
 
@@ -120,6 +128,8 @@ class SmtpTransport:
             for address in _reachable_from(source, addresses):
                 try:
                     client = await self._open(destination, source, host, address, port)
+                except SourceUnusable:
+                    raise  # the source's own way out is broken: no other host would do better
                 except (ConnectionFailed, EpoxiError) as exc:
                     log.info("[%s] %s:%d (%s): %s", destination.site, host, port, address, exc)
                     last = exc
@@ -149,10 +159,11 @@ class SmtpTransport:
             port,
             server_name=tls.server_name or host,
             ehlo_name=source.ehlo or self._hostname,
-            source_address=source.bind,
+            source_address=source.local_bind,
             tls=tls,
             auth=destination.auth,
             timeouts=self._timeouts,
+            hop=hop_of(source),
         )
 
 
