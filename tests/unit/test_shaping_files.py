@@ -137,3 +137,20 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(OURS)
     assert ShapingFiles.load([good]).origins == [str(good)]
+
+
+def test_shaping_check_says_ok_or_exits_1_naming_the_file_and_key(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from epoxi.cli import app
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(SHIPPED)
+    bad.write_text("[providers.google]\nmatch_domains = ['gmail.com']\nconnection_limit = -1\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["shaping", "check", str(good), str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert f"{good}: OK (2 providers, 1 sites, 1 domains)" in ok.output
+    refused = runner.invoke(app, ["shaping", "check", str(good), str(bad)])
+    assert refused.exit_code == 1
+    assert f"{bad}: providers.google.connection_limit = -1" in refused.output

@@ -18,6 +18,7 @@ from epoxi.cli.dkim import dkim_app
 from epoxi.cli.keys import keys_app
 from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import pool_app, queue_app, send, status
+from epoxi.cli.shaping import shaping_app
 from epoxi.cli.show import echo
 from epoxi.config import load_settings, parse_workers
 from epoxi.errors import ConfigError, EpoxiError
@@ -41,6 +42,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(queue_app, name="queue")
 app.add_typer(pool_app, name="pool")
+app.add_typer(shaping_app, name="shaping")
 app.add_typer(dkim_app, name="dkim")
 app.command()(send)
 app.command()(status)
