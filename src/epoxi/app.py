@@ -23,6 +23,7 @@ from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
+from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
 from epoxi.dkim import Signer, load_key
@@ -98,7 +99,12 @@ class Epoxi:
         self.dispatcher = Dispatcher(
             router=self.router,
             policy=shaping_policy(delivery),
-            transport=SmtpTransport(self.resolver, settings.hostname, delivery.timeouts),
+            transport=SmtpTransport(
+                self.resolver,
+                settings.hostname,
+                delivery.timeouts,
+                tls=HostTls.from_settings(self.resolver, delivery),
+            ),
             outcomes=self.outcomes,
             suspensions=self.suspensions,
             load_body=self.spool.load_body,
@@ -314,6 +320,9 @@ _RESTART_ONLY = (
     "spool",
     "dns",
     "delivery.sources",
+    "delivery.tls_ca_file",
+    "delivery.mta_sts_port",
+    "delivery.dane",
     "workers",
 )
 

@@ -9,13 +9,15 @@
      |    +-- ComposeError      a send request cannot become a message (epoxi.compose)
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
-     +-- DnsError               a lookup could not be answered
+     +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
+ +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
      |    +-- DnsPermanent      NXDOMAIN, no address: the domain cannot receive mail
      |         +-- NullMx       RFC 7505: the domain says it takes no mail
      +-- DeliveryError          talking to a remote server failed
           +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
           |    +-- MailLoop     the server greeted us with our own name: it is us
+          |    +-- TlsFailed    the TLS handshake failed, or the peer failed the TLS policy
           +-- ProtocolError     the server broke the protocol (garbage, early close)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -62,6 +64,10 @@ class SpoolUnavailable(SpoolError):
     """The spool is refusing new work for now (disk nearly full, writer behind, closed)."""
 
 
+class MtaStsError(EpoxiError):
+    """An MTA-STS policy could not be fetched, or what was fetched is not a valid policy."""
+
+
 class DnsError(EpoxiError):
     """A DNS lookup failed."""
 
@@ -92,6 +98,11 @@ class ConnectionFailed(DeliveryError):
 
 class MailLoop(ConnectionFailed):
     """The server greeted us with our own host name: the mail would loop back to us."""
+
+
+class TlsFailed(ConnectionFailed):
+    """The TLS handshake failed, or the server's certificate failed the policy (verification,
+    DANE, MTA-STS); ``reply`` is the 4.7.x reply to record when the policy forbids plain text."""
 
 
 class ProtocolError(DeliveryError):

@@ -293,7 +293,13 @@ class ReadyQueue:
                 # A lost data-end reply lands here too: transient, so at worst a duplicate.
                 replies += self._outcomes.transaction_failed(chunk, exc)
                 usable = False
-        self._outcomes.handle(job, replies, connection.peer, dsn_passed=connection.dsn_passed)
+        self._outcomes.handle(
+            job,
+            replies,
+            connection.peer,
+            dsn_passed=connection.dsn_passed,
+            tls=connection.tls.text,
+        )
         return usable
 
     def _on_connect_failure(self, exc: Exception) -> None:
@@ -305,7 +311,8 @@ class ReadyQueue:
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
             hosts = ",".join(h for h, _ in self.destination.hosts)
-            self._outcomes.connection_failed(jobs, exc, hosts)
+            tls = f"policy={self.destination.tls.name}"
+            self._outcomes.connection_failed(jobs, exc, hosts, tls=tls)
 
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""
