@@ -1,0 +1,202 @@
+"""Outbound TLS policy on real sockets: modes, broken TLS, MTA-STS; each attempt's TLS recorded.
+
+| case | outcome |
+|---|---|
+| ``required``, the receiver offers no STARTTLS | deferred 421 4.7.4, never plain text |
+| ``required-verified``, certificate from the trusted test CA for the MX name | delivered, "verified" |
+| ``required-verified``, certificate for another name | deferred 4.7.5 |
+| opportunistic, the receiver's TLS handshake breaks | delivered in plain text, host remembered |
+| MTA-STS enforce, MX matches, TLS verifies | delivered, "policy=mta-sts enforce" |
+| MTA-STS enforce, MX outside the policy | deferred 4.7.5 |
+| MTA-STS enforce, MX matches, certificate for another name | deferred 4.7.5 |
+| MTA-STS testing, MX outside the policy | delivered, the record says what was not enforced |
+
+The MTA-STS policies come from a local HTTPS server (``epoxi.testing.policyserver``) with its
+own test certificates, on a free loopback port (``[delivery] mta_sts_port``); the suite's DNS
+server answers ``_mta-sts.<domain>`` TXT and ``mta-sts.<domain>`` A.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from epoxi.events.records import Record, RecordType
+from epoxi.testing.certs import make_test_tls_context
+from epoxi.testing.dnsserver import Zone
+from epoxi.testing.policyserver import PolicyServer
+from tests.e2e.conftest import Api, MakeWorld, World, message_request, send, zone_for_tests
+
+FAST = {"retry_interval": 60, "max_retry_interval": 60}
+
+
+def _zone() -> Zone:
+    zone = zone_for_tests()
+    zone.add("secure.test", "MX", "10 mx1.a.test.")
+    zone.add("wrongname.test", "MX", "10 mx.wrongname.test.")
+    zone.add("mx.wrongname.test", "A", "127.0.0.2")
+    for domain, mx in [
+        ("sts.test", "mx1.a.test."),
+        ("sts-outside.test", "mx.wrongname.test."),
+        ("sts-badcert.test", "mx.wrongname.test."),
+        ("sts-testing.test", "mx.wrongname.test."),
+    ]:
+        zone.add(domain, "MX", f"10 {mx}")
+        zone.add(f"_mta-sts.{domain}", "TXT", '"v=STSv1; id=20261201"')
+        zone.add(f"mta-sts.{domain}", "A", "127.0.0.1")
+    return zone
+
+
+def _policy(mode: str, *mx: str) -> str:
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx), "max_age: 86400"]
+    return "\r\n".join(lines) + "\r\n"
+
+
+POLICIES = {
+    "mta-sts.sts.test": _policy("enforce", "mx1.a.test", "*.b.test"),
+    "mta-sts.sts-outside.test": _policy("enforce", "mx1.a.test"),
+    "mta-sts.sts-badcert.test": _policy("enforce", "*.wrongname.test"),
+    "mta-sts.sts-testing.test": _policy("testing", "mx1.a.test"),
+}
+
+
+def _reply(record: Record) -> str:
+    assert record.response is not None
+    return f"{record.response.code} {record.response.enhanced} {record.response.text}"
+
+
+async def _outcome(world: World, recipient: str) -> Record:
+    """The first outcome record of ``recipient``: Delivery, TransientFailure or Bounce."""
+    kinds = (RecordType.DELIVERY, RecordType.TRANSIENT_FAILURE, RecordType.BOUNCE)
+    for _ in range(750):
+        for record in world.records:
+            if record.recipient == recipient and record.type in kinds:
+                return record
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no outcome for {recipient}: {world.records}")
+
+
+@pytest.fixture
+def tls_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    return folder
+
+
+async def test_required_without_starttls_defers_with_4_7_4(make_world: MakeWorld) -> None:
+    world: World = await make_world(delivery={**FAST, "shaping": {"a.test": {"tls": "required"}}})
+    await send(world, ["x@a.test"])
+    (failure,) = await world.wait_records(RecordType.TRANSIENT_FAILURE, 1)
+    assert _reply(failure).startswith("421 4.7.4"), failure
+    assert failure.tls == "policy=required"
+    assert not any(sink.messages for sink in world.sinks.values())
+
+
+async def test_opportunistic_with_a_broken_handshake_goes_plain_and_remembers(
+    make_world: MakeWorld,
+) -> None:
+    world: World = await make_world(sink_options={"break_tls": True})
+    await send(world, ["x@a.test"])
+    (delivery,) = await world.wait_records(RecordType.DELIVERY, 1)
+    assert delivery.tls.startswith("plaintext policy=opportunistic (TLS handshake broken")
+    sink = world.sinks["127.0.0.2"]
+    assert [m.tls for m in sink.messages] == [False]
+    assert "127.0.0.2" in world.app.dispatcher.transport.tls.broken  # type: ignore[attr-defined]
+    connections = sink.connections
+    await send(world, ["y@a.test"])  # remembered: no handshake tried this time
+    (_, second) = await world.wait_records(RecordType.DELIVERY, 2)
+    assert second.tls == delivery.tls
+    assert sink.connections - connections <= 1
+
+
+@pytest.fixture
+async def secure_world(make_world: MakeWorld, tls_dir: Path) -> AsyncIterator[World]:
+    """Sinks with a certificate for mx1.a.test, policy server up, both trusted by Epoxi."""
+    context, sink_cert, _ = make_test_tls_context("mx1.a.test", directory=tls_dir)
+    server = PolicyServer(POLICIES)
+    await server.start()
+    bundle = tls_dir / "ca.pem"
+    bundle.write_bytes(sink_cert.read_bytes() + server.ca_pem)
+    shaping = {
+        "secure.test": {"tls": "required-verified"},
+        "wrongname.test": {"tls": "required-verified"},
+    }
+    world: World = await make_world(
+        zone=_zone(),
+        sink_options={"tls": context},
+        delivery={
+            **FAST,
+            "shaping": shaping,
+            "tls_ca_file": str(bundle),
+            "mta_sts_port": server.port,
+        },
+    )
+    yield world
+    await server.stop()
+
+
+async def test_required_verified_delivers_over_verified_tls(secure_world: World) -> None:
+    await send(secure_world, ["x@secure.test"])
+    delivery = await _outcome(secure_world, "x@secure.test")
+    assert delivery.type is RecordType.DELIVERY, delivery
+    assert delivery.tls.startswith("TLSv1."), delivery.tls
+    assert delivery.tls.endswith(" verified policy=required-verified")
+    assert secure_world.sinks["127.0.0.2"].messages[0].tls
+
+
+async def test_required_verified_with_the_wrong_name_defers(secure_world: World) -> None:
+    await send(secure_world, ["x@wrongname.test"])
+    failure = await _outcome(secure_world, "x@wrongname.test")
+    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
+    assert _reply(failure).startswith("421 4.7.5 TLS failed (required-verified)")
+    assert not any(sink.messages for sink in secure_world.sinks.values())
+
+
+async def test_mta_sts_enforce_delivers_over_verified_tls(secure_world: World) -> None:
+    await send(secure_world, ["x@sts.test"])
+    delivery = await _outcome(secure_world, "x@sts.test")
+    assert delivery.type is RecordType.DELIVERY, delivery
+    assert delivery.tls.endswith(" verified policy=mta-sts enforce"), delivery.tls
+
+
+@pytest.mark.parametrize(
+    ("domain", "why"),
+    [
+        ("sts-outside.test", "MTA-STS: MX host mx.wrongname.test is not in the policy"),
+        ("sts-badcert.test", "TLS failed (mta-sts enforce)"),
+    ],
+)
+async def test_mta_sts_enforce_defers_what_it_cannot_verify(
+    secure_world: World, domain: str, why: str
+) -> None:
+    await send(secure_world, [f"x@{domain}"])
+    failure = await _outcome(secure_world, f"x@{domain}")
+    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
+    assert _reply(failure).startswith(f"421 4.7.5 {why}"), _reply(failure)
+    assert not any(sink.messages for sink in secure_world.sinks.values())
+
+
+async def test_mta_sts_testing_delivers_and_says_what_was_not_enforced(
+    secure_world: World,
+) -> None:
+    await send(secure_world, ["x@sts-testing.test"])
+    delivery = await _outcome(secure_world, "x@sts-testing.test")
+    assert delivery.type is RecordType.DELIVERY, delivery
+    assert "unverified policy=mta-sts testing (not enforced: MTA-STS: MX host" in delivery.tls
+
+
+async def test_message_status_shows_the_tls_of_each_attempt(api: Api, tls_dir: Path) -> None:
+    context, cert, _ = make_test_tls_context("mx1.a.test", directory=tls_dir)
+    world, client = await api(
+        sink_options={"tls": context},
+        delivery={"shaping": {"a.test": {"tls": "required-verified"}}, "tls_ca_file": str(cert)},
+    )
+    reply = await client.post("/messages", json=message_request(to=["x@a.test"]))
+    (queued,) = reply.json()["messages"]
+    await world.wait_records(RecordType.DELIVERY, 1)
+    status = (await client.get(f"/messages/{queued['id']}")).json()
+    (delivery,) = [e for e in status["events"] if e["type"] == "Delivery"]
+    assert delivery["tls"].endswith(" verified policy=required-verified"), delivery
