@@ -90,7 +90,7 @@ class HostTls:
         self._resolver = resolver
         self.dane = dane and resolver is not None
         self.ca_file = ca_file
-        self.broken = broken or BrokenTls()
+        self.broken = broken if broken is not None else BrokenTls()
 
     @classmethod
     def from_settings(cls, resolver: Resolver, delivery: DeliverySettings) -> HostTls:
