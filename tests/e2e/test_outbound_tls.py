@@ -10,22 +10,29 @@
 | MTA-STS enforce, MX outside the policy | deferred 4.7.5 |
 | MTA-STS enforce, MX matches, certificate for another name | deferred 4.7.5 |
 | MTA-STS testing, MX outside the policy | delivered, the record says what was not enforced |
+| DANE, the MX's validated TLSA record matches the certificate | delivered, "policy=dane" |
+| DANE, the TLSA record matches nothing | deferred 4.7.5, never plain text |
 
 The MTA-STS policies come from a local HTTPS server (``epoxi.testing.policyserver``) with its
 own test certificates, on a free loopback port (``[delivery] mta_sts_port``); the suite's DNS
-server answers ``_mta-sts.<domain>`` TXT and ``mta-sts.<domain>`` A.
+server answers ``_mta-sts.<domain>`` TXT and ``mta-sts.<domain>`` A. DANE: a zone signed with
+``ldns-signzone``, served by NSD, behind unbound validating it (``epoxi.testing.dnssec``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from epoxi.events.records import Record, RecordType
 from epoxi.testing.certs import make_test_tls_context
+from epoxi.testing.dnssec import ValidatingResolver
 from epoxi.testing.dnsserver import Zone
 from epoxi.testing.policyserver import PolicyServer
 from tests.e2e.conftest import Api, MakeWorld, World, message_request, send, zone_for_tests
@@ -200,3 +207,50 @@ async def test_message_status_shows_the_tls_of_each_attempt(api: Api, tls_dir: P
     status = (await client.get(f"/messages/{queued['id']}")).json()
     (delivery,) = [e for e in status["events"] if e["type"] == "Delivery"]
     assert delivery["tls"].endswith(" verified policy=required-verified"), delivery
+
+
+# ----------------------------------------------------------------------------- DANE
+
+
+@pytest.fixture
+async def dane_world(make_world: MakeWorld, tls_dir: Path) -> AsyncIterator[World]:
+    """dane.test's MX has a TLSA record matching the sinks' key; bad.dane.test's MX has one
+    that matches nothing. Signed zone, NSD and unbound: epoxi.testing.dnssec."""
+    context, cert, _ = make_test_tls_context("mx1.dane.test", directory=tls_dir)
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    records = [
+        "@ IN MX 10 mx1.dane.test.",
+        "mx1 IN A 127.0.0.2",
+        f"_25._tcp.mx1 IN TLSA 3 1 1 {hashlib.sha256(spki).hexdigest()}",
+        "bad IN MX 10 mx2.dane.test.",
+        "mx2 IN A 127.0.0.3",
+        f"_25._tcp.mx2 IN TLSA 3 1 1 {hashlib.sha256(b'some other key').hexdigest()}",
+    ]
+    resolver = ValidatingResolver("dane.test", records)
+    try:
+        await resolver.start()
+        world: World = await make_world(
+            sink_options={"tls": context},
+            dns={"nameservers": [resolver.nameserver], "timeout": 5},
+            delivery={**FAST, "dane": True},
+        )
+        yield world
+    finally:
+        await resolver.stop()
+
+
+async def test_dane_delivers_when_the_tlsa_record_matches(dane_world: World) -> None:
+    await send(dane_world, ["x@dane.test"])
+    delivery = await _outcome(dane_world, "x@dane.test")
+    assert delivery.type is RecordType.DELIVERY, delivery
+    assert delivery.tls.startswith("TLSv1.") and delivery.tls.endswith(" verified policy=dane")
+    assert dane_world.sinks["127.0.0.2"].messages[0].tls
+
+
+async def test_dane_mismatch_defers_and_never_goes_plain(dane_world: World) -> None:
+    await send(dane_world, ["x@bad.dane.test"])
+    failure = await _outcome(dane_world, "x@bad.dane.test")
+    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
+    assert _reply(failure).startswith("421 4.7.5 TLS failed (dane): no TLSA record matches")
+    assert not any(sink.messages for sink in dane_world.sinks.values())
