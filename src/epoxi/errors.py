@@ -101,8 +101,13 @@ class MailLoop(ConnectionFailed):
 
 
 class TlsFailed(ConnectionFailed):
-    """The TLS handshake failed, or the server's certificate failed the policy (verification,
-    DANE, MTA-STS); ``reply`` is the 4.7.x reply to record when the policy forbids plain text."""
+    """The TLS handshake failed, TLS was required but not offered, or the server failed the
+    policy (verification, DANE, MTA-STS); ``reply`` is the 4.7.x reply to record when the
+    policy forbids plain text, ``policy`` names the policy ("required", "dane", ...)."""
+
+    def __init__(self, message: str, reply: Reply | None = None, *, policy: str = "") -> None:
+        super().__init__(message, reply)
+        self.policy = policy
 
 
 class ProtocolError(DeliveryError):

@@ -432,7 +432,7 @@ class SmtpClient:
         if "STARTTLS" not in self._extensions:
             if tls.strict:
                 message = f"{self._reader.label}: TLS required but not offered"
-                raise ConnectionFailed(message, TLS_NOT_OFFERED)
+                raise TlsFailed(message, TLS_NOT_OFFERED, policy=tls.name)
             return False
         reply = await self._exchange("STARTTLS", "STARTTLS", self._timeouts.starttls)
         if reply.code != 220:
@@ -442,7 +442,11 @@ class SmtpClient:
         return True
 
     def _starttls_refused(self, tls: TlsPolicy, reply: Reply) -> bool:
-        if tls.strict or reply.code == 421:
+        if tls.strict:
+            message = f"{self._reader.label} refused STARTTLS: {reply}"
+            refusal = Reply(421, "4.7.4", f"TLS required ({tls.name}), STARTTLS refused: {reply}")
+            raise TlsFailed(message, reply if reply.is_transient else refusal, policy=tls.name)
+        if reply.code == 421:
             raise ConnectionFailed(f"{self._reader.label} refused STARTTLS: {reply}", reply)
         log.info("[%s] STARTTLS refused, going on in plain text: %s", self._reader.label, reply)
         return False
@@ -766,8 +770,9 @@ def _tls_failed(tls: TlsPolicy, what: str, detail: object) -> TlsFailed:
     """The error of a failed handshake or check; with a 4.7.5 reply when plain text is out."""
     message = f"{what}: {detail or 'timeout'}"
     if not tls.strict:
-        return TlsFailed(message)
-    return TlsFailed(message, Reply(421, "4.7.5", f"TLS failed ({tls.name}): {detail}"))
+        return TlsFailed(message, policy=tls.name)
+    reply = Reply(421, "4.7.5", f"TLS failed ({tls.name}): {detail or 'timeout'}")
+    return TlsFailed(message, reply, policy=tls.name)
 
 
 def _peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:

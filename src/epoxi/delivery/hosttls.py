@@ -115,7 +115,7 @@ class HostTls:
             if not sts.allows(host):
                 outside = f"MTA-STS: MX host {host} is not in the policy ({sts.summary})"
                 if sts.mode == "enforce":
-                    raise _refused(outside)
+                    raise _refused(outside, mode)
                 return _not_enforced(tls, mode, outside)
             return replace(tls, mode="required", verify=True, server_name=None, policy=mode)
         if tls.mode == "opportunistic" and address in self.broken:
@@ -127,7 +127,7 @@ class HostTls:
         try:
             found = await lookup_tlsa(self._resolver, host, DANE_PORT)
         except DnsError as exc:
-            raise _refused(f"DANE: TLSA lookup for {host} failed: {exc}") from exc
+            raise _refused(f"DANE: TLSA lookup for {host} failed: {exc}", "dane") from exc
         if not found.secure or not found.records:
             return None
         return replace(tls, mode="required", server_name=None, policy="dane", tlsa=found.records)
@@ -153,5 +153,5 @@ def _plain(tls: TlsPolicy) -> TlsPolicy:
     return replace(tls, mode="disabled", policy=tls.name, note=BROKEN_NOTE)
 
 
-def _refused(message: str) -> TlsFailed:
-    return TlsFailed(message, Reply(421, "4.7.5", message))
+def _refused(message: str, policy: str) -> TlsFailed:
+    return TlsFailed(message, Reply(421, "4.7.5", message), policy=policy)

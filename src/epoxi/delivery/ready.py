@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from epoxi.delivery.transport import Connection, Transport
-from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError
+from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError, TlsFailed
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.suspensions import Suspension
@@ -311,8 +311,8 @@ class ReadyQueue:
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
             hosts = ",".join(h for h, _ in self.destination.hosts)
-            tls = f"policy={self.destination.tls.name}"
-            self._outcomes.connection_failed(jobs, exc, hosts, tls=tls)
+            policy = exc.policy if isinstance(exc, TlsFailed) else self.destination.tls.name
+            self._outcomes.connection_failed(jobs, exc, hosts, tls=f"policy={policy}")
 
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""
