@@ -76,6 +76,24 @@ def _reply(record: Record) -> str:
     return f"{record.response.code} {record.response.enhanced} {record.response.text}"
 
 
+async def _delivered(world: World, recipient: str, tls_ending: str) -> Record:
+    """``recipient``'s first outcome, which must be a Delivery over TLS, ``tls`` ending so."""
+    delivery = await _outcome(world, recipient)
+    assert delivery.type is RecordType.DELIVERY, delivery
+    assert delivery.tls.startswith("TLSv1.") and delivery.tls.endswith(tls_ending), delivery.tls
+    return delivery
+
+
+async def _deferred(world: World, recipient: str, reply_start: str) -> Record:
+    """``recipient``'s first outcome, which must be a TransientFailure replied so, while no
+    sink got anything."""
+    failure = await _outcome(world, recipient)
+    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
+    assert _reply(failure).startswith(reply_start), _reply(failure)
+    assert not any(sink.messages for sink in world.sinks.values())
+    return failure
+
+
 async def _outcome(world: World, recipient: str) -> Record:
     """The first outcome record of ``recipient``: Delivery, TransientFailure or Bounce."""
     kinds = (RecordType.DELIVERY, RecordType.TRANSIENT_FAILURE, RecordType.BOUNCE)
@@ -159,26 +177,18 @@ async def secure_world(make_world: MakeWorld, tls_dir: Path) -> AsyncIterator[Wo
 
 async def test_required_verified_delivers_over_verified_tls(secure_world: World) -> None:
     await send(secure_world, ["x@secure.test"])
-    delivery = await _outcome(secure_world, "x@secure.test")
-    assert delivery.type is RecordType.DELIVERY, delivery
-    assert delivery.tls.startswith("TLSv1."), delivery.tls
-    assert delivery.tls.endswith(" verified policy=required-verified")
+    await _delivered(secure_world, "x@secure.test", " verified policy=required-verified")
     assert secure_world.sinks["127.0.0.2"].messages[0].tls
 
 
 async def test_required_verified_with_the_wrong_name_defers(secure_world: World) -> None:
     await send(secure_world, ["x@wrongname.test"])
-    failure = await _outcome(secure_world, "x@wrongname.test")
-    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
-    assert _reply(failure).startswith("421 4.7.5 TLS failed (required-verified)")
-    assert not any(sink.messages for sink in secure_world.sinks.values())
+    await _deferred(secure_world, "x@wrongname.test", "421 4.7.5 TLS failed (required-verified)")
 
 
 async def test_mta_sts_enforce_delivers_over_verified_tls(secure_world: World) -> None:
     await send(secure_world, ["x@sts.test"])
-    delivery = await _outcome(secure_world, "x@sts.test")
-    assert delivery.type is RecordType.DELIVERY, delivery
-    assert delivery.tls.endswith(" verified policy=mta-sts enforce"), delivery.tls
+    await _delivered(secure_world, "x@sts.test", " verified policy=mta-sts enforce")
 
 
 @pytest.mark.parametrize(
@@ -192,10 +202,7 @@ async def test_mta_sts_enforce_defers_what_it_cannot_verify(
     secure_world: World, domain: str, why: str
 ) -> None:
     await send(secure_world, [f"x@{domain}"])
-    failure = await _outcome(secure_world, f"x@{domain}")
-    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
-    assert _reply(failure).startswith(f"421 4.7.5 {why}"), _reply(failure)
-    assert not any(sink.messages for sink in secure_world.sinks.values())
+    await _deferred(secure_world, f"x@{domain}", f"421 4.7.5 {why}")
 
 
 async def test_mta_sts_testing_delivers_and_says_what_was_not_enforced(
@@ -254,15 +261,10 @@ async def dane_world(make_world: MakeWorld, tls_dir: Path) -> AsyncIterator[Worl
 
 async def test_dane_delivers_when_the_tlsa_record_matches(dane_world: World) -> None:
     await send(dane_world, ["x@dane.test"])
-    delivery = await _outcome(dane_world, "x@dane.test")
-    assert delivery.type is RecordType.DELIVERY, delivery
-    assert delivery.tls.startswith("TLSv1.") and delivery.tls.endswith(" verified policy=dane")
+    await _delivered(dane_world, "x@dane.test", " verified policy=dane")
     assert dane_world.sinks["127.0.0.2"].messages[0].tls
 
 
 async def test_dane_mismatch_defers_and_never_goes_plain(dane_world: World) -> None:
     await send(dane_world, ["x@bad.dane.test"])
-    failure = await _outcome(dane_world, "x@bad.dane.test")
-    assert failure.type is RecordType.TRANSIENT_FAILURE, failure
-    assert _reply(failure).startswith("421 4.7.5 TLS failed (dane): no TLSA record matches")
-    assert not any(sink.messages for sink in dane_world.sinks.values())
+    await _deferred(dane_world, "x@bad.dane.test", "421 4.7.5 TLS failed (dane): no TLSA record")

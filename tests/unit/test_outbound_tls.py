@@ -273,7 +273,7 @@ async def test_broken_tls_hosts_get_plain_text_for_a_while() -> None:
     host_tls = HostTls(broken=BrokenTls(ttl=3600, max_entries=2, clock=clock))
     first = await host_tls.policy(_mx(), "mx.test", "192.0.2.1")
     assert first == TlsPolicy()
-    plain = host_tls.after_failure(first, "192.0.2.1", TlsFailed("handshake"))
+    plain = host_tls.after_failure(_mx(), first, "192.0.2.1", TlsFailed("handshake"))
     assert plain is not None and plain.mode == "disabled" and plain.note == BROKEN_NOTE
     assert plain.name == "opportunistic"
     assert (await host_tls.policy(_mx(), "mx.test", "192.0.2.1")).mode == "disabled"
@@ -286,8 +286,8 @@ async def test_broken_tls_hosts_get_plain_text_for_a_while() -> None:
 
 async def test_strict_policies_never_fall_back() -> None:
     host_tls = HostTls()
-    for tls in (TlsPolicy("required"), TlsPolicy("required", verify=True)):
-        assert host_tls.after_failure(tls, "192.0.2.1", TlsFailed("x")) is None
+    for tls in (TlsPolicy("required"), TlsPolicy(verify=True), TlsPolicy("required", True)):
+        assert host_tls.after_failure(_mx(tls), tls, "192.0.2.1", TlsFailed("x")) is None
     assert "192.0.2.1" not in host_tls.broken
 
 
@@ -308,9 +308,13 @@ async def test_mta_sts_decides_the_policy_of_mx_hosts() -> None:
     outside = await host_tls.policy(_mx(sts=testing), "mx.other", "192.0.2.1")
     assert outside.mode == "opportunistic" and outside.note.startswith("not enforced: MTA-STS")
     tried = await host_tls.policy(_mx(sts=testing), "mx.test", "192.0.2.1")
-    relaxed = host_tls.after_failure(tried, "192.0.2.1", TlsFailed("certificate"))
+    relaxed = host_tls.after_failure(_mx(sts=testing), tried, "192.0.2.1", TlsFailed("cert"))
     assert relaxed is not None and relaxed.mode == "opportunistic" and not relaxed.verify
-    assert relaxed.name == "mta-sts testing" and relaxed.note == "not enforced: certificate"
+    assert relaxed.name == "mta-sts testing" and relaxed.note == "not enforced: cert"
+    required = _mx(TlsPolicy("required"), testing)  # testing never relaxes below the shaping
+    kept = host_tls.after_failure(required, tried, "192.0.2.1", TlsFailed("cert"))
+    assert kept is not None and kept.mode == "required"
+    assert kept.name == "required + mta-sts testing"
     disabled = await host_tls.policy(_mx(TlsPolicy("disabled"), enforce), "mx.test", "192.0.2.1")
     assert disabled.mode == "disabled"  # the operator's word wins
 

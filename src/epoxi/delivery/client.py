@@ -95,9 +95,15 @@ class TlsPolicy:
         return "required-verified" if self.mode == "required" and self.verify else self.mode
 
     @property
-    def strict(self) -> bool:
-        """True when a TLS failure must never end in plain text."""
+    def required(self) -> bool:
+        """True when the connection must have TLS: no offer, no mail."""
         return self.mode in ("required", "implicit") or bool(self.tlsa)
+
+    @property
+    def strict(self) -> bool:
+        """True when a failed TLS handshake or check must never end in plain text: TLS is
+        required, or the certificate is to be verified."""
+        return self.required or self.verify
 
     def context(self) -> ssl.SSLContext:
         """The client TLS context for this policy; built once per (verify, ca_file), shared.
@@ -430,7 +436,7 @@ class SmtpClient:
         if self._tls_active or tls.mode in ("disabled", "implicit"):
             return False
         if "STARTTLS" not in self._extensions:
-            if tls.strict:
+            if tls.required:
                 message = f"{self._reader.label}: TLS required but not offered"
                 raise TlsFailed(message, TLS_NOT_OFFERED, policy=tls.name)
             return False
@@ -442,7 +448,7 @@ class SmtpClient:
         return True
 
     def _starttls_refused(self, tls: TlsPolicy, reply: Reply) -> bool:
-        if tls.strict:
+        if tls.required:
             message = f"{self._reader.label} refused STARTTLS: {reply}"
             refusal = Reply(421, "4.7.4", f"TLS required ({tls.name}), STARTTLS refused: {reply}")
             raise TlsFailed(message, reply if reply.is_transient else refusal, policy=tls.name)

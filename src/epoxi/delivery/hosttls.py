@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from epoxi.delivery.client import TlsPolicy
+from epoxi.delivery.expiring import ExpiringMap
 from epoxi.dns.resolver import Resolver, ip_literal
 from epoxi.dns.tlsa import lookup_tlsa
 from epoxi.errors import DnsError, TlsFailed
@@ -53,27 +53,16 @@ class BrokenTls:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
-        self.max_entries = max_entries
-        self._clock = clock
-        self._until: OrderedDict[str, float] = OrderedDict()
+        self._hosts: ExpiringMap[str, bool] = ExpiringMap(max_entries, clock)
 
     def remember(self, address: str) -> None:
-        self._until[address] = self._clock() + self.ttl
-        self._until.move_to_end(address)
-        while len(self._until) > self.max_entries:
-            self._until.popitem(last=False)
+        self._hosts.put(address, True, self.ttl)
 
     def __contains__(self, address: object) -> bool:
-        until = self._until.get(str(address))
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._until[str(address)]
-            return False
-        return True
+        return self._hosts.get(str(address)) is not None
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._hosts)
 
 
 class HostTls:
@@ -100,9 +89,7 @@ class HostTls:
     async def policy(self, destination: Destination, host: str, address: str) -> TlsPolicy:
         """The policy for ``host`` at ``address``; raises TlsFailed (4.7.5) when the
         destination's policy forbids this host (MTA-STS) or its TLSA cannot be looked up."""
-        tls = destination.tls
-        if tls.ca_file is None and self.ca_file is not None:
-            tls = replace(tls, ca_file=self.ca_file)
+        tls = self._base(destination)
         if tls.mode == "disabled" or not destination.via_mx:
             return tls
         if self.dane and ip_literal(host) is None:
@@ -132,11 +119,20 @@ class HostTls:
             return None
         return replace(tls, mode="required", server_name=None, policy="dane", tlsa=found.records)
 
-    def after_failure(self, tls: TlsPolicy, address: str, exc: TlsFailed) -> TlsPolicy | None:
+    def _base(self, destination: Destination) -> TlsPolicy:
+        """The destination's own policy (routes, shaping), with the configured CA file."""
+        tls = destination.tls
+        if tls.ca_file is None and self.ca_file is not None:
+            return replace(tls, ca_file=self.ca_file)
+        return tls
+
+    def after_failure(
+        self, destination: Destination, tls: TlsPolicy, address: str, exc: TlsFailed
+    ) -> TlsPolicy | None:
         """The policy to try the same host with after ``exc``, or None to give up on it."""
         if tls.policy == "mta-sts testing" and tls.verify:
             log.warning("MTA-STS testing policy not met at %s: %s", address, exc)
-            return _not_enforced(tls, tls.policy, str(exc))
+            return _not_enforced(self._base(destination), tls.policy, str(exc))
         if tls.strict:
             return None
         log.info("TLS handshake with %s failed (%s): plain text from now on", address, exc)
@@ -144,9 +140,11 @@ class HostTls:
         return _plain(tls)
 
 
-def _not_enforced(tls: TlsPolicy, policy: str, why: str) -> TlsPolicy:
-    """Opportunistic TLS, the record saying what a testing policy would have refused."""
-    return TlsPolicy(ca_file=tls.ca_file, policy=policy, note=f"not enforced: {why}")
+def _not_enforced(base: TlsPolicy, policy: str, why: str) -> TlsPolicy:
+    """The destination's own policy (opportunistic, unless its shaping asks for more), the
+    record saying what an MTA-STS testing policy would have refused."""
+    name = policy if base.name == "opportunistic" else f"{base.name} + {policy}"
+    return replace(base, policy=name, note=f"not enforced: {why}")
 
 
 def _plain(tls: TlsPolicy) -> TlsPolicy:

@@ -33,7 +33,6 @@ import logging
 import re
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -41,6 +40,7 @@ from typing import Literal, cast
 import httpx
 
 from epoxi.delivery.dane import name_matches
+from epoxi.delivery.expiring import ExpiringMap
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import DnsError, MtaStsError
 
@@ -135,12 +135,6 @@ def _mx_pattern(value: str) -> str:
     return pattern
 
 
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    policy: StsPolicy
-    expires: float
-
-
 class MtaSts:
     """Policies of recipient domains: looked up, fetched and cached (see the module text).
 
@@ -163,15 +157,13 @@ class MtaSts:
         self._ca_file = ca_file
         self._port = port
         self._timeout = timeout
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache: ExpiringMap[str, StsPolicy] = ExpiringMap(max_entries, clock)
         self.fetches = 0
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The policy that applies to mail for ``domain`` now, or None (none, or ``none``)."""
         domain = domain.lower().rstrip(".")
-        cached = self._valid(domain)
+        cached = self._cache.get(domain)
         sts_id = await self._txt_id(domain)
         if sts_id is None or (cached is not None and cached.id == sts_id):
             return _effective(cached)
@@ -180,25 +172,9 @@ class MtaSts:
         except (MtaStsError, DnsError, httpx.HTTPError, OSError, UnicodeDecodeError) as exc:
             log.warning("MTA-STS policy of %s (id %s) not usable: %s", domain, sts_id, exc)
             return _effective(cached)
-        self._remember(domain, policy)
+        self._cache.put(domain, policy, policy.max_age)
         log.info("MTA-STS policy of %s: id %s, %s", domain, sts_id, policy.summary)
         return _effective(policy)
-
-    def _valid(self, domain: str) -> StsPolicy | None:
-        entry = self._cache.get(domain)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
-            del self._cache[domain]
-            return None
-        self._cache.move_to_end(domain)
-        return entry.policy
-
-    def _remember(self, domain: str, policy: StsPolicy) -> None:
-        self._cache[domain] = _Cached(policy, self._clock() + policy.max_age)
-        self._cache.move_to_end(domain)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
 
     async def _txt_id(self, domain: str) -> str | None:
         try:

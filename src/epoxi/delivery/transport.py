@@ -180,7 +180,7 @@ class SmtpTransport:
             try:
                 return await self._connect(destination, source, host, address, port, tls)
             except TlsFailed as exc:
-                tls = self.tls.after_failure(tls, address, exc)
+                tls = self.tls.after_failure(destination, tls, address, exc)
                 if tls is None:
                     raise
         raise ConnectionFailed(f"{host} ({address}): no TLS policy left to try")
