@@ -30,12 +30,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from epoxi.delivery.client import SmtpClient, TlsPolicy
 from epoxi.delivery.transport import SmtpTransport
+from epoxi.dns.tlsa import Tlsa
+from epoxi.errors import TlsFailed
 from epoxi.events.records import Record, RecordType
-from epoxi.testing.certs import make_test_tls_context
+from epoxi.testing.certs import make_test_chain, make_test_tls_context, server_tls_context
 from epoxi.testing.dnssec import ValidatingResolver
 from epoxi.testing.dnsserver import Zone
 from epoxi.testing.policyserver import PolicyServer
+from epoxi.testing.sink import Sink
 from tests.e2e.conftest import Api, MakeWorld, World, message_request, send, zone_for_tests
 
 FAST = {"retry_interval": 60, "max_retry_interval": 60}
@@ -268,3 +272,22 @@ async def test_dane_delivers_when_the_tlsa_record_matches(dane_world: World) -> 
 async def test_dane_mismatch_defers_and_never_goes_plain(dane_world: World) -> None:
     await send(dane_world, ["x@bad.dane.test"])
     await _deferred(dane_world, "x@bad.dane.test", "421 4.7.5 TLS failed (dane): no TLSA record")
+
+
+@pytest.mark.both_loops
+async def test_dane_checks_the_chain_the_server_sends(tls_dir: Path) -> None:
+    """DANE-TA needs the certificates the server sent beyond its own: read on both loops."""
+    ca, chain, key = make_test_chain("mx.chain.test", tls_dir)
+    ca_spki = ca.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    anchor = Tlsa(2, 1, 1, hashlib.sha256(ca_spki).digest())
+    tls = TlsPolicy("required", policy="dane", tlsa=(anchor,))
+    async with Sink("127.0.0.2", tls=server_tls_context(chain, key)) as sink:
+        client = await SmtpClient.connect(
+            sink.host, sink.port, server_name="mx.chain.test", ehlo_name="c.test", tls=tls
+        )
+        assert client.tls_info.verified and client.tls_info.policy == "dane"
+        await client.quit()
+        with pytest.raises(TlsFailed, match=r"does not name other\.chain\.test"):
+            await SmtpClient.connect(
+                sink.host, sink.port, server_name="other.chain.test", ehlo_name="c.test", tls=tls
+            )

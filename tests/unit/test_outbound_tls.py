@@ -3,16 +3,13 @@ per-host policy decisions and the memory of hosts whose TLS is broken."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from typing import Any, cast
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
 
 from epoxi.delivery.client import TlsInfo, TlsPolicy
 from epoxi.delivery.dane import dane_mismatch, name_matches
@@ -24,6 +21,7 @@ from epoxi.dns.resolver import Resolver
 from epoxi.dns.tlsa import Tlsa
 from epoxi.errors import DnsTransient, MtaStsError, TlsFailed
 from epoxi.shaping.policy import Shaping
+from epoxi.testing.certs import issue_cert
 from epoxi.testing.fakes import ManualClock
 
 # ----------------------------------------------------------------------------- MTA-STS parsing
@@ -173,30 +171,6 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: str | None = None,
-    issuer_key: ec.EllipticCurvePrivateKey | None = None,
-    names: tuple[str, ...] = (),
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-    if names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-        )
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.DER)
 
@@ -209,8 +183,8 @@ def _spki(cert: x509.Certificate) -> bytes:
 def chain() -> tuple[x509.Certificate, x509.Certificate]:
     """A leaf for mx.example.com signed by a CA: (leaf, CA)."""
     ca_key, leaf_key = _key(), _key()
-    ca = _cert("Test CA", ca_key)
-    leaf = _cert("mx", leaf_key, "Test CA", ca_key, names=("mx.example.com",))
+    ca = issue_cert("Test CA", ca_key, ca=True)
+    leaf = issue_cert("mx", leaf_key, ("Test CA", ca_key), ["mx.example.com"])
     return leaf, ca
 
 
@@ -236,7 +210,7 @@ def test_dane_ta_needs_the_signature_chain_and_the_mx_name(chain: Any) -> None:
     )
     assert dane_mismatch([anchor], [_der(leaf)], "mx.example.com") is not None  # CA not sent
     forger_key = _key()  # a CA of the same name but another key did not sign the leaf
-    forged = _cert("Test CA", forger_key)
+    forged = issue_cert("Test CA", forger_key, ca=True)
     forged_anchor = Tlsa(2, 1, 1, hashlib.sha256(_spki(forged)).digest())
     assert dane_mismatch([forged_anchor], [_der(leaf), _der(forged)], "mx.example.com")
 
