@@ -18,6 +18,7 @@ from epoxi.api_types import (
     MessageDetails,
     PipelineHealth,
     Pipelines,
+    PoolList,
     ReadyQueueInfo,
     ScheduledQueueInfo,
     SuspensionInfo,
@@ -132,6 +133,13 @@ class Admin:
         pipelines = [_ready_health(rq) for rq in self.dispatcher.ready.values()]
         failing = any(p.status == "failing" for p in pipelines)
         return Health(status="degraded" if failing else "ok", pipelines=pipelines)
+
+    def pool_list(self) -> PoolList:
+        """Every egress pool, its sources, their state and health (this worker's)."""
+        return PoolList(pools=self.dispatcher.pools.snapshot())
+
+    def known_pool(self, name: str) -> bool:
+        return self.dispatcher.pools.known(name)
 
     def suspension_list(self) -> list[SuspensionInfo]:
         return [

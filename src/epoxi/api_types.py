@@ -79,6 +79,7 @@ class RawRequest(Strict):
     )
     to: Annotated[list[Address], Meta(min_length=1, max_length=10_000)]
     content: Annotated[str, Meta(min_length=1, description="the message, headers and body")]
+    ip_pool: Short | None = None
     tenant: Label | None = None
     campaign: Label | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
@@ -200,6 +201,35 @@ class ReadyQueueInfo(msgspec.Struct, kw_only=True):
     suspended_until: float | None
     last_error: str | None
     last_error_at: float | None
+
+
+class SourceInfo(msgspec.Struct, kw_only=True):
+    """An egress source in a pool: its state and what it did in the last ten minutes."""
+
+    name: str
+    weight: int
+    bind: str | None
+    ehlo: str | None
+    state: Literal["ok", "suspended", "failing"]
+    delivered: int
+    deferred: int
+    bounced: int
+    connections: int
+    connection_failures: int
+    last_error: str | None
+    last_error_at: float | None
+
+
+class PoolInfo(msgspec.Struct, kw_only=True):
+    name: str
+    fallback: str | None
+    default: bool  # mail without a pool of its own (or its tenant's) leaves from here
+    tenants: list[str]  # tenants whose mail this pool sends
+    sources: list[SourceInfo]
+
+
+class PoolList(msgspec.Struct, kw_only=True):
+    pools: list[PoolInfo]
 
 
 class SuspensionInfo(msgspec.Struct, kw_only=True):

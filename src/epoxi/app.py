@@ -24,6 +24,7 @@ from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.hosttls import HostTls
+from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
 from epoxi.dkim import Signer, load_key
@@ -75,6 +76,7 @@ class Epoxi:
         nameservers = [parse_hostport(n, 53) for n in settings.dns.nameservers] or None
         self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
         self.suspensions = SuspensionRegistry()
+        self.pools = Pools(delivery, self.suspensions)
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
         self.ingest = Ingest(
             spool=self.spool,
@@ -83,6 +85,7 @@ class Epoxi:
             max_hops=settings.max_hops,
             signer=dkim_signer(settings.dkim),
             sign_threads=settings.dkim.threads,
+            known_pool=self.pools.known,
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
@@ -109,7 +112,7 @@ class Epoxi:
             suspensions=self.suspensions,
             load_body=self.spool.load_body,
             hold_back=self.scheduler.add,
-            source=delivery.sources[0],
+            pools=self.pools,
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
         )
@@ -123,6 +126,7 @@ class Epoxi:
         )
         self.status = StatusStore(store_path(settings.data_dir))
         self.records.subscribe(self.status.feed)
+        self.records.subscribe(self.pools.observe)
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -271,12 +275,14 @@ class Epoxi:
         signer = dkim_signer(new.dkim)  # reads the key files: fails before anything changes
         self.router.reload(new)
         self.dispatcher.reshape(shaping_policy(new.delivery))
+        self.dispatcher.reconfigure(new.delivery)
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
         done = [
             "shaping",
             "routes",
+            "sources and pools",
             "retries",
             "max_hops",
             "DKIM keys",
@@ -319,7 +325,6 @@ _RESTART_ONLY = (
     "smtp.max_connections",
     "spool",
     "dns",
-    "delivery.sources",
     "delivery.tls_ca_file",
     "delivery.mta_sts_port",
     "delivery.dane",

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from epoxi.errors import ConfigError
+from epoxi.message import LABEL_PATTERN
 from epoxi.shaping.policy import ShapingTls
 from epoxi.shaping.throttle import Rate
 
@@ -99,6 +100,7 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+_NAME = LABEL_PATTERN  # a source or pool name: as tenants and campaigns
 
 
 def _comma_list(value: Any) -> Any:
@@ -243,9 +245,40 @@ class RouteSettings(_Model):
 class SourceSettings(_Model):
     """An egress source: the local address connections come from, and the EHLO name."""
 
-    name: str
+    name: str = Field(pattern=_NAME)
     bind: str | None = None  # local IP address; None lets the kernel choose
     ehlo: str | None = None  # None: the hostname
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
+        return value
+
+
+class PoolSettings(_Model):
+    """A weighted set of egress sources; ``fallback`` takes over when all of them are
+    suspended or failing."""
+
+    name: str = Field(pattern=_NAME)
+    sources: dict[str, Annotated[int, Field(ge=1, le=1_000_000)]]  # source name -> weight
+    fallback: str | None = None
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        """A list of names is the same weight for each."""
+        if isinstance(value, list | tuple):
+            return {name: 1 for name in value}
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _not_empty(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value:
+            raise ValueError("a pool needs at least one source")
+        return value
 
 
 class TimeoutSettings(_Model):
@@ -285,6 +318,15 @@ class DeliverySettings(_Model):
     source_shaping: dict[str, ShapingSettings] = Field(default_factory=dict)  # by source name
     routes: tuple[RouteSettings, ...] = ()
     sources: tuple[SourceSettings, ...] = (SourceSettings(name="default"),)
+    # Without [[delivery.pools]], one pool "default" holds every source with weight 1.
+    pools: tuple[PoolSettings, ...] = ()
+    default_pool: str = "default"
+    tenant_pools: dict[str, str] = Field(default_factory=dict)  # tenant -> its pool
+    # A source whose last `source_failures` connections all failed, to more than one site (or
+    # whose address cannot be bound), is "failing": left out of its pools for
+    # `source_retry_after`, then tried again.
+    source_failures: int = Field(5, ge=1)
+    source_retry_after: Duration = 60.0
     timeouts: TimeoutSettings = TimeoutSettings()
     bounce_rules: tuple[Path, ...] = ()  # extra TOML rule files, before the shipped ones
     # Outbound TLS (README "Outbound TLS"): extra CA certificates (PEM) trusted for verified
@@ -305,7 +347,39 @@ class DeliverySettings(_Model):
         unknown = sorted(set(self.source_shaping) - set(names))
         if unknown:
             raise ValueError(f"source_shaping names no source {unknown}; sources are {names}")
+        pool_names = [pool.name for pool in self.pools]
+        if len(set(pool_names)) != len(pool_names):
+            raise ValueError(f"pools: names must be unique, got {pool_names}")
+        _check_pools(self.pool_table(), names, self.default_pool, self.tenant_pools)
         return self
+
+    def pool_table(self) -> dict[str, PoolSettings]:
+        """Pools by name; without any configured, "default" holds every source equally."""
+        if not self.pools:
+            everyone = {source.name: 1 for source in self.sources}
+            return {"default": PoolSettings(name="default", sources=everyone)}
+        return {pool.name: pool for pool in self.pools}
+
+
+def _check_pools(
+    pools: dict[str, PoolSettings], sources: list[str], default: str, tenants: dict[str, str]
+) -> None:
+    for pool in pools.values():
+        unknown = sorted(set(pool.sources) - set(sources))
+        if unknown:
+            raise ValueError(f"pool {pool.name} names no source {unknown}; sources are {sources}")
+        if pool.fallback is not None and pool.fallback not in pools:
+            raise ValueError(f"pool {pool.name}: fallback {pool.fallback!r} is not a pool")
+        seen, step = [pool.name], pool.fallback
+        while step is not None:
+            if step in seen:
+                raise ValueError(f"pool fallbacks go round: {' -> '.join([*seen, step])}")
+            seen.append(step)
+            step = pools[step].fallback
+    wanted = {"default_pool": default, **{f"tenant_pools.{t}": p for t, p in tenants.items()}}
+    for where, name in wanted.items():
+        if name not in pools:
+            raise ValueError(f"{where}: {name!r} is not a pool; pools are {sorted(pools)}")
 
 
 class DkimKeySettings(_Model):
@@ -330,6 +404,18 @@ class DkimSettings(_Model):
     tenants: dict[str, str] = Field(default_factory=dict)
     threads: int = Field(2, ge=1, le=64)  # signing runs off the event loop, in these
     expire: Duration | None = None  # x=: signatures expire this long after signing
+
+    @model_validator(mode="after")
+    def _one_key_per_selector(self) -> DkimSettings:
+        seen: dict[tuple[str, str], Path] = {}
+        for key in self.keys:
+            other = seen.setdefault((key.domain, key.selector), key.key_file)
+            if other != key.key_file:
+                raise ValueError(
+                    f"selector {key.selector} of {key.domain} has two keys: {other} and "
+                    f"{key.key_file}; a selector publishes one key"
+                )
+        return self
 
 
 class ApiSettings(_Model):

@@ -45,6 +45,7 @@ class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
     due: float = 0.0  # unix time of the next attempt; 0 means now
     last_response: str = ""
     not_before: float = 0.0  # send_at: max_age counts from here when later than received_at
+    pool: str = ""  # the egress pool asked for (API ip_pool, X-Epoxi-Pool); "" for the default
     dkim: str = ""  # the signatures added ("d=... s=... a=..."), or "unsigned: why"
     # RFC 3461 (the DSN extension). Empty and None mean "not given": the defaults apply.
     dsn_ret: str = ""  # "FULL" or "HDRS"

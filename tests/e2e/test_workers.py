@@ -16,6 +16,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -308,6 +309,57 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_code(tmp_path:
     assert result.returncode == 1, result.stderr
     assert "spool-1.db" in result.stderr and "worker 1 could not start" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_dkim_key_that_cannot_be_read_stops_serve_before_any_worker(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "s2026.pem"
+    config = tmp_path / "epoxi.toml"
+    config.write_text(
+        f'[[dkim.keys]]\ndomain = "example.com"\nselector = "s2026"\nkey_file = "{missing}"\n'
+    )
+    env = {
+        **os.environ,
+        "EPOXI_WORKERS": "2",
+        "EPOXI_DATA_DIR": str(tmp_path / "data"),
+        "EPOXI_SMTP_LISTEN": f"127.0.0.1:{free_port()}",
+        "EPOXI_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "epoxi", "serve", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"dkim key {missing}: cannot read it" in result.stderr
+    assert "worker" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_pool_weights_hold_and_pool_counts_add_up_over_workers(tmp_path: Path) -> None:
+    config = "".join(
+        f'[[delivery.sources]]\nname = "ip{n}"\nbind = "127.0.0.{n}"\nehlo = "mta{n}.test"\n'
+        for n in (10, 11)
+    )  # no pools: one pool "default" of both, weight 1 each
+    async with Sink("127.0.0.1") as sink:
+        process = await start(tmp_path, 2, config, env={"EPOXI_SMTP_PORT": str(sink.port)})
+        try:
+            sent = len(await send_to_every_worker(process, 2, sessions=20))
+            await sink.wait_for(sent, timeout=30)
+            by_peer = Counter(message.peer for message in sink.messages)
+            assert by_peer.keys() == {"127.0.0.10", "127.0.0.11"}
+            # Each worker alternates exactly, so the two differ by at most one per worker.
+            assert abs(by_peer["127.0.0.10"] - by_peer["127.0.0.11"]) <= 2, by_peer
+
+            def delivered() -> dict[str, int]:
+                [pool] = api(process, "GET", "/admin/pools").json()["pools"]
+                return {source["bind"]: source["delivered"] for source in pool["sources"]}
+
+            await eventually(
+                lambda: delivered() == dict(by_peer), 15, "/admin/pools counting both workers"
+            )
+        finally:
+            await stop(process)
 
 
 async def test_a_cancel_reaches_the_worker_that_holds_the_message(tmp_path: Path) -> None:

@@ -18,8 +18,11 @@ from typer.testing import CliRunner
 
 from epoxi.api_types import (
     Pipelines,
+    PoolInfo,
+    PoolList,
     ReadyQueueInfo,
     ScheduledQueueInfo,
+    SourceInfo,
     SuspensionInfo,
     Totals,
 )
@@ -87,10 +90,39 @@ STATUS = MessageStatus(
             timestamp=1.0,
             recipient=EVIL,
             reason=EVIL,
+            source="ip10",
+            pool="bulk",
+            peer_address="192.0.2.1",
         )
     ],
 )
-ANSWERS = {"/admin/pipelines": PIPELINES, "/messages/m1": STATUS}
+POOLS = PoolList(
+    pools=[
+        PoolInfo(
+            name="bulk",
+            fallback=None,
+            default=True,
+            tenants=[],
+            sources=[
+                SourceInfo(
+                    name="ip10",
+                    weight=3,
+                    bind="192.0.2.10",
+                    ehlo="out1.example.com",
+                    state="failing",
+                    delivered=7,
+                    deferred=1,
+                    bounced=0,
+                    connections=4,
+                    connection_failures=2,
+                    last_error=EVIL,
+                    last_error_at=None,
+                )
+            ],
+        )
+    ]
+)
+ANSWERS = {"/admin/pipelines": PIPELINES, "/messages/m1": STATUS, "/admin/pools": POOLS}
 
 
 class Api(BaseHTTPRequestHandler):
@@ -133,7 +165,18 @@ def test_queue_ls_prints_fields_escaped(url: str) -> None:
 
 
 def test_status_prints_fields_escaped(url: str) -> None:
-    assert_escaped(run("status", "m1", "--url", url), 6)
+    output = run("status", "m1", "--url", url)
+    assert_escaped(output, 6)
+    assert "from ip10 (pool bulk) to 192.0.2.1" in output
+
+
+def test_pool_ls_prints_each_source_with_its_counts(url: str) -> None:
+    output = run("pool", "ls", "--url", url)
+    assert_escaped(output, 1)
+    assert "bulk (default)" in output
+    row = next(line for line in output.splitlines() if "ip10" in line)
+    for shown in ("3", "192.0.2.10 out1.example.com", "failing", "7/1/0", "4/2"):
+        assert shown in row, (shown, row)
 
 
 @pytest.mark.parametrize("args", [("queue", "ls"), ("status", "m1")])

@@ -93,6 +93,11 @@ def test_units() -> None:
         ("[delivery.source_shaping.nope]\nconnection_limit = 2\n", "names no source ['nope']"),
         ('[[delivery.sources]]\nname = "a"\n[[delivery.sources]]\nname = "a"\n', "unique"),
         ('[delivery.shaping."x.test"]\ntls = "implicit"\n', "delivery.shaping.x.test.tls"),
+        (
+            '[[dkim.keys]]\ndomain = "a.test"\nselector = "s"\nkey_file = "one.pem"\n'
+            '[[dkim.keys]]\ndomain = "A.test."\nselector = "s"\nkey_file = "two.pem"\n',
+            "selector s of a.test has two keys: one.pem and two.pem",
+        ),
     ],
 )
 def test_sources_and_shaping_are_checked(tmp_path: Path, text: str, expected: str) -> None:

@@ -17,6 +17,7 @@ from epoxi.bounce.classify import Classifier
 from epoxi.config import Settings
 from epoxi.delivery.client import TlsPolicy
 from epoxi.delivery.dispatcher import Dispatcher, with_tls
+from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Destination, Router
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConnectionFailed, DeliveryError, DnsPermanent, MailLoop, MessageRefused
@@ -53,8 +54,13 @@ class Engine:
     def __post_init__(self) -> None:
         delivery = self.settings.delivery
         self.suspensions = SuspensionRegistry(self.clock)
+        self.pools = Pools(delivery, self.suspensions, self.clock)
         self.ingest = Ingest(
-            spool=self.spool, records=self.records, schedule=self.submit, max_hops=5
+            spool=self.spool,
+            records=self.records,
+            schedule=self.submit,
+            max_hops=5,
+            known_pool=self.pools.known,
         )
         self.outcomes = Disposition(
             classifier=Classifier.from_files([]),
@@ -76,7 +82,7 @@ class Engine:
             suspensions=self.suspensions,
             load_body=self.spool.load_body,
             hold_back=self.rescheduled.append,
-            source=delivery.sources[0],
+            pools=self.pools,
             slots=self.slots,
         )
 

@@ -12,13 +12,14 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from epoxi.admin import Selector
 from epoxi.api.context import context
-from epoxi.api.peers import merge_health, merge_pipelines
+from epoxi.api.peers import merge_health, merge_pipelines, merge_pools
 from epoxi.api.problems import problem_responses
 from epoxi.api_types import (
     BounceResponse,
     Health,
     MessageDetails,
     Pipelines,
+    PoolList,
     ResumeResponse,
     RetryResponse,
     SelectorIn,
@@ -56,6 +57,12 @@ async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) 
     if not found.scheduled and not found.ready:
         raise NotFoundException(f"no queue for {routing_key!r}")
     return found
+
+
+@get("/pools", responses=_ERRORS, summary="Egress pools: sources, weights, state and health")
+async def pools(request: Request[Any, Any, Any]) -> PoolList:
+    ctx = context(request)
+    return merge_pools([ctx.admin.pool_list(), *await ctx.peers.ask(request, PoolList)])
 
 
 @post(
@@ -164,7 +171,17 @@ def _selector(data: JSONBody[SelectorIn]) -> Selector:
 
 admin_router = Router(
     path="/admin",
-    route_handlers=[pipelines, pipelines_health, pipeline, suspend, resume, bounce, retry, message],
+    route_handlers=[
+        pipelines,
+        pipelines_health,
+        pipeline,
+        pools,
+        suspend,
+        resume,
+        bounce,
+        retry,
+        message,
+    ],
     opt={"scope": Scope.ADMIN},
     tags=["admin"],
 )

@@ -62,7 +62,8 @@ async def send(
         composer = Composer(_draft(data), ctx.settings.hostname, ctx.settings.smtp.max_message_size)
         rendered = await _render_all(composer)
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
-        base["metadata"] = _metadata(data.metadata, data.tags, data.ip_pool, ctx) or None
+        base["metadata"] = _metadata(data.metadata, data.tags) or None
+        base["pool"] = _pool(data.ip_pool, ctx)
         queued = await _spool(ctx, composer.envelope_sender, rendered, base)
         return SendResponse(count=len(queued), messages=queued)
 
@@ -95,6 +96,7 @@ async def send_raw(
             body_8bit=not body.isascii(),
             **_meta_fields(request, data.send_at, tenant, data.campaign),
             metadata=dict(data.metadata) or None,
+            pool=_pool(data.ip_pool, ctx),
         )
         await ctx.inject_many([(meta, body)])
         return SendResponse(
@@ -324,27 +326,21 @@ def _due(send_at: datetime | None, now: float) -> float:
     return due if due > now else 0.0
 
 
-def _metadata(
-    metadata: dict[str, str], tags: list[str], ip_pool: str | None, ctx: ApiContext
-) -> dict[str, str]:
+def _metadata(metadata: dict[str, str], tags: list[str]) -> dict[str, str]:
     result = dict(metadata)
     if tags:
         result["tags"] = ",".join(tags)
-    if ip_pool:
-        result["ip_pool"] = _honoured_pool(ip_pool, ctx)
     return result
 
 
-def _honoured_pool(ip_pool: str, ctx: ApiContext) -> str:
-    """Until IP pools exist, every message leaves from the first source: only its name is a
-    pool that is honoured; anything else would be accepted and ignored, so it is refused."""
-    used = ctx.settings.delivery.sources[0].name
-    if ip_pool != used:
-        raise InvalidField(
-            "ip_pool",
-            f"ip_pool {ip_pool!r} cannot be honoured: IP pools are not supported yet, and "
-            f"every message is sent from source {used!r}; leave ip_pool out",
-        )
+def _pool(ip_pool: str | None, ctx: ApiContext) -> str:
+    """The egress pool asked for ("" for the tenant's or the default); an unknown one is a
+    422, never a silent fallback."""
+    if not ip_pool:
+        return ""
+    if not ctx.admin.known_pool(ip_pool):
+        known = ", ".join(p.name for p in ctx.admin.pool_list().pools)
+        raise InvalidField("ip_pool", f"no egress pool {ip_pool!r}; the pools are: {known}")
     return ip_pool
 
 

@@ -24,8 +24,10 @@ from epoxi.api_types import (
     Health,
     PipelineHealth,
     Pipelines,
+    PoolList,
     ReadyQueueInfo,
     ScheduledQueueInfo,
+    SourceInfo,
     SuspensionInfo,
     Totals,
 )
@@ -205,4 +207,43 @@ def _one_health(name: str, same: list[PipelineHealth]) -> PipelineHealth:
         queued=sum(p.queued for p in same),
         connections=connections,
         detail=detail,
+    )
+
+
+def merge_pools(parts: list[PoolList]) -> PoolList:
+    """Every worker has the same pools: a source's counts are summed; it is suspended or
+    failing when any worker says so (each judges its own connections)."""
+    if not parts:
+        return PoolList(pools=[])
+    sources: dict[tuple[str, str], list[SourceInfo]] = {}
+    for part in parts:
+        for pool in part.pools:
+            for source in pool.sources:
+                sources.setdefault((pool.name, source.name), []).append(source)
+    return PoolList(
+        pools=[
+            msgspec.structs.replace(
+                pool, sources=[_add_sources(sources[pool.name, s.name]) for s in pool.sources]
+            )
+            for pool in parts[0].pools
+        ]
+    )
+
+
+def _add_sources(same: list[SourceInfo]) -> SourceInfo:
+    latest = max(same, key=lambda s: s.last_error_at or 0.0)
+    states = {s.state for s in same}
+    state: Literal["ok", "suspended", "failing"] = (
+        "suspended" if "suspended" in states else "failing" if "failing" in states else "ok"
+    )
+    return msgspec.structs.replace(
+        same[0],
+        state=state,
+        delivered=sum(s.delivered for s in same),
+        deferred=sum(s.deferred for s in same),
+        bounced=sum(s.bounced for s in same),
+        connections=sum(s.connections for s in same),
+        connection_failures=sum(s.connection_failures for s in same),
+        last_error=latest.last_error,
+        last_error_at=latest.last_error_at,
     )

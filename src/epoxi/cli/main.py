@@ -17,7 +17,7 @@ from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
 from epoxi.cli.dkim import dkim_app
 from epoxi.cli.keys import keys_app
 from epoxi.cli.logs import configure_logging
-from epoxi.cli.remote import queue_app, send, status
+from epoxi.cli.remote import pool_app, queue_app, send, status
 from epoxi.cli.show import echo
 from epoxi.config import load_settings, parse_workers
 from epoxi.errors import ConfigError, EpoxiError
@@ -40,6 +40,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(queue_app, name="queue")
+app.add_typer(pool_app, name="pool")
 app.add_typer(dkim_app, name="dkim")
 app.command()(send)
 app.command()(status)

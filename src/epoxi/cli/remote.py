@@ -1,4 +1,4 @@
-"""Commands that talk to a running Epoxi over its HTTP API: send, status, queue."""
+"""Commands that talk to a running Epoxi over its HTTP API: send, status, queue, pool."""
 
 from __future__ import annotations
 
@@ -18,11 +18,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from epoxi.api_types import Pipelines, Queued, SelectorIn, SendResponse, SuspendRequest
+from epoxi.api_types import (
+    Pipelines,
+    PoolList,
+    Queued,
+    SelectorIn,
+    SendResponse,
+    SuspendRequest,
+)
 from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
 from epoxi.cli.common import PLAIN_HELP
 from epoxi.cli.show import add_row, echo, line, print_json, show, table
 from epoxi.config import parse_duration
+from epoxi.events.records import Record
 
 Url = Annotated[
     str,
@@ -36,6 +44,12 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answe
 
 queue_app = typer.Typer(
     help="Inspect and steer the queues (like postqueue, postsuper and qshape).",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+
+pool_app = typer.Typer(
+    help="Egress pools and their sources (suspend a source: `epoxi queue suspend --source`).",
     no_args_is_help=True,
     rich_markup_mode=PLAIN_HELP,
 )
@@ -268,9 +282,18 @@ def status(
             _time(event.timestamp),
             event.type.value,
             event.recipient or ",".join(event.recipients),
-            detail,
+            "\n".join(part for part in (detail, _path(event)) if part),
         )
     show(events)
+
+
+def _path(event: Record) -> str:
+    """Which egress source (and pool) an attempt left from, and the server that answered."""
+    if not event.source:
+        return ""
+    pool = f" (pool {event.pool})" if event.pool else ""
+    to = f" to {event.peer_address}" if event.peer_address else ""
+    return f"from {event.source}{pool}{to}"
 
 
 def _time(timestamp: float | None) -> str:
@@ -549,3 +572,45 @@ def queue_message(
     for job in found.jobs:
         add_row(jobs, job.domain, job.where, job.attempts, _time(job.due), job.queue, job.site)
     show(jobs)
+
+
+# --------------------------------------------------------------------- pool
+
+
+@pool_app.command("ls")
+def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
+    """List each pool's sources: weight, address and EHLO name, state, and the last ten
+    minutes' recipients sent, deferred and bounced and connections made and failed."""
+    with _api(url, key) as client:
+        found = client.typed(PoolList, "GET", "/admin/pools")
+    if as_json:
+        print_json(found)
+        return
+    for pool in found.pools:
+        notes = [
+            f"fallback {pool.fallback}" if pool.fallback else "",
+            "default" if pool.default else "",
+        ]
+        notes += [f"tenants {', '.join(pool.tenants)}"] if pool.tenants else []
+        sources = table(
+            "source",
+            "weight",
+            "bind / ehlo",
+            "state",
+            "sent/deferred/bounced",
+            "connects/failed",
+            "last error",
+            title=" ".join([pool.name, *(f"({n})" for n in notes if n)]),
+        )
+        for s in pool.sources:
+            add_row(
+                sources,
+                s.name,
+                s.weight,
+                f"{s.bind or 'any'} {s.ehlo or '(hostname)'}",
+                s.state,
+                f"{s.delivered}/{s.deferred}/{s.bounced}",
+                f"{s.connections}/{s.connection_failures}",
+                f"{_time(s.last_error_at)} {s.last_error}" if s.last_error else "",
+            )
+        show(sources)

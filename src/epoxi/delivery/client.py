@@ -824,7 +824,8 @@ async def _open(
     except TimeoutError as exc:
         raise ConnectionFailed(f"timeout connecting to {label}") from exc
     except OSError as exc:  # ssl.SSLError included
-        raise ConnectionFailed(f"cannot connect to {label}: {exc}") from exc
+        origin = f" from {source}" if source else ""
+        raise ConnectionFailed(f"cannot connect to {label}{origin}: {exc}") from exc
     return reader
 
 

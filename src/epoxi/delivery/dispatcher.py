@@ -1,9 +1,11 @@
 """The dispatcher: due jobs are routed and handed to the ready queue of their egress path.
 
-A job's way here: routing (static, or MX looked up once for all jobs of a domain waiting on
-it), then the ready queue of (source, site), made on first use with the limits the shaping
-policy resolves, and kept in step with the suspension registry. The outcome of every attempt
-is the disposition's business, never the dispatcher's.
+A job's way here: its egress source, picked from its pool (:mod:`epoxi.delivery.pools`);
+routing (static, or MX looked up once for all jobs of a domain waiting on it); then the ready
+queue of (source, site), made on first use with the limits the shaping policy resolves, and
+kept in step with the suspension registry. Jobs leave a source that is suspended or failing
+for another of their pool when there is one. The outcome of every attempt is the
+disposition's business, never the dispatcher's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from epoxi.config import SourceSettings, TlsMode
+from epoxi.config import DeliverySettings, SourceSettings, TlsMode
+from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
 from epoxi.delivery.transport import Transport
@@ -42,7 +45,7 @@ class Dispatcher:
         suspensions: Suspensions,
         load_body: LoadBody,
         hold_back: Callable[[Job], None],
-        source: SourceSettings,
+        pools: Pools,
         ready_queue_limit: int = 10_000,
         slots: ConnectionSlots | None = None,
     ) -> None:
@@ -51,15 +54,15 @@ class Dispatcher:
         self.transport = transport
         self.outcomes = outcomes
         self.suspensions = suspensions
-        self.source = source
+        self.pools = pools
         self.ready: dict[str, ReadyQueue] = {}
         self._load_body = load_body
         self._hold_back = hold_back
         self._ready_queue_limit = ready_queue_limit
         self._slots = slots
         self._lookups: dict[str, list[Job]] = {}
-        # (domain, site, MTA-STS policy id) -> its ready queue
-        self._paths: dict[tuple[str, str, str], ReadyQueue] = {}
+        # (domain, site, source, MTA-STS policy id) -> its ready queue
+        self._paths: dict[tuple[str, str, str, str], ReadyQueue] = {}
         self._shaped_for: dict[str, str] = {}  # ready queue key -> the domain its limits are of
         self._tasks: set[asyncio.Task[None]] = set()
         suspensions.subscribe(self._apply_suspensions)
@@ -72,11 +75,18 @@ class Dispatcher:
     # ----------------------------------------------------------------- routing
 
     def submit(self, job: Job) -> None:
-        """A job is due (the scheduler's release): route it to its ready queue."""
-        job.source = self.source.name
+        """A job is due (the scheduler's release): pick its source, route it to its ready
+        queue."""
         if self.outcomes.expired(job):
             self.outcomes.expire(job)
             return
+        pick = self.pools.pick(job.message.meta)
+        job.source, job.pool = pick.source.name, pick.pool
+        if pick.why:
+            self.outcomes.rerouted(job, pick.why)
+        self._route(job)
+
+    def _route(self, job: Job) -> None:
         destination = self.router.cached(job.domain)
         if destination is not None:
             self._to_ready(job, destination)
@@ -102,7 +112,10 @@ class Dispatcher:
                 self._to_ready(job, destination)
 
     def _to_ready(self, job: Job, destination: Destination) -> None:
-        ready = self._ready_queue(job.domain, destination)
+        if job.source not in self.pools.sources:  # removed by a reload while it waited
+            pick = self.pools.pick(job.message.meta)
+            job.source, job.pool = pick.source.name, pick.pool
+        ready = self._ready_queue(job.domain, destination, job.source)
         job.site = destination.site
         if len(ready) >= self._ready_queue_limit:
             job.due = time.time() + random.uniform(1.0, 3.0)  # full: hold back, no attempt
@@ -110,17 +123,20 @@ class Dispatcher:
             return
         ready.put(job)
 
-    def _ready_queue(self, domain: str, routed: Destination) -> ReadyQueue:
-        """The ready queue of a domain routed to a site; found once, then one dict lookup
-        (again when the domain's MTA-STS policy changes)."""
-        path = (domain, routed.site, routed.mta_sts.id if routed.mta_sts is not None else "")
+    def _ready_queue(self, domain: str, routed: Destination, source: str) -> ReadyQueue:
+        """The ready queue of a domain routed to a site from a source; found once, then one
+        dict lookup (again when the domain's MTA-STS policy changes)."""
+        sts = routed.mta_sts.id if routed.mta_sts is not None else ""
+        path = (domain, routed.site, source, sts)
         ready = self._paths.get(path)
         if ready is None:
-            ready = self._paths[path] = self._find_or_make(domain, routed)
+            ready = self._paths[path] = self._find_or_make(
+                domain, routed, self.pools.sources[source]
+            )
         return ready
 
-    def _find_or_make(self, domain: str, routed: Destination) -> ReadyQueue:
-        site, source = routed.site, self.source.name
+    def _find_or_make(self, domain: str, routed: Destination, egress: SourceSettings) -> ReadyQueue:
+        site, source = routed.site, egress.name
         shaping = self.policy.resolve(domain, site, source)
         destination = with_tls(routed, shaping)
         key = f"{source}->{site}"
@@ -132,17 +148,61 @@ class Dispatcher:
         if ready is None:
             ready = self.ready[key] = ReadyQueue(
                 key=key,
-                source=self.source,
+                source=egress,
                 destination=destination,
                 shaping=shaping,
                 transport=self.transport,
                 outcomes=self.outcomes,
                 load_body=self._load_body,
                 slots=self._slots,
+                watch=self,
             )
-            ready.set_suspension(self.suspensions.for_path(self.source.name, destination.site))
+            ready.set_suspension(self.suspensions.for_path(source, destination.site))
             self._shaped_for[key] = domain
         return ready
+
+    # ----------------------------------------------------------------- sources and pools
+
+    def connected(self, ready: ReadyQueue) -> None:
+        self.pools.connected(ready.source.name)
+
+    def connect_failed(self, ready: ReadyQueue, exc: BaseException, jobs: list[Job]) -> list[Job]:
+        """A failing source's jobs leave from another source of their pool, if one is usable."""
+        source = ready.source.name
+        self.pools.connect_failed(source, ready.destination.site, exc)
+        if not jobs or self.pools.usable(source):
+            return jobs
+        return self._move(jobs, f"source {source} is failing ({exc})")
+
+    def _move(self, jobs: list[Job], reason: str) -> list[Job]:
+        """Pick again for jobs leaving their source; returns those with nowhere else to go
+        (no usable source in their pool or its fallbacks: moving them to another suspended
+        one would only move them back)."""
+        stuck = []
+        for job in jobs:
+            pick = self.pools.pick(job.message.meta)
+            if pick.source.name == job.source or not self.pools.usable(pick.source.name):
+                stuck.append(job)
+                continue
+            job.source, job.pool = pick.source.name, pick.pool
+            why = f"{reason}: moved to source {job.source} of pool {job.pool}"
+            self.outcomes.rerouted(job, f"{why}; {pick.why}" if pick.why else why)
+            self._route(job)
+        return stuck
+
+    def reconfigure(self, delivery: DeliverySettings) -> None:
+        """New sources and pools (a reload). A source that stays takes its new address and
+        EHLO name from its next connection; the jobs of one that is gone move to a source
+        of their pool now."""
+        self.pools.configure(delivery)
+        for ready in list(self.ready.values()):
+            source = self.pools.sources.get(ready.source.name)
+            if source is not None:
+                ready.source = source
+            elif ready.jobs:
+                reason = f"source {ready.source.name} was removed from the configuration"
+                for job in self._move(ready.take(_every), reason):
+                    ready.put(job)  # nowhere else to go (cannot happen: it is in no pool)
 
     # ----------------------------------------------------------------- policy and suspensions
 
@@ -152,13 +212,17 @@ class Dispatcher:
         self._paths.clear()  # a domain's TLS may now want a ready queue of its own
         for key, ready in self.ready.items():
             domain = self._shaped_for[key]  # the same layers the queue was made with
-            ready.reshape(policy.resolve(domain, ready.destination.site, self.source.name))
+            ready.reshape(policy.resolve(domain, ready.destination.site, ready.source.name))
 
     def _apply_suspensions(self) -> None:
-        for ready in self.ready.values():
-            ready.set_suspension(
-                self.suspensions.for_path(self.source.name, ready.destination.site)
-            )
+        for ready in list(self.ready.values()):  # moving jobs may make new ready queues
+            source = ready.source.name
+            suspension = self.suspensions.for_path(source, ready.destination.site)
+            ready.set_suspension(suspension)
+            if suspension is not None and suspension.kind == "source" and ready.jobs:
+                reason = f"source {source} suspended: {suspension.reason}"
+                for job in self._move(ready.take(_every), reason):
+                    ready.put(job)
 
     def rate_backlogs(self) -> dict[str, tuple[str, int]]:
         """Ready queues with a message rate -> (the rate, their backlog), for rate shares."""
@@ -218,6 +282,10 @@ class Dispatcher:
         """The site a domain is routed to, when known without a lookup."""
         destination = self.router.cached(domain)
         return destination.site if destination is not None else None
+
+
+def _every(job: Job) -> bool:
+    return True
 
 
 def with_tls(destination: Destination, shaping: Shaping) -> Destination:

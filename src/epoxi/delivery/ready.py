@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from epoxi.delivery.transport import Connection, Transport
 from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError, TlsFailed
@@ -36,6 +36,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LoadBody = Callable[[str], Awaitable[bytes]]
+
+
+class SourceWatch(Protocol):
+    """Told how each connection from a ready queue's egress source went (pool health)."""
+
+    def connected(self, ready: ReadyQueue) -> None: ...
+
+    def connect_failed(self, ready: ReadyQueue, exc: BaseException, jobs: list[Job]) -> list[Job]:
+        """Count the failure; ``jobs`` are those the queue gives up on: returns the ones
+        still to fail here (a failing source's jobs may leave from another one)."""
+        ...
+
+
+class _Unwatched:
+    def connected(self, ready: ReadyQueue) -> None:
+        pass
+
+    def connect_failed(self, ready: ReadyQueue, exc: BaseException, jobs: list[Job]) -> list[Job]:
+        return jobs
 
 
 class RateMeter:
@@ -77,6 +96,7 @@ class ReadyQueue:
         outcomes: Disposition,
         load_body: LoadBody,
         slots: ConnectionSlots | None = None,
+        watch: SourceWatch | None = None,
     ) -> None:
         self.key = key
         self.source = source
@@ -91,6 +111,7 @@ class ReadyQueue:
         self._outcomes = outcomes
         self._load_body = load_body
         self._slots = slots or LocalSlots()
+        self._watch = watch or _Unwatched()
         self._idle: deque[asyncio.Future[Job]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
@@ -225,6 +246,7 @@ class ReadyQueue:
             self._on_connect_failure(exc)
             return
         self.last_error = self.last_error_at = None
+        self._watch.connected(self)
         try:
             await self._serve(connection)
         finally:
@@ -306,8 +328,10 @@ class ReadyQueue:
         """Nothing could connect: if no other connection is alive, give the jobs back."""
         self.last_error, self.last_error_at = str(exc), time.time()
         if self.connections > 0:
+            self._watch.connect_failed(self, exc, [])
             return
         jobs, self.jobs = list(self.jobs), deque()
+        jobs = self._watch.connect_failed(self, exc, jobs)
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
             hosts = ",".join(h for h, _ in self.destination.hosts)

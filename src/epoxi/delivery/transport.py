@@ -146,7 +146,7 @@ class SmtpTransport:
                 last = exc
                 hosts_without_address += isinstance(exc, DnsPermanent)
                 continue
-            for address in addresses:
+            for address in _reachable_from(source, addresses):
                 try:
                     client = await self._open(destination, source, host, address, port)
                 except (ConnectionFailed, EpoxiError) as exc:
@@ -204,3 +204,11 @@ class SmtpTransport:
             auth=destination.auth,
             timeouts=self._timeouts,
         )
+
+
+def _reachable_from(source: SourceSettings, addresses: list[str]) -> list[str]:
+    """The addresses a source bound to an IPv4 (or IPv6) address can reach: the same family."""
+    if source.bind is None:
+        return addresses
+    ipv6 = ":" in source.bind
+    return [address for address in addresses if (":" in address) == ipv6]

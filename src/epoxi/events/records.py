@@ -23,6 +23,7 @@ class RecordType(enum.Enum):
     ADMIN_BOUNCE = "AdminBounce"
     CANCELLED = "Cancelled"  # the sender took it back before it was sent
     SUSPENDED = "Suspended"
+    REROUTED = "Rerouted"  # sent through another pool or source than its own: ``reason`` says why
 
 
 class Response(msgspec.Struct, frozen=True, gc=False):
@@ -49,6 +50,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     queue: str = ""  # scheduled queue name: campaign:tenant@domain
     site: str = ""  # ready queue site (the MX host set) where known
     source: str = ""  # egress source name
+    pool: str = ""  # the egress pool the source was picked from
     sender: str = ""
     recipient: str = ""  # one record per recipient for outcomes
     recipients: list[str] = msgspec.field(default_factory=list)  # Reception: all of them

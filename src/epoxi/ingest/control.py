@@ -1,4 +1,5 @@
-"""``X-Epoxi-*`` control headers: how an SMTP client names the tenant and campaign of a message.
+"""``X-Epoxi-*`` control headers: how an SMTP client names the tenant, campaign and egress pool
+of a message.
 
 They are always removed (a folded header with its continuation lines), so they are never
 delivered. Their values are honoured only from a client allowed to steer Epoxi (a trusted
@@ -13,7 +14,7 @@ from epoxi.errors import MessageRefused
 from epoxi.message import is_label
 from epoxi.smtp.replies import Reply
 
-_FIELDS = {b"x-epoxi-tenant": "tenant", b"x-epoxi-campaign": "campaign"}
+_FIELDS = {b"x-epoxi-tenant": "tenant", b"x-epoxi-campaign": "campaign", b"x-epoxi-pool": "pool"}
 
 
 def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:

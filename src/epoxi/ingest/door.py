@@ -5,7 +5,8 @@ SMTP (``accept``), the HTTP API (``inject_many``) and the DSNs Epoxi writes itse
 
 1. hooks: each :class:`IngestHook` may change the message or refuse it (DKIM signing and
    policy hooks plug in here);
-2. control headers: ``X-Epoxi-*`` are removed, and honoured only from trusted clients;
+2. control headers: ``X-Epoxi-*`` are removed, and honoured only from trusted clients; a pool
+   they (or the API) name must be configured;
 3. the loop check: more ``Received:`` headers than ``max_hops`` refuses it (``554 5.4.6``);
 4. DKIM signing, off the event loop, when keys are configured: what is spooled is what is sent;
 5. the spool commit (group fsync): only then is the client told yes;
@@ -54,6 +55,7 @@ class Ingest:
         max_hops: int = 50,
         signer: Signer | None = None,
         sign_threads: int = 2,
+        known_pool: Callable[[str], bool] = lambda pool: True,
     ) -> None:
         self.spool = spool
         self.signer = signer  # None: no DKIM keys; a reload may set or clear it
@@ -63,6 +65,7 @@ class Ingest:
         self.schedule = schedule
         self.hooks = list(hooks)
         self.max_hops = max_hops
+        self.known_pool = known_pool
         self.arrived: set[str] | None = None  # ids spooled while the start-up load runs
 
     def unhealthy_reason(self) -> str | None:
@@ -120,6 +123,10 @@ class Ingest:
             meta.size = len(body)
             if controls and trusted:
                 _apply_controls(meta, checked_controls(controls))
+        if meta.pool and not self.known_pool(meta.pool):
+            raise MessageRefused(
+                f"unknown pool {meta.pool}", Synthetic.UNKNOWN_POOL.reply(repr(meta.pool))
+            )
         return body
 
     async def _sign(self, meta: MessageMeta, body: bytes) -> bytes:
@@ -157,6 +164,7 @@ class Ingest:
                 next_attempt=meta.due,
                 tenant=meta.tenant,
                 campaign=meta.campaign,
+                pool=meta.pool,
                 dkim=meta.dkim,
             )
         )
@@ -185,3 +193,4 @@ class Ingest:
 def _apply_controls(meta: MessageMeta, controls: dict[str, str]) -> None:
     meta.tenant = controls.get("tenant", meta.tenant)
     meta.campaign = controls.get("campaign", meta.campaign)
+    meta.pool = controls.get("pool", meta.pool)

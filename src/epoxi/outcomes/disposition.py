@@ -230,6 +230,23 @@ class Disposition:
                 )
             )
 
+    def rerouted(self, job: Job, reason: str) -> None:
+        """A job leaves from another pool or source than its own: one Rerouted record."""
+        meta = job.message.meta
+        self.records.emit(
+            Record(
+                type=RecordType.REROUTED,
+                message_id=meta.id,
+                queue=job.queue,
+                source=job.source,
+                pool=job.pool,
+                sender=meta.sender,
+                recipients=job.recipients,
+                attempt=job.attempts,
+                reason=reason,
+            )
+        )
+
     # ----------------------------------------------------------------- DSNs
 
     async def _bounce(self, job: Job, failures: list[Failure], kind: Why, *, finish: bool) -> None:
@@ -355,6 +372,7 @@ class Disposition:
                 queue=job.queue,
                 site=job.site,
                 source=job.source,
+                pool=job.pool,
                 sender=meta.sender,
                 recipient=recipient,
                 response=Response.of(reply) if reply else None,

@@ -28,6 +28,7 @@ class Synthetic(enum.Enum):
     EXPIRED = (451, "4.4.7", "message expired")
     TOO_MANY_HOPS = (554, "5.4.6", "too many hops")
     LOOP = (554, "5.4.6", "mail loop")
+    UNKNOWN_POOL = (550, "5.3.5", "unknown egress pool")  # not in delivery.pools
 
     def __init__(self, code: int, enhanced: str, summary: str) -> None:
         self.code = code

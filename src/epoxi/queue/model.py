@@ -34,6 +34,7 @@ class Job:
     due: float = 0.0
     site: str = ""  # set once routed
     source: str = ""  # the egress source, set once routed
+    pool: str = ""  # the pool the source was picked from
     seq: int = field(default=0, compare=False)
 
     @property

@@ -291,6 +291,7 @@ def _read_message(conn: sqlite3.Connection, message_id: str) -> MessageStatus | 
             "SELECT record FROM events WHERE message_id = ? ORDER BY seq", (message_id,)
         )
     ]
+    _show_signatures_on_attempts(events)
     latest = max(recipients, key=lambda r: r.attempts, default=None)
     return MessageStatus(
         id=row[0],
@@ -307,6 +308,16 @@ def _read_message(conn: sqlite3.Connection, message_id: str) -> MessageStatus | 
         recipients=recipients,
         events=events,
     )
+
+
+def _show_signatures_on_attempts(events: list[Record]) -> None:
+    """Each attempt's event shows the DKIM signatures the message went with. They are made
+    once, at reception, and only that record carries them in the log (no repeat per
+    recipient and attempt)."""
+    signed = next((e.dkim for e in events if e.type is RecordType.RECEPTION), "")
+    for event in events:
+        if event.type in _OUTCOME_STATE and event.attempt and not event.dkim:
+            event.dkim = signed
 
 
 def _purge(conn: sqlite3.Connection, idempotent_before: float, history_before: float) -> None:

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epoxi.delivery.client import TlsInfo
-from epoxi.errors import DeliveryError, SpoolError
+from epoxi.errors import ConnectionFailed, DeliveryError, SpoolError
 from epoxi.events.records import Record, RecordType
 from epoxi.message import MessageMeta
 from epoxi.shaping.throttle import Rate
@@ -140,12 +141,15 @@ class Sent:
     recipients: list[str]
     body: bytes
     site: str
+    source: str = ""
 
 
 @dataclass
 class FakeTransport:
     """A transport whose connections answer from ``reply_for``; ``connect_error`` fails every
-    connection attempt; ``drop_after`` makes each connection unusable after that many sends."""
+    connection attempt (``unbindable`` those from the sources named, as when their address is
+    not on the machine); ``drop_after`` makes each connection unusable after that many
+    sends."""
 
     reply_for: Callable[[str], Reply] = scripted_reply
     connect_error: Exception | None = None
@@ -153,19 +157,24 @@ class FakeTransport:
     sent: list[Sent] = field(default_factory=list)
     connects: int = 0
     tls_modes: list[str] = field(default_factory=list)  # the TLS mode of each connection
+    unbindable: set[str] = field(default_factory=set)
 
     async def connect(self, destination: Destination, source: SourceSettings) -> Connection:
         self.connects += 1
         self.tls_modes.append(destination.tls.mode)
         if self.connect_error is not None:
             raise self.connect_error
-        return _FakeConnection(self, destination.site)
+        if source.name in self.unbindable:
+            unbound = OSError(errno.EADDRNOTAVAIL, "cannot assign requested address")
+            raise ConnectionFailed(f"cannot bind {source.bind}") from unbound
+        return _FakeConnection(self, destination.site, source.name)
 
 
 class _FakeConnection:
-    def __init__(self, transport: FakeTransport, site: str) -> None:
+    def __init__(self, transport: FakeTransport, site: str, source: str) -> None:
         self._transport = transport
         self._site = site
+        self._source = source
         self._sends = 0
         self.closed = False
 
@@ -192,7 +201,7 @@ class _FakeConnection:
         if not self.is_usable:
             raise DeliveryError("connection closed")
         self._sends += 1
-        self._transport.sent.append(Sent(meta, list(recipients), body, self._site))
+        self._transport.sent.append(Sent(meta, list(recipients), body, self._site, self._source))
         return [(r, self._transport.reply_for(r)) for r in recipients]
 
     async def quit(self) -> None:

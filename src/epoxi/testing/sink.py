@@ -122,6 +122,7 @@ class ReceivedMessage:
     envelope_flights: int  # see the module documentation
     received_at: float  # time.monotonic() at the end of data
     reply_lost: bool = False  # reset-after-data: recorded, but the client never got the reply
+    helo: str = ""  # the name the client gave in its last EHLO or HELO
 
 
 @dataclass(slots=True)
@@ -378,7 +379,7 @@ class _Session(asyncio.Protocol):
         self.buf = bytearray()
         self.out: list[bytes] = []
         self.index = 0
-        self.peer = self.local = ""
+        self.peer = self.local = self.helo = ""
         self.record: ConnectionRecord | None = None
         self.greeted = self.tls = False
         self.auth_user = ""
@@ -574,7 +575,7 @@ class _Session(asyncio.Protocol):
         if not arg:
             self._error(r.SYNTAX_ERROR)
             return
-        self.greeted, self.txn = True, None
+        self.greeted, self.txn, self.helo = True, None, arg
         lines = [f"{self.sink.hostname} greets {arg}", *self.sink.ehlo_keywords(self.tls)]
         self.out.append(Reply(250, "", "\n".join(lines)).encode())
 
@@ -582,7 +583,7 @@ class _Session(asyncio.Protocol):
         if not arg:
             self._error(r.SYNTAX_ERROR)
             return
-        self.greeted, self.txn = True, None
+        self.greeted, self.txn, self.helo = True, None, arg
         self.out.append(Reply(250, "", f"{self.sink.hostname} greets {arg}").encode())
 
     def do_noop(self, arg: str) -> None:
@@ -1007,6 +1008,7 @@ class _Session(asyncio.Protocol):
             rcpt_params=txn.rcpt_params,
             envelope_flights=txn.flights,
             received_at=time.monotonic(),
+            helo=self.helo,
             reply_lost=reply_lost,
         )
 
