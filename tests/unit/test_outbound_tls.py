@@ -18,10 +18,11 @@ from epoxi.delivery.hosttls import BROKEN_NOTE, BrokenTls, HostTls
 from epoxi.delivery.mtasts import MtaSts, StsPolicy, parse_policy, parse_txt
 from epoxi.delivery.routing import Destination
 from epoxi.dns.resolver import Resolver
-from epoxi.dns.tlsa import Tlsa
+from epoxi.dns.tlsa import Tlsa, lookup_tlsa
 from epoxi.errors import DnsTransient, MtaStsError, TlsFailed
 from epoxi.shaping.policy import Shaping
 from epoxi.testing.certs import issue_cert
+from epoxi.testing.dnsserver import DnsServer, Zone
 from epoxi.testing.fakes import ManualClock
 
 # ----------------------------------------------------------------------------- MTA-STS parsing
@@ -303,3 +304,22 @@ def test_tls_info_text() -> None:
     info = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", True, "mta-sts enforce")
     assert info.text == "TLSv1.3 TLS_AES_256_GCM_SHA384 verified policy=mta-sts enforce"
     assert TlsInfo(note="why").text == "plaintext policy=opportunistic (why)"
+
+
+# ----------------------------------------------------------------------------- TLSA lookups
+
+
+async def test_tlsa_from_a_resolver_that_does_not_validate_is_not_used() -> None:
+    """The suite's DNS server sets no AD bit: TLSA records are read but not trusted, so DANE
+    does not apply and the host keeps the destination's policy."""
+    zone = Zone()
+    zone.add("_25._tcp.mx.test", "TLSA", "3 1 1 " + "ab" * 32)
+    async with DnsServer(zone) as server:
+        resolver = Resolver([server.nameserver], timeout=2)
+        found = await lookup_tlsa(resolver, "mx.test")
+        assert found.records == (Tlsa(3, 1, 1, bytes.fromhex("ab" * 32)),)
+        assert not found.secure
+        assert (await lookup_tlsa(resolver, "none.test")).records == ()  # NXDOMAIN: none
+        assert await resolver.query("_25._tcp.mx.test", "TLSA")  # cached apart, same answer
+        host_tls = HostTls(resolver, dane=True)
+        assert await host_tls.policy(_mx(), "mx.test", "192.0.2.1") == TlsPolicy()
