@@ -309,7 +309,9 @@ def test_tls_info_text() -> None:
 # ----------------------------------------------------------------------------- TLSA lookups
 
 
-async def test_tlsa_from_a_resolver_that_does_not_validate_is_not_used() -> None:
+async def test_tlsa_from_a_resolver_that_does_not_validate_is_not_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The suite's DNS server sets no AD bit: TLSA records are read but not trusted, so DANE
     does not apply and the host keeps the destination's policy."""
     zone = Zone()
@@ -323,3 +325,4 @@ async def test_tlsa_from_a_resolver_that_does_not_validate_is_not_used() -> None
         assert await resolver.query("_25._tcp.mx.test", "TLSA")  # cached apart, same answer
         host_tls = HostTls(resolver, dane=True)
         assert await host_tls.policy(_mx(), "mx.test", "192.0.2.1") == TlsPolicy()
+        assert "not validated (no AD bit)" in caplog.text  # the operator is told, once

@@ -80,6 +80,7 @@ class HostTls:
         self.dane = dane and resolver is not None
         self.ca_file = ca_file
         self.broken = broken if broken is not None else BrokenTls()
+        self._warned_insecure = False
 
     @classmethod
     def from_settings(cls, resolver: Resolver, delivery: DeliverySettings) -> HostTls:
@@ -115,9 +116,21 @@ class HostTls:
             found = await lookup_tlsa(self._resolver, host, DANE_PORT)
         except DnsError as exc:
             raise _refused(f"DANE: TLSA lookup for {host} failed: {exc}", "dane") from exc
+        if found.records and not found.secure:
+            self._warn_insecure(host)
         if not found.secure or not found.records:
             return None
         return replace(tls, mode="required", server_name=None, policy="dane", tlsa=found.records)
+
+    def _warn_insecure(self, host: str) -> None:
+        """Once: TLSA records came without the AD bit, so DANE cannot be applied."""
+        if not self._warned_insecure:
+            self._warned_insecure = True
+            log.warning(
+                "DANE: the TLSA records of %s are not validated (no AD bit): they are ignored; "
+                "is [dns] nameservers a validating resolver?",
+                host,
+            )
 
     def _base(self, destination: Destination) -> TlsPolicy:
         """The destination's own policy (routes, shaping), with the configured CA file."""
