@@ -1,10 +1,12 @@
-"""DKIM end to end: Epoxi signs what it accepts over SMTP; two independent verifiers (dkimpy
-and Perl's Mail::DKIM) check what reached the sink, fetching the keys from the loopback DNS
-server where they are published."""
+"""DKIM end to end: Epoxi signs what it accepts over SMTP; independent verifiers check what
+reached the sink, fetching the keys from the loopback DNS server where they are published:
+dkimpy and OpenDKIM (C, libopendkim; Debian's ``opendkim``) for RSA and Ed25519, Perl's
+Mail::DKIM for RSA (Debian 12's predates Ed25519)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import subprocess
 import sys
@@ -20,6 +22,12 @@ from epoxi.testing.sink import Sink
 from tests.conftest import EpoxiProcess
 
 EPOXI = [sys.executable, "-m", "epoxi"]
+OPENDKIM = Path("/usr/sbin/opendkim")  # Debian's opendkim; scripts/bootstrap installs it
+# opendkim -t reports one signature a message, as "FILE: verification (s=S, d=D, ...) succeeded"
+# or "... failed: REASON" (no comma after s= then).
+OPENDKIM_RESULT = re.compile(
+    r"verification \(s=([^,\s]+),? d=([^,\s]+),.*\) (?:(succeeded)|failed: (.*))"
+)
 PERL_VERIFIER = r"""
 use strict;
 use Mail::DKIM::Verifier;
@@ -74,7 +82,49 @@ def perl_verdicts(message: bytes, dns_port: int) -> list[str]:
     return sorted(result.stdout.decode().split("\n"))[1:]
 
 
-async def test_signed_mail_verifies_with_dkimpy_and_mail_dkim(tmp_path: Path) -> None:
+def one_signature_each(message: bytes) -> list[bytes]:
+    """The message once per DKIM-Signature field, with that field alone kept."""
+    head, _, body = message.partition(b"\r\n\r\n")
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    signatures = [f for f in fields if f.lower().startswith(b"dkim-signature:")]
+    others = [f for f in fields if f not in signatures]
+    return [b"\r\n".join([s, *others]) + b"\r\n\r\n" + body for s in signatures]
+
+
+def opendkim_verdicts(message: bytes, dns_port: int, workdir: Path) -> list[str]:
+    """OpenDKIM's test mode (``opendkim -t``) on each signature, its resolver (libunbound)
+    forwarding every query to the loopback DNS server. Test mode reports the first signature
+    of a message only, so each signature goes in a file of its own, all in one run."""
+    assert OPENDKIM.exists(), f"{OPENDKIM} is missing: run ./scripts/bootstrap test as root"
+    workdir.mkdir(exist_ok=True)
+    (workdir / "unbound.conf").write_text(
+        "server:\n  do-not-query-localhost: no\n"
+        f'forward-zone:\n  name: "."\n  forward-addr: 127.0.0.1@{dns_port}\n'
+    )
+    (workdir / "opendkim.conf").write_text(
+        f"Mode v\nSyslog no\nResolverConfiguration {workdir / 'unbound.conf'}\n"
+        f"TemporaryDirectory {workdir}\n"
+    )
+    files = []
+    for index, single in enumerate(one_signature_each(message)):
+        files.append(workdir / f"message-{index}.eml")
+        files[-1].write_bytes(single)
+    result = subprocess.run(
+        [OPENDKIM, "-x", workdir / "opendkim.conf", "-t", ",".join(map(str, files))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    verdicts = []
+    for match in OPENDKIM_RESULT.finditer(result.stdout + result.stderr):
+        selector, domain, passed, reason = match.groups()
+        verdicts.append(f"{domain} {selector} " + ("pass" if passed else f"fail ({reason})"))
+    assert len(verdicts) == len(files), result
+    return sorted(verdicts)
+
+
+async def test_signed_mail_verifies_with_dkimpy_opendkim_and_mail_dkim(tmp_path: Path) -> None:
     keys = []
     for kind, selector in (("rsa", "r2026"), ("ed25519", "e2026")):
         path = tmp_path / f"{selector}.pem"
@@ -113,16 +163,29 @@ async def test_signed_mail_verifies_with_dkimpy_and_mail_dkim(tmp_path: Path) ->
                 True,
                 True,
             ]
+            assert await asyncio.to_thread(
+                opendkim_verdicts, received, dns_server.port, tmp_path / "opendkim"
+            ) == ["example.com e2026 pass", "example.com r2026 pass"]
             # Debian 12's Mail::DKIM (1.20230212) predates Ed25519: it checks the RSA one.
             assert await asyncio.to_thread(perl_verdicts, received, dns_server.port) == [
                 "example.com e2026 invalid (unsupported algorithm ed25519-sha256)",
                 "example.com r2026 pass",
             ]
+            # A changed body breaks the body hash; a changed header leaves it right, so the
+            # signature itself must fail.
             tampered = received.replace(b"Hello,", b"Hullo,")
-            assert await asyncio.to_thread(dkimpy_verdicts, tampered, dns_server.port) == [
-                False,
-                False,
-            ]
+            forged = received.replace(b"Subject: signed", b"Subject: signed!")
+            for altered in (tampered, forged):
+                assert await asyncio.to_thread(dkimpy_verdicts, altered, dns_server.port) == [
+                    False,
+                    False,
+                ]
+                assert await asyncio.to_thread(
+                    opendkim_verdicts, altered, dns_server.port, tmp_path / "opendkim"
+                ) == [
+                    "example.com e2026 fail (signature verification failed)",
+                    "example.com r2026 fail (signature verification failed)",
+                ]
             assert "example.com r2026 fail (body has been altered)" in await asyncio.to_thread(
                 perl_verdicts, tampered, dns_server.port
             )

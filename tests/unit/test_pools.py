@@ -270,3 +270,16 @@ async def test_a_reload_moves_the_jobs_of_a_removed_source_and_renames_the_other
         assert {sent.source for sent in engine.transport.sent} == {"ip10"}
     finally:
         await engine.close()
+
+
+def test_a_source_bound_to_one_address_family_tries_only_addresses_of_that_family() -> None:
+    from epoxi.config import SourceSettings
+    from epoxi.delivery.transport import _reachable_from
+
+    addresses = ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
+    assert _reachable_from(SourceSettings(name="v4", bind="127.0.0.10"), addresses) == [
+        "192.0.2.1",
+        "192.0.2.2",
+    ]
+    assert _reachable_from(SourceSettings(name="v6", bind="::1"), addresses) == ["2001:db8::1"]
+    assert _reachable_from(SourceSettings(name="any"), addresses) == addresses
