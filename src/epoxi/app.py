@@ -23,6 +23,7 @@ from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
+from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
@@ -101,7 +102,12 @@ class Epoxi:
         self.dispatcher = Dispatcher(
             router=self.router,
             policy=shaping_policy(delivery),
-            transport=SmtpTransport(self.resolver, settings.hostname, delivery.timeouts),
+            transport=SmtpTransport(
+                self.resolver,
+                settings.hostname,
+                delivery.timeouts,
+                tls=HostTls.from_settings(self.resolver, delivery),
+            ),
             outcomes=self.outcomes,
             suspensions=self.suspensions,
             load_body=self.spool.load_body,
@@ -319,6 +325,9 @@ _RESTART_ONLY = (
     "smtp.max_connections",
     "spool",
     "dns",
+    "delivery.tls_ca_file",
+    "delivery.mta_sts_port",
+    "delivery.dane",
     "workers",
 )
 

@@ -356,6 +356,13 @@ class DeliverySettings(_Model):
     source_retry_after: Duration = 60.0
     timeouts: TimeoutSettings = TimeoutSettings()
     bounce_rules: tuple[Path, ...] = ()  # extra TOML rule files, before the shipped ones
+    # Outbound TLS (README "Outbound TLS"): extra CA certificates (PEM) trusted for verified
+    # SMTP TLS and MTA-STS policy fetches, on top of the system store; MTA-STS (RFC 8461) on
+    # by default; DANE (RFC 7672) opt-in, needs a validating resolver in [dns] nameservers.
+    tls_ca_file: Path | None = None
+    mta_sts: bool = True
+    mta_sts_port: int = Field(443, ge=1, le=65535)  # HTTPS port of policy hosts (tests only)
+    dane: bool = False
 
     @model_validator(mode="after")
     def _check_sources(self) -> DeliverySettings:

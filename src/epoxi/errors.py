@@ -9,7 +9,8 @@
      |    +-- ComposeError      a send request cannot become a message (epoxi.compose)
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
-     +-- DnsError               a lookup could not be answered
+     +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
+ +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
      |    +-- DnsPermanent      NXDOMAIN, no address: the domain cannot receive mail
      |         +-- NullMx       RFC 7505: the domain says it takes no mail
@@ -18,6 +19,7 @@
           |    +-- MailLoop     the server greeted us with our own name: it is us
           |    +-- SourceUnusable  the source's own way out failed (its SOCKS5 proxy or HAProxy
           |                        cannot be reached or refuses us): the source's, not the site's
+          |    +-- TlsFailed    the TLS handshake failed, or the peer failed the TLS policy
           +-- ProtocolError     the server broke the protocol (garbage, early close)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -64,6 +66,10 @@ class SpoolUnavailable(SpoolError):
     """The spool is refusing new work for now (disk nearly full, writer behind, closed)."""
 
 
+class MtaStsError(EpoxiError):
+    """An MTA-STS policy could not be fetched, or what was fetched is not a valid policy."""
+
+
 class DnsError(EpoxiError):
     """A DNS lookup failed."""
 
@@ -99,6 +105,16 @@ class MailLoop(ConnectionFailed):
 class SourceUnusable(ConnectionFailed):
     """The egress source itself cannot be used: its SOCKS5 proxy or HAProxy cannot be reached,
     refuses us or breaks its protocol. Counts against the source's health, not the site's."""
+
+
+class TlsFailed(ConnectionFailed):
+    """The TLS handshake failed, TLS was required but not offered, or the server failed the
+    policy (verification, DANE, MTA-STS); ``reply`` is the 4.7.x reply to record when the
+    policy forbids plain text, ``policy`` names the policy ("required", "dane", ...)."""
+
+    def __init__(self, message: str, reply: Reply | None = None, *, policy: str = "") -> None:
+        super().__init__(message, reply)
+        self.policy = policy
 
 
 class ProtocolError(DeliveryError):

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from epoxi.config import TimeoutSettings, TlsMode
-from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError
+from epoxi.delivery.dane import dane_mismatch
+from epoxi.dns.tlsa import Tlsa
+from epoxi.errors import ConnectionFailed, DeliveryError, ProtocolError, TlsFailed
 from epoxi.message import MessageMeta
 from epoxi.smtp.client_parse import (
     dot_stuff,
@@ -65,35 +67,93 @@ class TlsPolicy:
     """How to use TLS on a connection.
 
     - ``opportunistic``: STARTTLS when the server offers it, plain text otherwise (and when the
-      server refuses the STARTTLS command). A failed handshake raises ``ConnectionFailed``: the
-      connection is gone, and a caller may retry that host later with ``disabled``.
+      server refuses the STARTTLS command). A failed handshake raises ``TlsFailed`` (no reply):
+      the connection is gone, and the transport retries that host in plain text.
     - ``required``: STARTTLS or fail; no offer raises ``ConnectionFailed`` whose ``reply`` is a
-      ``421 4.7.4 TLS required but not offered``.
+      ``421 4.7.4 TLS required but not offered``; a failed handshake or verification raises
+      ``TlsFailed`` with a ``421 4.7.5`` reply. Never plain text.
     - ``disabled``: never TLS. ``implicit``: TLS from the first byte (port 465).
 
-    ``verify`` checks the certificate chain (against ``ca_file`` or the system store) and the
-    name; off by default, as opportunistic MX delivery cannot expect valid certificates
+    ``verify`` checks the certificate chain (against the system store plus ``ca_file``) and
+    the name; off by default, as opportunistic MX delivery cannot expect valid certificates
     (Postfix's default too). ``server_name`` overrides the name sent in SNI and verified.
+    ``tlsa`` (DANE, RFC 7672): the certificate must match one of these records instead of
+    the CA store (``epoxi.delivery.dane``). ``policy`` names the policy in the records of each
+    attempt ("mta-sts enforce", "dane"); empty, it is named after ``mode`` and ``verify``.
     """
 
     mode: TlsMode = "opportunistic"
     verify: bool = False
     ca_file: str | None = None
     server_name: str | None = None
+    policy: str = ""
+    tlsa: tuple[Tlsa, ...] = ()
+    note: str = ""  # said in the records of the attempts (why plain text, what failed)
+
+    @property
+    def name(self) -> str:
+        """The policy's name as recorded: ``policy``, or the mode ("required-verified")."""
+        if self.policy:
+            return self.policy
+        return "required-verified" if self.mode == "required" and self.verify else self.mode
+
+    @property
+    def required(self) -> bool:
+        """True when the connection must have TLS: no offer, no mail."""
+        return self.mode in ("required", "implicit") or bool(self.tlsa)
+
+    @property
+    def strict(self) -> bool:
+        """True when a failed TLS handshake or check must never end in plain text: TLS is
+        required, or the certificate is to be verified."""
+        return self.required or self.verify
 
     def context(self) -> ssl.SSLContext:
-        """The client TLS context for this policy; built once per (verify, ca_file), shared."""
-        return _client_context(self.verify, self.ca_file)
+        """The client TLS context for this policy; built once per (verify, ca_file), shared.
+        DANE checks the certificate itself (against the TLSA records), not through the CAs."""
+        return _client_context(self.verify and not self.tlsa, self.ca_file)
 
 
 @functools.lru_cache(maxsize=32)
 def _client_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
     if verify:
-        return ssl.create_default_context(cafile=ca_file)
+        context = ssl.create_default_context()
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+        return context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store to load: nothing to verify
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    """What TLS a connection got, as recorded with each attempt on it.
+
+    ``version`` and ``cipher`` are empty in plain text; ``verified`` says the certificate was
+    checked (CA chain and name, or DANE); ``policy`` is the policy applied; ``note`` says
+    anything else worth knowing ("TLS broken at this host, remembered: plain text").
+    """
+
+    version: str = ""
+    cipher: str = ""
+    verified: bool = False
+    policy: str = "opportunistic"
+    note: str = ""
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The compact form for records: ``TLSv1.3 TLS_AES_256_GCM_SHA384 verified
+        policy=mta-sts enforce``; computed once per connection."""
+        if self.version:
+            checked = "verified" if self.verified else "unverified"
+            parts = [self.version, self.cipher, checked, f"policy={self.policy}"]
+        else:
+            parts = ["plaintext", f"policy={self.policy}"]
+        if self.note:
+            parts.append(f"({self.note})")
+        return " ".join(parts)
 
 
 @dataclass(frozen=True, repr=False)
@@ -256,6 +316,7 @@ class SmtpClient:
         self._peer = peer
         self._timeouts = timeouts
         self._tls_active = tls_active
+        self.tls_info = TlsInfo()  # set once the session is set up
         self._extensions: dict[str, str] = {}
         self.greeting_name = ""  # the host name the server gave in its 220 banner
         self._max_size: int | None = None
@@ -294,7 +355,10 @@ class SmtpClient:
         context = tls.context() if implicit else None
         reader = await _open(address, port, source_address, timeouts.connect, context, name, hop)
         client = cls(reader, (address, port), timeouts, tls_active=implicit)
+        client.tls_info = TlsInfo(policy=tls.name, note=tls.note)
         try:
+            if implicit:
+                client._check_peer(tls, name)
             await client._start_session(ehlo_name, name, tls, auth)
         except BaseException:
             client.close()
@@ -377,35 +441,40 @@ class SmtpClient:
         if self._tls_active or tls.mode in ("disabled", "implicit"):
             return False
         if "STARTTLS" not in self._extensions:
-            if tls.mode == "required":
+            if tls.required:
                 message = f"{self._reader.label}: TLS required but not offered"
-                raise ConnectionFailed(message, TLS_NOT_OFFERED)
+                raise TlsFailed(message, TLS_NOT_OFFERED, policy=tls.name)
             return False
         reply = await self._exchange("STARTTLS", "STARTTLS", self._timeouts.starttls)
         if reply.code != 220:
             return self._starttls_refused(tls, reply)
-        await self._handshake(tls.context(), server_name)
+        await self._handshake(tls, server_name)
+        self._check_peer(tls, server_name)
         return True
 
     def _starttls_refused(self, tls: TlsPolicy, reply: Reply) -> bool:
-        if tls.mode == "required" or reply.code == 421:
+        if tls.required:
+            message = f"{self._reader.label} refused STARTTLS: {reply}"
+            refusal = Reply(421, "4.7.4", f"TLS required ({tls.name}), STARTTLS refused: {reply}")
+            raise TlsFailed(message, reply if reply.is_transient else refusal, policy=tls.name)
+        if reply.code == 421:
             raise ConnectionFailed(f"{self._reader.label} refused STARTTLS: {reply}", reply)
         log.info("[%s] STARTTLS refused, going on in plain text: %s", self._reader.label, reply)
         return False
 
-    async def _handshake(self, context: ssl.SSLContext, server_name: str) -> None:
+    async def _handshake(self, tls: TlsPolicy, server_name: str) -> None:
         reader = self._reader
         reader.buf.clear()  # sent before the handshake: must never be read as a reply
         reader.discarding = True
         try:
-            transport = await self._start_tls(context, server_name)
+            transport = await self._start_tls(tls, server_name)
         finally:
             reader.discarding = False
         reader.buf.clear()
         reader.transport = transport
         self._tls_active = True
 
-    async def _start_tls(self, context: ssl.SSLContext, server_name: str) -> asyncio.Transport:
+    async def _start_tls(self, tls: TlsPolicy, server_name: str) -> asyncio.Transport:
         reader, timeout = self._reader, self._timeouts.starttls
         assert reader.transport is not None
         try:
@@ -413,18 +482,34 @@ class SmtpClient:
                 transport = await asyncio.get_running_loop().start_tls(
                     reader.transport,
                     reader,
-                    context,
+                    tls.context(),
                     server_hostname=server_name,
                     ssl_handshake_timeout=timeout,
                 )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._broken = True
-            detail = str(exc) or "timeout"
-            raise ConnectionFailed(f"TLS handshake with {reader.label} failed: {detail}") from exc
+            raise _tls_failed(tls, f"TLS handshake with {reader.label} failed", exc) from exc
         if transport is None:  # typeshed allows it; a closed connection would do it
             self._broken = True
-            raise ConnectionFailed(f"TLS handshake with {reader.label} failed: closed")
+            raise _tls_failed(tls, f"TLS handshake with {reader.label} failed", "closed")
         return transport
+
+    def _check_peer(self, tls: TlsPolicy, server_name: str) -> None:
+        """After the handshake: DANE's check of the certificate, then what TLS we got."""
+        transport = self._reader.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return
+        verified = tls.verify
+        if tls.tlsa:
+            mismatch = dane_mismatch(tls.tlsa, _peer_chain(ssl_object), server_name)
+            if mismatch is not None:
+                self.close()
+                raise _tls_failed(tls, f"DANE: {self._reader.label} ({server_name})", mismatch)
+            verified = True
+        cipher = ssl_object.cipher()
+        version = ssl_object.version() or "TLS"
+        self.tls_info = TlsInfo(version, cipher[0] if cipher else "", verified, tls.name, tls.note)
 
     async def _authenticate(self, auth: ClientAuth) -> None:
         mechanisms = self._extensions.get("AUTH", "").upper().split()
@@ -690,6 +775,34 @@ class SmtpClient:
         reply = await self._read(phase, timeout)
         log.debug("[%s] %s -> %s", self._reader.label, _loggable(line), reply)
         return reply
+
+
+def _tls_failed(tls: TlsPolicy, what: str, detail: object) -> TlsFailed:
+    """The error of a failed handshake or check; with a 4.7.5 reply when plain text is out."""
+    message = f"{what}: {detail or 'timeout'}"
+    if not tls.strict:
+        return TlsFailed(message, policy=tls.name)
+    reply = Reply(421, "4.7.5", f"TLS failed ({tls.name}): {detail or 'timeout'}")
+    return TlsFailed(message, reply, policy=tls.name)
+
+
+def _peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The certificates the server sent (DER, its own first).
+
+    Python 3.13 has ``SSLObject.get_unverified_chain``; 3.10 to 3.12 have it on the
+    underlying ``_ssl`` object only. Without either, the server's own certificate alone.
+    """
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        chain = getter() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+_DER = 2  # _ssl.ENCODING_DER
 
 
 async def _open(

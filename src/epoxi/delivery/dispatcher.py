@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from epoxi.config import DeliverySettings, SourceSettings
+from epoxi.config import DeliverySettings, SourceSettings, TlsMode
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
@@ -61,7 +61,8 @@ class Dispatcher:
         self._ready_queue_limit = ready_queue_limit
         self._slots = slots
         self._lookups: dict[str, list[Job]] = {}
-        self._paths: dict[tuple[str, str, str], ReadyQueue] = {}  # (domain, site, source) -> it
+        # (domain, site, source, MTA-STS policy id) -> its ready queue
+        self._paths: dict[tuple[str, str, str, str], ReadyQueue] = {}
         self._shaped_for: dict[str, str] = {}  # ready queue key -> the domain its limits are of
         self._tasks: set[asyncio.Task[None]] = set()
         suspensions.subscribe(self._apply_suspensions)
@@ -124,8 +125,9 @@ class Dispatcher:
 
     def _ready_queue(self, domain: str, routed: Destination, source: str) -> ReadyQueue:
         """The ready queue of a domain routed to a site from a source; found once, then one
-        dict lookup."""
-        path = (domain, routed.site, source)
+        dict lookup (again when the domain's MTA-STS policy changes)."""
+        sts = routed.mta_sts.id if routed.mta_sts is not None else ""
+        path = (domain, routed.site, source, sts)
         ready = self._paths.get(path)
         if ready is None:
             ready = self._paths[path] = self._find_or_make(
@@ -139,7 +141,9 @@ class Dispatcher:
         destination = with_tls(routed, shaping)
         key = f"{source}->{site}"
         if destination.tls != with_tls(routed, self.policy.resolve(site, site, source)).tls:
-            key += f" tls={destination.tls.mode}"  # a domain stricter than its site: its own queue
+            key += f" tls={destination.tls.name}"  # a domain stricter than its site: its own queue
+        if routed.mta_sts is not None:
+            key += f" mta-sts={routed.mta_sts.summary}"  # as are domains with MTA-STS
         ready = self.ready.get(key)
         if ready is None:
             ready = self.ready[key] = ReadyQueue(
@@ -292,11 +296,13 @@ def with_tls(destination: Destination, shaping: Shaping) -> Destination:
     security setting written for a domain is never dropped.
     """
     tls = destination.tls
+    verified = shaping.tls == "required-verified"
+    mode: TlsMode = "required" if shaping.tls == "required-verified" else shaping.tls
     if destination.via_mx:
-        wanted = replace(tls, mode=shaping.tls, verify=shaping.tls_verify)
+        wanted = replace(tls, mode=mode, verify=shaping.tls_verify or verified)
         return replace(destination, tls=wanted) if wanted != tls else destination
-    upgrade = shaping.tls == "required" and tls.mode in ("opportunistic", "disabled")
-    verify = shaping.tls_verify and not tls.verify
+    upgrade = mode == "required" and tls.mode in ("opportunistic", "disabled")
+    verify = (shaping.tls_verify or verified) and not tls.verify
     if not (upgrade or verify):
         return destination
     stricter = replace(tls, mode="required" if upgrade else tls.mode, verify=tls.verify or verify)

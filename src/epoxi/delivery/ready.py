@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from epoxi.delivery.transport import Connection, Transport
-from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError
+from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError, TlsFailed
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.suspensions import Suspension
@@ -315,7 +315,13 @@ class ReadyQueue:
                 # A lost data-end reply lands here too: transient, so at worst a duplicate.
                 replies += self._outcomes.transaction_failed(chunk, exc)
                 usable = False
-        self._outcomes.handle(job, replies, connection.peer, dsn_passed=connection.dsn_passed)
+        self._outcomes.handle(
+            job,
+            replies,
+            connection.peer,
+            dsn_passed=connection.dsn_passed,
+            tls=connection.tls.text,
+        )
         return usable
 
     def _on_connect_failure(self, exc: Exception) -> None:
@@ -329,7 +335,8 @@ class ReadyQueue:
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
             hosts = ",".join(h for h, _ in self.destination.hosts)
-            self._outcomes.connection_failed(jobs, exc, hosts)
+            policy = exc.policy if isinstance(exc, TlsFailed) else self.destination.tls.name
+            self._outcomes.connection_failed(jobs, exc, hosts, tls=f"policy={policy}")
 
     async def close(self) -> None:
         """Stop opening connections; let connections finish their current job."""

@@ -6,6 +6,7 @@ MX hosts are the same set share one site, and so one ready queue and its limits.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from epoxi.config import RouteSettings, Settings, parse_hostport
 from epoxi.delivery.client import ClientAuth, TlsPolicy
+from epoxi.delivery.mtasts import MtaSts, StsPolicy
 from epoxi.dns.mx import resolve_mx
 from epoxi.dns.resolver import Resolver
 
@@ -30,6 +32,7 @@ class Destination:
     via_mx: bool = False  # hosts came from DNS: failures fall back to the next host
     dsn: bool = True  # DSNs for failures on this destination
     preferences: tuple[int, ...] = ()  # MX preference of each host; empty: keep the order
+    mta_sts: StsPolicy | None = None  # the domain's MTA-STS policy (enforce or testing)
 
     def attempt_order(self, rng: random.Random | None = None) -> list[tuple[str, int]]:
         """Hosts in preference order, shuffled among equal preferences (RFC 5321 §5.1)."""
@@ -50,6 +53,7 @@ class Router:
     def __init__(self, settings: Settings, resolver: Resolver) -> None:
         self.settings = settings
         self.resolver = resolver
+        self.mta_sts = _mta_sts(settings, resolver)
         self._set_routes(settings)
         self._cache: dict[str, tuple[float, Destination]] = {}
 
@@ -80,6 +84,8 @@ class Router:
     def reload(self, settings: Settings) -> None:
         """New static routes and smarthost; MX answers are looked up again."""
         self.settings = settings
+        if (self.mta_sts is None) != (not settings.delivery.mta_sts):
+            self.mta_sts = _mta_sts(settings, self.resolver)
         self._set_routes(settings)
         self._cache.clear()
 
@@ -105,7 +111,12 @@ class Router:
         known = self.cached(domain)
         if known is not None:
             return known
-        plan = await resolve_mx(self.resolver, domain)
+        if self.mta_sts is not None:
+            plan, sts = await asyncio.gather(
+                resolve_mx(self.resolver, domain), self.mta_sts.policy(domain)
+            )
+        else:
+            plan, sts = await resolve_mx(self.resolver, domain), None
         port = self.settings.delivery.mx_port
         destination = Destination(
             site=plan.site,
@@ -113,9 +124,18 @@ class Router:
             preferences=tuple(h.preference for h in plan.hosts),
             tls=TlsPolicy(),  # the shaping policy decides (delivery.dispatcher.with_tls)
             via_mx=True,
+            mta_sts=sts,
         )
         self._cache[domain] = (time.monotonic() + _ROUTE_CACHE_SECONDS, destination)
         return destination
+
+
+def _mta_sts(settings: Settings, resolver: Resolver) -> MtaSts | None:
+    delivery = settings.delivery
+    if not delivery.mta_sts:
+        return None
+    ca_file = str(delivery.tls_ca_file) if delivery.tls_ca_file is not None else None
+    return MtaSts(resolver, ca_file=ca_file, port=delivery.mta_sts_port)
 
 
 def _route_destination(route: RouteSettings) -> Destination:

@@ -12,8 +12,9 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from epoxi.config import TimeoutSettings
-from epoxi.delivery.client import DsnEnvelope, SmtpClient
+from epoxi.delivery.client import DsnEnvelope, SmtpClient, TlsInfo, TlsPolicy
 from epoxi.delivery.hops import hop_of
+from epoxi.delivery.hosttls import HostTls
 from epoxi.errors import (
     ConnectionFailed,
     DnsError,
@@ -21,6 +22,7 @@ from epoxi.errors import (
     EpoxiError,
     MailLoop,
     SourceUnusable,
+    TlsFailed,
 )
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
@@ -49,6 +51,11 @@ class Connection(Protocol):
     @property
     def dsn_passed(self) -> bool:
         """Whether the last transaction handed the DSN request on (the next hop reports)."""
+        ...
+
+    @property
+    def tls(self) -> TlsInfo:
+        """What TLS the connection got, and under which policy (recorded with each attempt)."""
         ...
 
     async def send(
@@ -84,6 +91,10 @@ class SmtpConnection:
         return self._client.peer[0]
 
     @property
+    def tls(self) -> TlsInfo:
+        return self._client.tls_info
+
+    @property
     def is_usable(self) -> bool:
         return self._client.is_usable
 
@@ -106,12 +117,24 @@ class SmtpConnection:
 
 
 class SmtpTransport:
-    """SMTP to the destination's hosts, in preference order, each of their addresses in turn."""
+    """SMTP to the destination's hosts, in preference order, each of their addresses in turn.
 
-    def __init__(self, resolver: Resolver, hostname: str, timeouts: TimeoutSettings) -> None:
+    ``tls`` decides each connection's TLS policy (DANE, MTA-STS, hosts with broken TLS:
+    :mod:`epoxi.delivery.hosttls`); without it, the destination's policy as it is.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        hostname: str,
+        timeouts: TimeoutSettings,
+        *,
+        tls: HostTls | None = None,
+    ) -> None:
         self._resolver = resolver
         self._hostname = hostname
         self._timeouts = timeouts
+        self.tls = tls or HostTls()
 
     async def connect(self, destination: Destination, source: SourceSettings) -> Connection:
         """Try each host (and each of its addresses) in order; raise the last failure."""
@@ -153,7 +176,28 @@ class SmtpTransport:
     async def _open(
         self, destination: Destination, source: SourceSettings, host: str, address: str, port: int
     ) -> SmtpClient:
-        tls = destination.tls
+        """Connect under the host's TLS policy; after a TLS failure, again as the policy
+        allows (plain text for opportunistic TLS, relaxed for an MTA-STS testing policy)."""
+        tls: TlsPolicy | None = await self.tls.policy(destination, host, address)
+        for _ in range(3):
+            assert tls is not None
+            try:
+                return await self._connect(destination, source, host, address, port, tls)
+            except TlsFailed as exc:
+                tls = self.tls.after_failure(destination, tls, address, exc)
+                if tls is None:
+                    raise
+        raise ConnectionFailed(f"{host} ({address}): no TLS policy left to try")
+
+    async def _connect(
+        self,
+        destination: Destination,
+        source: SourceSettings,
+        host: str,
+        address: str,
+        port: int,
+        tls: TlsPolicy,
+    ) -> SmtpClient:
         return await SmtpClient.connect(
             address,
             port,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -58,6 +59,7 @@ class _Entry:
     expires: float
     records: tuple[Rdata, ...] = ()
     nxdomain: str | None = None
+    authenticated: bool = False  # the validating resolver set AD (secure_query only)
 
     def unpack(self) -> list[Rdata]:
         """The records as a fresh list; raises a fresh DnsPermanent for a cached NXDOMAIN."""
@@ -85,6 +87,7 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolver = _make_dnspython_resolver(nameservers, timeout)
+        self._secure = _make_dnspython_resolver(nameservers, timeout, secure=True)
         self.timeout = timeout
         self.max_entries = max_entries
         self.max_ttl = max_ttl
@@ -110,6 +113,18 @@ class Resolver:
         else:
             self.hits += 1
         return entry.unpack()
+
+    async def secure_query(self, name: str, rdtype: str) -> tuple[list[Rdata], bool]:
+        """As :meth:`query`, asking with the AD and DO bits (RFC 6840 §5.7); also returns
+        whether the resolver authenticated the answer (AD set). Cached apart from ``query``."""
+        name, rdtype = _key(name, rdtype)
+        key = (name, rdtype + "/AD")
+        entry = self._fresh(key)
+        if entry is None:
+            entry = await self._shared_lookup(key)
+        else:
+            self.hits += 1
+        return entry.unpack(), entry.authenticated
 
     async def mx(self, domain: str) -> list[tuple[int, str]]:
         """(preference, host) pairs as published, host lowercased without the trailing dot.
@@ -159,9 +174,11 @@ class Resolver:
         ttl: float,
         records: tuple[Rdata, ...] = (),
         nxdomain: str | None = None,
+        *,
+        authenticated: bool = False,
     ) -> _Entry:
         expires = self._clock() + max(0.0, min(ttl, self.max_ttl))
-        stored = _Entry(expires, records, nxdomain)
+        stored = _Entry(expires, records, nxdomain, authenticated)
         self._cache[key] = stored
         self._cache.move_to_end(key)
         while len(self._cache) > self.max_entries:
@@ -195,11 +212,12 @@ class Resolver:
     async def _lookup(self, key: _Key) -> _Entry:
         name, rdtype = key
         qname = _qname(name)
+        secure = rdtype.endswith("/AD")
+        rdtype = rdtype.removesuffix("/AD")
+        resolver = self._secure if secure else self._resolver
         self.queries += 1
         try:
-            answer = await self._resolver.resolve(
-                qname, rdtype, raise_on_no_answer=False, search=False
-            )
+            answer = await resolver.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN as exc:
             message = f"{name}: no such domain (NXDOMAIN)"
             return self._remember(key, self._nxdomain_ttl(exc), nxdomain=message)
@@ -209,14 +227,18 @@ class Resolver:
             raise DnsTransient(f"{name} {rdtype}: timed out after {self.timeout:g}s") from exc
         except dns.exception.DNSException as exc:
             raise DnsTransient(f"{name} {rdtype}: {exc}") from exc
-        return self._remember_answer(key, answer)
+        authenticated = secure and bool(answer.response.flags & dns.flags.AD)
+        return self._remember_answer(key, answer, authenticated)
 
-    def _remember_answer(self, key: _Key, answer: dns.resolver.Answer) -> _Entry:
+    def _remember_answer(
+        self, key: _Key, answer: dns.resolver.Answer, authenticated: bool = False
+    ) -> _Entry:
         chain = answer.chaining_result
         if chain.answer is None:
             ttl = min([self._negative_ttl(answer.response), *(c.ttl for c in chain.cnames)])
-            return self._remember(key, ttl)
-        return self._remember(key, chain.minimum_ttl, records=tuple(chain.answer))
+            return self._remember(key, ttl, authenticated=authenticated)
+        records = tuple(chain.answer)
+        return self._remember(key, chain.minimum_ttl, records, authenticated=authenticated)
 
     def _nxdomain_ttl(self, exc: dns.resolver.NXDOMAIN) -> float:
         responses: dict[dns.name.Name, dns.message.Message] = exc.kwargs.get("responses", {})
@@ -247,7 +269,7 @@ def ip_literal(host: str) -> str | None:
 
 
 def _make_dnspython_resolver(
-    nameservers: list[tuple[str, int]] | None, timeout: float
+    nameservers: list[tuple[str, int]] | None, timeout: float, *, secure: bool = False
 ) -> dns.asyncresolver.Resolver:
     try:
         resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
@@ -259,7 +281,9 @@ def _make_dnspython_resolver(
     resolver.lifetime = timeout
     resolver.timeout = min(_MAX_ATTEMPT, timeout / servers)
     resolver.cache = None  # ours honours TTLs the same way and caches NXDOMAIN per type too
-    resolver.use_edns(0, 0, _EDNS_PAYLOAD)
+    resolver.use_edns(0, dns.flags.DO if secure else 0, _EDNS_PAYLOAD)
+    if secure:
+        resolver.flags = dns.flags.RD | dns.flags.AD
     return resolver
 
 

@@ -65,6 +65,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     campaign: str = ""
     origin: str = ""  # Reception: how the message came in (smtp, http, dsn)
     dkim: str = ""  # Reception: the DKIM signatures added, or why none ("unsigned: ...")
+    tls: str = ""  # an attempt's TLS: "TLSv1.3 <cipher> verified policy=..." or "plaintext ..."
 
 
 _encoder = msgspec.json.Encoder()

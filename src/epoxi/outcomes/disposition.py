@@ -60,6 +60,7 @@ class Failure:
     permanent: bool = False
     peer: str = ""  # the server that answered
     reason: str = ""
+    tls: str = ""  # the TLS of the attempt (TlsInfo.text)
 
 
 class Disposition:
@@ -102,8 +103,10 @@ class Disposition:
     def routing_failed(self, jobs: list[Job], domain: str, exc: Exception) -> None:
         self._fail(jobs, routing_failure(domain, exc), "")
 
-    def connection_failed(self, jobs: list[Job], exc: Exception, peer: str) -> None:
-        self._fail(jobs, connect_failure(exc), peer)
+    def connection_failed(
+        self, jobs: list[Job], exc: Exception, peer: str, *, tls: str = ""
+    ) -> None:
+        self._fail(jobs, connect_failure(exc), peer, tls=tls)
 
     def body_unreadable(self, job: Job, exc: Exception) -> None:
         log.error("[%s] body unreadable: %s", job.id, exc)
@@ -113,18 +116,27 @@ class Disposition:
         reply = transaction_failure(exc)
         return [(r, reply) for r in recipients]
 
-    def _fail(self, jobs: list[Job], reply: Reply, peer: str) -> None:
+    def _fail(self, jobs: list[Job], reply: Reply, peer: str, *, tls: str = "") -> None:
         for job in jobs:
-            self.handle(job, [(r, reply) for r in job.recipients], peer)
+            self.handle(job, [(r, reply) for r in job.recipients], peer, tls=tls)
 
     # ----------------------------------------------------------------- replies
 
-    def handle(self, job: Job, replies: Replies, peer: str, *, dsn_passed: bool = False) -> None:
+    def handle(
+        self,
+        job: Job,
+        replies: Replies,
+        peer: str,
+        *,
+        dsn_passed: bool = False,
+        tls: str = "",
+    ) -> None:
         """Record each recipient's outcome; reschedule, bounce or finish the job.
 
         DSNs follow RFC 3461's NOTIFY: failures unless NEVER; a delay once, at the first
         deferral, when DELAY was asked; a success ("relayed") when SUCCESS was asked and the
-        next hop did not take the request on (``dsn_passed``)."""
+        next hop did not take the request on (``dsn_passed``). ``tls`` says what TLS the
+        attempt had (``TlsInfo.text``); it goes into each record."""
         attempt = job.attempts + 1
         delivered: list[str] = []
         bounced: list[Failure] = []
@@ -132,10 +144,11 @@ class Disposition:
         for recipient, reply in replies:
             if reply.is_positive:
                 delivered.append(recipient)
-                self._record(RecordType.DELIVERY, job, recipient, reply, peer, attempt)
+                self._record(RecordType.DELIVERY, job, recipient, reply, peer, attempt, tls=tls)
                 continue
             verdict = self.classifier.classify(reply)
             failure = Failure(recipient, reply, verdict.category.value, verdict.permanent, peer)
+            failure.tls = tls
             (bounced if verdict.permanent else deferred).append(failure)
         for failure in bounced:
             self._record_failure(RecordType.BOUNCE, job, failure, attempt)
@@ -334,6 +347,7 @@ class Disposition:
             attempt,
             classification=failure.category,
             next_attempt=next_attempt,
+            tls=failure.tls,
         )
 
     def _record(
@@ -348,6 +362,7 @@ class Disposition:
         classification: str = "",
         reason: str = "",
         next_attempt: float = 0.0,
+        tls: str = "",
     ) -> None:
         meta = job.message.meta
         self.records.emit(
@@ -367,6 +382,7 @@ class Disposition:
                 classification=classification,
                 reason=reason,
                 next_attempt=next_attempt,
+                tls=tls,
             )
         )
 

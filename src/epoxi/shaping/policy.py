@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from epoxi.shaping.throttle import Rate
 
-ShapingTls = Literal["opportunistic", "required", "disabled"]
+ShapingTls = Literal["opportunistic", "required", "required-verified", "disabled"]
 
 BUILTIN: Mapping[str, Any] = {
     "connection_limit": 10,

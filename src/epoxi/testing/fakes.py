@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from epoxi.delivery.client import TlsInfo
 from epoxi.errors import ConnectionFailed, DeliveryError, SpoolError
 from epoxi.events.records import Record, RecordType
 from epoxi.message import MessageMeta
@@ -186,6 +187,10 @@ class _FakeConnection:
         return False  # a fake next hop that does not offer DSN
 
     @property
+    def tls(self) -> TlsInfo:
+        return _PLAIN
+
+    @property
     def is_usable(self) -> bool:
         limit = self._transport.drop_after
         return not self.closed and (limit is None or self._sends < limit)
@@ -201,6 +206,9 @@ class _FakeConnection:
 
     async def quit(self) -> None:
         self.closed = True
+
+
+_PLAIN = TlsInfo()  # the fake next hop talks plain text
 
 
 def _done() -> asyncio.Future[None]:

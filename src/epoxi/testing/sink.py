@@ -166,6 +166,8 @@ class Sink(Service):
     ``fail_connections``: the first N connections get a 421 greeting and are closed.
     ``fault_times``: each recipient's fault fires at most that many times (then it is served
     normally, as a receiver that recovers); None means every time.
+    ``break_tls``: STARTTLS is offered and answered 220, then plain text comes instead of a
+    TLS handshake and the connection is closed (a broken TLS stack, as some receivers have).
     With ``store=False`` only counters are kept: no messages, records or times.
     """
 
@@ -190,16 +192,18 @@ class Sink(Service):
         max_recipients: int = 1000,
         fail_connections: int = 0,
         fault_times: int | None = None,
+        break_tls: bool = False,
     ) -> None:
         self.host, self._port, self.name, self.hostname = host, port, name, hostname
         self.fault_times = fault_times
+        self.break_tls = break_tls
         self._faults_fired: dict[str, int] = {}
         self.store = store
         self.tls = tls
         self.require_tls = require_tls
         self.auth: dict[str, str] = dict(auth or {})
         self.auth_plaintext, self.require_auth = auth_plaintext, require_auth
-        self.advertise = _advertised(advertise, tls is not None, bool(auth))
+        self.advertise = _advertised(advertise, tls is not None or break_tls, bool(auth))
         self.greeting, self.reply_delay, self.slow_delay = greeting, reply_delay, slow_delay
         self.max_size, self.max_recipients = max_size, max_recipients
         self.fail_connections = fail_connections
@@ -294,7 +298,7 @@ class Sink(Service):
             if keyword == "SIZE":
                 lines.append(f"SIZE {self.max_size}")
             elif keyword == "STARTTLS":
-                if self.tls is not None and not tls_active:
+                if (self.tls is not None or self.break_tls) and not tls_active:
                     lines.append(keyword)
             elif keyword == "AUTH":
                 if self.auth and (tls_active or self.auth_plaintext):
@@ -616,7 +620,7 @@ class _Session(asyncio.Protocol):
         self._after_output(self._begin_tls)
 
     def _starttls_refusal(self, arg: str) -> Reply | None:
-        if self.sink.tls is None:
+        if self.sink.tls is None and not self.sink.break_tls:
             return r.TLS_NOT_AVAILABLE
         if self.tls:
             return r.ALREADY_TLS
@@ -626,6 +630,11 @@ class _Session(asyncio.Protocol):
         self.tls_task = asyncio.get_running_loop().create_task(self._upgrade())
 
     async def _upgrade(self) -> None:
+        if self.sink.break_tls:
+            assert self.transport is not None
+            self.transport.write(b"this is not a TLS handshake\r\n")
+            self.transport.close()
+            return
         transport, context = self.transport, self.sink.tls
         assert transport is not None and context is not None
         loop = asyncio.get_running_loop()
