@@ -154,3 +154,19 @@ def test_shaping_check_says_ok_or_exits_1_naming_the_file_and_key(tmp_path: Path
     refused = runner.invoke(app, ["shaping", "check", str(good), str(bad)])
     assert refused.exit_code == 1
     assert f"{bad}: providers.google.connection_limit = -1" in refused.output
+
+
+def test_the_shipped_default_file_is_valid_and_matches_each_providers_hosts() -> None:
+    shipped = Path(__file__).parents[2] / "src/epoxi/shaping/default.toml"
+    files = ShapingFiles([("default.toml", load_file(shipped))])
+    cases = {
+        ("gmail.com", ()): "google",
+        ("shop.example", ("aspmx.l.google.com",)): "google",
+        ("hotmail.com", ()): "microsoft_consumer",
+        ("acme.com", ("acme-com.mail.protection.outlook.com",)): "microsoft_365",
+        ("x.example", ("mta5.am0.yahoodns.net",)): "yahoo",
+        ("icloud.com", ()): "apple",
+        ("a.test", ("google.com.evil.test",)): None,
+    }
+    for (domain, hosts), provider in cases.items():
+        assert files.provider_of(domain, list(hosts)) == provider, (domain, hosts)
