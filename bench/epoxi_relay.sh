@@ -1,7 +1,8 @@
 #!/bin/sh
 # Start command for ../shared/bench/relay_bench.py: Epoxi relaying everything from
 # 127.0.0.1:$LISTEN_PORT to the sink on 127.0.0.1:$RELAY_PORT, spool in $BENCH_WORKDIR.
-# EPOXI_BENCH_DKIM=rsa or ed25519 signs every message (the yardstick's From: is @example.com).
+# EPOXI_BENCH_DKIM=rsa or ed25519 signs every message (the yardstick's From: is @example.com),
+# in EPOXI_BENCH_DKIM_THREADS signing threads a worker (default 2, as dkim.threads).
 cd "$(dirname "$0")/.."
 WORKDIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}"
 export EPOXI_SMTP_LISTEN="127.0.0.1:${LISTEN_PORT:-2525}"
@@ -15,8 +16,8 @@ if [ -n "${EPOXI_BENCH_DKIM:-}" ]; then
     KEY="$WORKDIR/dkim-$EPOXI_BENCH_DKIM.pem"
     [ -f "$KEY" ] || .venv/bin/epoxi dkim keygen --domain example.com --selector bench \
         --type "$EPOXI_BENCH_DKIM" --out "$KEY" >/dev/null
-    printf '[[dkim.keys]]\ndomain = "example.com"\nselector = "bench"\nkey_file = "%s"\n' \
-        "$KEY" >"$WORKDIR/epoxi-dkim.toml"
+    printf '[dkim]\nthreads = %s\n[[dkim.keys]]\ndomain = "example.com"\nselector = "bench"\nkey_file = "%s"\n' \
+        "${EPOXI_BENCH_DKIM_THREADS:-2}" "$KEY" >"$WORKDIR/epoxi-dkim.toml"
     exec .venv/bin/epoxi serve -c "$WORKDIR/epoxi-dkim.toml"
 fi
 exec .venv/bin/epoxi serve

@@ -93,6 +93,7 @@ STATUS = MessageStatus(
             source="ip10",
             pool="bulk",
             peer_address="192.0.2.1",
+            tls="TLSv1.3 TLS_AES_256_GCM_SHA384 verified policy=mta-sts enforce",
         )
     ],
 )
@@ -168,6 +169,7 @@ def test_status_prints_fields_escaped(url: str) -> None:
     output = run("status", "m1", "--url", url)
     assert_escaped(output, 6)
     assert "from ip10 (pool bulk) to 192.0.2.1" in output
+    assert "TLS: TLSv1.3 TLS_AES_256_GCM_SHA384 verified policy=mta-sts enforce" in output
 
 
 def test_pool_ls_prints_each_source_with_its_counts(url: str) -> None:

@@ -288,12 +288,14 @@ def status(
 
 
 def _path(event: Record) -> str:
-    """Which egress source (and pool) an attempt left from, and the server that answered."""
+    """Which egress source (and pool) an attempt left from, the server that answered, and
+    the TLS it had."""
     if not event.source:
         return ""
     pool = f" (pool {event.pool})" if event.pool else ""
     to = f" to {event.peer_address}" if event.peer_address else ""
-    return f"from {event.source}{pool}{to}"
+    tls = f"\nTLS: {event.tls}" if event.tls else ""
+    return f"from {event.source}{pool}{to}{tls}"
 
 
 def _time(timestamp: float | None) -> str:
