@@ -213,6 +213,13 @@ class Epoxi:
     def _node_gauges(self) -> dict[str, tuple[str, float]]:
         return {
             "spool_pending_writes": ("Spool writes waiting for their commit", self.spool.pending),
+            # Group commit at work: committed writes over commits is the mean group size.
+            "spool_commits": ("Spool transactions committed since start", self.spool.commits),
+            "spool_committed_writes": (
+                "Spool writes (stores, updates, removes) in those transactions",
+                self.spool.committed,
+            ),
+            "spool_failed_commits": ("Spool transactions that failed", self.spool.failed_commits),
             "smtp_sessions": ("Open inbound SMTP sessions", self.smtp.sessions),
         }
 

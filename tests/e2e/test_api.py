@@ -427,6 +427,10 @@ async def test_health_ping_metrics_and_docs(api: Api) -> None:
     metrics = (await client.get("/metrics")).text
     assert 'epoxi_records_total{type="Delivery"} 1.0' in metrics
     assert "# HELP epoxi_ready_messages" in metrics
+    values = dict(line.split() for line in metrics.splitlines() if line.startswith("epoxi_spool"))
+    assert (
+        1 <= float(values["epoxi_spool_commits"]) <= float(values["epoxi_spool_committed_writes"])
+    )
     for line in metrics.splitlines():
         if line.startswith("# TYPE"):
             name = line.split()[2]
