@@ -579,7 +579,14 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 
 def _shown(value: Any) -> str:
-    """A value for an error message, with any password in it hidden (a whole table's)."""
+    """A value for an error message, with every password in it hidden, however deep (a whole
+    [delivery] table holds the sources' and routes' passwords)."""
+    return repr(_hidden(value))
+
+
+def _hidden(value: Any) -> Any:
     if isinstance(value, dict):
-        value = {k: "<hidden>" if "password" in str(k) else v for k, v in value.items()}
-    return repr(value)
+        return {k: "<hidden>" if "password" in str(k) else _hidden(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hidden(item) for item in value]
+    return value

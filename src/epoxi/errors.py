@@ -10,16 +10,18 @@
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
- +-- DnsError               a lookup could not be answered
+     +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
      |    +-- DnsPermanent      NXDOMAIN, no address: the domain cannot receive mail
      |         +-- NullMx       RFC 7505: the domain says it takes no mail
      +-- DeliveryError          talking to a remote server failed
-          +-- ConnectionFailed  connect, banner or TLS failed: counts against the site
-          |    +-- MailLoop     the server greeted us with our own name: it is us
+          +-- ConnectionFailed  connect, banner or TLS failed: the attempt is retried later;
+          |    |                counts against the source's health unless a subclass says not
+          |    +-- MailLoop     the server greeted us with our own name: it is us (not counted)
           |    +-- SourceUnusable  the source's own way out failed (its SOCKS5 proxy or HAProxy
-          |                        cannot be reached or refuses us): the source's, not the site's
+          |    |                   cannot be reached or refuses us): the source is failing at once
           |    +-- TlsFailed    the TLS handshake failed, or the peer failed the TLS policy
+          |                     (the site's or its policy's doing: not counted)
           +-- ProtocolError     the server broke the protocol (garbage, early close)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.

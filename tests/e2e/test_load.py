@@ -290,7 +290,7 @@ async def finish(client: Client, reply: asyncio.Future[str], result: SlowResult)
     """Epoxi's reply (it must come), then the end of the connection."""
     result.reply = await reply
     with contextlib.suppress(ConnectionError, TimeoutError):
-        result.eof = await asyncio.wait_for(client.reader.read(), 10) == b""
+        result.eof = await asyncio.wait_for(client.reader.read(), 30) == b""
 
 
 async def held_open(port: int, kind: str, i: int, release: asyncio.Event) -> SlowResult:

@@ -106,3 +106,18 @@ def test_sources_and_shaping_are_checked(tmp_path: Path, text: str, expected: st
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     assert expected in str(info.value)
+
+
+def test_passwords_deep_in_a_table_are_hidden_from_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[delivery.sources]]\nname = "a"\nsocks5 = "127.0.0.1:1080"\n'
+        'socks5_username = "u"\nsocks5_password = "hunter2-SECRET"\n'
+        '[[delivery.routes]]\ndomains = ["*"]\nhosts = ["127.0.0.1:25"]\n'
+        'username = "u"\npassword = "route-SECRET"\n'
+        '[[delivery.pools]]\nname = "default"\nsources = ["nope"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert "names no source ['nope']" in str(info.value)
+    assert "SECRET" not in str(info.value)

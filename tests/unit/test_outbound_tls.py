@@ -326,3 +326,74 @@ async def test_tlsa_from_a_resolver_that_does_not_validate_is_not_used(
         host_tls = HostTls(resolver, dane=True)
         assert await host_tls.policy(_mx(), "mx.test", "192.0.2.1") == TlsPolicy()
         assert "not validated (no AD bit)" in caplog.text  # the operator is told, once
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+async def test_an_enforced_mta_sts_policy_is_checked_before_dane(monkeypatch: Any) -> None:
+    """A spoofed MX host in the attacker's own signed zone, with TLSA that matches its own
+    certificate, must not receive mail the domain's enforced policy does not let it have."""
+    from epoxi.delivery import hosttls
+    from epoxi.dns.tlsa import TlsaLookup
+
+    asked: list[str] = []
+
+    async def secure_tlsa(resolver: Any, host: str, port: int = 25) -> TlsaLookup:
+        asked.append(host)
+        return TlsaLookup((Tlsa(3, 1, 1, b"x" * 32),), True)
+
+    monkeypatch.setattr(hosttls, "lookup_tlsa", secure_tlsa)
+    host_tls = HostTls(cast(Resolver, object()), dane=True)
+    enforce = StsPolicy("1", "enforce", ("mail.example.com",), 60)
+    with pytest.raises(TlsFailed, match="not in the policy"):
+        await host_tls.policy(_mx(sts=enforce), "mx.attacker.test", "192.0.2.9")
+    assert asked == []  # refused before any TLSA was looked at
+    dane = await host_tls.policy(_mx(sts=enforce), "mail.example.com", "192.0.2.1")
+    assert dane.name == "dane" and dane.tlsa
+
+
+async def test_only_unusable_tlsa_records_mean_tls_without_a_match(monkeypatch: Any) -> None:
+    from epoxi.delivery import hosttls
+    from epoxi.dns.tlsa import TlsaLookup
+
+    async def pkix_only(resolver: Any, host: str, port: int = 25) -> TlsaLookup:
+        return TlsaLookup((Tlsa(1, 1, 1, b"x" * 32),), True)  # PKIX-EE: not for SMTP
+
+    monkeypatch.setattr(hosttls, "lookup_tlsa", pkix_only)
+    tls = await HostTls(cast(Resolver, object()), dane=True).policy(_mx(), "mx.test", "192.0.2.1")
+    assert (tls.mode, tls.tlsa, tls.name) == ("required", (), "dane (no usable TLSA)")
+
+
+async def test_broken_tls_memory_never_weakens_a_verifying_policy() -> None:
+    host_tls = HostTls()
+    host_tls.broken.remember("192.0.2.1")
+    verifying = await host_tls.policy(_mx(TlsPolicy(verify=True)), "mx.test", "192.0.2.1")
+    assert verifying.mode == "opportunistic" and verifying.verify
+    plain = await host_tls.policy(_mx(), "mx.test", "192.0.2.1")
+    assert plain.mode == "disabled"
+
+
+def test_a_certificate_that_cannot_be_examined_is_a_mismatch(monkeypatch: Any) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from epoxi.delivery import dane
+
+    def unsupported(*args: Any) -> str | None:
+        raise UnsupportedAlgorithm("an unknown key type")
+
+    monkeypatch.setattr(dane, "_mismatch", unsupported)
+    found = dane_mismatch([Tlsa(3, 1, 1, b"x")], [b"der"], "mx.test")
+    assert found == "certificate not usable: UnsupportedAlgorithm: an unknown key type"
+
+
+async def test_an_idn_domain_asks_for_its_policy_under_its_a_label() -> None:
+    asked: list[str] = []
+
+    class Txt:
+        async def txt(self, name: str) -> list[str]:
+            asked.append(name)
+            raise DnsTransient("no answer")
+
+    assert await MtaSts(cast(Resolver, Txt())).policy("Bücher.example.") is None
+    assert asked == ["_mta-sts.xn--bcher-kva.example"]

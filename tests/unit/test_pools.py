@@ -283,3 +283,36 @@ def test_a_source_bound_to_one_address_family_tries_only_addresses_of_that_famil
     ]
     assert _reachable_from(SourceSettings(name="v6", bind="::1"), addresses) == ["2001:db8::1"]
     assert _reachable_from(SourceSettings(name="any"), addresses) == addresses
+
+
+async def test_a_removed_sources_jobs_never_leave_from_it_even_with_the_rest_suspended() -> None:
+    engine = Engine(pooled())
+    engine.suspensions.suspend(Suspension("site", "route:192.0.2.1:25", "hold"))
+    try:
+        for index in range(4):
+            await engine.send(f"r{index}@a.test", pool="bulk")
+        engine.suspensions.suspend(Suspension("source", "ip10", "listed"))
+        pools = [{**POOLS[0], "sources": {"ip10": 1}}, *POOLS[1:]]
+        kept = [s for s in SOURCES if s["name"] != "ip11"]
+        engine.dispatcher.reconfigure(pooled(sources=kept, pools=pools).delivery)
+        queues = {r.source.name: len(r) for r in engine.dispatcher.ready.values()}
+        assert queues["ip11"] == 0 and queues["ip10"] + queues.get("ip20", 0) == 4
+    finally:
+        await engine.close()
+
+
+async def test_tls_policy_failures_do_not_make_a_source_failing() -> None:
+    from epoxi.errors import TlsFailed
+
+    routes = [{"domains": [d], "hosts": [f"192.0.2.{n}:25"]} for n, d in enumerate("abc", 1)]
+    routes = [{**route, "domains": [f"{route['domains'][0]}.test"]} for route in routes]
+    engine = Engine(pooled(source_failures=2, routes=routes))  # three sites
+    engine.transport.connect_error = TlsFailed("TLS required but not offered", policy="required")
+    try:
+        for domain in ("a.test", "b.test", "c.test"):
+            await engine.send(f"x@{domain}", pool="bulk")
+        await engine.records.wait(lambda r: r.type is RecordType.TRANSIENT_FAILURE, 3)
+        assert all(engine.pools.usable(name) for name in ("ip10", "ip11"))
+        assert not engine.records.of(RecordType.REROUTED)
+    finally:
+        await engine.close()

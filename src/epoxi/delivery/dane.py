@@ -55,7 +55,16 @@ def digest(selected: bytes, matching: int) -> bytes:
 
 def dane_mismatch(records: Sequence[Tlsa], chain: Sequence[bytes], host: str) -> str | None:
     """None when ``chain`` (DER, the server's certificate first) satisfies ``records`` for
-    MX host ``host``; otherwise why not, in words for a log and a record."""
+    MX host ``host``; otherwise why not, in words for a log and a record. A certificate that
+    cannot even be examined (an unknown key type, duplicate extensions: ``cryptography``
+    raises errors of its own for those) is a mismatch, never an exception."""
+    try:
+        return _mismatch(records, chain, host)
+    except Exception as exc:  # a hostile or broken chain must not escape into the engine
+        return f"certificate not usable: {type(exc).__name__}: {exc}"
+
+
+def _mismatch(records: Sequence[Tlsa], chain: Sequence[bytes], host: str) -> str | None:
     usable_records = [r for r in records if usable(r)]
     if not usable_records:
         return "no usable TLSA record"

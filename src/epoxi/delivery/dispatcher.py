@@ -22,7 +22,7 @@ from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
 from epoxi.delivery.transport import Transport
-from epoxi.errors import DnsError
+from epoxi.errors import DnsError, MailLoop, TlsFailed
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.suspensions import Suspensions
@@ -112,7 +112,9 @@ class Dispatcher:
                 self._to_ready(job, destination)
 
     def _to_ready(self, job: Job, destination: Destination) -> None:
-        if job.source not in self.pools.sources:  # removed by a reload while it waited
+        if job.source not in self.pools.sources or (  # removed by a reload while it waited,
+            self.pools.degraded() and not self.pools.usable(job.source)  # or suspended, failing
+        ):
             pick = self.pools.pick(job.message.meta)
             job.source, job.pool = pick.source.name, pick.pool
         ready = self._ready_queue(job.domain, destination, job.source)
@@ -169,19 +171,23 @@ class Dispatcher:
     def connect_failed(self, ready: ReadyQueue, exc: BaseException, jobs: list[Job]) -> list[Job]:
         """A failing source's jobs leave from another source of their pool, if one is usable."""
         source = ready.source.name
-        self.pools.connect_failed(source, ready.destination.site, exc)
+        if not isinstance(exc, TlsFailed | DnsError | MailLoop):  # the site's or its policy's
+            self.pools.connect_failed(source, ready.destination.site, exc)
         if not jobs or self.pools.usable(source):
             return jobs
         return self._move(jobs, f"source {source} is failing ({exc})")
 
-    def _move(self, jobs: list[Job], reason: str) -> list[Job]:
+    def _move(self, jobs: list[Job], reason: str, *, gone: bool = False) -> list[Job]:
         """Pick again for jobs leaving their source; returns those with nowhere else to go
         (no usable source in their pool or its fallbacks: moving them to another suspended
-        one would only move them back)."""
+        one would only move them back). Jobs of a source that is ``gone`` always move: a
+        suspended source of their pool holds them rather than the removed one sending."""
         stuck = []
         for job in jobs:
             pick = self.pools.pick(job.message.meta)
-            if pick.source.name == job.source or not self.pools.usable(pick.source.name):
+            if not gone and (
+                pick.source.name == job.source or not self.pools.usable(pick.source.name)
+            ):
                 stuck.append(job)
                 continue
             job.source, job.pool = pick.source.name, pick.pool
@@ -201,8 +207,7 @@ class Dispatcher:
                 ready.source = source
             elif ready.jobs:
                 reason = f"source {ready.source.name} was removed from the configuration"
-                for job in self._move(ready.take(_every), reason):
-                    ready.put(job)  # nowhere else to go (cannot happen: it is in no pool)
+                self._move(ready.take(_every), reason, gone=True)
 
     # ----------------------------------------------------------------- policy and suspensions
 

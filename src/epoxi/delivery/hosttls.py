@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from epoxi.delivery.client import TlsPolicy
+from epoxi.delivery.dane import usable
 from epoxi.delivery.expiring import ExpiringMap
 from epoxi.dns.resolver import Resolver, ip_literal
 from epoxi.dns.tlsa import lookup_tlsa
@@ -93,20 +94,24 @@ class HostTls:
         tls = self._base(destination)
         if tls.mode == "disabled" or not destination.via_mx:
             return tls
+        sts = destination.mta_sts
+        outside = ""
+        if sts is not None and not sts.allows(host):
+            # Before DANE: an MX host the domain's enforced policy does not list may be a
+            # spoofed one, and TLSA in the spoofer's own signed zone proves nothing.
+            outside = f"MTA-STS: MX host {host} is not in the policy ({sts.summary})"
+            if sts.mode == "enforce":
+                raise _refused(outside, f"mta-sts {sts.mode}")
         if self.dane and ip_literal(host) is None:
             dane = await self._dane(tls, host)
             if dane is not None:
                 return dane
-        sts = destination.mta_sts
         if sts is not None:
             mode = f"mta-sts {sts.mode}"
-            if not sts.allows(host):
-                outside = f"MTA-STS: MX host {host} is not in the policy ({sts.summary})"
-                if sts.mode == "enforce":
-                    raise _refused(outside, mode)
+            if outside:
                 return _not_enforced(tls, mode, outside)
             return replace(tls, mode="required", verify=True, server_name=None, policy=mode)
-        if tls.mode == "opportunistic" and address in self.broken:
+        if not tls.strict and address in self.broken:
             return _plain(tls)
         return tls
 
@@ -120,7 +125,10 @@ class HostTls:
             self._warn_insecure(host)
         if not found.secure or not found.records:
             return None
-        return replace(tls, mode="required", server_name=None, policy="dane", tlsa=found.records)
+        records = tuple(record for record in found.records if usable(record))
+        if not records:  # only PKIX usages, say (RFC 7672 §3.1.3): TLS, but nothing to match
+            return replace(tls, mode="required", server_name=None, policy="dane (no usable TLSA)")
+        return replace(tls, mode="required", server_name=None, policy="dane", tlsa=records)
 
     def _warn_insecure(self, host: str) -> None:
         """Once: TLSA records came without the AD bit, so DANE cannot be applied."""

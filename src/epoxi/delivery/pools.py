@@ -159,7 +159,6 @@ class Pools:
         self._failing_until = 0.0  # the latest time any source is failing until
         self.configure(delivery)
         suspensions.subscribe(self._suspensions_changed)
-        self._suspensions_changed()
 
     def configure(self, delivery: DeliverySettings) -> None:
         """Take the pools and sources of (new) settings; health carries over by name."""
@@ -181,6 +180,7 @@ class Pools:
         for health in self.health.values():
             health.failures_needed = delivery.source_failures
             health.retry_after = delivery.source_retry_after
+        self._suspensions_changed()  # on a reload, a re-added source may be suspended
 
     def known(self, pool: str) -> bool:
         return pool in self.pools
@@ -226,6 +226,10 @@ class Pools:
         if len(weights) == 1:
             return self.sources[next(iter(weights))]
         return self.sources[self._rotations[pool.name].next(weights)]
+
+    def degraded(self) -> bool:
+        """Whether any source is suspended or failing (else every source is usable)."""
+        return bool(self._suspended) or self._any_failing()
 
     def usable(self, source: str) -> bool:
         """Neither suspended nor failing (nor gone from the configuration)."""
