@@ -27,8 +27,8 @@ from pydantic import (
 
 from epoxi.errors import ConfigError
 from epoxi.message import LABEL_PATTERN
+from epoxi.shaping.files import RateText
 from epoxi.shaping.policy import ShapingTls
-from epoxi.shaping.throttle import Rate
 from epoxi.units import parse_duration as parse_duration  # re-exported: at home in units
 from epoxi.units import parse_size as parse_size
 
@@ -180,18 +180,11 @@ class ShapingSettings(_Model):
     connection_limit: int | None = Field(None, ge=1)  # open connections per ready queue
     max_deliveries_per_connection: int | None = Field(None, ge=1)
     idle_timeout: Duration | None = None  # close a connection idle this long
-    max_message_rate: str | None = None  # e.g. "100/s", "2000/h"
-    max_connection_rate: str | None = None  # new connections, e.g. "10/s"
+    max_message_rate: RateText | None = None  # e.g. "100/s", "2000/h"
+    max_connection_rate: RateText | None = None  # new connections, e.g. "10/s"
     max_recipients_per_transaction: int | None = Field(None, ge=1)
     tls: ShapingTls | None = None  # implicit TLS is a property of a route, not of shaping
     tls_verify: bool | None = None
-
-    @field_validator("max_message_rate", "max_connection_rate")
-    @classmethod
-    def _check_rate(cls, value: str | None) -> str | None:
-        if value is not None:
-            Rate.parse(value)
-        return value
 
 
 class RouteSettings(_Model):

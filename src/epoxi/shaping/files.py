@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from epoxi.errors import ConfigError
 from epoxi.shaping.policy import ShapingTls
@@ -45,6 +53,14 @@ from epoxi.shaping.throttle import Rate
 from epoxi.units import parse_duration
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+def _checked_rate(text: str) -> str:
+    Rate.parse(text)  # ValueError says what a rate looks like
+    return text
+
+
+RateText = Annotated[str, AfterValidator(_checked_rate)]  # "100/s", "2000/h", kept as text
 
 
 class Values(BaseModel):
@@ -55,8 +71,8 @@ class Values(BaseModel):
     connection_limit: int | None = Field(None, ge=1)
     max_deliveries_per_connection: int | None = Field(None, ge=1)
     idle_timeout: Seconds | None = None
-    max_message_rate: str | None = None  # "100/s", "2000/h"
-    max_connection_rate: str | None = None
+    max_message_rate: RateText | None = None
+    max_connection_rate: RateText | None = None
     max_recipients_per_transaction: int | None = Field(None, ge=1)
     tls: ShapingTls | None = None
     tls_verify: bool | None = None
@@ -64,13 +80,6 @@ class Values(BaseModel):
     max_retry_interval: Seconds | None = None
     max_age: Seconds | None = None
     priority: int | None = Field(None, ge=-100, le=100)  # higher goes first
-
-    @field_validator("max_message_rate", "max_connection_rate")
-    @classmethod
-    def _check_rate(cls, value: str | None) -> str | None:
-        if value is not None:
-            Rate.parse(value)
-        return value
 
     def given(self) -> dict[str, Any]:
         """The settings this block gives (not its sources or match rules)."""
