@@ -348,8 +348,9 @@ async def test_pool_weights_hold_and_pool_counts_add_up_over_workers(tmp_path: P
             await sink.wait_for(sent, timeout=30)
             by_peer = Counter(message.peer for message in sink.messages)
             assert by_peer.keys() == {"127.0.0.10", "127.0.0.11"}
-            # Each worker alternates exactly, so the two differ by at most one per worker.
-            assert abs(by_peer["127.0.0.10"] - by_peer["127.0.0.11"]) <= 2, by_peer
+            # Rendezvous hashing: half each on average; the difference has sd sqrt(sent).
+            spread = abs(by_peer["127.0.0.10"] - by_peer["127.0.0.11"])
+            assert spread <= 4 * sent**0.5, by_peer
 
             def delivered() -> dict[str, int]:
                 [pool] = api(process, "GET", "/admin/pools").json()["pools"]

@@ -2,9 +2,12 @@
 
 A pool is a weighted set of egress sources (``[[delivery.pools]]``). A job's pool is its
 message's (the API's ``ip_pool``, an ``X-Epoxi-Pool`` header), else its tenant's
-(``delivery.tenant_pools``), else ``delivery.default_pool``. Inside the pool a source is picked
-for each job by smooth weighted round robin over the sources that are neither suspended nor
-failing, so the shares hold exactly, not just on average. When no source of a pool is usable
+(``delivery.tenant_pools``), else ``delivery.default_pool``. Inside the pool the source is
+picked by weighted rendezvous hashing of the message id over the sources that are neither
+suspended nor failing: a message leaves from the same source for all its recipient domains and
+all its retries (a greylisting receiver sees the same IP come back), each source gets its
+weight's share of messages on average, and when a source drops out only its own messages
+move. When no source of a pool is usable
 its ``fallback`` pool takes over (and that one's fallback, and so on), and the pick says why,
 for the job's Rerouted record. With no usable source anywhere on the chain, the job stays in
 its own pool: a suspended source holds it, a failing one is tried again.
@@ -16,9 +19,11 @@ records, connections from the ready queues, over the last ten minutes.
 from __future__ import annotations
 
 import errno
+import hashlib
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,27 +125,22 @@ class SourceHealth:
         return totals[0], totals[1], totals[2], totals[3], totals[4]
 
 
-class _Rotation:
-    """Smooth weighted round robin (as nginx balances upstreams): over any run of picks each
-    source's share is its weight's, to within one pick."""
+def rendezvous(key: str, weights: Mapping[str, int]) -> str:
+    """The name ``key`` goes to: weighted highest-random-weight hashing. Each name scores
+    ``-weight / ln(u)`` with ``u`` a uniform hash of (key, name) in (0, 1); the highest wins,
+    which gives each name its weight's share, the same answer for the same key on every
+    worker and after a restart, and moves only the keys of a name that leaves."""
+    best, best_score = "", -1.0
+    for name, weight in weights.items():
+        digest = hashlib.blake2b(f"{key}\0{name}".encode(), digest_size=8).digest()
+        unit = (int.from_bytes(digest, "big") + 0.5) / _TWO_64
+        score = -weight / math.log(unit)
+        if score > best_score:
+            best, best_score = name, score
+    return best
 
-    __slots__ = ("current",)
 
-    def __init__(self) -> None:
-        self.current: dict[str, int] = {}
-
-    def next(self, weights: dict[str, int]) -> str:
-        current = self.current
-        total = 0
-        best, best_value = "", -(1 << 62)
-        for name, weight in weights.items():
-            value = current.get(name, 0) + weight
-            current[name] = value
-            total += weight
-            if value > best_value:
-                best, best_value = name, value
-        current[best] -= total
-        return best
+_TWO_64 = float(1 << 64)
 
 
 class Pools:
@@ -166,7 +166,6 @@ class Pools:
         self.pools: dict[str, PoolSettings] = delivery.pool_table()
         self.default_pool = delivery.default_pool
         self.tenant_pools = dict(delivery.tenant_pools)
-        self._rotations = {name: _Rotation() for name in self.pools}
         self._only = {  # a pool of one source always picks it: one Pick made once
             name: Pick(self.sources[next(iter(pool.sources))], name)
             for name, pool in self.pools.items()
@@ -207,25 +206,25 @@ class Pools:
             only = self._only.get(wanted)
             if only is not None and not why:
                 return only
-            return Pick(self._next(pool, pool.sources), wanted, why)
+            return Pick(self._next(meta.id, pool.sources), wanted, why)
         name, tried = wanted, list[tuple[str, str]]()
         while True:
             usable = {s: w for s, w in pool.sources.items() if self.usable(s)}
             if usable:
                 if name != wanted:
                     why = _fallback_reason(tried, name, why)
-                return Pick(self._next(pool, usable), name, why)
+                return Pick(self._next(meta.id, usable), name, why)
             tried.append((name, self._unusable_reason(pool)))
             if pool.fallback is None:
                 break
             name, pool = pool.fallback, self.pools[pool.fallback]
         own = self.pools[wanted]
-        return Pick(self._next(own, own.sources), wanted, why)
+        return Pick(self._next(meta.id, own.sources), wanted, why)
 
-    def _next(self, pool: PoolSettings, weights: dict[str, int]) -> SourceSettings:
+    def _next(self, message_id: str, weights: dict[str, int]) -> SourceSettings:
         if len(weights) == 1:
             return self.sources[next(iter(weights))]
-        return self.sources[self._rotations[pool.name].next(weights)]
+        return self.sources[rendezvous(message_id, weights)]
 
     def degraded(self) -> bool:
         """Whether any source is suspended or failing (else every source is usable)."""
