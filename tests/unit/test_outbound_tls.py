@@ -397,3 +397,24 @@ async def test_an_idn_domain_asks_for_its_policy_under_its_a_label() -> None:
 
     assert await MtaSts(cast(Resolver, Txt())).policy("Bücher.example.") is None
     assert asked == ["_mta-sts.xn--bcher-kva.example"]
+
+
+async def test_a_failed_tlsa_lookup_defers_only_for_a_signed_host(monkeypatch: Any) -> None:
+    from epoxi.delivery import hosttls
+
+    async def failing(resolver: Any, host: str, port: int = 25) -> Any:
+        raise DnsTransient("SERVFAIL")
+
+    class Addresses:
+        def __init__(self, secure: bool) -> None:
+            self.secure = secure
+
+        async def secure_query(self, name: str, rdtype: str) -> tuple[list[str], bool]:
+            return (["192.0.2.1"] if rdtype == "A" else []), self.secure
+
+    monkeypatch.setattr(hosttls, "lookup_tlsa", failing)
+    unsigned = HostTls(cast(Resolver, Addresses(secure=False)), dane=True)
+    assert await unsigned.policy(_mx(), "mx.test", "192.0.2.1") == TlsPolicy()
+    signed = HostTls(cast(Resolver, Addresses(secure=True)), dane=True)
+    with pytest.raises(TlsFailed, match=r"TLSA lookup for mx\.test failed"):
+        await signed.policy(_mx(), "mx.test", "192.0.2.1")

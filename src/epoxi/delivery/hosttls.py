@@ -120,6 +120,8 @@ class HostTls:
         try:
             found = await lookup_tlsa(self._resolver, host, DANE_PORT)
         except DnsError as exc:
+            if not await self._signed(host):
+                return None  # an unsigned zone cannot have DANE, whatever its TLSA lookups do
             raise _refused(f"DANE: TLSA lookup for {host} failed: {exc}", "dane") from exc
         if found.records and not found.secure:
             self._warn_insecure(host)
@@ -129,6 +131,19 @@ class HostTls:
         if not records:  # only PKIX usages, say (RFC 7672 §3.1.3): TLS, but nothing to match
             return replace(tls, mode="required", server_name=None, policy="dane (no usable TLSA)")
         return replace(tls, mode="required", server_name=None, policy="dane", tlsa=records)
+
+    async def _signed(self, host: str) -> bool:
+        """Whether ``host``'s address records are DNSSEC-validated: only then does a failed
+        TLSA lookup mean "defer" rather than "no DANE" (RFC 7672 §2.2)."""
+        assert self._resolver is not None
+        for rdtype in ("A", "AAAA"):
+            try:
+                records, secure = await self._resolver.secure_query(host, rdtype)
+            except DnsError:
+                continue
+            if records:
+                return secure
+        return False
 
     def _warn_insecure(self, host: str) -> None:
         """Once: TLSA records came without the AD bit, so DANE cannot be applied."""

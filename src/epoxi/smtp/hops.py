@@ -36,7 +36,9 @@ SOCKS5_REPLIES = {
     8: "address type not supported",
 }
 # Replies about the destination, not the proxy: the site's failure, as on a direct connection.
-DESTINATION_FAULTS = frozenset({3, 4, 5, 6})
+# Unreachable network or host, refused, TTL expired, and an address type the proxy cannot
+# reach (an IPv6 MX through an IPv4-only proxy): the destination's failure, not the source's.
+DESTINATION_FAULTS = frozenset({3, 4, 5, 6, 8})
 
 
 @dataclass(frozen=True, slots=True)
