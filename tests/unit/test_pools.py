@@ -343,3 +343,18 @@ async def test_tls_policy_failures_do_not_make_a_source_failing() -> None:
         assert not engine.records.of(RecordType.REROUTED)
     finally:
         await engine.close()
+
+
+def test_a_failing_source_is_left_out_until_its_retry_time_then_picked_again() -> None:
+    clock = ManualClock()
+    pools, _ = pools_of(pooled(), clock)
+    ids = [f"m{i}" for i in range(200)]
+    before = {m: pools.pick(meta_of(m)).source.name for m in ids}
+    unbound = OSError(errno.EADDRNOTAVAIL, "cannot assign requested address")
+    try:
+        raise ConnectionFailed("cannot connect") from unbound
+    except ConnectionFailed as exc:
+        assert pools.connect_failed("ip11", "site-a", exc)
+    assert {pools.pick(meta_of(m)).source.name for m in ids} == {"ip10"}
+    clock.advance(61)  # source_retry_after: tried again, each message on its own source
+    assert {m: pools.pick(meta_of(m)).source.name for m in ids} == before

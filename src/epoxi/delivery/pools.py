@@ -157,6 +157,9 @@ class Pools:
         self.health: dict[str, SourceHealth] = {}
         self._suspended: set[str] = set()
         self._failing_until = 0.0  # the latest time any source is failing until
+        # While degraded: wanted pool -> (pool used, its usable weights, why), until a change
+        self._routes: dict[str, tuple[str, dict[str, int], str]] = {}
+        self._routes_until = math.inf
         self.configure(delivery)
         suspensions.subscribe(self._suspensions_changed)
 
@@ -207,19 +210,36 @@ class Pools:
             if only is not None and not why:
                 return only
             return Pick(self._next(meta.id, pool.sources), wanted, why)
-        name, tried = wanted, list[tuple[str, str]]()
+        name, weights, fallback = self._degraded_route(wanted)
+        if fallback:
+            why = f"{why}; {fallback}" if why else fallback
+        return Pick(self._next(meta.id, weights), name, why)
+
+    def _degraded_route(self, wanted: str) -> tuple[str, dict[str, int], str]:
+        """While a source is suspended or failing: the pool whose usable sources take
+        ``wanted``'s mail, those sources, and why when it is a fallback. Worked out once
+        per change of state (a suspension, a source failing or recovering), not per job."""
+        if self._routes and self._clock() >= self._routes_until:
+            self._routes.clear()  # a failing source is due to be tried again
+        found = self._routes.get(wanted)
+        if found is None:
+            if not self._routes:
+                now = self._clock()
+                ends = [h.failing_until for h in self.health.values() if h.failing_until > now]
+                self._routes_until = min(ends, default=math.inf)
+            found = self._routes[wanted] = self._route_of(wanted)
+        return found
+
+    def _route_of(self, wanted: str) -> tuple[str, dict[str, int], str]:
+        pool, name, tried = self.pools[wanted], wanted, list[tuple[str, str]]()
         while True:
             usable = {s: w for s, w in pool.sources.items() if self.usable(s)}
             if usable:
-                if name != wanted:
-                    why = _fallback_reason(tried, name, why)
-                return Pick(self._next(meta.id, usable), name, why)
+                return name, usable, _fallback_reason(tried, name) if tried else ""
             tried.append((name, self._unusable_reason(pool)))
             if pool.fallback is None:
-                break
+                return wanted, dict(self.pools[wanted].sources), ""  # stay: nowhere better
             name, pool = pool.fallback, self.pools[pool.fallback]
-        own = self.pools[wanted]
-        return Pick(self._next(meta.id, own.sources), wanted, why)
 
     def _next(self, message_id: str, weights: dict[str, int]) -> SourceSettings:
         if len(weights) == 1:
@@ -251,6 +271,7 @@ class Pools:
         )
 
     def _suspensions_changed(self) -> None:
+        self._routes.clear()
         self._suspended = {s.value for s in self._suspensions.active() if s.kind == "source"} & set(
             self.sources
         )
@@ -267,6 +288,8 @@ class Pools:
     def connected(self, source: str) -> None:
         health = self.health.get(source)
         if health is not None:
+            if health.failing_until:
+                self._routes.clear()  # it may have been left out: it is back
             health.connected()
 
     def connect_failed(self, source: str, site: str, exc: BaseException) -> bool:
@@ -276,6 +299,8 @@ class Pools:
             return False
         became = health.connect_failed(site, str(exc), local=_is_local(exc))
         self._failing_until = max(self._failing_until, health.failing_until)
+        if became:
+            self._routes.clear()
         return became
 
     def snapshot(self) -> list[PoolInfo]:
@@ -330,7 +355,6 @@ def _is_local(exc: BaseException) -> bool:
     return False
 
 
-def _fallback_reason(tried: list[tuple[str, str]], used: str, why: str) -> str:
+def _fallback_reason(tried: list[tuple[str, str]], used: str) -> str:
     steps = "; ".join(f"pool {name} has no usable source ({state})" for name, state in tried)
-    reason = f"{steps}: sent through pool {used}"
-    return f"{why}; {reason}" if why else reason
+    return f"{steps}: sent through pool {used}"
