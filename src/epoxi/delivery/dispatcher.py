@@ -31,6 +31,8 @@ from epoxi.shaping.slots import ConnectionSlots
 
 log = logging.getLogger(__name__)
 
+MAX_PATHS = 100_000  # (domain, site, source, policy) -> ready queue entries kept, ~17 MB
+
 
 class Dispatcher:
     """Routes due jobs to ready queues; owns the ready-queue registry."""
@@ -132,6 +134,8 @@ class Dispatcher:
         path = (domain, routed.site, source, sts)
         ready = self._paths.get(path)
         if ready is None:
+            if len(self._paths) >= MAX_PATHS:  # a cache: domains x sources can grow large
+                self._paths.clear()
             ready = self._paths[path] = self._find_or_make(
                 domain, routed, self.pools.sources[source]
             )
