@@ -40,6 +40,7 @@ from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.scheduled import Scheduler
 from epoxi.queue.suspensions import SuspensionRegistry
 from epoxi.reception.server import SmtpServer
+from epoxi.shaping.files import ShapingFiles, shipped_file
 from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
@@ -101,7 +102,7 @@ class Epoxi:
         self.scheduler.on_hold = self.outcomes.held
         self.dispatcher = Dispatcher(
             router=self.router,
-            policy=shaping_policy(delivery),
+            policy=shaping_policy(delivery, shaping_files(settings)),
             transport=SmtpTransport(
                 self.resolver,
                 settings.hostname,
@@ -280,14 +281,15 @@ class Epoxi:
         restart."""
         old = self.settings
         signer = dkim_signer(new.dkim)  # reads the key files: fails before anything changes
+        files = shaping_files(new)  # likewise: a shaping file that does not validate
         self.router.reload(new)
-        self.dispatcher.reshape(shaping_policy(new.delivery))
+        self.dispatcher.reshape(shaping_policy(new.delivery, files))
         self.dispatcher.reconfigure(new.delivery)
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
         done = [
-            "shaping",
+            "shaping (files and [delivery])",
             "routes",
             "sources and pools",
             "retries",
@@ -350,13 +352,21 @@ def retry_policy(delivery: DeliverySettings) -> RetryPolicy:
     return RetryPolicy(delivery.retry_interval, delivery.max_retry_interval, delivery.max_age)
 
 
-def shaping_policy(delivery: DeliverySettings) -> ShapingPolicy:
-    """The shaping policy of the ``[delivery]`` settings."""
+def shaping_policy(delivery: DeliverySettings, files: ShapingFiles | None = None) -> ShapingPolicy:
+    """The shaping policy of the shaping files and the ``[delivery]`` settings."""
     return ShapingPolicy(
         defaults=delivery.defaults.model_dump(exclude_none=True),
         named={k: v.model_dump(exclude_none=True) for k, v in delivery.shaping.items()},
         sources={k: v.model_dump(exclude_none=True) for k, v in delivery.source_shaping.items()},
+        files=files,
     )
+
+
+def shaping_files(settings: Settings) -> ShapingFiles:
+    """The shipped shaping file (unless turned off) and the configured ones, read now; a file
+    that cannot be used raises ConfigError naming it and the key."""
+    shipped = [shipped_file()] if settings.shaping_default else []
+    return ShapingFiles.load(list(settings.shaping_files), mx_only=shipped)
 
 
 def _spool(settings: Settings, shard: int) -> Spool:

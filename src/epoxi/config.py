@@ -465,10 +465,20 @@ class Settings(_Model):
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
     dkim: DkimSettings = DkimSettings()
+    # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
+    # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The
+    # [delivery] shaping tables apply after all of them, as one last file.
+    shaping_files: tuple[Path, ...] = ()
+    shaping_default: bool = True
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
     workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = Field(
         default_factory=cpu_count  # "auto": one worker process per core
     )
+
+    @field_validator("shaping_files", mode="before")
+    @classmethod
+    def _split_files(cls, value: Any) -> Any:
+        return _comma_list(value)
 
     @field_validator("local_domains", mode="before")
     @classmethod
@@ -525,6 +535,7 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         "EPOXI_LOCAL_DOMAINS": "local_domains",
         "EPOXI_LOG_LEVEL": "log_level",
         "EPOXI_WORKERS": "workers",
+        "EPOXI_SHAPING_FILES": "shaping_files",
     }
     for var, key in simple.items():
         if var in env:

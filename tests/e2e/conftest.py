@@ -209,6 +209,7 @@ async def make_world(tmp_path: Path) -> AsyncIterator[MakeWorld]:
                 "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 2},
                 "delivery": delivery,
                 "http_listen": [],
+                "shaping_default": False,  # the shipped provider limits: tests of their own
                 **overrides,
             }
         )

@@ -170,3 +170,59 @@ def test_the_shipped_default_file_is_valid_and_matches_each_providers_hosts() ->
     }
     for (domain, hosts), provider in cases.items():
         assert files.provider_of(domain, list(hosts)) == provider, (domain, hosts)
+
+
+def test_the_policy_layers_files_and_the_configuration_kind_by_kind(tmp_path: Path) -> None:
+    from epoxi.app import shaping_files, shaping_policy
+    from epoxi.config import Settings
+
+    ours = tmp_path / "ours.toml"
+    ours.write_text(OURS)
+    settings = Settings.model_validate(
+        {
+            "shaping_files": [str(ours)],
+            "delivery": {
+                "defaults": {"connection_limit": 3},
+                "shaping": {"gmail.com": {"max_recipients_per_transaction": 50}},
+            },
+        }
+    )
+    policy = shaping_policy(settings.delivery, shaping_files(settings))
+    google = policy.explain(
+        "gmail.com", "alt1.gmail-smtp-in.l.google.com,gmail-smtp-in.l.google.com"
+    )
+    shipped = str(Path(__file__).parents[2] / "src/epoxi/shaping/default.toml")
+    # the provider's limit (shipped file) wins over every file's and the config's default...
+    assert google.origins["connection_limit"] == f"provider google ({shipped})"
+    # ... our file's provider block over the shipped one, the config's domain over both
+    assert google.origins["max_message_rate"] == f"provider google ({ours})"
+    assert google.shaping.max_message_rate is not None
+    assert str(google.shaping.max_message_rate) == "1000/h"
+    assert google.origins["max_recipients_per_transaction"] == "domain gmail.com"
+    # a static route or the smarthost is the operator's: the shipped file says nothing there
+    routed = policy.explain("gmail.com", "route:10.0.0.1:25")
+    assert routed.origins["connection_limit"] == "delivery.defaults"
+    assert not any(str(shipped) in origin for origin in routed.origins.values())
+    off = Settings.model_validate({"shaping_default": False})
+    assert shaping_files(off).origins == []
+
+
+def test_shaping_files_come_from_the_environment_too() -> None:
+    from epoxi.config import load_settings
+
+    settings = load_settings(None, env={"EPOXI_SHAPING_FILES": "/a.toml, /b.toml"})
+    assert settings.shaping_files == (Path("/a.toml"), Path("/b.toml"))
+
+
+def test_config_check_reads_the_shaping_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from epoxi.cli import app
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[default]\nconnection_limit = 'many'\n")
+    config = tmp_path / "epoxi.toml"
+    config.write_text(f'shaping_files = ["{bad}"]\n')
+    result = CliRunner().invoke(app, ["config", "check", "-c", str(config)])
+    assert result.exit_code == 2
+    assert f"{bad}: default.connection_limit = 'many'" in result.output

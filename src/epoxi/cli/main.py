@@ -134,12 +134,13 @@ def _serve(
 def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file (and the EPOXI_* environment) without starting.
 
-    DKIM key files are read too."""
-    from epoxi.app import dkim_signer
+    DKIM key files and shaping files are read too."""
+    from epoxi.app import dkim_signer, shaping_files
 
     settings = load(config)
     try:
         dkim_signer(settings.dkim)
+        shaping_files(settings)
     except ConfigError as exc:
         echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc

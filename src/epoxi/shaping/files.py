@@ -48,7 +48,7 @@ from pydantic import (
 )
 
 from epoxi.errors import ConfigError
-from epoxi.shaping.policy import ShapingTls
+from epoxi.shaping.policy import KINDS, ShapingTls
 from epoxi.shaping.throttle import Rate
 from epoxi.units import parse_duration
 
@@ -184,15 +184,16 @@ def _describe(exc: ValidationError, name: str) -> str:
 
 @dataclass
 class _Stacked:
-    """One block as the files give it: its parts, each with the file it came from, in order
-    (a ``replace_base`` drops the parts before it)."""
+    """One block as the files give it: its parts, each with the file it came from and
+    whether that file is for MX-routed sites only, in order (a ``replace_base`` drops the
+    parts before it)."""
 
-    parts: list[tuple[str, Block]] = field(default_factory=list)
+    parts: list[tuple[str, Block, bool]] = field(default_factory=list)
 
-    def add(self, origin: str, block: Block) -> None:
+    def add(self, origin: str, block: Block, mx_only: bool = False) -> None:
         if block.replace_base:
             self.parts.clear()
-        self.parts.append((origin, block))
+        self.parts.append((origin, block, mx_only))
 
 
 @dataclass(frozen=True)
@@ -204,67 +205,98 @@ class Layer:
 
 
 class ShapingFiles:
-    """Shaping files layered in order; answers the layers that apply to a destination."""
+    """Shaping files layered in order; answers the layers that apply to a destination.
 
-    def __init__(self, files: Sequence[tuple[str, ShapingFile]] = ()) -> None:
+    Files named in ``mx_only`` (the shipped default file) say nothing about static routes
+    and the smarthost (sites ``route:...``): those are the operator's own servers, not the
+    internet's receivers.
+    """
+
+    def __init__(
+        self, files: Sequence[tuple[str, ShapingFile]] = (), mx_only: frozenset[str] = frozenset()
+    ) -> None:
         self.origins = [origin for origin, _ in files]
+        self._mx_only = mx_only
         self._default = _Stacked()
         self._providers: dict[str, _Stacked] = {}
-        self._matches: dict[str, _Match] = {}
+        self._matches: dict[str, _Match] = {}  # from files for every site
+        self._mx_matches: dict[str, _Match] = {}  # ... and from MX-only ones too
         self._sites: dict[str, _Stacked] = {}
         self._domains: dict[str, _Stacked] = {}
         for origin, parsed in files:
-            self._default.add(origin, parsed.default)
+            only = origin in mx_only
+            self._default.add(origin, parsed.default, only)
             for kind, blocks in (
                 (self._providers, parsed.providers),
                 (self._sites, parsed.sites),
                 (self._domains, parsed.domains),
             ):
                 for name, block in blocks.items():
-                    kind.setdefault(name, _Stacked()).add(origin, block)
+                    kind.setdefault(name, _Stacked()).add(origin, block, only)
+            if not only:
+                for name, provider in parsed.providers.items():
+                    self._matches.setdefault(name, _Match()).add(provider)
             for name, provider in parsed.providers.items():
-                self._matches.setdefault(name, _Match()).add(provider)
+                self._mx_matches.setdefault(name, _Match()).add(provider)
 
     @classmethod
-    def load(cls, paths: Sequence[Path]) -> ShapingFiles:
-        return cls([(str(path), load_file(path)) for path in paths])
+    def load(cls, paths: Sequence[Path], mx_only: Sequence[Path] = ()) -> ShapingFiles:
+        """``mx_only`` files come first and apply to MX-routed sites only (the shipped one)."""
+        files = [(str(path), load_file(path)) for path in [*mx_only, *paths]]
+        return cls(files, frozenset(str(path) for path in mx_only))
 
-    def provider_of(self, domain: str, mx_hosts: Sequence[str]) -> str | None:
-        """The first provider whose domains or MX suffixes match, if any."""
-        for name, match in self._matches.items():
+    def provider_of(
+        self, domain: str, mx_hosts: Sequence[str], *, routed: bool = False
+    ) -> str | None:
+        """The first provider whose domains or MX suffixes match, if any (``routed``: a static
+        route or the smarthost, which MX-only files do not cover)."""
+        matches = self._matches if routed else self._mx_matches
+        for name, match in matches.items():
             if match.covers(domain, mx_hosts):
                 return name
         return None
 
     def layers(self, domain: str, site: str, source: str = "") -> list[Layer]:
         """The blocks that apply to ``domain`` at ``site`` from ``source``, first to last."""
-        mx_hosts = mx_hosts_of(site)
-        provider = self.provider_of(domain, mx_hosts)
-        blocks: list[tuple[str, _Stacked | None]] = [
-            ("default", self._default),
-            (f"provider {provider}", self._providers.get(provider) if provider else None),
-            (f"site {site}", self._sites.get(site)),
-            (f"domain {domain}", self._domains.get(domain)),
+        by_kind = self.layers_by_kind(domain, site, source)
+        return [layer for kind in KINDS for layer in by_kind[kind]]
+
+    def layers_by_kind(self, domain: str, site: str, source: str = "") -> dict[str, list[Layer]]:
+        """The same layers, by kind (default, provider, site, domain, source), so a caller
+        can put its own between them."""
+        routed = site.startswith("route:")
+        provider = self.provider_of(domain, mx_hosts_of(site), routed=routed)
+        blocks: list[tuple[str, str, _Stacked | None]] = [
+            ("default", "default", self._default),
+            ("provider", f"provider {provider}", self._providers.get(provider or "")),
+            ("site", f"site {site}", self._sites.get(site)),
+            ("domain", f"domain {domain}", self._domains.get(domain)),
         ]
-        found = [Layer(*part) for part in _parts(blocks, lambda block: block.given())]
+        found: dict[str, list[Layer]] = {kind: [] for kind in KINDS}
+        for kind, label, stacked in blocks:
+            found[kind] = [Layer(*part) for part in _parts(label, stacked, Block.given, routed)]
         if source:
-            found += [
-                Layer(f"{label} source {source}", values)
-                for label, values in _parts(blocks, lambda block: _source_values(block, source))
-            ]
+            for _, label, stacked in blocks:
+                found["source"] += [
+                    Layer(f"{name} source {source}", values)
+                    for name, values in _parts(
+                        label, stacked, lambda block: _source_values(block, source), routed
+                    )
+                ]
         return found
 
 
 def _parts(
-    blocks: list[tuple[str, _Stacked | None]], values_of: Any
+    label: str, stacked: _Stacked | None, values_of: Any, routed: bool
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    for label, stacked in blocks:
-        if stacked is None:
+    if stacked is None:
+        return
+    for origin, block, mx_only in stacked.parts:
+        if routed and mx_only:
             continue
-        for origin, block in stacked.parts:
-            values = values_of(block)
-            if values:
-                yield f"{label} ({origin})", values
+        values = values_of(block)
+        if values:
+            yield f"{label} ({origin})", values
 
 
 def _source_values(block: Block, source: str) -> dict[str, Any]:
@@ -277,3 +309,8 @@ def mx_hosts_of(site: str) -> list[str]:
     if site.startswith("route:"):
         return []
     return [host for host in site.split(",") if host]
+
+
+def shipped_file() -> Path:
+    """Epoxi's default shaping file (package data): the large providers' published limits."""
+    return Path(__file__).with_name("default.toml")

@@ -1,12 +1,14 @@
 """Shaping policy: the limits of each ready queue, merged from layers of settings.
 
-The layers, each overriding the ones before it, in one fixed order::
+The layers, each overriding the ones before it, in one fixed order of kinds::
 
-    built-in defaults -> [delivery.defaults] -> site -> domain -> source
+    built-in defaults -> default -> provider -> site -> domain -> source
 
-``[delivery.shaping."<name>"]`` entries are looked up by site name (the sorted MX host set,
-or ``route:host:port``) and by domain; ``[delivery.source_shaping."<source>"]`` by egress
-source. A ready queue's limits can be changed while it runs (``ReadyQueue.reshape``), so a
+For each kind, the shaping files' blocks come first (:mod:`epoxi.shaping.files`: the shipped
+file for MX-routed sites, then the configured ones, in order), then the configuration's own:
+``[delivery.defaults]``; ``[delivery.shaping."<name>"]``, looked up by site name (the sorted
+MX host set, or ``route:host:port``) and by domain; ``[delivery.source_shaping."<source>"]``
+by egress source. A ready queue's limits can be changed while it runs (``ReadyQueue.reshape``), so a
 reload of the policy needs no rebuild.
 
 This module takes plain mappings (``model_dump(exclude_none=True)`` of the settings), so it
@@ -17,9 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from epoxi.shaping.throttle import Rate
+
+if TYPE_CHECKING:
+    from epoxi.shaping.files import ShapingFiles
+
+# The kinds of layer, in the order they apply; shaping files and the configuration alike.
+KINDS = ("default", "provider", "site", "domain", "source")
 
 ShapingTls = Literal["opportunistic", "required", "required-verified", "disabled"]
 
@@ -67,7 +75,9 @@ class ShapingPolicy:
         defaults: Layer | None = None,
         named: Mapping[str, Layer] | None = None,
         sources: Mapping[str, Layer] | None = None,
+        files: ShapingFiles | None = None,
     ) -> None:
+        self._files = files
         self._defaults = dict(defaults or {})
         self._named = {k: dict(v) for k, v in (named or {}).items()}
         self._sources = {k: dict(v) for k, v in (sources or {}).items()}
@@ -85,13 +95,26 @@ class ShapingPolicy:
         return found
 
     def _layers(self, domain: str, site: str, source: str) -> list[tuple[str, Layer]]:
-        layers: list[tuple[str, Layer | None]] = [
-            ("built-in", BUILTIN),
-            ("delivery.defaults", self._defaults),
-            (f"site {site}", self._named.get(site) if site != domain else None),
-            (f"domain {domain}", self._named.get(domain)),
-            (f"source {source}", self._sources.get(source)),
-        ]
+        """Each kind in turn (default, provider, site, domain, source): the shaping files'
+        blocks of that kind, then the configuration's, as if it were one more file."""
+        own: dict[str, Layer | None] = {
+            "default": self._defaults,
+            "site": self._named.get(site) if site != domain else None,
+            "domain": self._named.get(domain),
+            "source": self._sources.get(source),
+        }
+        names = {
+            "default": "delivery.defaults",
+            "site": f"site {site}",
+            "domain": f"domain {domain}",
+            "source": f"source {source}",
+        }
+        from_files = self._files.layers_by_kind(domain, site, source) if self._files else {}
+        layers: list[tuple[str, Layer | None]] = [("built-in", BUILTIN)]
+        for kind in KINDS:
+            layers += [(layer.label, layer.values) for layer in from_files.get(kind, ())]
+            if kind in own:
+                layers.append((names[kind], own[kind]))
         return [(name, layer) for name, layer in layers if layer]
 
     def _merge(self, domain: str, site: str, source: str) -> Resolved:

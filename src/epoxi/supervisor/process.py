@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from epoxi.app import dkim_signer
+from epoxi.app import dkim_signer, shaping_files
 from epoxi.config import Settings, parse_hostport
 from epoxi.errors import ConfigError
 from epoxi.reception.tls import ensure_self_signed
@@ -119,9 +119,10 @@ class Supervisor:
 
     def _prepare_data_dir(self) -> None:
         """Before any worker runs: orphaned shards merged; the store and the TLS certificate
-        made once. DKIM keys are read here too, so a bad one stops ``serve`` with its file
-        named before any worker starts."""
+        made once. DKIM keys and shaping files are read here too, so a bad one stops
+        ``serve`` with its file named before any worker starts."""
         dkim_signer(self.settings.dkim)
+        shaping_files(self.settings)
         data_dir = self.settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         adopt_orphans(data_dir, self.count)
