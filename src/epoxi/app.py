@@ -289,7 +289,7 @@ class Epoxi:
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
         done = [
-            "shaping (files and [delivery])",
+            "shaping",
             "routes",
             "sources and pools",
             "retries",
