@@ -39,10 +39,10 @@ def pooled(**delivery: Any) -> Settings:
     return Settings.model_validate({"hostname": "mx.sender.test", "delivery": delivery})
 
 
-def meta(pool: str = "", tenant: str = "") -> MessageMeta:
+def meta(pool: str = "", tenant: str = "", message_id: str = "m") -> MessageMeta:
     return MessageMeta(
-        id="m", sender="a@sender.test", recipients=["x@a.test"], received_at=0.0, size=1,
-        pool=pool, tenant=tenant,
+        id=message_id, sender="a@sender.test", recipients=["x@a.test"], received_at=0.0,
+        size=1, pool=pool, tenant=tenant,
     )  # fmt: skip
 
 
@@ -55,28 +55,27 @@ def pools_of(settings: Settings, clock: ManualClock | None = None) -> tuple[Pool
 # --------------------------------------------------------------------- picking
 
 
-def meta_of(message_id: str, pool: str = "bulk") -> MessageMeta:
-    return MessageMeta(
-        id=message_id, sender="a@sender.test", recipients=["x@a.test"], received_at=0.0,
-        size=1, pool=pool,
-    )  # fmt: skip
-
-
 def test_weights_hold_and_a_message_keeps_its_source() -> None:
     pools, _ = pools_of(pooled())
-    picks = {f"m{i}": pools.pick(meta_of(f"m{i}")).source.name for i in range(4000)}
+    picks = {f"m{i}": pools.pick(meta("bulk", message_id=f"m{i}")).source.name for i in range(4000)}
     counts = Counter(picks.values())
     assert abs(counts["ip10"] - 3000) <= 4 * 27  # binomial sd of 4,000 picks at 3/4: 27.4
-    assert all(pools.pick(meta_of(m)).source.name == s for m, s in list(picks.items())[:200])
+    assert all(
+        pools.pick(meta("bulk", message_id=m)).source.name == s
+        for m, s in list(picks.items())[:200]
+    )
     other, _ = pools_of(pooled())  # another worker, or after a restart: the same answers
-    assert all(other.pick(meta_of(m)).source.name == s for m, s in list(picks.items())[:200])
+    assert all(
+        other.pick(meta("bulk", message_id=m)).source.name == s
+        for m, s in list(picks.items())[:200]
+    )
 
 
 def test_a_suspended_source_moves_only_its_own_messages() -> None:
     pools, suspensions = pools_of(pooled())
-    before = {f"m{i}": pools.pick(meta_of(f"m{i}")).source.name for i in range(400)}
+    before = {f"m{i}": pools.pick(meta("bulk", message_id=f"m{i}")).source.name for i in range(400)}
     suspensions.suspend(Suspension("source", "ip11", "listed"))
-    after = {m: pools.pick(meta_of(m)).source.name for m in before}
+    after = {m: pools.pick(meta("bulk", message_id=m)).source.name for m in before}
     assert set(after.values()) == {"ip10"}
     assert all(after[m] == s for m, s in before.items() if s == "ip10")
 
@@ -352,12 +351,12 @@ def test_a_failing_source_is_left_out_until_its_retry_time_then_picked_again() -
     clock = ManualClock()
     pools, _ = pools_of(pooled(), clock)
     ids = [f"m{i}" for i in range(200)]
-    before = {m: pools.pick(meta_of(m)).source.name for m in ids}
+    before = {m: pools.pick(meta("bulk", message_id=m)).source.name for m in ids}
     unbound = OSError(errno.EADDRNOTAVAIL, "cannot assign requested address")
     try:
         raise ConnectionFailed("cannot connect") from unbound
     except ConnectionFailed as exc:
         assert pools.connect_failed("ip11", "site-a", exc)
-    assert {pools.pick(meta_of(m)).source.name for m in ids} == {"ip10"}
+    assert {pools.pick(meta("bulk", message_id=m)).source.name for m in ids} == {"ip10"}
     clock.advance(61)  # source_retry_after: tried again, each message on its own source
-    assert {m: pools.pick(meta_of(m)).source.name for m in ids} == before
+    assert {m: pools.pick(meta("bulk", message_id=m)).source.name for m in ids} == before

@@ -49,14 +49,6 @@ class SourceWatch(Protocol):
         ...
 
 
-class _Unwatched:
-    def connected(self, ready: ReadyQueue) -> None:
-        pass
-
-    def connect_failed(self, ready: ReadyQueue, exc: BaseException, jobs: list[Job]) -> list[Job]:
-        return jobs
-
-
 class RateMeter:
     """Events in the last ``window`` seconds, counted in one-second buckets."""
 
@@ -96,7 +88,7 @@ class ReadyQueue:
         outcomes: Disposition,
         load_body: LoadBody,
         slots: ConnectionSlots | None = None,
-        watch: SourceWatch | None = None,
+        watch: SourceWatch,
     ) -> None:
         self.key = key
         self.source = source
@@ -111,7 +103,7 @@ class ReadyQueue:
         self._outcomes = outcomes
         self._load_body = load_body
         self._slots = slots or LocalSlots()
-        self._watch = watch or _Unwatched()
+        self._watch = watch
         self._idle: deque[asyncio.Future[Job]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
