@@ -162,6 +162,7 @@ class Dispatcher:
                 load_body=self._load_body,
                 slots=self._slots,
                 watch=self,
+                provider=self.policy.provider_of(domain, site),
             )
             ready.set_suspension(self.suspensions.for_path(source, destination.site))
             self._shaped_for[key] = domain

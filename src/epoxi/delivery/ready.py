@@ -89,8 +89,10 @@ class ReadyQueue:
         load_body: LoadBody,
         slots: ConnectionSlots | None = None,
         watch: SourceWatch,
+        provider: str | None = None,
     ) -> None:
         self.key = key
+        self.provider = provider  # the shaping files' provider of the site (e.g. "google")
         self.source = source
         self.destination = destination
         self.shaping = shaping

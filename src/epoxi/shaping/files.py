@@ -256,6 +256,10 @@ class ShapingFiles:
                 return name
         return None
 
+    def provider_at(self, domain: str, site: str) -> str | None:
+        """The provider of ``domain`` routed to ``site`` (a ready queue's name for it)."""
+        return self.provider_of(domain, mx_hosts_of(site), routed=site.startswith("route:"))
+
     def layers(self, domain: str, site: str, source: str = "") -> list[Layer]:
         """The blocks that apply to ``domain`` at ``site`` from ``source``, first to last."""
         by_kind = self.layers_by_kind(domain, site, source)
@@ -265,7 +269,7 @@ class ShapingFiles:
         """The same layers, by kind (default, provider, site, domain, source), so a caller
         can put its own between them."""
         routed = site.startswith("route:")
-        provider = self.provider_of(domain, mx_hosts_of(site), routed=routed)
+        provider = self.provider_at(domain, site)
         blocks: list[tuple[str, str, _Stacked | None]] = [
             ("default", "default", self._default),
             ("provider", f"provider {provider}", self._providers.get(provider or "")),

@@ -83,6 +83,10 @@ class ShapingPolicy:
         self._sources = {k: dict(v) for k, v in (sources or {}).items()}
         self._cache: dict[tuple[str, str, str], Resolved] = {}
 
+    def provider_of(self, domain: str, site: str) -> str | None:
+        """The shaping files' provider of ``domain`` at ``site`` (e.g. "google"), if any."""
+        return self._files.provider_at(domain, site) if self._files is not None else None
+
     def resolve(self, domain: str, site: str, source: str = "") -> Shaping:
         return self.explain(domain, site, source).shaping
 
