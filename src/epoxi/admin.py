@@ -6,6 +6,7 @@ msgspec structs, so they serialise as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -13,6 +14,7 @@ from typing import Literal
 import msgspec
 
 from epoxi.api_types import (
+    AdaptiveInfo,
     Health,
     JobInfo,
     MessageDetails,
@@ -20,17 +22,24 @@ from epoxi.api_types import (
     Pipelines,
     PoolList,
     ReadyQueueInfo,
+    RuleInfo,
     ScheduledQueueInfo,
+    SettingInfo,
+    ShapingResolution,
+    ShapingState,
     SuspensionInfo,
     Totals,
 )
+from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.ready import ReadyQueue
+from epoxi.errors import InvalidField
 from epoxi.events.records import RecordType
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
 from epoxi.queue.scheduled import Scheduler
 from epoxi.queue.suspensions import SuspendKind, Suspension, Suspensions
+from epoxi.shaping.automation import Automated
 from epoxi.spool.port import SpoolPort
 
 
@@ -70,8 +79,12 @@ class Admin:
         outcomes: Disposition,
         suspensions: Suspensions,
         spool: SpoolPort,
+        automation: Automation | None = None,
+        reload_shaping: Callable[[], list[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.automation = automation
+        self._reload_shaping = reload_shaping
         self.scheduler = scheduler
         self.dispatcher = dispatcher
         self.outcomes = outcomes
@@ -143,9 +156,92 @@ class Admin:
 
     def suspension_list(self) -> list[SuspensionInfo]:
         return [
-            SuspensionInfo(target=s.kind, value=s.value, reason=s.reason, until=s.until)
+            SuspensionInfo(
+                target=s.kind, value=s.value, reason=s.reason, until=s.until, site=s.site or None
+            )
             for s in self.suspensions.active()
         ]
+
+    # ----------------------------------------------------------------- shaping
+
+    async def shaping(self) -> ShapingState:
+        """The shaping files in use, active automation, and this worker's adaptive rates."""
+        files = self.dispatcher.policy.files
+        return ShapingState(
+            files=list(files.origins) if files is not None else [],
+            active=await self.automation.active() if self.automation else [],
+            adaptive=self._adaptive(),
+        )
+
+    def _adaptive(self) -> list[AdaptiveInfo]:
+        if self.automation is None:
+            return []
+        found = []
+        for source, site, aimd in self.automation.adaptive():
+            configured = [
+                str(rate)
+                for rq in self.dispatcher.ready.values()
+                if rq.source.name == source and rq.destination.site == site
+                if (rate := rq.shaping.max_message_rate) is not None
+            ]
+            found.append(
+                AdaptiveInfo(
+                    source=source,
+                    site=site,
+                    configured=configured[0] if configured else None,
+                    current=str(aimd.rate),
+                    floor=aimd.config.floor,
+                    ceiling=aimd.config.ceiling,
+                )
+            )
+        return found
+
+    async def resolve(self, domain: str, source: str | None) -> ShapingResolution:
+        """The effective shaping of ``domain`` (routed now, as mail to it would be) from
+        ``source``, each setting with the layer it came from."""
+        domain = domain.lower().rstrip(".")
+        if source is not None and source not in self.dispatcher.pools.sources:
+            raise InvalidField("source", f"no egress source {source!r} is configured")
+        site = (await self.dispatcher.router.route(domain)).site
+        policy = self.dispatcher.policy
+        explained = policy.explain(domain, site, source or "")
+        shaping = dataclasses.asdict(explained.shaping)
+        files = policy.files
+        adaptive = files.adaptive(domain, site) if files is not None else None
+        active = await self.automation.active() if self.automation else []
+        return ShapingResolution(
+            domain=domain,
+            site=site,
+            source=source,
+            provider=policy.provider_of(domain, site),
+            settings=[
+                SettingInfo(name=name, value=_plain(value), origin=explained.origins[name])
+                for name, value in shaping.items()
+            ],
+            rules=[
+                RuleInfo(
+                    rule=label,
+                    regex=rule.regex,
+                    action=rule.action
+                    + (f" {rule.name}={rule.value}" if rule.action == "set_config" else ""),
+                    trigger=str(rule.trigger),
+                    duration=rule.duration,
+                )
+                for label, rule in (files.rules(domain, site) if files is not None else [])
+            ],
+            adaptive_rate=adaptive.model_dump() if adaptive is not None else None,
+            active=[a for a in active if a.site == site],
+        )
+
+    async def lift(self, action_id: str) -> Automated | None:
+        """End an automation action now (the other workers follow within a second)."""
+        return await self.automation.lift(action_id) if self.automation else None
+
+    def reload_shaping(self) -> list[str]:
+        """Read the shaping files again and apply them; ConfigError if one is invalid."""
+        if self._reload_shaping is None:
+            return []
+        return self._reload_shaping()
 
     async def message(self, message_id: str) -> MessageDetails | None:
         meta = await self.spool.load_meta(message_id)
@@ -180,7 +276,10 @@ class Admin:
     def adopt(self, suspensions: list[SuspensionInfo]) -> None:
         """Take on suspensions another worker of this machine holds (a restarted worker)."""
         for item in suspensions:
-            self.suspensions.suspend(Suspension(item.target, item.value, item.reason, item.until))
+            suspension = Suspension(
+                item.target, item.value, item.reason, item.until, site=item.site or ""
+            )
+            self.suspensions.suspend(suspension)
 
     def resume(self, target: SuspendKind, value: str) -> int:
         """Lift a suspension; returns the held jobs released (ready queues, for a site or
@@ -228,6 +327,13 @@ class Admin:
         return len(expired)
 
 
+def _plain(value: object) -> str | int | float | bool | None:
+    """A shaping value as JSON shows it (rates as their text)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
 def queue_domain(name: str) -> str:
     """The domain part of ``campaign:tenant@domain``."""
     if "@" in name:
@@ -264,6 +370,7 @@ def _ready_info(ready: ReadyQueue) -> ReadyQueueInfo:
         deliveries=ready.deliveries,
         attempts_last_minute=ready.attempts_last_minute.count(),
         max_message_rate=str(rate) if rate else None,
+        adaptive_message_rate=str(ready.rate_override) if ready.rate_override else None,
         suspended=suspension.reason if suspension else None,
         suspended_until=suspension.until if suspension else None,
         last_error=ready.last_error,

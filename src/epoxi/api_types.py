@@ -14,6 +14,7 @@ from msgspec import Meta
 
 from epoxi.message import LABEL_PATTERN, MessageMeta
 from epoxi.queue.suspensions import SuspendKind
+from epoxi.shaping.automation import Automated
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
 Short = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]  # no controls
@@ -130,6 +131,7 @@ class SuspendResponse(msgspec.Struct, kw_only=True):
     value: str
     reason: str
     until: float | None
+    site: str | None = None  # only on this site (traffic shaping automation)
     ready_queues: int
 
 
@@ -197,6 +199,7 @@ class ReadyQueueInfo(msgspec.Struct, kw_only=True):
     deliveries: int
     attempts_last_minute: int  # the measured rate: transactions started in the last 60 s
     max_message_rate: str | None  # the configured limit
+    adaptive_message_rate: str | None = None  # AIMD's current rate, when adaptive
     suspended: str | None
     suspended_until: float | None
     last_error: str | None
@@ -238,6 +241,7 @@ class SuspensionInfo(msgspec.Struct, kw_only=True):
     value: str
     reason: str
     until: float | None
+    site: str | None = None  # only on this site (traffic shaping automation)
 
 
 class Totals(msgspec.Struct, kw_only=True):
@@ -281,3 +285,54 @@ class MessageDetails(msgspec.Struct, kw_only=True):
     meta: MessageMeta
     headers: list[tuple[str, str]]
     jobs: list[JobInfo]  # empty while a job is on a connection (in flight)
+
+
+class AdaptiveInfo(msgspec.Struct, kw_only=True):
+    """A path's adaptive message rate (AIMD) in one worker, beside its configured one."""
+
+    source: str
+    site: str
+    configured: str | None
+    current: str
+    floor: str
+    ceiling: str
+
+
+class ShapingState(msgspec.Struct, kw_only=True):
+    """``GET /admin/shaping``: the files in use, active automation and adaptive rates."""
+
+    files: list[str]
+    active: list[Automated]
+    adaptive: list[AdaptiveInfo]
+
+
+class SettingInfo(msgspec.Struct, kw_only=True):
+    name: str
+    value: str | int | float | bool | None
+    origin: str  # the layer it came from: "provider google (default.toml)", "built-in", ...
+
+
+class RuleInfo(msgspec.Struct, kw_only=True):
+    rule: str
+    regex: str
+    action: str
+    trigger: str
+    duration: float
+
+
+class ShapingResolution(msgspec.Struct, kw_only=True):
+    """``GET /admin/shaping/resolve``: the effective shaping of a domain (from a source)."""
+
+    domain: str
+    site: str
+    source: str | None
+    provider: str | None
+    settings: list[SettingInfo]
+    rules: list[RuleInfo]
+    adaptive_rate: dict[str, str | float] | None
+    active: list[Automated]
+
+
+class ShapingReloaded(msgspec.Struct, kw_only=True):
+    files: list[str]
+    workers: int

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from epoxi.admin import Admin
@@ -22,6 +24,7 @@ from epoxi.api.server import HttpServer
 from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
+from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.pools import Pools
@@ -45,6 +48,7 @@ from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
+from epoxi.store.automation import AutomationStore
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -117,6 +121,15 @@ class Epoxi:
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
         )
+        self.automation = Automation(
+            store=AutomationStore(store_path(settings.data_dir)),
+            dispatcher=self.dispatcher,
+            suspensions=self.suspensions,
+            records=self.records,
+            take=self._take_waiting,
+            bounce=self.outcomes.admin_bounce,
+        )
+        self._shaping_seen = _file_stamps(settings.shaping_files)
         self.smtp = SmtpServer(settings, ingest=self.ingest, share=placement.count)
         self.admin = Admin(
             scheduler=self.scheduler,
@@ -124,10 +137,13 @@ class Epoxi:
             outcomes=self.outcomes,
             suspensions=self.suspensions,
             spool=self.spool,
+            automation=self.automation,
+            reload_shaping=self.reload_shaping,
         )
         self.status = StatusStore(store_path(settings.data_dir))
         self.records.subscribe(self.status.feed)
         self.records.subscribe(self.pools.observe)
+        self.records.subscribe(self.automation.observe)
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -135,6 +151,9 @@ class Epoxi:
         self.loaded: asyncio.Task[int] | None = None  # the start-up load of the spool
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _take_waiting(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        return self.admin.take_waiting(predicate)  # bound late: the admin is made last
 
     def _release(self, job: Job) -> None:
         self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
@@ -157,15 +176,21 @@ class Epoxi:
         self.spool.open()
         await self.records.start()
         await self.status.start()
+        await self.automation.store.start()
+        await self.automation.start()  # actions in force before any mail moves
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
+            loop.create_task(self.automation.run()),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
         ]
         if self.placement.index == 0:  # the store is one for all workers: purged by one
             self._tasks.append(loop.create_task(self._every(3600, self._purge_store)))
+        if self.settings.shaping_watch_interval:
+            watch = self.settings.shaping_watch_interval
+            self._tasks.append(loop.create_task(self._every(watch, self._watch_shaping)))
         self.loader = SpoolLoader(self.spool, self.ingest)  # before the listeners open
         if self.link is not None:
             await self._start_link(self.link)
@@ -244,6 +269,33 @@ class Epoxi:
     async def _purge_store(self) -> None:
         api = self.settings.api
         await self.status.purge(api.idempotency_ttl, api.history_ttl)
+        await self.automation.store.purge(time.time() - 86400)
+
+    async def _watch_shaping(self) -> None:
+        """A shaping file changed on disk: apply it now, or keep the running one if it is
+        invalid (logged once per edit)."""
+        stamps = _file_stamps(self.settings.shaping_files)
+        if stamps == self._shaping_seen:
+            return
+        self._shaping_seen = stamps
+        try:
+            self.reload_shaping()
+        except ConfigError as exc:
+            log.error("shaping files changed but not applied, the running ones are kept: %s", exc)
+
+    def reload_shaping(self) -> list[str]:
+        """Read the shaping files again and apply them to the live ready queues; returns the
+        files in use. ConfigError (and nothing changed) if one is invalid."""
+        files = shaping_files(self.settings)
+        self._reshape(files)
+        self._shaping_seen = _file_stamps(self.settings.shaping_files)
+        log.info("shaping files applied: %s", ", ".join(files.origins) or "none")
+        return list(files.origins)
+
+    def _reshape(self, files: ShapingFiles, delivery: DeliverySettings | None = None) -> None:
+        """A new shaping policy for the live queues; automation's overrides stay."""
+        policy = shaping_policy(delivery or self.settings.delivery, files)
+        self.dispatcher.reshape(policy.with_overrides(self.dispatcher.policy.overrides))
 
     async def _sweep_expired(self) -> None:
         self.admin.expire_stuck()
@@ -259,6 +311,7 @@ class Epoxi:
         await self.smtp.stop()
         await self.dispatcher.close()
         await self.outcomes.stop()
+        await self.automation.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -266,6 +319,7 @@ class Epoxi:
                 await task
         await self.records.stop()
         await self.status.stop()
+        await self.automation.store.stop()
         await self.spool.close()
         self.ingest.close()
         if self.link is not None:
@@ -283,7 +337,7 @@ class Epoxi:
         signer = dkim_signer(new.dkim)  # reads the key files: fails before anything changes
         files = shaping_files(new)  # likewise: a shaping file that does not validate
         self.router.reload(new)
-        self.dispatcher.reshape(shaping_policy(new.delivery, files))
+        self._reshape(files, new.delivery)
         self.dispatcher.reconfigure(new.delivery)
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
@@ -367,6 +421,19 @@ def shaping_files(settings: Settings) -> ShapingFiles:
     that cannot be used raises ConfigError naming it and the key."""
     shipped = [shipped_file()] if settings.shaping_default else []
     return ShapingFiles.load(list(settings.shaping_files), mx_only=shipped)
+
+
+def _file_stamps(paths: tuple[Path, ...]) -> list[tuple[int, int] | None]:
+    """What tells an edited file: its modification time and size (None: unreadable)."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+    return stamps
 
 
 def _spool(settings: Settings, shard: int) -> Spool:

@@ -470,6 +470,8 @@ class Settings(_Model):
     # [delivery] shaping tables apply after all of them, as one last file.
     shaping_files: tuple[Path, ...] = ()
     shaping_default: bool = True
+    # How often the shaping files are checked for edits (applied live); 0 turns that off
+    shaping_watch_interval: Annotated[float, BeforeValidator(parse_duration), Field(ge=0)] = 2.0
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
     workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = Field(
         default_factory=cpu_count  # "auto": one worker process per core

@@ -23,10 +23,14 @@ from epoxi.api_types import (
     ResumeResponse,
     RetryResponse,
     SelectorIn,
+    ShapingReloaded,
+    ShapingResolution,
+    ShapingState,
     SuspendRequest,
     SuspendResponse,
 )
-from epoxi.errors import InvalidField
+from epoxi.errors import ConfigError, DnsError, InvalidField
+from epoxi.shaping.automation import Automated
 from epoxi.store.keys import Scope
 
 _ERRORS = problem_responses(401, 403)
@@ -158,6 +162,63 @@ async def message(request: Request[Any, Any, Any], message_id: FromPath[str]) ->
     return found
 
 
+@get(
+    "/shaping", responses=_ERRORS, summary="Shaping files in use, active automation, adaptive rates"
+)
+async def shaping(request: Request[Any, Any, Any]) -> ShapingState:
+    ctx = context(request)
+    here = await ctx.admin.shaping()
+    for peer in await ctx.peers.ask(request, ShapingState):  # each worker's adaptive rates
+        here.adaptive += peer.adaptive
+    return here
+
+
+@get(
+    "/shaping/resolve",
+    responses=problem_responses(401, 403, 422),
+    summary="The effective shaping of a domain (from a source), each value with its layer",
+)
+async def shaping_resolve(
+    request: Request[Any, Any, Any],
+    domain: Annotated[str, QueryParameter(min_length=1, max_length=253)],
+    source: Annotated[str | None, QueryParameter(required=False, max_length=200)] = None,
+) -> ShapingResolution:
+    try:
+        return await context(request).admin.resolve(domain, source)
+    except DnsError as exc:
+        raise InvalidField("domain", f"cannot route {domain}: {exc}") from exc
+
+
+@post(
+    "/shaping/reload",
+    status_code=200,
+    responses=problem_responses(401, 403, 422),
+    summary="Read the shaping files again and apply them to the live queues",
+)
+async def shaping_reload(request: Request[Any, Any, Any]) -> ShapingReloaded:
+    ctx = context(request)
+    try:
+        files = ctx.admin.reload_shaping()
+    except ConfigError as exc:
+        message = f"not applied, the running files are kept: {exc}"
+        raise InvalidField("shaping_files", message) from exc
+    peers = await ctx.peers.ask(request, ShapingReloaded)
+    return ShapingReloaded(files=files, workers=1 + len(peers))
+
+
+@delete(
+    "/shaping/automation/{action_id:str}",
+    status_code=200,
+    responses=problem_responses(401, 403, 404),
+    summary="Lift an active automation action now",
+)
+async def shaping_lift(request: Request[Any, Any, Any], action_id: FromPath[str]) -> Automated:
+    lifted = await context(request).admin.lift(action_id)
+    if lifted is None:
+        raise NotFoundException(f"no active automation action {action_id!r}")
+    return lifted
+
+
 def _selector(data: JSONBody[SelectorIn]) -> Selector:
     return Selector(
         domain=data.domain,
@@ -181,6 +242,10 @@ admin_router = Router(
         bounce,
         retry,
         message,
+        shaping,
+        shaping_resolve,
+        shaping_reload,
+        shaping_lift,
     ],
     opt={"scope": Scope.ADMIN},
     tags=["admin"],

@@ -135,10 +135,11 @@ def merge_pipelines(parts: list[Pipelines]) -> Pipelines:
         for rq in part.ready:
             known = ready.get(rq.name)
             ready[rq.name] = rq if known is None else _add_ready(known, rq)
-    suspensions: dict[tuple[str, str], SuspensionInfo] = {}
+    suspensions: dict[tuple[str, str, str | None], SuspensionInfo] = {}
     for part in parts:
         for suspension in part.suspensions:
-            suspensions.setdefault((suspension.target, suspension.value), suspension)
+            key = (suspension.target, suspension.value, suspension.site)
+            suspensions.setdefault(key, suspension)
     return Pipelines(
         totals=Totals(
             scheduled=sum(p.totals.scheduled for p in parts),

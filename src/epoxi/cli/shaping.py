@@ -1,4 +1,5 @@
-"""``epoxi shaping``: check shaping files before a running Epoxi takes them."""
+"""``epoxi shaping``: check shaping files before a running Epoxi takes them; ask a running one
+what a domain's shaping is, what automation is in force, lift an action, reload the files."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from typing import Annotated
 
 import typer
 
+from epoxi.api_types import ShapingReloaded, ShapingResolution, ShapingState
+from epoxi.cli.client import DEFAULT_URL
 from epoxi.cli.common import PLAIN_HELP
-from epoxi.cli.show import echo
+from epoxi.cli.remote import AsJson, Key, Url, _api, _time
+from epoxi.cli.show import add_row, echo, line, print_json, show, table
 from epoxi.errors import ConfigError
+from epoxi.shaping.automation import Automated
 from epoxi.shaping.files import ShapingFiles, load_file
 
 shaping_app = typer.Typer(
@@ -44,3 +49,105 @@ def check(
         )
     if len(parsed) > 1:
         echo(f"layered in this order: {' -> '.join(layered.origins)}")
+
+
+@shaping_app.command("resolve")
+def resolve(
+    domain: Annotated[str, typer.Argument(help="A recipient domain, e.g. gmail.com.")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="Egress source: adds its sources.NAME layers.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print the effective shaping of DOMAIN on the running Epoxi, each setting with the layer
+    it came from (merge order: built-in, default, provider, site, domain, source, automation),
+    then its automation rules, adaptive rate and active actions. The domain is routed (MX
+    looked up) as mail to it would be, so its provider is matched by MX host too."""
+    params = {"domain": domain, **({"source": source} if source else {})}
+    with _api(url, key) as client:
+        found = client.typed(ShapingResolution, "GET", "/admin/shaping/resolve", params=params)
+    if as_json:
+        print_json(found)
+        return
+    line("domain", found.domain, bold_first=True)
+    line("site", found.site, bold_first=True)
+    line("provider", found.provider or "(none)", bold_first=True)
+    if found.source:
+        line("source", found.source, bold_first=True)
+    settings = table("setting", "value", "from")
+    for setting in found.settings:
+        add_row(settings, setting.name, setting.value, setting.origin)
+    show(settings)
+    if found.rules:
+        rules = table("rule", "regex", "action", "trigger", "duration")
+        for rule in found.rules:
+            add_row(rules, rule.rule, rule.regex, rule.action, rule.trigger, f"{rule.duration:g}s")
+        show(rules)
+    if found.adaptive_rate:
+        parts = ", ".join(f"{k}={v}" for k, v in found.adaptive_rate.items() if k != "regex")
+        line("adaptive rate", parts, bold_first=True)
+    _show_actions(found.active)
+
+
+@shaping_app.command("active")
+def active(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
+    """List the actions traffic shaping automation has in force (suspensions, bounces,
+    changed settings), each until it ends by itself, and the adaptive rates of paths that
+    have backed off. Lift one early with `epoxi shaping lift ID`."""
+    with _api(url, key) as client:
+        found = client.typed(ShapingState, "GET", "/admin/shaping")
+    if as_json:
+        print_json(found)
+        return
+    _show_actions(found.active)
+    if found.adaptive:
+        rates = table("source", "site", "configured", "current", "floor", "ceiling")
+        for rate in found.adaptive:
+            add_row(
+                rates,
+                rate.source,
+                rate.site,
+                rate.configured or "-",
+                rate.current,
+                rate.floor,
+                rate.ceiling,
+            )
+        show(rates)
+    if not found.active and not found.adaptive:
+        echo("no automation in force")
+
+
+@shaping_app.command("lift")
+def lift(
+    action_id: Annotated[str, typer.Argument(help="The action's id (`epoxi shaping active`).")],
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """End an automation action now: its suspension lifts, its bounces stop, its changed
+    setting goes back. Every worker follows within a second."""
+    with _api(url, key) as client:
+        lifted = client.typed(Automated, "DELETE", f"/admin/shaping/automation/{action_id}")
+    echo(f"lifted {lifted.id}: {lifted.describe()}")
+
+
+@shaping_app.command("reload")
+def reload(url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Make the running Epoxi read its shaping files again now (it also notices edits by
+    itself within shaping_watch_interval). A file that does not validate is refused, with the
+    reason, and the running limits stay."""
+    with _api(url, key) as client:
+        done = client.typed(ShapingReloaded, "POST", "/admin/shaping/reload")
+    echo(f"applied in {done.workers} worker(s): {', '.join(done.files) or 'no files'}")
+
+
+def _show_actions(actions: list[Automated]) -> None:
+    if not actions:
+        return
+    shown = table("id", "action", "scope", "until", "rule", "reply")
+    for action in actions:
+        what = action.action + (f" {action.setting}={action.value}" if action.setting else "")
+        until = _time(action.until)
+        add_row(shown, action.id, what, action.scope, until, action.rule, action.reply)
+    show(shown)

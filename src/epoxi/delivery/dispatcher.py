@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from typing import Protocol
 
 from epoxi.config import DeliverySettings, SourceSettings, TlsMode
 from epoxi.delivery.pools import Pools
@@ -25,11 +26,33 @@ from epoxi.delivery.transport import Transport
 from epoxi.errors import DnsError, MailLoop, TlsFailed
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
-from epoxi.queue.suspensions import Suspensions
+from epoxi.queue.suspensions import Suspension, Suspensions
 from epoxi.shaping.policy import Shaping, ShapingPolicy
 from epoxi.shaping.slots import ConnectionSlots
+from epoxi.shaping.throttle import Rate
 
 log = logging.getLogger(__name__)
+
+
+class Steering(Protocol):
+    """What traffic shaping automation tells the dispatcher (:mod:`epoxi.delivery.automation`)."""
+
+    def bounce_reason(self, job: Job) -> str | None:
+        """Why a routed job is to be bounced rather than sent, or None."""
+        ...
+
+    def rate_override(self, source: str, site: str) -> Rate | None:
+        """The message rate a path runs at instead of its configured one (adaptive)."""
+        ...
+
+
+class NoSteering:
+    def bounce_reason(self, job: Job) -> str | None:
+        return None
+
+    def rate_override(self, source: str, site: str) -> Rate | None:
+        return None
+
 
 MAX_PATHS = 100_000  # (domain, site, source, policy) -> ready queue entries kept, ~17 MB
 
@@ -67,6 +90,7 @@ class Dispatcher:
         self._paths: dict[tuple[str, str, str, str], ReadyQueue] = {}
         self._shaped_for: dict[str, str] = {}  # ready queue key -> the domain its limits are of
         self._tasks: set[asyncio.Task[None]] = set()
+        self.steering: Steering = NoSteering()
         suspensions.subscribe(self._apply_suspensions)
 
     async def close(self) -> None:
@@ -121,6 +145,13 @@ class Dispatcher:
             job.source, job.pool = pick.source.name, pick.pool
         ready = self._ready_queue(job.domain, destination, job.source)
         job.site = destination.site
+        if self.suspensions.for_job(job) is not None:  # its tenant or campaign, on this site
+            self._hold_back(job)  # the scheduler holds it, with a Suspended record
+            return
+        bounce = self.steering.bounce_reason(job)
+        if bounce is not None:
+            self.outcomes.admin_bounce([job], bounce)
+            return
         if len(ready) >= self._ready_queue_limit:
             job.due = time.time() + random.uniform(1.0, 3.0)  # full: hold back, no attempt
             self._hold_back(job)
@@ -165,6 +196,7 @@ class Dispatcher:
                 provider=self.policy.provider_of(domain, site),
             )
             ready.set_suspension(self.suspensions.for_path(source, destination.site))
+            ready.override_rate(self.steering.rate_override(source, destination.site))
             self._shaped_for[key] = domain
         return ready
 
@@ -224,15 +256,29 @@ class Dispatcher:
             domain = self._shaped_for[key]  # the same layers the queue was made with
             ready.reshape(policy.resolve(domain, ready.destination.site, ready.source.name))
 
+    def rate_changed(self, source: str, site: str) -> None:
+        """The adaptive rate of (source, site) changed: its ready queues pace to it."""
+        rate = self.steering.rate_override(source, site)
+        for ready in self.ready.values():
+            if ready.source.name == source and ready.destination.site == site:
+                ready.override_rate(rate)
+
     def _apply_suspensions(self) -> None:
         for ready in list(self.ready.values()):  # moving jobs may make new ready queues
             source = ready.source.name
             suspension = self.suspensions.for_path(source, ready.destination.site)
             ready.set_suspension(suspension)
-            if suspension is not None and suspension.kind == "source" and ready.jobs:
+            if suspension is not None and _whole_source(suspension) and ready.jobs:
                 reason = f"source {source} suspended: {suspension.reason}"
                 for job in self._move(ready.take(_every), reason):
                     ready.put(job)
+            for job in ready.take(self._held_on_site):
+                self._hold_back(job)
+
+    def _held_on_site(self, job: Job) -> bool:
+        """A queued job whose tenant or campaign is now suspended on its site."""
+        suspension = self.suspensions.for_job(job)
+        return suspension is not None and bool(suspension.site)
 
     def rate_backlogs(self) -> dict[str, tuple[str, int]]:
         """Ready queues with a message rate -> (the rate, their backlog), for rate shares."""
@@ -296,6 +342,12 @@ class Dispatcher:
 
 def _every(job: Job) -> bool:
     return True
+
+
+def _whole_source(suspension: Suspension) -> bool:
+    """A source suspended everywhere (its jobs leave for another source); one path
+    (source x site) suspended keeps its jobs, like a suspended site."""
+    return suspension.kind == "source" and not suspension.site
 
 
 def with_tls(destination: Destination, shaping: Shaping) -> Destination:

@@ -272,9 +272,9 @@ class Pools:
 
     def _suspensions_changed(self) -> None:
         self._routes.clear()
-        self._suspended = {s.value for s in self._suspensions.active() if s.kind == "source"} & set(
-            self.sources
-        )
+        active = self._suspensions.active()
+        whole = {s.value for s in active if s.kind == "source" and not s.site}  # not one path
+        self._suspended = whole & set(self.sources)
 
     # ----------------------------------------------------------------- health
 

@@ -110,6 +110,7 @@ class ReadyQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
         self._keep: int | None = None  # open connections to trim down to (``trim``)
+        self.rate_override: Rate | None = None  # an adaptive rate instead of the configured one
         self._message_throttle = _throttle(self._my_rate(shaping))
         self._connection_throttle = _throttle(shaping.max_connection_rate)
         self._open_later: asyncio.TimerHandle | None = None
@@ -176,8 +177,14 @@ class ReadyQueue:
         """This worker's part of the machine's message rate changed: pace to the new one."""
         self._message_throttle = _reshaped(self._message_throttle, self._my_rate(self.shaping))
 
+    def override_rate(self, rate: Rate | None) -> None:
+        """Pace to ``rate`` instead of the configured message rate (None: the configured)."""
+        if rate != self.rate_override:
+            self.rate_override = rate
+            self.share_changed()
+
     def _my_rate(self, shaping: Shaping) -> Rate | None:
-        rate = shaping.max_message_rate
+        rate = self.rate_override or shaping.max_message_rate
         share = self._slots.rate_share(self.key)
         return rate if rate is None or share >= 1.0 else Rate(rate.count * share, rate.period)
 

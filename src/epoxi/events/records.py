@@ -24,6 +24,9 @@ class RecordType(enum.Enum):
     CANCELLED = "Cancelled"  # the sender took it back before it was sent
     SUSPENDED = "Suspended"
     REROUTED = "Rerouted"  # sent through another pool or source than its own: ``reason`` says why
+    # Traffic shaping automation started or ended an action (``reason`` says which and why;
+    # ``message_id`` is the message whose reply started it, "" when it ended)
+    AUTOMATION = "Automation"
 
 
 class Response(msgspec.Struct, frozen=True, gc=False):

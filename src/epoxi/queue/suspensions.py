@@ -1,8 +1,11 @@
 """One registry of suspensions: by scheduled queue, domain, tenant, campaign, site or source.
 
 The first four hold due jobs in the scheduler; ``site`` and ``source`` stop the ready queues of
-that site or egress source (their jobs stay queued). Whoever acts on suspensions subscribes and
-is told after every change, including a timed suspension running out (``expire``).
+that site or egress source (their jobs stay queued). A suspension may be narrowed to one site
+(``site``): a source on one site is one path (source x site), a tenant or campaign on one site
+holds only its jobs routed there (traffic shaping automation makes these). Whoever acts on
+suspensions subscribes and is told after every change, including a timed suspension running
+out (``expire``).
 
 :class:`Suspensions` is the port: a cluster shares one through Redis; :class:`SuspensionRegistry`
 is the in-memory one each node has.
@@ -31,6 +34,11 @@ class Suspension:
     value: str
     reason: str = ""
     until: float | None = None  # unix time; None lasts until resumed
+    site: str = ""  # only on this site (a source, tenant or campaign); "" everywhere
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.value, self.site)
 
     def active(self, now: float) -> bool:
         return self.until is None or self.until > now
@@ -38,6 +46,8 @@ class Suspension:
     def matches(self, job: Job) -> bool:
         """Whether this holds ``job`` in the scheduler (job kinds only)."""
         meta = job.message.meta
+        if self.site and job.site != self.site:
+            return False
         if self.kind == "queue":
             return job.queue == self.value
         if self.kind == "domain":
@@ -54,7 +64,7 @@ class Suspensions(Protocol):
 
     def suspend(self, suspension: Suspension) -> None: ...
 
-    def resume(self, kind: SuspendKind, value: str) -> bool: ...
+    def resume(self, kind: SuspendKind, value: str, site: str = "") -> bool: ...
 
     def for_job(self, job: Job) -> Suspension | None: ...
 
@@ -72,7 +82,7 @@ class SuspensionRegistry:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._items: dict[tuple[str, str], Suspension] = {}
+        self._items: dict[tuple[str, str, str], Suspension] = {}
         self._listeners: list[Callable[[], None]] = []
         self._has_job_kinds = False
 
@@ -81,22 +91,23 @@ class SuspensionRegistry:
         self._listeners.append(listener)
 
     def suspend(self, suspension: Suspension) -> None:
-        """Add or replace the suspension of (kind, value)."""
-        self._items[(suspension.kind, suspension.value)] = suspension
+        """Add or replace the suspension of (kind, value, site)."""
+        self._items[suspension.key] = suspension
         log.info(
-            "suspended %s %s until %s: %s",
+            "suspended %s %s%s until %s: %s",
             suspension.kind,
             suspension.value,
+            f" on {suspension.site}" if suspension.site else "",
             suspension.until or "resumed",
             suspension.reason,
         )
         self._changed()
 
-    def resume(self, kind: SuspendKind, value: str) -> bool:
-        """Lift the suspension of (kind, value); False when there was none."""
-        if self._items.pop((kind, value), None) is None:
+    def resume(self, kind: SuspendKind, value: str, site: str = "") -> bool:
+        """Lift the suspension of (kind, value, site); False when there was none."""
+        if self._items.pop((kind, value, site), None) is None:
             return False
-        log.info("resumed %s %s", kind, value)
+        log.info("resumed %s %s%s", kind, value, f" on {site}" if site else "")
         self._changed()
         return True
 
@@ -113,7 +124,7 @@ class SuspensionRegistry:
     def for_path(self, source: str, site: str) -> Suspension | None:
         """The active suspension that stops the ready queue of (source, site), if any."""
         now = self._clock()
-        for key in (("site", site), ("source", source)):
+        for key in (("site", site, ""), ("source", source, ""), ("source", source, site)):
             suspension = self._items.get(key)
             if suspension is not None and suspension.active(now):
                 return suspension
@@ -134,6 +145,6 @@ class SuspensionRegistry:
         return bool(ended)
 
     def _changed(self) -> None:
-        self._has_job_kinds = any(kind in JOB_KINDS for kind, _ in self._items)
+        self._has_job_kinds = any(kind in JOB_KINDS for kind, _, _ in self._items)
         for listener in self._listeners:
             listener()

@@ -31,11 +31,13 @@ file is :func:`load_file`, which names the file and the key of anything invalid.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -45,6 +47,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from epoxi.errors import ConfigError
@@ -89,9 +92,135 @@ class Values(BaseModel):
 _SETTINGS = set(Values.model_fields)
 
 
+Action = Literal[
+    "suspend",
+    "suspend_tenant",
+    "suspend_campaign",
+    "bounce",
+    "bounce_tenant",
+    "bounce_campaign",
+    "set_config",
+]
+# Settings an automation rule may change for a while (set_config).
+CHANGEABLE = frozenset(
+    {
+        "connection_limit",
+        "max_deliveries_per_connection",
+        "idle_timeout",
+        "max_message_rate",
+        "max_connection_rate",
+        "max_recipients_per_transaction",
+    }
+)
+
+
+class Trigger(BaseModel):
+    """When a rule acts: at its first match, or at the ``count``-th within ``period`` s."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = 1
+    period: float = 0.0
+
+    @property
+    def immediate(self) -> bool:
+        return self.count <= 1
+
+    def __str__(self) -> str:
+        return "immediate" if self.immediate else str(Rate(self.count, self.period))
+
+
+def _trigger(value: object) -> object:
+    if isinstance(value, str):
+        if value.strip() == "immediate":
+            return Trigger()
+        rate = Rate.parse(value)  # "5/h": the 5th match within an hour
+        if rate.count != int(rate.count):
+            raise ValueError("a threshold counts whole matches, like '5/h'")
+        return Trigger(count=int(rate.count), period=rate.period)
+    return value
+
+
+class AutomationRule(BaseModel):
+    """Traffic shaping automation: when a receiver's reply matches ``regex`` (matched against
+    "code enhanced-code text"), take ``action`` for ``duration``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    regex: str
+    action: Action
+    trigger: Annotated[Trigger, BeforeValidator(_trigger)] = Trigger()
+    duration: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+    name: str | None = None  # set_config: which setting
+    value: Any = None  # set_config: its value for the duration
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _set_config_names_a_setting(self) -> AutomationRule:
+        if self.action != "set_config":
+            if self.name is not None or self.value is not None:
+                raise ValueError("name and value go with action = 'set_config' only")
+            return self
+        if self.name not in CHANGEABLE:
+            raise ValueError(f"set_config needs name = one of {', '.join(sorted(CHANGEABLE))}")
+        if self.value is None:
+            raise ValueError("set_config needs a value")
+        Values.model_validate({self.name: self.value})  # the same checks as in a block
+        return self
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.regex)
+
+    def change(self) -> dict[str, Any]:
+        """set_config: the setting as a layer would give it (durations in seconds)."""
+        assert self.name is not None
+        return Values.model_validate({self.name: self.value}).given()
+
+
+RATE_REPLIES = r"(?i)\brate\b|rate.?limit|too many|throttl|TS0[1-4]|4\.7\.28"
+
+
+class AdaptiveRate(BaseModel):
+    """AIMD on a path's message rate: a deferral matching ``regex`` multiplies the rate by
+    ``decrease`` (not below ``floor``); each ``every`` seconds with deliveries and no such
+    deferral adds ``increase`` (not above ``ceiling``, where it starts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    floor: RateText
+    ceiling: RateText
+    decrease: float = Field(0.5, gt=0, lt=1)
+    increase: RateText | None = None  # default: a tenth of the ceiling
+    every: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 60.0
+    regex: str = RATE_REPLIES
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.regex)
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> AdaptiveRate:
+        floor, ceiling = Rate.parse(self.floor), Rate.parse(self.ceiling)
+        if floor.count / floor.period > ceiling.count / ceiling.period:
+            raise ValueError("floor must not be above ceiling")
+        re.compile(self.regex)
+        return self
+
+
 class Block(Values):
     sources: dict[str, Values] = Field(default_factory=dict)
     replace_base: bool = False  # replace the same block of earlier files instead of merging
+    automation: tuple[AutomationRule, ...] = ()
+    adaptive_rate: AdaptiveRate | None = None
 
 
 class Provider(Block):
@@ -265,17 +394,44 @@ class ShapingFiles:
         by_kind = self.layers_by_kind(domain, site, source)
         return [layer for kind in KINDS for layer in by_kind[kind]]
 
-    def layers_by_kind(self, domain: str, site: str, source: str = "") -> dict[str, list[Layer]]:
-        """The same layers, by kind (default, provider, site, domain, source), so a caller
-        can put its own between them."""
-        routed = site.startswith("route:")
+    def _blocks(self, domain: str, site: str) -> list[tuple[str, str, _Stacked | None]]:
         provider = self.provider_at(domain, site)
-        blocks: list[tuple[str, str, _Stacked | None]] = [
+        return [
             ("default", "default", self._default),
             ("provider", f"provider {provider}", self._providers.get(provider or "")),
             ("site", f"site {site}", self._sites.get(site)),
             ("domain", f"domain {domain}", self._domains.get(domain)),
         ]
+
+    def rules(self, domain: str, site: str) -> list[tuple[str, AutomationRule]]:
+        """The automation rules for ``domain`` at ``site``, each named by its block, file and
+        place ("provider yahoo (shaping.toml) rule 1"): every applicable block's, in order."""
+        routed = site.startswith("route:")
+        found = []
+        for _, label, stacked in self._blocks(domain, site):
+            for origin, block, mx_only in stacked.parts if stacked else ():
+                if not (routed and mx_only):
+                    found += [
+                        (f"{label} ({origin}) rule {n}", rule)
+                        for n, rule in enumerate(block.automation, 1)
+                    ]
+        return found
+
+    def adaptive(self, domain: str, site: str) -> AdaptiveRate | None:
+        """The adaptive rate of ``domain`` at ``site``: the last applicable block's."""
+        routed = site.startswith("route:")
+        found = None
+        for _, _, stacked in self._blocks(domain, site):
+            for _, block, mx_only in stacked.parts if stacked else ():
+                if block.adaptive_rate is not None and not (routed and mx_only):
+                    found = block.adaptive_rate
+        return found
+
+    def layers_by_kind(self, domain: str, site: str, source: str = "") -> dict[str, list[Layer]]:
+        """The same layers, by kind (default, provider, site, domain, source), so a caller
+        can put its own between them."""
+        routed = site.startswith("route:")
+        blocks = self._blocks(domain, site)
         found: dict[str, list[Layer]] = {kind: [] for kind in KINDS}
         for kind, label, stacked in blocks:
             found[kind] = [Layer(*part) for part in _parts(label, stacked, Block.given, routed)]

@@ -2,14 +2,15 @@
 
 The layers, each overriding the ones before it, in one fixed order of kinds::
 
-    built-in defaults -> default -> provider -> site -> domain -> source
+    built-in defaults -> default -> provider -> site -> domain -> source [-> automation]
 
 For each kind, the shaping files' blocks come first (:mod:`epoxi.shaping.files`: the shipped
 file for MX-routed sites, then the configured ones, in order), then the configuration's own:
 ``[delivery.defaults]``; ``[delivery.shaping."<name>"]``, looked up by site name (the sorted
 MX host set, or ``route:host:port``) and by domain; ``[delivery.source_shaping."<source>"]``
-by egress source. A ready queue's limits can be changed while it runs (``ReadyQueue.reshape``), so a
-reload of the policy needs no rebuild.
+by egress source. Last of all, a setting that traffic shaping automation changed for a while
+on one path (source x site). A ready queue's limits can be changed while it runs
+(``ReadyQueue.reshape``), so a reload of the policy needs no rebuild.
 
 This module takes plain mappings (``model_dump(exclude_none=True)`` of the settings), so it
 depends on nothing above it.
@@ -76,12 +77,31 @@ class ShapingPolicy:
         named: Mapping[str, Layer] | None = None,
         sources: Mapping[str, Layer] | None = None,
         files: ShapingFiles | None = None,
+        overrides: Mapping[tuple[str, str], tuple[str, Layer]] | None = None,
     ) -> None:
         self._files = files
         self._defaults = dict(defaults or {})
         self._named = {k: dict(v) for k, v in (named or {}).items()}
         self._sources = {k: dict(v) for k, v in (sources or {}).items()}
+        # (source, site) -> (label, settings) that traffic shaping automation set for a while
+        self.overrides = dict(overrides or {})
         self._cache: dict[tuple[str, str, str], Resolved] = {}
+
+    def with_overrides(
+        self, overrides: Mapping[tuple[str, str], tuple[str, Layer]]
+    ) -> ShapingPolicy:
+        """The same layers with other automation overrides (the last layer of all)."""
+        policy = ShapingPolicy(files=self._files, overrides=overrides)
+        policy._defaults, policy._named, policy._sources = (
+            self._defaults,
+            self._named,
+            self._sources,
+        )
+        return policy
+
+    @property
+    def files(self) -> ShapingFiles | None:
+        return self._files
 
     def provider_of(self, domain: str, site: str) -> str | None:
         """The shaping files' provider of ``domain`` at ``site`` (e.g. "google"), if any."""
@@ -119,6 +139,8 @@ class ShapingPolicy:
             layers += [(layer.label, layer.values) for layer in from_files.get(kind, ())]
             if kind in own:
                 layers.append((names[kind], own[kind]))
+        if (source, site) in self.overrides:
+            layers.append(self.overrides[(source, site)])
         return [(name, layer) for name, layer in layers if layer]
 
     def _merge(self, domain: str, site: str, source: str) -> Resolved:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -59,6 +59,25 @@ _STEPS: dict[int, list[str]] = {
             created_at REAL NOT NULL,
             revoked_at REAL
         )""",
+    ],
+    2: [  # traffic shaping automation: active actions, and matches of threshold rules
+        """CREATE TABLE automation (
+            id TEXT PRIMARY KEY,
+            rule TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            started REAL NOT NULL,
+            until REAL NOT NULL,
+            ended REAL,
+            entry BLOB NOT NULL
+        )""",
+        "CREATE INDEX automation_by_rule ON automation (rule, scope, ended)",
+        """CREATE TABLE automation_hits (
+            rule TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        "CREATE INDEX automation_hits_by_rule ON automation_hits (rule, scope, at)",
     ],
 }
 

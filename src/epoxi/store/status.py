@@ -212,7 +212,8 @@ def _apply(conn: sqlite3.Connection, batch: list[Record]) -> None:
         if outcomes:
             conn.executemany(_UPDATE_RECIPIENT, [_outcome_row(s, r) for s, r in outcomes])
             conn.executemany(_TOUCH_MESSAGE, [(r.timestamp, r.message_id) for _, r in outcomes])
-        conn.executemany(_INSERT_EVENT, [(r.message_id, encode_record(r)) for r in batch])
+        events = [(r.message_id, encode_record(r)) for r in batch if r.message_id]
+        conn.executemany(_INSERT_EVENT, events)  # not the node's own (automation ending)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -1,0 +1,365 @@
+"""Traffic shaping automation: receivers' replies steer the ready queues.
+
+The engine reads every outcome record (a record-log subscriber). A deferral or bounce whose
+reply matches a rule of the shaping files (``[[providers.NAME.automation]]`` and the like) is
+counted; when the rule's trigger is met, its action starts for its duration:
+
+* ``suspend`` stops the path (egress source x site) the reply came on; ``suspend_tenant`` and
+  ``suspend_campaign`` hold that tenant's (campaign's) mail for the site, from every source;
+* ``bounce``, ``bounce_tenant``, ``bounce_campaign`` remove the matching waiting mail with an
+  AdminBounce record, and do so to more that comes while the action lasts;
+* ``set_config`` changes one shaping setting of the path (e.g. ``connection_limit = 1``).
+
+Actions are kept in the store (:mod:`epoxi.store.automation`), so every worker applies them
+(each polls for changes every ``sync_interval``) and a restart keeps them; they end by
+themselves, or when an operator lifts one. Each start and end is an Automation record.
+
+Adaptive rates (AIMD, ``adaptive_rate`` in a block) live here too, per path and per worker: a
+deferral that says "rate" multiplies the path's message rate by ``decrease``, down to
+``floor``; every ``every`` seconds of deliveries without one adds ``increase``, up to
+``ceiling``. A path runs at its configured rate until its first such deferral.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+
+import msgspec
+
+from epoxi.delivery.dispatcher import Dispatcher
+from epoxi.events.records import Record, RecordType, Response
+from epoxi.events.sink import EventSink
+from epoxi.ids import new_message_id
+from epoxi.queue.model import Job, recipient_domain
+from epoxi.queue.suspensions import Suspension, Suspensions
+from epoxi.shaping.automation import BOUNCE_ACTIONS, SUSPEND_ACTIONS, Automated, scoped
+from epoxi.shaping.files import AdaptiveRate, AutomationRule
+from epoxi.shaping.throttle import Rate
+from epoxi.store.automation import AutomationStore
+
+log = logging.getLogger(__name__)
+
+Bounce = Callable[[list[Job], str], int]
+Take = Callable[[Callable[[Job], bool]], list[Job]]
+
+_FAILURES = (RecordType.TRANSIENT_FAILURE, RecordType.BOUNCE)
+_SUSPEND_KIND = {"suspend": "source", "suspend_tenant": "tenant", "suspend_campaign": "campaign"}
+
+
+@dataclass
+class Aimd:
+    """The adaptive message rate of one path, in messages per second."""
+
+    config: AdaptiveRate
+    current: float
+    changed_at: float
+    delivered: int = 0  # deliveries since the last change
+
+    @classmethod
+    def start(cls, config: AdaptiveRate, configured: Rate | None, now: float) -> Aimd:
+        ceiling = _per_second(config.ceiling)
+        start = min(ceiling, configured.count / configured.period) if configured else ceiling
+        return cls(config, start, now)
+
+    @property
+    def rate(self) -> Rate:
+        period = Rate.parse(self.config.ceiling).period  # shown in the ceiling's unit
+        return Rate(round(self.current * period, 6), period)
+
+    def backed_off(self, now: float) -> bool:
+        """A rate deferral: multiply down (not below the floor); True if it changed."""
+        before = self.current
+        self.current = max(_per_second(self.config.floor), self.current * self.config.decrease)
+        self.changed_at, self.delivered = now, 0
+        return self.current != before
+
+    def succeeded(self, now: float) -> bool:
+        """A delivery: after ``every`` seconds of them, add the step; True if it changed."""
+        self.delivered += 1
+        if now - self.changed_at < self.config.every:
+            return False
+        ceiling = _per_second(self.config.ceiling)
+        step = _per_second(self.config.increase) if self.config.increase else ceiling / 10
+        before = self.current
+        self.current = min(ceiling, self.current + step)
+        self.changed_at, self.delivered = now, 0
+        return self.current != before
+
+
+def _per_second(text: str) -> float:
+    rate = Rate.parse(text)
+    return rate.count / rate.period
+
+
+class Automation:
+    """Watches replies, starts and ends actions, applies them to this worker's queues."""
+
+    def __init__(
+        self,
+        *,
+        store: AutomationStore,
+        dispatcher: Dispatcher,
+        suspensions: Suspensions,
+        records: EventSink,
+        take: Take,
+        bounce: Bounce,
+        clock: Callable[[], float] = time.time,
+        sync_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.suspensions = suspensions
+        self.records = records
+        self._take = take
+        self._bounce = bounce
+        self._clock = clock
+        self.sync_interval = sync_interval
+        self.actions: dict[str, Automated] = {}  # active, by id
+        self._bouncing: list[Automated] = []
+        self._aimd: dict[tuple[str, str], Aimd] = {}  # (source, site) -> its adaptive rate
+        self._rules: dict[tuple[str, str], list[tuple[str, AutomationRule]]] = {}
+        self._rules_of: object = None  # the shaping files the rule cache was made from
+        self._version = -1
+        self._tasks: set[asyncio.Task[None]] = set()
+        dispatcher.steering = self
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        await self.sync()
+
+    async def run(self) -> None:
+        """Poll the store for other workers' changes and for actions that ran out."""
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("automation: reading the store failed")
+
+    async def stop(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    async def sync(self) -> None:
+        """End what ran out, then apply the store's actions if they changed."""
+        now = self._clock()
+        for ended in await self.store.expire(now):
+            self._record_end(ended)
+        version = await self.store.version()
+        if version != self._version:
+            self._version = version
+            self._apply(await self.store.active(now))
+
+    # ----------------------------------------------------------------- replies in
+
+    def observe(self, record: Record) -> None:
+        """A record subscriber: outcomes feed the rules and the adaptive rates."""
+        if record.type is RecordType.DELIVERY:
+            if self._aimd:
+                self._delivered(record)
+            return
+        if record.type not in _FAILURES or record.response is None or not record.site:
+            return
+        reply = _reply_text(record.response)
+        domain = recipient_domain(record.recipient)
+        for label, rule in self._rules_for(domain, record.site):
+            if rule.pattern.search(reply):
+                self._spawn(self._matched(label, rule, record, reply))
+        if record.type is RecordType.TRANSIENT_FAILURE:
+            self._maybe_back_off(domain, record, reply)
+
+    def _rules_for(self, domain: str, site: str) -> list[tuple[str, AutomationRule]]:
+        files = self.dispatcher.policy.files
+        if files is not self._rules_of:  # a reload: the rules may have changed
+            self._rules_of, self._rules = files, {}
+        key = (domain, site)
+        rules = self._rules.get(key)
+        if rules is None:
+            rules = self._rules[key] = files.rules(domain, site) if files is not None else []
+        return rules
+
+    async def _matched(self, label: str, rule: AutomationRule, record: Record, reply: str) -> None:
+        tenant, campaign = _tenant_campaign(record.queue)
+        scope = scoped(rule.action, source=record.source, tenant=tenant, campaign=campaign)
+        if not scope:
+            return  # a tenant rule, a message without a tenant: nothing to act on
+        now = self._clock()
+        change = rule.change() if rule.action == "set_config" else {}
+        candidate = Automated(
+            id=new_message_id(),
+            action=rule.action,
+            rule=label,
+            trigger=str(rule.trigger),
+            site=record.site,
+            setting=rule.name or "",
+            value=msgspec.json.encode(next(iter(change.values()))).decode() if change else "",
+            reply=reply,
+            message_id=record.message_id,
+            started=now,
+            until=now + rule.duration,
+            source=scope.get("source", ""),
+            tenant=scope.get("tenant", ""),
+            campaign=scope.get("campaign", ""),
+        )
+        started = await self.store.matched(candidate, rule.trigger.count, rule.trigger.period)
+        if started is None:
+            return
+        log.warning("automation: %s for %gs: %s", started.describe(), rule.duration, reply)
+        self._record(started, f"started: {started.describe()}; reply: {reply}")
+        self._version = -1  # apply it here now, not at the next poll
+        await self.sync()
+
+    # ----------------------------------------------------------------- operators
+
+    async def lift(self, action_id: str) -> Automated | None:
+        """End an active action now; None when no such action is active."""
+        ended = await self.store.end(action_id, "lifted by an operator", self._clock())
+        if ended is not None:
+            self._record_end(ended)
+            await self.sync()
+        return ended
+
+    async def active(self) -> list[Automated]:
+        return await self.store.active(self._clock())
+
+    # ----------------------------------------------------------------- applying
+
+    def _apply(self, actions: list[Automated]) -> None:
+        """Make this worker's suspensions, bounces and overrides those of ``actions``."""
+        before, self.actions = self.actions, {a.id: a for a in actions}
+        for gone in before.keys() - self.actions.keys():
+            self._unsuspend(before[gone])
+        for action in actions:
+            if action.action in SUSPEND_ACTIONS and action.id not in before:
+                self.suspensions.suspend(_suspension(action))
+        self._bouncing = [a for a in actions if a.action in BOUNCE_ACTIONS]
+        for action in self._bouncing:
+            if action.id not in before:
+                self._bounce_waiting(action)
+        self._set_overrides([a for a in actions if a.action == "set_config"])
+
+    def _unsuspend(self, action: Automated) -> None:
+        if action.action in SUSPEND_ACTIONS:
+            suspension = _suspension(action)
+            current = [s for s in self.suspensions.active() if s.key == suspension.key]
+            if current and current[0].reason == suspension.reason:  # not an operator's since
+                self.suspensions.resume(suspension.kind, suspension.value, suspension.site)
+
+    def _bounce_waiting(self, action: Automated) -> None:
+        jobs = self._take(lambda job: action.covers(*_where(job)))
+        if jobs:
+            count = self._bounce(jobs, _bounce_reason(action))
+            log.warning("automation: bounced %d recipients (%s)", count, action.describe())
+
+    def _set_overrides(self, actions: list[Automated]) -> None:
+        overrides: dict[tuple[str, str], tuple[str, dict[str, object]]] = {}
+        for action in sorted(actions, key=lambda a: a.started):  # a later one wins
+            key = (action.source, action.site)
+            label, values = overrides.get(key, (f"automation {action.rule}", {}))
+            values = {**values, action.setting: msgspec.json.decode(action.value)}
+            overrides[key] = (label, values)
+        policy = self.dispatcher.policy
+        if overrides != policy.overrides:
+            self.dispatcher.reshape(policy.with_overrides(overrides))
+
+    # ----------------------------------------------------------------- the dispatcher's questions
+
+    def bounce_reason(self, job: Job) -> str | None:
+        """Why a routed job is to be bounced now (a bounce action covers it), or None."""
+        if not self._bouncing:
+            return None
+        where = _where(job)
+        for action in self._bouncing:
+            if action.covers(*where) and action.until > self._clock():
+                return _bounce_reason(action)
+        return None
+
+    def rate_override(self, source: str, site: str) -> Rate | None:
+        """The adaptive message rate of a path, once it has one."""
+        aimd = self._aimd.get((source, site))
+        return aimd.rate if aimd is not None else None
+
+    def adaptive(self) -> list[tuple[str, str, Aimd]]:
+        return [(source, site, aimd) for (source, site), aimd in self._aimd.items()]
+
+    # ----------------------------------------------------------------- adaptive rates
+
+    def _maybe_back_off(self, domain: str, record: Record, reply: str) -> None:
+        path = (record.source, record.site)
+        aimd = self._aimd.get(path)
+        if aimd is None:
+            config = self._adaptive_config(domain, record.site)
+            if config is None or not config.pattern.search(reply):
+                return
+            shaping = self.dispatcher.policy.resolve(domain, record.site, record.source)
+            aimd = self._aimd[path] = Aimd.start(config, shaping.max_message_rate, self._clock())
+        elif not aimd.config.pattern.search(reply):
+            return
+        if aimd.backed_off(self._clock()):
+            log.info("adaptive rate of %s->%s down to %s", *path, aimd.rate)
+            self.dispatcher.rate_changed(*path)
+
+    def _adaptive_config(self, domain: str, site: str) -> AdaptiveRate | None:
+        files = self.dispatcher.policy.files
+        return files.adaptive(domain, site) if files is not None else None
+
+    def _delivered(self, record: Record) -> None:
+        aimd = self._aimd.get((record.source, record.site))
+        if aimd is not None and aimd.succeeded(self._clock()):
+            log.info("adaptive rate of %s->%s up to %s", record.source, record.site, aimd.rate)
+            self.dispatcher.rate_changed(record.source, record.site)
+
+    # ----------------------------------------------------------------- records
+
+    def _record_end(self, action: Automated) -> None:
+        log.info("automation ended (%s): %s", action.ended_why, action.describe())
+        self._record(action, f"ended ({action.ended_why}): {action.describe()}", started=False)
+
+    def _record(self, action: Automated, reason: str, *, started: bool = True) -> None:
+        self.records.emit(
+            Record(
+                type=RecordType.AUTOMATION,
+                message_id=action.message_id if started else "",
+                site=action.site,
+                source=action.source,
+                tenant=action.tenant,
+                campaign=action.campaign,
+                reason=f"{action.id} {reason}",
+            )
+        )
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _reply_text(response: Response) -> str:
+    return " ".join(p for p in (str(response.code), response.enhanced, response.text) if p)
+
+
+def _tenant_campaign(queue: str) -> tuple[str, str]:
+    """The tenant and campaign of a scheduled queue name, ``campaign:tenant@domain``."""
+    campaign, _, rest = queue.rpartition(":")
+    return rest.rpartition("@")[0], campaign
+
+
+def _where(job: Job) -> tuple[str, str, str, str]:
+    meta = job.message.meta
+    return job.site, job.source, meta.tenant, meta.campaign
+
+
+def _suspension(action: Automated) -> Suspension:
+    kind = _SUSPEND_KIND[action.action]
+    value = {"source": action.source, "tenant": action.tenant, "campaign": action.campaign}[kind]
+    reason = f"automation {action.id}: {action.rule} matched {action.reply!r}"
+    return Suspension(kind, value, reason, action.until, site=action.site)  # type: ignore[arg-type]
+
+
+def _bounce_reason(action: Automated) -> str:
+    return f"bounced by automation {action.id} ({action.rule}): {action.reply}"

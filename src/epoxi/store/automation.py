@@ -1,0 +1,176 @@
+"""The durable copy of traffic shaping automation: active actions and threshold counts.
+
+Every worker process (and a restarted node) reads the same table, so an action one worker
+starts holds in all of them and outlives a restart; it ends by itself at ``until``, or when an
+operator lifts it. ``version`` grows with every change: a worker polls it to know when to read
+the actions again. Matches of threshold rules are counted here too, so "5 per hour" counts
+the replies every worker saw. SQLite runs on the store's own thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from epoxi.shaping.automation import Automated
+from epoxi.store.db import connect
+
+T = TypeVar("T")
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Automated).decode
+
+
+class AutomationStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoxi-automation")
+        self._conn: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        self._conn = await self._call(lambda: connect(self.path, check_same_thread=False))
+
+    async def stop(self) -> None:
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the automation store is not open")
+        return self._conn
+
+    async def matched(self, candidate: Automated, count: int, period: float) -> Automated | None:
+        """A rule matched: count it (thresholds), and start ``candidate`` if the trigger is
+        met and no action of the same rule and scope is active. Returns the new action."""
+        conn = self._db()
+        return await self._call(lambda: _matched(conn, candidate, count, period))
+
+    async def active(self, now: float) -> list[Automated]:
+        conn = self._db()
+
+        def read() -> list[Automated]:
+            rows = conn.execute(
+                "SELECT entry FROM automation WHERE ended IS NULL AND until > ? ORDER BY started",
+                (now,),
+            )
+            return [_decode(entry) for (entry,) in rows]
+
+        return await self._call(read)
+
+    async def version(self) -> int:
+        conn = self._db()
+        return await self._call(lambda: _version(conn))
+
+    async def expire(self, now: float) -> list[Automated]:
+        """End the actions whose time ran out; returns those this call ended (so one worker
+        records each)."""
+        conn = self._db()
+
+        def run() -> list[Automated]:
+            with _immediate(conn):
+                rows = conn.execute(
+                    "SELECT id FROM automation WHERE ended IS NULL AND until <= ?", (now,)
+                ).fetchall()
+                return [_end(conn, action_id, "expired", now) for (action_id,) in rows]
+
+        return await self._call(run)
+
+    async def end(self, action_id: str, why: str, now: float) -> Automated | None:
+        """End an active action now (an operator lifted it); None if none is active."""
+        conn = self._db()
+
+        def run() -> Automated | None:
+            with _immediate(conn):
+                row = conn.execute(
+                    "SELECT 1 FROM automation WHERE id = ? AND ended IS NULL", (action_id,)
+                ).fetchone()
+                return _end(conn, action_id, why, now) if row else None
+
+        return await self._call(run)
+
+    async def purge(self, before: float) -> None:
+        """Forget threshold matches and ended actions older than ``before``."""
+        conn = self._db()
+
+        def run() -> None:
+            with _immediate(conn):
+                conn.execute("DELETE FROM automation_hits WHERE at < ?", (before,))
+                conn.execute("DELETE FROM automation WHERE ended < ?", (before,))
+
+        await self._call(run)
+
+
+class _immediate:
+    """A write transaction taken at once: workers' check-then-write steps never interleave."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(version), 0) FROM automation").fetchone()[0])
+
+
+def _matched(
+    conn: sqlite3.Connection, candidate: Automated, count: int, period: float
+) -> Automated | None:
+    rule, scope, now = candidate.rule, candidate.scope, candidate.started
+    with _immediate(conn):
+        if count > 1:
+            conn.execute(
+                "INSERT INTO automation_hits (rule, scope, at) VALUES (?, ?, ?)", (rule, scope, now)
+            )
+            (seen,) = conn.execute(
+                "SELECT count(*) FROM automation_hits WHERE rule = ? AND scope = ? AND at > ?",
+                (rule, scope, now - period),
+            ).fetchone()
+            if seen < count:
+                return None
+        running = conn.execute(
+            "SELECT 1 FROM automation WHERE rule = ? AND scope = ? AND ended IS NULL AND until > ?",
+            (rule, scope, now),
+        ).fetchone()
+        if running:
+            return None
+        conn.execute("DELETE FROM automation_hits WHERE rule = ? AND scope = ?", (rule, scope))
+        conn.execute(
+            "INSERT INTO automation (id, rule, scope, version, started, until, ended, entry)"
+            " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+            (
+                candidate.id,
+                rule,
+                scope,
+                _version(conn) + 1,
+                now,
+                candidate.until,
+                _encode(candidate),
+            ),
+        )
+        return candidate
+
+
+def _end(conn: sqlite3.Connection, action_id: str, why: str, now: float) -> Automated:
+    (entry,) = conn.execute("SELECT entry FROM automation WHERE id = ?", (action_id,)).fetchone()
+    ended = msgspec.structs.replace(_decode(entry), ended=now, ended_why=why)
+    conn.execute(
+        "UPDATE automation SET ended = ?, version = ?, entry = ? WHERE id = ?",
+        (now, _version(conn) + 1, _encode(ended), action_id),
+    )
+    return ended
