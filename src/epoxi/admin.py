@@ -6,9 +6,9 @@ msgspec structs, so they serialise as they are.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Literal
 
 import msgspec
@@ -205,7 +205,7 @@ class Admin:
         site = (await self.dispatcher.router.route(domain)).site
         policy = self.dispatcher.policy
         explained = policy.explain(domain, site, source or "")
-        shaping = dataclasses.asdict(explained.shaping)
+        shaping = {f.name: getattr(explained.shaping, f.name) for f in fields(explained.shaping)}
         files = policy.files
         adaptive = files.adaptive(domain, site) if files is not None else None
         active = await self.automation.active() if self.automation else []

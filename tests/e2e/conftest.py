@@ -152,6 +152,13 @@ class World:
                 ids.append(text.split()[-1].decode())
         return ids
 
+    async def restart(self) -> None:
+        """Stop this node and start a new one on the same settings and data dir."""
+        await self.app.stop()
+        self.app = Epoxi(self.app.settings)
+        self.app.records.subscribe(self.records.append)
+        await self.app.start()
+
     async def wait_records(
         self,
         kind: RecordType,
@@ -217,12 +224,12 @@ async def make_world(tmp_path: Path) -> AsyncIterator[MakeWorld]:
         world = World(app, port, sinks, sink_port)
         app.records.subscribe(world.records.append)
         await app.start()
-        running.append(app)
+        running.append(world)
         return world
 
     yield make
     for item in reversed(running):
-        await item.stop()
+        await (item.app.stop() if isinstance(item, World) else item.stop())
 
 
 async def send(world: World, *args: Any, **kwargs: Any) -> list[str]:

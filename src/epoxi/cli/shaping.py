@@ -3,6 +3,7 @@ what a domain's shaping is, what automation is in force, lift an action, reload 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from epoxi.api_types import ShapingReloaded, ShapingResolution, ShapingState
 from epoxi.cli.client import DEFAULT_URL
 from epoxi.cli.common import PLAIN_HELP
 from epoxi.cli.remote import AsJson, Key, Url, _api, _time
-from epoxi.cli.show import add_row, echo, line, print_json, show, table
+from epoxi.cli.show import add_row, echo, print_json, show, table
 from epoxi.errors import ConfigError
 from epoxi.shaping.automation import Automated
 from epoxi.shaping.files import ShapingFiles, load_file
@@ -71,15 +72,16 @@ def resolve(
     if as_json:
         print_json(found)
         return
-    line("domain", found.domain, bold_first=True)
-    line("site", found.site, bold_first=True)
-    line("provider", found.provider or "(none)", bold_first=True)
+    echo(f"domain:   {found.domain}")
+    echo(f"site:     {found.site}")
+    echo(f"provider: {found.provider or '(none)'}")
     if found.source:
-        line("source", found.source, bold_first=True)
-    settings = table("setting", "value", "from")
-    for setting in found.settings:
-        add_row(settings, setting.name, setting.value, setting.origin)
-    show(settings)
+        echo(f"source:   {found.source}")
+    echo("")
+    width = max(len(s.name) for s in found.settings)
+    for setting in found.settings:  # one line each, never cut: scripts and diffs read them
+        value = json.dumps(setting.value)
+        echo(f"{setting.name:<{width}} = {value:<16} # {setting.origin}")
     if found.rules:
         rules = table("rule", "regex", "action", "trigger", "duration")
         for rule in found.rules:
@@ -87,7 +89,7 @@ def resolve(
         show(rules)
     if found.adaptive_rate:
         parts = ", ".join(f"{k}={v}" for k, v in found.adaptive_rate.items() if k != "regex")
-        line("adaptive rate", parts, bold_first=True)
+        echo(f"adaptive rate: {parts}")
     _show_actions(found.active)
 
 
@@ -138,16 +140,14 @@ def reload(url: Url = DEFAULT_URL, key: Key = None) -> None:
     itself within shaping_watch_interval). A file that does not validate is refused, with the
     reason, and the running limits stay."""
     with _api(url, key) as client:
-        done = client.typed(ShapingReloaded, "POST", "/admin/shaping/reload")
+        done = client.typed(ShapingReloaded, "POST", "/admin/shaping/reload", json={})
     echo(f"applied in {done.workers} worker(s): {', '.join(done.files) or 'no files'}")
 
 
 def _show_actions(actions: list[Automated]) -> None:
-    if not actions:
-        return
-    shown = table("id", "action", "scope", "until", "rule", "reply")
+    """Each action as a few lines (ids and rule names are long: a table would cut them)."""
     for action in actions:
         what = action.action + (f" {action.setting}={action.value}" if action.setting else "")
-        until = _time(action.until)
-        add_row(shown, action.id, what, action.scope, until, action.rule, action.reply)
-    show(shown)
+        echo(f"{action.id}  {what} on {action.scope} until {_time(action.until)} UTC")
+        echo(f"    rule:  {action.rule} (trigger {action.trigger})")
+        echo(f"    reply: {action.reply}")

@@ -166,6 +166,8 @@ class Sink(Service):
     ``fail_connections``: the first N connections get a 421 greeting and are closed.
     ``fault_times``: each recipient's fault fires at most that many times (then it is served
     normally, as a receiver that recovers); None means every time.
+    ``rcpt_answer(client address, recipient)`` may return a reply that refuses a recipient
+    (a 421 also closes the connection), as a receiver throttling one sending IP does.
     ``break_tls``: STARTTLS is offered and answered 220, then plain text comes instead of a
     TLS handshake and the connection is closed (a broken TLS stack, as some receivers have).
     With ``store=False`` only counters are kept: no messages, records or times.
@@ -193,7 +195,9 @@ class Sink(Service):
         fail_connections: int = 0,
         fault_times: int | None = None,
         break_tls: bool = False,
+        rcpt_answer: Callable[[str, str], Reply | None] | None = None,
     ) -> None:
+        self.rcpt_answer = rcpt_answer  # (client address, recipient) -> a refusal, or None
         self.host, self._port, self.name, self.hostname = host, port, name, hostname
         self.fault_times = fault_times
         self.break_tls = break_tls
@@ -832,7 +836,13 @@ class _Session(asyncio.Protocol):
 
     def _rcpt_verdict(self, txn: _Transaction, address: str, params: str) -> None:
         fault = self.sink.fault_for(address)
-        if fault in _RCPT_FAULTS:
+        answer = self.sink.rcpt_answer(self.peer, address) if self.sink.rcpt_answer else None
+        if answer is not None:
+            self._reject(answer)
+            if answer.code == 421:  # "closing the transmission channel" (RFC 5321 3.8)
+                self._flush()  # the flight's replies so far, this one last
+                self._close_after_output()
+        elif fault in _RCPT_FAULTS:
             self._reject(_RCPT_FAULTS[fault])
         elif len(txn.rcpt_tos) >= self.sink.max_recipients:
             self._reject(r.TOO_MANY_RECIPIENTS)
