@@ -308,7 +308,7 @@ class ShapingState(msgspec.Struct, kw_only=True):
 
 class SettingInfo(msgspec.Struct, kw_only=True):
     name: str
-    value: str | int | float | bool | None
+    value: Any  # a number, a rate or TLS mode as text, a boolean, or null
     origin: str  # the layer it came from: "provider google (default.toml)", "built-in", ...
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from epoxi.smtp.replies import Reply
 from epoxi.store import KeyStore, Scope, store_path
 from epoxi.testing.sink import Sink
 from tests.conftest import EpoxiProcess, eventually, free_port, queue_ids, send_batch
@@ -424,3 +425,47 @@ async def test_implicit_tls_sessions_are_handed_to_every_worker(tmp_path: Path) 
         await eventually(lambda: workers_with_mail(process, 2) == 2, 10, "mail on both workers")
     finally:
         await stop(process)
+
+
+async def test_an_automation_action_one_worker_starts_holds_in_every_worker(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "shaping.toml"
+    rules.write_text(
+        '[domains."local.test"]\n[[domains."local.test".automation]]\n'
+        'regex = \'\\[TS04\\]\'\naction = "suspend"\nduration = "1h"\n'
+    )
+    throttled = {"on": True}
+
+    def answer(client: str, recipient: str) -> Reply | None:
+        return Reply(421, "4.7.0", "[TS04] deferred") if throttled["on"] else None
+
+    async with Sink("127.0.0.1", rcpt_answer=answer) as sink:
+        config = f"shaping_files = [{json.dumps(str(rules))}]\n{FAST_RETRY}"
+        process = await start(
+            tmp_path, workers=2, config=config, env={"EPOXI_SMTP_PORT": str(sink.port)}
+        )
+        try:
+            sent = len(await send_to_every_worker(process, 2, sessions=20))
+            # one worker saw the reply first and started the action; both apply it
+            await wait_for_log(process, "suspended source default on route:", 2)
+            started = [
+                worker_log(process, i).read_text().count('"type":"Automation"') for i in (0, 1)
+            ]
+            assert sum(started) == 1, started
+            throttled["on"] = False
+            active = (await asyncio.to_thread(api, process, "GET", "/admin/shaping")).json()
+            [action] = active["active"]
+            url = f"http://127.0.0.1:{process.http_port}"
+            lifted = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "epoxi", "shaping", "lift", action["id"], "--url", url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert lifted.returncode == 0, lifted.stderr
+            await wait_for_log(process, "resumed source default on route:", 2)
+            await sink.wait_for(sent, timeout=30)
+        finally:
+            await stop(process)

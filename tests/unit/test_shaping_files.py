@@ -172,6 +172,23 @@ def test_the_shipped_default_file_is_valid_and_matches_each_providers_hosts() ->
         assert files.provider_of(domain, list(hosts)) == provider, (domain, hosts)
 
 
+def test_the_shipped_files_automation_acts_on_the_providers_published_replies() -> None:
+    shipped = Path(__file__).parents[2] / "src/epoxi/shaping/default.toml"
+    files = ShapingFiles([("default.toml", load_file(shipped))])
+    yahoo = files.rules("yahoo.com", "mta5.am0.yahoodns.net,mta6.am0.yahoodns.net")
+    reply = "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to user complaints"
+    assert [rule.action for _, rule in yahoo if rule.pattern.search(reply)] == ["suspend"]
+    google = files.adaptive("gmail.com", "aspmx.l.google.com")
+    assert google is not None and google.pattern.search("421 4.7.28 unusual rate of mail")
+    assert files.rules("a.test", "route:relay.test:25") == []
+
+
+def test_the_example_default_file_is_the_shipped_one() -> None:
+    root = Path(__file__).parents[2]
+    shipped = (root / "src/epoxi/shaping/default.toml").read_text()
+    assert (root / "examples/shaping-default.toml").read_text() == shipped
+
+
 def test_the_policy_layers_files_and_the_configuration_kind_by_kind(tmp_path: Path) -> None:
     from epoxi.app import shaping_files, shaping_policy
     from epoxi.config import Settings

@@ -192,7 +192,7 @@ async def shaping_resolve(
 @post(
     "/shaping/reload",
     status_code=200,
-    responses=problem_responses(401, 403, 422),
+    responses=problem_responses(400, 401, 403, 415, 422),
     summary="Read the shaping files again and apply them to the live queues",
 )
 async def shaping_reload(request: Request[Any, Any, Any]) -> ShapingReloaded:

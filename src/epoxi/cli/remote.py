@@ -22,6 +22,7 @@ from epoxi.api_types import (
     Pipelines,
     PoolList,
     Queued,
+    ReadyQueueInfo,
     SelectorIn,
     SendResponse,
     SuspendRequest,
@@ -382,7 +383,7 @@ def _show_pipelines(found: Pipelines, as_json: bool) -> None:
             r.queued,
             f"{r.connections}/{r.connection_limit}",
             r.deliveries,
-            r.attempts_last_minute,
+            _per_minute(r),
             r.suspended,
             r.last_error,
         )
@@ -390,8 +391,16 @@ def _show_pipelines(found: Pipelines, as_json: bool) -> None:
     if found.suspensions:
         suspensions = table("target", "value", "reason", "until", title="suspensions")
         for s in found.suspensions:
-            add_row(suspensions, s.target, s.value, s.reason, _time(s.until) or "resumed")
+            value = f"{s.value} on {s.site}" if s.site else s.value
+            add_row(suspensions, s.target, value, s.reason, _time(s.until) or "resumed")
         show(suspensions)
+
+
+def _per_minute(ready: ReadyQueueInfo) -> str:
+    """Attempts in the last minute, and the rate limit: configured, and adaptive when it is."""
+    limits = [f"max {ready.max_message_rate}"] if ready.max_message_rate else []
+    limits += [f"now {ready.adaptive_message_rate}"] if ready.adaptive_message_rate else []
+    return f"{ready.attempts_last_minute}" + (f" ({', '.join(limits)})" if limits else "")
 
 
 @queue_app.command("suspend")

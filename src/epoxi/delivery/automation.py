@@ -47,6 +47,7 @@ Bounce = Callable[[list[Job], str], int]
 Take = Callable[[Callable[[Job], bool]], list[Job]]
 
 _FAILURES = (RecordType.TRANSIENT_FAILURE, RecordType.BOUNCE)
+MAX_CACHED = 100_000  # (domain, site) -> rules entries kept
 _SUSPEND_KIND = {"suspend": "source", "suspend_tenant": "tenant", "suspend_campaign": "campaign"}
 
 
@@ -180,6 +181,8 @@ class Automation:
         key = (domain, site)
         rules = self._rules.get(key)
         if rules is None:
+            if len(self._rules) >= MAX_CACHED:
+                self._rules.clear()
             rules = self._rules[key] = files.rules(domain, site) if files is not None else []
         return rules
 
@@ -188,6 +191,7 @@ class Automation:
         scope = scoped(rule.action, source=record.source, tenant=tenant, campaign=campaign)
         if not scope:
             return  # a tenant rule, a message without a tenant: nothing to act on
+        running = {(a.rule, a.scope) for a in self.actions.values()}
         now = self._clock()
         change = rule.change() if rule.action == "set_config" else {}
         candidate = Automated(
@@ -206,6 +210,8 @@ class Automation:
             tenant=scope.get("tenant", ""),
             campaign=scope.get("campaign", ""),
         )
+        if (candidate.rule, candidate.scope) in running:
+            return  # it already acts: a burst of the same reply costs no store write
         started = await self.store.matched(candidate, rule.trigger.count, rule.trigger.period)
         if started is None:
             return
