@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -102,6 +103,7 @@ class Epoxi:
             inject=self.ingest.inject,
             hostname=settings.hostname,
             dsn_wanted=self._dsn_wanted,
+            retry_for=self._retry_for,
         )
         self.scheduler.on_hold = self.outcomes.held
         self.dispatcher = Dispatcher(
@@ -157,6 +159,23 @@ class Epoxi:
 
     def _release(self, job: Job) -> None:
         self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
+
+    def _retry_for(self, job: Job, configured: RetryPolicy) -> RetryPolicy:
+        """The retries of a job's destination: the shaping files may set them per provider,
+        site or domain (before its first routing the site is not known: domain and default
+        blocks only)."""
+        shaping = self.dispatcher.policy.resolve(job.domain, job.site or job.domain, job.source)
+        if (
+            shaping.retry_interval is None
+            and shaping.max_retry_interval is None
+            and shaping.max_age is None
+        ):
+            return configured
+        return _retry_policy(
+            shaping.retry_interval or configured.retry_interval,
+            shaping.max_retry_interval or configured.max_retry_interval,
+            shaping.max_age or configured.max_age,
+        )
 
     def _dsn_wanted(self, job: Job) -> bool:
         delivery = self.settings.delivery
@@ -404,6 +423,11 @@ def _setting(settings: Settings, dotted: str) -> object:
 
 def retry_policy(delivery: DeliverySettings) -> RetryPolicy:
     return RetryPolicy(delivery.retry_interval, delivery.max_retry_interval, delivery.max_age)
+
+
+@functools.lru_cache(maxsize=1024)
+def _retry_policy(interval: float, max_interval: float, max_age: float) -> RetryPolicy:
+    return RetryPolicy(interval, max(interval, max_interval), max_age)
 
 
 def shaping_policy(delivery: DeliverySettings, files: ShapingFiles | None = None) -> ShapingPolicy:

@@ -388,3 +388,25 @@ async def test_rate_deferrals_halve_the_path_rate_and_deliveries_bring_it_back(
 def backed_off_sync(world: World) -> str | None:
     rate = world.app.automation.rate_override("ip10", SITE)
     return str(rate) if rate else None
+
+
+async def test_a_domains_retry_schedule_and_max_age_come_from_its_shaping(
+    api: Api, tmp_path: Path
+) -> None:
+    path = shaping_file(
+        tmp_path,
+        '[domains."a.test"]\nretry_interval = "0.2s"\nmax_retry_interval = "0.2s"\n'
+        'max_age = "1.5s"\n',
+    )
+    world, _ = await api(
+        shaping_files=[str(path)],
+        delivery={"retry_interval": 600, "max_retry_interval": 600, "max_age": 86400},
+    )
+    await send(world, ["tempfail@a.test"])
+    [expired] = await world.wait_records(RecordType.EXPIRATION, 1, timeout=20)
+    failures = [r for r in world.records if r.type is RecordType.TRANSIENT_FAILURE]
+    assert len(failures) >= 3  # retried every 0.2 s, not every 10 minutes
+    assert "expired after" in expired.reason
+    [reception] = [r for r in world.records if r.message_id == expired.message_id][:1]
+    assert reception.type is RecordType.RECEPTION  # (the DSN is another message)
+    assert expired.timestamp - reception.timestamp >= 1.5

@@ -77,8 +77,11 @@ class Disposition:
         inject: Inject,
         hostname: str,
         dsn_wanted: Callable[[Job], bool] = lambda job: True,
+        retry_for: Callable[[Job, RetryPolicy], RetryPolicy] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # The retries of a job's destination (its shaping), given the configured ones
+        self.retry_for = retry_for or (lambda job, configured: configured)
         self.classifier = classifier
         self.records = records
         self.spool = spool
@@ -96,7 +99,10 @@ class Disposition:
             await asyncio.wait(self._tasks, timeout=10)
 
     def expired(self, job: Job) -> bool:
-        return self.retry.expired(job.message.meta.age_origin, self._clock())
+        return self._retry(job).expired(job.message.meta.age_origin, self._clock())
+
+    def _retry(self, job: Job) -> RetryPolicy:
+        return self.retry_for(job, self.retry)
 
     # ----------------------------------------------------------------- failures without replies
 
@@ -166,10 +172,11 @@ class Disposition:
         now = self._clock()
         job.recipients = [f.recipient for f in deferred]
         job.attempts = attempt
-        if self.retry.expired(meta.age_origin, now):
+        retry = self._retry(job)
+        if retry.expired(meta.age_origin, now):
             self.expire(job, deferred[0].reply)
             return
-        job.due = now + self.retry.delay(attempt)
+        job.due = now + retry.delay(attempt)
         for failure in deferred:
             self._record_failure(RecordType.TRANSIENT_FAILURE, job, failure, attempt, job.due)
         if attempt == 1:
@@ -182,7 +189,8 @@ class Disposition:
 
     def expire(self, job: Job, last: Reply | None = None) -> None:
         """Give up on ``job``: an Expiration record per recipient, a DSN, then done."""
-        reason = f"message expired after {self.retry.max_age / 86400:g} days in the queue"
+        max_age = self._retry(job).max_age
+        reason = f"message expired after {max_age / 86400:g} days in the queue"
         if last is not None:
             reason += f"; last reply: {last}"
         reply = Synthetic.EXPIRED.reply(reason)  # for the record only: no server said this
@@ -309,7 +317,7 @@ class Disposition:
             ],
             dsn_id=dsn_id,
             now=self._clock(),
-            retry_until=meta.age_origin + self.retry.max_age,
+            retry_until=meta.age_origin + self._retry(job).max_age,
         )
         await self.inject(_dsn_meta(dsn_id, meta, len(dsn), kind, self._clock()), dsn)
         log.info(

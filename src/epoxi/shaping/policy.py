@@ -41,7 +41,11 @@ BUILTIN: Mapping[str, Any] = {
     "max_connection_rate": None,
     "tls": "opportunistic",
     "tls_verify": False,
+    "retry_interval": None,
+    "max_retry_interval": None,
+    "max_age": None,
 }
+MAX_CACHED = 100_000  # (domain, site, source) -> merged limits kept
 
 Layer = Mapping[str, Any]
 
@@ -58,6 +62,10 @@ class Shaping:
     max_connection_rate: Rate | None = None
     tls: ShapingTls = "opportunistic"
     tls_verify: bool = False
+    # Retries of mail to this destination; None: the [delivery] setting
+    retry_interval: float | None = None
+    max_retry_interval: float | None = None
+    max_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class ShapingPolicy:
         key = (domain, site, source)
         found = self._cache.get(key)
         if found is None:
+            if len(self._cache) >= MAX_CACHED:  # a cache: domains x sources can grow large
+                self._cache.clear()
             found = self._cache[key] = self._merge(domain, site, source)
         return found
 
@@ -163,7 +173,14 @@ def _shaping(values: Mapping[str, Any]) -> Shaping:
         max_connection_rate=_rate(values["max_connection_rate"]),
         tls=values["tls"],
         tls_verify=bool(values["tls_verify"]),
+        retry_interval=_seconds(values["retry_interval"]),
+        max_retry_interval=_seconds(values["max_retry_interval"]),
+        max_age=_seconds(values["max_age"]),
     )
+
+
+def _seconds(value: float | None) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _rate(text: str | None) -> Rate | None:
