@@ -410,3 +410,39 @@ async def test_a_domains_retry_schedule_and_max_age_come_from_its_shaping(
     [reception] = [r for r in world.records if r.message_id == expired.message_id][:1]
     assert reception.type is RecordType.RECEPTION  # (the DSN is another message)
     assert expired.timestamp - reception.timestamp >= 1.5
+
+
+async def test_suspend_campaign_holds_that_campaigns_mail_for_the_site_until_it_ends(
+    api: Api, tmp_path: Path
+) -> None:
+    rules = shaping_file(
+        tmp_path,
+        """
+        [domains."a.test"]
+        [[domains."a.test".automation]]
+        regex = 'complaints'
+        action = "suspend_campaign"
+        duration = "2s"
+        """,
+    )
+    flag = {"on": True}
+    world, client = await api(
+        shaping_files=[str(rules)],
+        delivery={"sources": SOURCES[:1]},
+        sink_options={"rcpt_answer": throttling(flag, reply=Reply(451, "4.7.1", "complaints"))},
+    )
+    spring = b"X-Epoxi-Campaign: spring\r\nSubject: s\r\n\r\nHi.\r\n"
+    await send(world, ["x@a.test"], body=spring)
+    [started] = await world.wait_records(RecordType.AUTOMATION, 1)
+    assert "suspend_campaign on campaign spring on " + SITE in started.reason
+    flag["on"] = False
+    await send(world, ["y@a.test"], body=spring)  # held: its campaign is suspended there
+    await send(world, ["z@a.test"])  # no campaign: goes
+    [first] = await world.wait_records(RecordType.DELIVERY, 1)
+    assert first.recipient == "z@a.test"
+    await world.wait_records(RecordType.SUSPENDED, 1, where=lambda r: r.recipient == "y@a.test")
+    pipelines = (await client.get("/admin/pipelines")).json()
+    assert any(s["target"] == "campaign" and s["site"] == SITE for s in pipelines["suspensions"])
+    done = await world.wait_records(RecordType.DELIVERY, 3, timeout=20)
+    late = [r for r in done if r.recipient in ("x@a.test", "y@a.test")]
+    assert len(late) == 2 and min(r.timestamp for r in late) >= started.timestamp + 2
