@@ -195,10 +195,25 @@ def throttling(flag: dict[str, bool], peer: str = "127.0.0.10", reply: Reply = T
     return answer
 
 
+async def throttled(
+    api: Api, tmp_path: Path, rules: str, reply: Reply = TS04, sources: int = 1, **delivery: Any
+) -> tuple[World, httpx.AsyncClient, dict[str, bool]]:
+    """A node with the shaping file ``rules`` and ``sources`` egress sources, whose receiver
+    answers ``reply`` to 127.0.0.10 while the returned flag's "on" is true."""
+    flag = {"on": True}
+    world, client = await api(
+        shaping_files=[str(shaping_file(tmp_path, rules))],
+        delivery={"sources": SOURCES[:sources], **delivery},
+        sink_options={"rcpt_answer": throttling(flag, reply=reply)},
+    )
+    return world, client, flag
+
+
 async def test_ts04_suspends_that_path_only_which_resumes_after_the_duration_and_a_restart(
     api: Api, tmp_path: Path
 ) -> None:
-    rules = shaping_file(
+    world, client, flag = await throttled(
+        api,
         tmp_path,
         """
         [providers.yahooish]
@@ -209,12 +224,7 @@ async def test_ts04_suspends_that_path_only_which_resumes_after_the_duration_and
         trigger = "immediate"
         duration = "4s"
         """,
-    )
-    flag = {"on": True}
-    world, client = await api(
-        shaping_files=[str(rules)],
-        delivery={"sources": SOURCES},
-        sink_options={"rcpt_answer": throttling(flag)},
+        sources=2,
     )
     await send(world, ["x@a.test"], count=30)
     [started] = await world.wait_records(RecordType.AUTOMATION, 1)
@@ -245,7 +255,9 @@ async def test_ts04_suspends_that_path_only_which_resumes_after_the_duration_and
 async def test_a_threshold_rule_acts_at_its_nth_match_and_set_config_caps_the_path(
     api: Api, tmp_path: Path
 ) -> None:
-    rules = shaping_file(
+    slow = Reply(451, "4.7.1", "please slow down")
+    world, client, _ = await throttled(
+        api,
         tmp_path,
         """
         [domains."a.test"]
@@ -258,18 +270,12 @@ async def test_a_threshold_rule_acts_at_its_nth_match_and_set_config_caps_the_pa
         trigger = "3/h"
         duration = "1h"
         """,
-    )
-    slow = Reply(451, "4.7.1", "please slow down")
-    flag = {"on": True}
-    world, client = await api(
-        shaping_files=[str(rules)],
-        delivery={"sources": SOURCES[:1], "retry_interval": 30},
-        sink_options={"rcpt_answer": throttling(flag, reply=slow)},
+        reply=slow,
+        retry_interval=30,
     )
     for n in (1, 2):
         await send(world, [f"x{n}@a.test"])
         await world.wait_records(RecordType.TRANSIENT_FAILURE, n)
-    await asyncio.sleep(0)  # (the matches are counted off the loop: nothing acted yet)
     assert not await world.app.automation.active()
     queue = await ready_queue(client)
     assert queue is not None and queue["connection_limit"] == 4
@@ -309,7 +315,9 @@ async def test_a_threshold_rule_acts_at_its_nth_match_and_set_config_caps_the_pa
 async def test_bounce_tenant_removes_that_tenants_waiting_mail_for_the_site_only(
     api: Api, tmp_path: Path
 ) -> None:
-    rules = shaping_file(
+    blocked = Reply(450, "5.7.1", "tenant content blocked")
+    world, _, flag = await throttled(
+        api,
         tmp_path,
         """
         [domains."a.test"]
@@ -318,13 +326,8 @@ async def test_bounce_tenant_removes_that_tenants_waiting_mail_for_the_site_only
         action = "bounce_tenant"
         duration = "1h"
         """,
-    )
-    blocked = Reply(450, "5.7.1", "tenant content blocked")
-    flag = {"on": True}
-    world, _ = await api(
-        shaping_files=[str(rules)],
-        delivery={"sources": SOURCES[:1], "retry_interval": 60},
-        sink_options={"rcpt_answer": throttling(flag, reply=blocked)},
+        reply=blocked,
+        retry_interval=60,
     )
     tenant = b"X-Epoxi-Tenant: spammy\r\nSubject: s\r\n\r\nHi.\r\n"
     other = b"X-Epoxi-Tenant: good\r\nSubject: s\r\n\r\nHi.\r\n"
@@ -346,7 +349,9 @@ async def test_bounce_tenant_removes_that_tenants_waiting_mail_for_the_site_only
 async def test_rate_deferrals_halve_the_path_rate_and_deliveries_bring_it_back(
     api: Api, tmp_path: Path
 ) -> None:
-    rules = shaping_file(
+    rate = Reply(451, "4.7.28", "Our system has detected an unusual rate of mail")
+    world, client, flag = await throttled(
+        api,
         tmp_path,
         """
         [domains."a.test"]
@@ -358,13 +363,9 @@ async def test_rate_deferrals_halve_the_path_rate_and_deliveries_bring_it_back(
         increase = "10/s"
         every = "0.2s"
         """,
-    )
-    rate = Reply(451, "4.7.28", "Our system has detected an unusual rate of mail")
-    flag = {"on": True}
-    world, client = await api(
-        shaping_files=[str(rules)],
-        delivery={"sources": SOURCES[:1], "retry_interval": 0.2, "max_retry_interval": 0.2},
-        sink_options={"rcpt_answer": throttling(flag, reply=rate)},
+        reply=rate,
+        retry_interval=0.2,
+        max_retry_interval=0.2,
     )
     await send(world, ["x@a.test"])
     await world.wait_records(RecordType.TRANSIENT_FAILURE, 3)  # 40 -> 20 -> 10 -> 5
@@ -415,7 +416,8 @@ async def test_a_domains_retry_schedule_and_max_age_come_from_its_shaping(
 async def test_suspend_campaign_holds_that_campaigns_mail_for_the_site_until_it_ends(
     api: Api, tmp_path: Path
 ) -> None:
-    rules = shaping_file(
+    world, client, flag = await throttled(
+        api,
         tmp_path,
         """
         [domains."a.test"]
@@ -424,12 +426,7 @@ async def test_suspend_campaign_holds_that_campaigns_mail_for_the_site_until_it_
         action = "suspend_campaign"
         duration = "2s"
         """,
-    )
-    flag = {"on": True}
-    world, client = await api(
-        shaping_files=[str(rules)],
-        delivery={"sources": SOURCES[:1]},
-        sink_options={"rcpt_answer": throttling(flag, reply=Reply(451, "4.7.1", "complaints"))},
+        reply=Reply(451, "4.7.1", "complaints"),
     )
     spring = b"X-Epoxi-Campaign: spring\r\nSubject: s\r\n\r\nHi.\r\n"
     await send(world, ["x@a.test"], body=spring)
