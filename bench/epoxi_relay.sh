@@ -3,6 +3,7 @@
 # 127.0.0.1:$LISTEN_PORT to the sink on 127.0.0.1:$RELAY_PORT, spool in $BENCH_WORKDIR.
 # EPOXI_BENCH_DKIM=rsa or ed25519 signs every message (the yardstick's From: is @example.com),
 # in EPOXI_BENCH_DKIM_THREADS signing threads a worker (default 2, as dkim.threads).
+# EPOXI_BENCH_SHAPING=1 loads bench/shaping-bench.toml (a shaped route: see that file).
 cd "$(dirname "$0")/.."
 WORKDIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}"
 export EPOXI_SMTP_LISTEN="127.0.0.1:${LISTEN_PORT:-2525}"
@@ -12,6 +13,9 @@ export EPOXI_DATA_DIR="$WORKDIR/epoxi"
 export EPOXI_HOSTNAME=epoxi.bench
 export EPOXI_LOG_LEVEL="${EPOXI_LOG_LEVEL:-warning}"
 export EPOXI_HTTP_LISTEN="${EPOXI_HTTP_LISTEN:-127.0.0.1:2580}"
+if [ -n "${EPOXI_BENCH_SHAPING:-}" ]; then
+    export EPOXI_SHAPING_FILES="$PWD/bench/shaping-bench.toml"
+fi
 if [ -n "${EPOXI_BENCH_DKIM:-}" ]; then
     KEY="$WORKDIR/dkim-$EPOXI_BENCH_DKIM.pem"
     [ -f "$KEY" ] || .venv/bin/epoxi dkim keygen --domain example.com --selector bench \
