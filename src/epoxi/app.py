@@ -24,6 +24,7 @@ from epoxi.bounce.classify import Classifier
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.hosttls import HostTls
+from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
@@ -116,6 +117,7 @@ class Epoxi:
             pools=self.pools,
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
+            tenants=TenantLimits.from_settings(delivery, workers=placement.count),
         )
         self.smtp = SmtpServer(settings, ingest=self.ingest, share=placement.count)
         self.admin = Admin(

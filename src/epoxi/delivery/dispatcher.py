@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 from epoxi.config import DeliverySettings, SourceSettings, TlsMode
+from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
@@ -50,6 +51,7 @@ class Dispatcher:
         pools: Pools,
         ready_queue_limit: int = 10_000,
         slots: ConnectionSlots | None = None,
+        tenants: TenantLimits | None = None,
     ) -> None:
         self.router = router
         self.policy = policy
@@ -57,6 +59,7 @@ class Dispatcher:
         self.outcomes = outcomes
         self.suspensions = suspensions
         self.pools = pools
+        self.tenants = tenants or TenantLimits()  # tenant priorities and rates, every queue's
         self.ready: dict[str, ReadyQueue] = {}
         self._load_body = load_body
         self._hold_back = hold_back
@@ -163,6 +166,7 @@ class Dispatcher:
                 slots=self._slots,
                 watch=self,
                 provider=self.policy.provider_of(domain, site),
+                tenants=self.tenants,
             )
             ready.set_suspension(self.suspensions.for_path(source, destination.site))
             self._shaped_for[key] = domain
@@ -206,6 +210,7 @@ class Dispatcher:
         EHLO name from its next connection; the jobs of one that is gone move to a source
         of their pool now."""
         self.pools.configure(delivery)
+        self.tenants.configure(delivery)
         for ready in list(self.ready.values()):
             source = self.pools.sources.get(ready.source.name)
             if source is not None:

@@ -40,6 +40,7 @@ BUILTIN: Mapping[str, Any] = {
     "max_connection_rate": None,
     "tls": "opportunistic",
     "tls_verify": False,
+    "priority": 0,
 }
 
 Layer = Mapping[str, Any]
@@ -57,6 +58,7 @@ class Shaping:
     max_connection_rate: Rate | None = None
     tls: ShapingTls = "opportunistic"
     tls_verify: bool = False
+    priority: int = 0  # of jobs whose message and tenant give none (higher goes first)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ def _shaping(values: Mapping[str, Any]) -> Shaping:
         max_connection_rate=_rate(values["max_connection_rate"]),
         tls=values["tls"],
         tls_verify=bool(values["tls_verify"]),
+        priority=int(values["priority"]),
     )
 
 
