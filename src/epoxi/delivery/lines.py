@@ -132,14 +132,12 @@ class JobLine:
                 yield from level.tenants[tenant]
 
     def put(self, job: Job, priority: int = 0) -> None:
-        level = self._levels.get(priority)
-        if level is None:
-            level = self._add_level(priority)
+        level = self._levels.get(priority) or self._add_level(priority)
         tenant = job.message.meta.tenant
         jobs = level.tenants.get(tenant)
-        if jobs is None:
-            jobs = level.tenants[tenant] = deque()
-        if not jobs:
+        if not jobs:  # none yet, or none left: the tenant joins the turn
+            if jobs is None:
+                jobs = level.tenants[tenant] = deque()
             level.turn.append(tenant)
         jobs.append(job)
         self._len += 1
@@ -156,13 +154,17 @@ class JobLine:
         if not self._len:
             return None, 0.0
         limits = self._limits
-        rated = limits is not None and limits.rated
+        if limits is None or not limits.rated:
+            for level in self._order:
+                if level.turn:
+                    return self._take_from(level, level.turn[0]), 0.0
+        assert limits is not None
         shortest = 0.0
         for level in self._order:
             turn = level.turn
             for _ in range(len(turn)):
                 tenant = turn[0]
-                wait = limits.wait(tenant, self._provider) if rated and limits else 0.0
+                wait = limits.wait(tenant, self._provider)
                 if wait <= 0:
                     return self._take_from(level, tenant), 0.0
                 shortest = wait if shortest <= 0 else min(shortest, wait)
@@ -175,11 +177,13 @@ class JobLine:
         job = jobs.popleft()
         self._len -= 1
         turn = level.turn
-        turn.popleft()
         if jobs:
-            turn.append(tenant)
-        elif len(level.tenants) > 1:
-            del level.tenants[tenant]  # a lone tenant keeps its deque: no allocation per job
+            if len(turn) > 1:
+                turn.rotate(-1)
+        else:
+            turn.popleft()
+            if len(level.tenants) > 1:
+                del level.tenants[tenant]  # a lone tenant keeps its deque: no allocation per job
         return job
 
     def take(self, predicate: Callable[[Job], bool]) -> list[Job]:
