@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+from pathlib import Path
 from typing import Any
 
 from epoxi.config import TenantRateSettings
@@ -134,3 +135,22 @@ async def test_a_reload_applies_new_tenant_priorities_and_rates_to_live_queues(
     await world.wait_records(RecordType.DELIVERY, 7)
     times = sorted(r.timestamp for r in deliveries(world) if r.message_id in bulk)
     assert times[-1] - times[0] >= 5 / 20 - 0.02, times
+
+
+async def test_a_tenants_provider_rate_holds_at_that_providers_sites_only(
+    api: Api, tmp_path: Path
+) -> None:
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text('[providers.acme]\nmatch_domains = ["a.test"]\n')
+    world, _ = await api(
+        shaping_files=[str(shaping)],
+        delivery={"tenant_rates": {"bulk": {"providers": {"acme": "20/s"}}}},
+    )
+    limited = await send(world, ["x@a.test"], body=body(tenant="bulk"), count=11)
+    other = await send(world, ["x@plain.test"], body=body(tenant="bulk"), count=6)
+    await world.wait_records(RecordType.DELIVERY, 17)
+    assert {rq.provider for rq in world.app.dispatcher.ready.values()} == {"acme", None}
+    times = sorted(r.timestamp for r in deliveries(world) if r.message_id in limited)
+    assert times[-1] - times[0] >= 10 / 20 - 0.02, times
+    last_other = max(r.timestamp for r in deliveries(world) if r.message_id in other)
+    assert last_other < times[-1]  # plain.test is not acme's: not held to acme's rate
