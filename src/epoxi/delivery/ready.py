@@ -6,8 +6,10 @@ dispatcher opens connections through a :class:`~epoxi.delivery.transport.Transpo
 ``max_deliveries_per_connection`` jobs, paces messages to ``max_message_rate`` and closes a
 connection once it has been idle for ``idle_timeout``. With worker processes, each opening
 also waits for a machine-wide slot and the message rate is this worker's share of it
-(:mod:`epoxi.shaping.slots`). Each attempt's replies go to the
-outcome disposition; the ready queue never decides what a reply means.
+(:mod:`epoxi.shaping.slots`). Jobs wait in a :class:`~epoxi.delivery.lines.JobLine`: the
+highest priority first, tenants in turn, a tenant over its message rate passed over. Each
+attempt's replies go to the outcome disposition; the ready queue never decides what a reply
+means.
 """
 
 from __future__ import annotations
