@@ -43,6 +43,9 @@ def test_higher_priority_leaves_first_and_each_level_keeps_arrival_order() -> No
         line.put(job(name=name), priority)
     assert len(line) == 5 and [j.id for j in line] == ["c", "e", "a", "d", "b"]
     assert drain(line) == ["c", "e", "a", "d", "b"] and len(line) == 0
+    line.put(job(name="f"), 3)  # the emptied levels were dropped: made again
+    line.put(job(name="g"), 4)
+    assert drain(line) == ["g", "f"]
 
 
 def test_tenants_take_turns_so_a_small_one_is_not_behind_a_big_backlog() -> None:

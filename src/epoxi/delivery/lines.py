@@ -117,7 +117,7 @@ class JobLine:
 
     def __init__(self, limits: TenantLimits | None = None, provider: str | None = None) -> None:
         self._levels: dict[int, _Level] = {}
-        self._order: list[_Level] = []  # highest priority first; levels are kept once made
+        self._order: list[_Level] = []  # highest priority first
         self._len = 0
         self._limits = limits
         self._provider = provider
@@ -176,6 +176,9 @@ class JobLine:
         jobs = level.tenants[tenant]
         job = jobs.popleft()
         self._len -= 1
+        if not self._len and len(self._order) > 1:
+            self._empty()
+            return job
         turn = level.turn
         if jobs:
             if len(turn) > 1:
@@ -201,4 +204,12 @@ class JobLine:
                 if not kept:
                     level.turn.remove(tenant)
         self._len -= len(taken)
+        if not self._len and len(self._order) > 1:
+            self._empty()
         return taken
+
+    def _empty(self) -> None:
+        """Nothing waits: drop the levels (one level, the common case, is kept: no allocation
+        per job for a queue that keeps up)."""
+        self._levels.clear()
+        self._order.clear()
