@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from epoxi.config import Settings
 from epoxi.delivery.lines import JobLine, TenantLimits
 from epoxi.errors import MessageRefused
+from epoxi.events.records import RecordType
 from epoxi.ingest import Ingest
 from epoxi.ingest.control import parse_priority
 from epoxi.message import MessageMeta
@@ -187,3 +188,21 @@ async def test_a_bad_x_epoxi_priority_is_refused(value: str) -> None:
         await ingest.accept(_meta(), body, trusted=True)
     assert (info.value.reply.code, info.value.reply.enhanced) == (550, "5.6.0")
     assert "X-Epoxi-Priority" in info.value.reply.text and spool.messages == {}
+
+
+async def test_a_connection_waiting_for_a_tenants_rate_takes_another_tenants_job() -> None:
+    engine = Engine(settings(defaults={"idle_timeout": 30, "connection_limit": 1}))
+    engine.dispatcher.tenants.set_rates({("bulk", None): Rate(1, 3600.0)})
+    await engine.send("x0@a.test", tenant="bulk")
+    assert await engine.outcome("x0@a.test") is RecordType.DELIVERY
+    await engine.send("x1@a.test", tenant="bulk")  # an hour to wait: the connection waits
+    await engine.send("y0@a.test", tenant="shop")
+    assert await engine.outcome("y0@a.test") is RecordType.DELIVERY
+    assert engine.transport.connects == 1
+    assert [r.recipient for r in engine.records.records if r.type is RecordType.DELIVERY] == [
+        "x0@a.test",
+        "y0@a.test",
+    ]
+    [ready] = engine.dispatcher.ready.values()
+    assert [job.recipients for job in ready.jobs] == [["x1@a.test"]]
+    await engine.close()

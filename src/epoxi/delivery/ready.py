@@ -212,6 +212,8 @@ class ReadyQueue:
             return
         if self.connections >= self.shaping.connection_limit:
             return
+        if any(not waiter.done() for waiter in self._idle):
+            return  # a connection waits for a tenant's rate: another one would wait too
         if self._connection_throttle is not None:
             wait = self._connection_throttle.acquire()
             if wait > 0:
