@@ -200,8 +200,10 @@ class JobLine:
                     continue
                 taken += found
                 kept = deque(job for job in jobs if not predicate(job))
-                level.tenants[tenant] = kept
-                if not kept:
+                if kept:
+                    level.tenants[tenant] = kept
+                else:
+                    del level.tenants[tenant]
                     level.turn.remove(tenant)
         self._len -= len(taken)
         if not self._len and len(self._order) > 1:
