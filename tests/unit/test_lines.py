@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from epoxi.app import shaping_policy
 from epoxi.config import Settings
 from epoxi.delivery.lines import JobLine, TenantLimits
 from epoxi.errors import MessageRefused
@@ -16,6 +17,7 @@ from epoxi.ingest import Ingest
 from epoxi.ingest.control import parse_priority
 from epoxi.message import MessageMeta
 from epoxi.queue.model import Job, Message
+from epoxi.shaping.files import ShapingFiles, parse
 from epoxi.shaping.throttle import Rate
 from epoxi.testing.fakes import ManualClock, MemorySpool, Recorder
 from tests.unit.test_engine import Engine, settings
@@ -147,6 +149,9 @@ def test_the_destinations_shaping_gives_a_default_priority() -> None:
     assert policy.resolve("a.test", "a.test").priority == 30
     assert policy.resolve("b.test", "b.test").priority == -10
     assert Engine(settings()).dispatcher.policy.resolve("a.test", "a.test").priority == 0
+    text = '[providers.acme]\nmatch_domains = ["a.test"]\npriority = 20\n'
+    files = ShapingFiles([("f", parse(text, "f"))])
+    assert shaping_policy(settings().delivery, files).resolve("a.test", "a.test").priority == 20
 
 
 # --------------------------------------------------------------------- X-Epoxi-Priority
