@@ -28,6 +28,18 @@ Label = Annotated[
 ]
 
 
+Priority = Annotated[
+    int,
+    Meta(
+        ge=-100,
+        le=100,
+        description="higher is sent first from each ready queue (as X-Epoxi-Priority over "
+        "SMTP); without it, the tenant's priority, else the destination's, else 0",
+        examples=[50],
+    ),
+]
+
+
 class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A request body: an unknown field is an error, not ignored."""
 
@@ -65,6 +77,7 @@ class SendRequest(Strict):
     tags: Annotated[list[Short], Meta(max_length=20)] = msgspec.field(default_factory=list)
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     send_at: datetime | None = None
+    priority: Priority | None = None
 
 
 class CancelResponse(msgspec.Struct, kw_only=True):
@@ -85,6 +98,7 @@ class RawRequest(Strict):
     campaign: Label | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     send_at: datetime | None = None
+    priority: Priority | None = None
 
 
 class Queued(msgspec.Struct):

@@ -28,6 +28,7 @@ from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.hosttls import HostTls
+from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
@@ -122,6 +123,7 @@ class Epoxi:
             pools=self.pools,
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
+            tenants=TenantLimits.from_settings(delivery, workers=placement.count),
         )
         self.automation = Automation(
             store=AutomationStore(store_path(settings.data_dir)),

@@ -185,6 +185,15 @@ class ShapingSettings(_Model):
     max_recipients_per_transaction: int | None = Field(None, ge=1)
     tls: ShapingTls | None = None  # implicit TLS is a property of a route, not of shaping
     tls_verify: bool | None = None
+    priority: int | None = Field(None, ge=-100, le=100)  # of its mail without one of its own
+
+
+class TenantRateSettings(_Model):
+    """A tenant's message rates: over all its destinations, and per shaping provider (the
+    shaping files' provider names, e.g. ``google``)."""
+
+    max_message_rate: RateText | None = None
+    providers: dict[str, RateText] = Field(default_factory=dict)
 
 
 class RouteSettings(_Model):
@@ -342,6 +351,12 @@ class DeliverySettings(_Model):
     pools: tuple[PoolSettings, ...] = ()
     default_pool: str = "default"
     tenant_pools: dict[str, str] = Field(default_factory=dict)  # tenant -> its pool
+    # Tenant fairness (docs/shaping-tenants.md): a tenant's default priority (-100..100, higher
+    # first) and its message rates; each worker process enforces rate / workers.
+    tenant_priorities: dict[str, Annotated[int, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict
+    )
+    tenant_rates: dict[str, TenantRateSettings] = Field(default_factory=dict)
     # A source whose last `source_failures` connections all failed, to more than one site (or
     # whose address cannot be bound), is "failing": left out of its pools for
     # `source_retry_after`, then tried again.

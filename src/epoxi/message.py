@@ -20,6 +20,9 @@ def is_label(value: str) -> bool:
     return _LABEL.fullmatch(value) is not None
 
 
+PRIORITIES = range(-100, 101)  # a message's, a tenant's or a destination's priority
+
+
 class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
     """Envelope, origin and attempt state of one accepted message.
 
@@ -46,6 +49,7 @@ class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
     last_response: str = ""
     not_before: float = 0.0  # send_at: max_age counts from here when later than received_at
     pool: str = ""  # the egress pool asked for (API ip_pool, X-Epoxi-Pool); "" for the default
+    priority: int | None = None  # -100..100, higher first (API, X-Epoxi-Priority); None: tenant's
     dkim: str = ""  # the signatures added ("d=... s=... a=..."), or "unsigned: why"
     # RFC 3461 (the DSN extension). Empty and None mean "not given": the defaults apply.
     dsn_ret: str = ""  # "FULL" or "HDRS"

@@ -64,6 +64,7 @@ async def send(
         base = _meta_fields(request, data.send_at, tenant, data.campaign)
         base["metadata"] = _metadata(data.metadata, data.tags) or None
         base["pool"] = _pool(data.ip_pool, ctx)
+        base["priority"] = data.priority
         queued = await _spool(ctx, composer.envelope_sender, rendered, base)
         return SendResponse(count=len(queued), messages=queued)
 
@@ -97,6 +98,7 @@ async def send_raw(
             **_meta_fields(request, data.send_at, tenant, data.campaign),
             metadata=dict(data.metadata) or None,
             pool=_pool(data.ip_pool, ctx),
+            priority=data.priority,
         )
         await ctx.inject_many([(meta, body)])
         return SendResponse(

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from epoxi.config import DeliverySettings, SourceSettings, TlsMode
+from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
@@ -73,6 +74,7 @@ class Dispatcher:
         pools: Pools,
         ready_queue_limit: int = 10_000,
         slots: ConnectionSlots | None = None,
+        tenants: TenantLimits | None = None,
     ) -> None:
         self.router = router
         self.policy = policy
@@ -80,6 +82,7 @@ class Dispatcher:
         self.outcomes = outcomes
         self.suspensions = suspensions
         self.pools = pools
+        self.tenants = tenants or TenantLimits()  # tenant priorities and rates, every queue's
         self.ready: dict[str, ReadyQueue] = {}
         self._load_body = load_body
         self._hold_back = hold_back
@@ -194,6 +197,7 @@ class Dispatcher:
                 slots=self._slots,
                 watch=self,
                 provider=self.policy.provider_of(domain, site),
+                tenants=self.tenants,
             )
             ready.set_suspension(self.suspensions.for_path(source, destination.site))
             ready.override_rate(self.steering.rate_override(source, destination.site))
@@ -238,6 +242,7 @@ class Dispatcher:
         EHLO name from its next connection; the jobs of one that is gone move to a source
         of their pool now."""
         self.pools.configure(delivery)
+        self.tenants.configure(delivery)
         for ready in list(self.ready.values()):
             source = self.pools.sources.get(ready.source.name)
             if source is not None:

@@ -6,8 +6,10 @@ dispatcher opens connections through a :class:`~epoxi.delivery.transport.Transpo
 ``max_deliveries_per_connection`` jobs, paces messages to ``max_message_rate`` and closes a
 connection once it has been idle for ``idle_timeout``. With worker processes, each opening
 also waits for a machine-wide slot and the message rate is this worker's share of it
-(:mod:`epoxi.shaping.slots`). Each attempt's replies go to the
-outcome disposition; the ready queue never decides what a reply means.
+(:mod:`epoxi.shaping.slots`). Jobs wait in a :class:`~epoxi.delivery.lines.JobLine`: the
+highest priority first, tenants in turn, a tenant over its message rate passed over. Each
+attempt's replies go to the outcome disposition; the ready queue never decides what a reply
+means.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
+from epoxi.delivery.lines import JobLine, TenantLimits
 from epoxi.delivery.transport import Connection, Transport
 from epoxi.errors import DeliveryError, DnsError, EpoxiError, SpoolError, TlsFailed
 from epoxi.outcomes.disposition import Disposition
@@ -90,13 +93,15 @@ class ReadyQueue:
         slots: ConnectionSlots | None = None,
         watch: SourceWatch,
         provider: str | None = None,
+        tenants: TenantLimits | None = None,
     ) -> None:
         self.key = key
         self.provider = provider  # the shaping files' provider of the site (e.g. "google")
         self.source = source
         self.destination = destination
         self.shaping = shaping
-        self.jobs: deque[Job] = deque()
+        self.tenants = tenants or TenantLimits()  # the dispatcher's, shared by every queue
+        self.jobs = JobLine(self.tenants, provider)  # by priority, then tenants in turn
         self.connections = 0
         self.deliveries = 0
         self.attempts_last_minute = RateMeter(60)  # attempts made, whatever their outcome
@@ -106,7 +111,8 @@ class ReadyQueue:
         self._load_body = load_body
         self._slots = slots or LocalSlots()
         self._watch = watch
-        self._idle: deque[asyncio.Future[Job]] = deque()
+        # Connections waiting for a job: given one, or None to look at the line again.
+        self._idle: deque[asyncio.Future[Job | None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
         self._keep: int | None = None  # open connections to trim down to (``trim``)
@@ -124,21 +130,34 @@ class ReadyQueue:
 
     def put(self, job: Job) -> None:
         """Queue ``job``: hand it to an idle connection, or open one if allowed."""
-        while self._idle and self.suspension is None:
+        while self._idle and self._idle[0].done():
+            self._idle.popleft()  # closed while idle
+        if self._idle and self.suspension is None:
+            if not self.jobs and self._may_send(job):
+                self._idle.popleft().set_result(job)
+                return
+            self.jobs.put(job, self.tenants.priority(job, self.shaping.priority))
+            self._wake()  # a connection waits for a tenant's rate: it looks at the line again
+            return
+        self.jobs.put(job, self.tenants.priority(job, self.shaping.priority))
+        self._maybe_open()
+
+    def _may_send(self, job: Job) -> bool:
+        """Whether ``job``'s tenant is under its rates (then it is counted)."""
+        if not self.tenants.rated:
+            return True
+        return self.tenants.wait(job.message.meta.tenant, self.provider) <= 0
+
+    def _wake(self) -> None:
+        while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
-                waiter.set_result(job)
+                waiter.set_result(None)
                 return
-        self.jobs.append(job)
-        self._maybe_open()
 
     def take(self, predicate: Callable[[Job], bool]) -> list[Job]:
         """Remove and return the queued jobs that match (expiry, admin bounce)."""
-        taken = [job for job in self.jobs if predicate(job)]
-        if taken:
-            keep = [job for job in self.jobs if not predicate(job)]
-            self.jobs = deque(keep)
-        return taken
+        return self.jobs.take(predicate)
 
     def set_suspension(self, suspension: Suspension | None) -> None:
         """Stop sending while suspended (connections finish their current job; jobs stay)."""
@@ -200,6 +219,8 @@ class ReadyQueue:
             return
         if self.connections >= self.shaping.connection_limit:
             return
+        if any(not waiter.done() for waiter in self._idle):
+            return  # a connection waits for a tenant's rate: another one would wait too
         if self._connection_throttle is not None:
             wait = self._connection_throttle.acquire()
             if wait > 0:
@@ -271,18 +292,26 @@ class ReadyQueue:
                 return  # trimmed: this connection's slot goes to a worker that waits
 
     async def _next_job(self) -> Job | None:
-        if self.suspension is not None:
-            return None
-        if self.jobs:
-            return self.jobs.popleft()
-        if self._closing:
-            return None
-        waiter: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-        self._idle.append(waiter)
-        await asyncio.wait({waiter}, timeout=self.shaping.idle_timeout)
-        if waiter.done() and not waiter.cancelled():
-            return waiter.result()  # a job may arrive in the same tick as the timeout
-        waiter.cancel()
+        while self.suspension is None:
+            job, wait = self.jobs.pop()
+            if job is not None:
+                return job
+            if self._closing:
+                return None
+            # Nothing, or only tenants over their rate: wait for a job or for the rate.
+            waiter: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await asyncio.wait({waiter}, timeout=wait or self.shaping.idle_timeout)
+            if waiter.done() and not waiter.cancelled():
+                job = waiter.result()  # a job may arrive in the same tick as the timeout
+                if job is not None:
+                    return job
+                continue
+            if waiter.cancelled():
+                return None  # closed as idle: trimmed, suspended or shut down
+            waiter.cancel()
+            if not wait:
+                return None  # idle for idle_timeout
         return None
 
     async def _pace(self) -> None:
@@ -331,7 +360,7 @@ class ReadyQueue:
         if self.connections > 0:
             self._watch.connect_failed(self, exc, [])
             return
-        jobs, self.jobs = list(self.jobs), deque()
+        jobs = self.jobs.take(_every)
         jobs = self._watch.connect_failed(self, exc, jobs)
         log.warning("[%s] cannot connect (%s); %d jobs failed", self.key, exc, len(jobs))
         if jobs:
@@ -360,3 +389,7 @@ def _reshaped(throttle: Throttle | None, rate: Rate | None) -> Throttle | None:
         return _throttle(rate)
     throttle.set_rate(rate)
     return throttle
+
+
+def _every(job: Job) -> bool:
+    return True

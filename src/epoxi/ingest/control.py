@@ -1,20 +1,29 @@
-"""``X-Epoxi-*`` control headers: how an SMTP client names the tenant, campaign and egress pool
-of a message.
+"""``X-Epoxi-*`` control headers: how an SMTP client names the tenant, campaign, egress pool
+and priority of a message.
 
 They are always removed (a folded header with its continuation lines), so they are never
 delivered. Their values are honoured only from a client allowed to steer Epoxi (a trusted
 network or an authenticated user); from anyone else they are dropped unread. A value that is
-not a valid name (the same rule as the HTTP API's ``tenant`` and ``campaign``) refuses the
-message from a trusted client, who can fix it, rather than queueing it under a wrong name.
+not a valid name (the same rule as the HTTP API's ``tenant`` and ``campaign``), or a priority
+that is not a whole number from -100 to 100, refuses the message from a trusted client, who can
+fix it, rather than queueing it under a wrong name.
 """
 
 from __future__ import annotations
 
+import re
+
 from epoxi.errors import MessageRefused
-from epoxi.message import is_label
+from epoxi.message import PRIORITIES, is_label
 from epoxi.smtp.replies import Reply
 
-_FIELDS = {b"x-epoxi-tenant": "tenant", b"x-epoxi-campaign": "campaign", b"x-epoxi-pool": "pool"}
+_PRIORITY = re.compile(r"[+-]?[0-9]{1,3}")
+_FIELDS = {
+    b"x-epoxi-tenant": "tenant",
+    b"x-epoxi-campaign": "campaign",
+    b"x-epoxi-pool": "pool",
+    b"x-epoxi-priority": "priority",
+}
 
 
 def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
@@ -49,7 +58,13 @@ def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
 def checked_controls(found: dict[str, str]) -> dict[str, str]:
     """The values, or MessageRefused (``550 5.6.0``) naming the first invalid one."""
     for field, value in found.items():
-        if not is_label(value):
+        if field == "priority":
+            if parse_priority(value) is None:
+                raise MessageRefused(
+                    "invalid X-Epoxi-Priority",
+                    Reply(550, "5.6.0", "X-Epoxi-Priority must be a whole number, -100 to 100"),
+                )
+        elif not is_label(value):
             raise MessageRefused(
                 f"invalid X-Epoxi-{field.title()}",
                 Reply(
@@ -59,3 +74,11 @@ def checked_controls(found: dict[str, str]) -> dict[str, str]:
                 ),
             )
     return found
+
+
+def parse_priority(value: str) -> int | None:
+    """``value`` as a priority (-100..100), or None when it is not one."""
+    if _PRIORITY.fullmatch(value) is None:
+        return None
+    number = int(value)
+    return number if number in PRIORITIES else None

@@ -26,7 +26,7 @@ from epoxi.dkim import Signer
 from epoxi.errors import MessageRefused
 from epoxi.events.records import Record, RecordType
 from epoxi.events.sink import EventSink
-from epoxi.ingest.control import checked_controls, take_control_headers
+from epoxi.ingest.control import checked_controls, parse_priority, take_control_headers
 from epoxi.message import MessageMeta
 from epoxi.outcomes.synthetic import Synthetic
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
@@ -194,3 +194,5 @@ def _apply_controls(meta: MessageMeta, controls: dict[str, str]) -> None:
     meta.tenant = controls.get("tenant", meta.tenant)
     meta.campaign = controls.get("campaign", meta.campaign)
     meta.pool = controls.get("pool", meta.pool)
+    if "priority" in controls:
+        meta.priority = parse_priority(controls["priority"])

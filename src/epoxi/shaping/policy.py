@@ -41,6 +41,7 @@ BUILTIN: Mapping[str, Any] = {
     "max_connection_rate": None,
     "tls": "opportunistic",
     "tls_verify": False,
+    "priority": 0,
     "retry_interval": None,
     "max_retry_interval": None,
     "max_age": None,
@@ -62,6 +63,7 @@ class Shaping:
     max_connection_rate: Rate | None = None
     tls: ShapingTls = "opportunistic"
     tls_verify: bool = False
+    priority: int = 0  # of jobs whose message and tenant give none (higher goes first)
     # Retries of mail to this destination; None: the [delivery] setting
     retry_interval: float | None = None
     max_retry_interval: float | None = None
@@ -173,6 +175,7 @@ def _shaping(values: Mapping[str, Any]) -> Shaping:
         max_connection_rate=_rate(values["max_connection_rate"]),
         tls=values["tls"],
         tls_verify=bool(values["tls_verify"]),
+        priority=int(values["priority"]),
         retry_interval=_seconds(values["retry_interval"]),
         max_retry_interval=_seconds(values["max_retry_interval"]),
         max_age=_seconds(values["max_age"]),
