@@ -27,6 +27,7 @@ from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
+from epoxi.delivery.warmup import Warmup
 from epoxi.dkim import Signer, load_key
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
@@ -45,6 +46,7 @@ from epoxi.shaping.policy import ShapingPolicy
 from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
+from epoxi.store.warmup import WarmupStore
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from epoxi.config import Settings
 
 log = logging.getLogger(__name__)
+
+WARMUP_SYNC = 1.0  # seconds between writes of the warm-up counts to the store
 
 
 class Epoxi:
@@ -78,6 +82,13 @@ class Epoxi:
         self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
         self.suspensions = SuspensionRegistry()
         self.pools = Pools(delivery, self.suspensions)
+        self.warmup = Warmup(
+            delivery,
+            self.pools,
+            worker=placement.index,
+            workers=placement.count,  # each worker has its share of every allowance
+            store=WarmupStore(store_path(settings.data_dir), placement.index),
+        )
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
         self.ingest = Ingest(
             spool=self.spool,
@@ -116,6 +127,7 @@ class Epoxi:
             pools=self.pools,
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
+            warmup=self.warmup,
         )
         self.smtp = SmtpServer(settings, ingest=self.ingest, share=placement.count)
         self.admin = Admin(
@@ -128,6 +140,7 @@ class Epoxi:
         self.status = StatusStore(store_path(settings.data_dir))
         self.records.subscribe(self.status.feed)
         self.records.subscribe(self.pools.observe)
+        self.records.subscribe(self.warmup.observe)  # after the pools: it reads their health
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -157,9 +170,11 @@ class Epoxi:
         self.spool.open()
         await self.records.start()
         await self.status.start()
+        await self.warmup.start()  # today's counts, before any job is let through
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
+            loop.create_task(self._every(WARMUP_SYNC, self.warmup.sync)),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
@@ -265,6 +280,7 @@ class Epoxi:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.records.stop()
+        await self.warmup.stop()
         await self.status.stop()
         await self.spool.close()
         self.ingest.close()
@@ -285,6 +301,7 @@ class Epoxi:
         self.router.reload(new)
         self.dispatcher.reshape(shaping_policy(new.delivery, files))
         self.dispatcher.reconfigure(new.delivery)
+        self.warmup.configure(new.delivery)
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
@@ -292,6 +309,7 @@ class Epoxi:
             "shaping",
             "routes",
             "sources and pools",
+            "warm-ups",
             "retries",
             "max_hops",
             "DKIM keys",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request, Router, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -25,6 +26,7 @@ from epoxi.api_types import (
     SelectorIn,
     SuspendRequest,
     SuspendResponse,
+    WarmupStateResponse,
 )
 from epoxi.errors import InvalidField
 from epoxi.store.keys import Scope
@@ -63,6 +65,46 @@ async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) 
 async def pools(request: Request[Any, Any, Any]) -> PoolList:
     ctx = context(request)
     return merge_pools([ctx.admin.pool_list(), *await ctx.peers.ask(request, PoolList)])
+
+
+class WarmupReason(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    reason: str = ""
+
+
+async def _warmup(
+    request: Request[Any, Any, Any], source: str, reason: str, *, pause: bool
+) -> WarmupStateResponse:
+    ctx = context(request)
+    here = ctx.admin.warmup_pause(source, reason, pause=pause)
+    peers = await ctx.peers.ask(request, WarmupStateResponse)
+    found = here or next(iter(peers), None)
+    if found is None:
+        raise NotFoundException(f"source {source!r} has no warm-up")
+    return found
+
+
+@post(
+    "/warmup/{source:str}/pause",
+    status_code=200,
+    responses=problem_responses(401, 403, 404),
+    summary="Pause a source's IP warm-up: its mail waits (or spills) until resumed",
+)
+async def warmup_pause(
+    request: Request[Any, Any, Any], source: FromPath[str], data: JSONBody[WarmupReason | None]
+) -> WarmupStateResponse:
+    return await _warmup(request, source, data.reason if data else "", pause=True)
+
+
+@post(
+    "/warmup/{source:str}/resume",
+    status_code=200,
+    responses=problem_responses(401, 403, 404),
+    summary="Resume a source's IP warm-up (paused by itself or an operator)",
+)
+async def warmup_resume(
+    request: Request[Any, Any, Any], source: FromPath[str]
+) -> WarmupStateResponse:
+    return await _warmup(request, source, "", pause=False)
 
 
 @post(
@@ -176,6 +218,8 @@ admin_router = Router(
         pipelines_health,
         pipeline,
         pools,
+        warmup_pause,
+        warmup_resume,
         suspend,
         resume,
         bounce,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -58,6 +58,21 @@ _STEPS: dict[int, list[str]] = {
             tenant TEXT NOT NULL DEFAULT '',
             created_at REAL NOT NULL,
             revoked_at REAL
+        )""",
+    ],
+    2: [  # IP warm-up (store/warmup.py): jobs sent per UTC day, and paused warm-ups
+        """CREATE TABLE warmup_sent (
+            day INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            worker INTEGER NOT NULL,
+            sent INTEGER NOT NULL,
+            PRIMARY KEY (day, source, provider, worker)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE warmup_paused (
+            source TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            paused_at REAL NOT NULL
         )""",
     ],
 }
