@@ -86,20 +86,22 @@ async def _warmup(
 @post(
     "/warmup/{source:str}/pause",
     status_code=200,
-    responses=problem_responses(401, 403, 404),
+    responses=problem_responses(400, 401, 403, 404, 415, 422),
     summary="Pause a source's IP warm-up: its mail waits (or spills) until resumed",
 )
 async def warmup_pause(
-    request: Request[Any, Any, Any], source: FromPath[str], data: JSONBody[WarmupReason | None]
+    request: Request[Any, Any, Any],
+    source: FromPath[str],
+    data: JSONBody[WarmupReason],
 ) -> WarmupStateResponse:
-    return await _warmup(request, source, data.reason if data else "", pause=True)
+    return await _warmup(request, source, data.reason, pause=True)
 
 
 @post(
     "/warmup/{source:str}/resume",
     status_code=200,
-    responses=problem_responses(401, 403, 404),
-    summary="Resume a source's IP warm-up (paused by itself or an operator)",
+    responses=problem_responses(400, 401, 403, 404, 415),
+    summary="Resume a source's IP warm-up (paused by itself or an operator); body {}",
 )
 async def warmup_resume(
     request: Request[Any, Any, Any], source: FromPath[str]

@@ -673,7 +673,7 @@ def warmup_resume(
 ) -> None:
     """Resume a source's warm-up, paused by itself or by an operator."""
     with _api(url, key) as client:
-        found = client.typed(WarmupStateResponse, "POST", f"/admin/warmup/{source}/resume")
+        found = client.typed(WarmupStateResponse, "POST", f"/admin/warmup/{source}/resume", json={})
     _show_warmup_state(found, as_json)
 
 
