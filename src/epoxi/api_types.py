@@ -260,6 +260,10 @@ class PoolList(msgspec.Struct, kw_only=True):
     pools: list[PoolInfo]
 
 
+class WarmupPauseRequest(Strict):
+    reason: Short = ""  # shown in /admin/pools and the log
+
+
 class WarmupStateResponse(msgspec.Struct, kw_only=True):
     """After pausing or resuming a source's warm-up."""
 

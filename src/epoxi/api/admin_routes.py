@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, Router, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -26,6 +25,7 @@ from epoxi.api_types import (
     SelectorIn,
     SuspendRequest,
     SuspendResponse,
+    WarmupPauseRequest,
     WarmupStateResponse,
 )
 from epoxi.errors import InvalidField
@@ -67,10 +67,6 @@ async def pools(request: Request[Any, Any, Any]) -> PoolList:
     return merge_pools([ctx.admin.pool_list(), *await ctx.peers.ask(request, PoolList)])
 
 
-class WarmupReason(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    reason: str = ""
-
-
 async def _warmup(
     request: Request[Any, Any, Any], source: str, reason: str, *, pause: bool
 ) -> WarmupStateResponse:
@@ -92,7 +88,7 @@ async def _warmup(
 async def warmup_pause(
     request: Request[Any, Any, Any],
     source: FromPath[str],
-    data: JSONBody[WarmupReason],
+    data: JSONBody[WarmupPauseRequest],
 ) -> WarmupStateResponse:
     return await _warmup(request, source, data.reason, pause=True)
 
