@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from epoxi.api.peers import merge_pools
+from epoxi.api_types import PoolList
 from epoxi.config import Settings, warmup_of
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.warmup import Warmup
@@ -301,3 +303,32 @@ async def test_with_spill_jobs_over_the_allowance_leave_through_the_fallback_poo
         assert not engine.rescheduled
     finally:
         await engine.close()
+
+
+# --------------------------------------------------------------------- over the workers
+
+
+def test_admin_pools_adds_up_the_workers_counts_and_shares() -> None:
+    clock = ManualClock(at(START))
+    parts = []
+    for worker, (sent, deferred) in enumerate(((3, 1), (1, 3))):
+        found, pools = warmup(settings(), clock, worker=worker, workers=2)
+        for _ in range(sent):
+            found.allow("ip10", "google")
+        for kind in [RecordType.DELIVERY] * 4 + [RecordType.TRANSIENT_FAILURE] * deferred:
+            pools.observe(outcome(kind))
+        if worker:
+            found.pause("ip10", "blocklisted")
+        snapshot = pools.snapshot()
+        for pool in snapshot:
+            for source in pool.sources:
+                source.warmup = found.info(source.name)
+        parts.append(PoolList(pools=snapshot))
+    merged = merge_pools(parts)
+    [ip10] = [s for p in merged.pools if p.name == "bulk" for s in p.sources if s.name == "ip10"]
+    info = ip10.warmup
+    assert info is not None
+    assert (info.sent_today, info.allowed_today) == (2, 5)  # google's share: 1 of 2 each
+    assert [(p.name, p.sent, p.allowed) for p in info.providers] == [("google", 2, 2)]
+    assert (ip10.deferred, info.deferral_rate) == (4, 4 / 12)
+    assert info.paused and info.paused_reason == "blocklisted"
