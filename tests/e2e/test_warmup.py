@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from epoxi.events.records import RecordType
+from epoxi.testing.sink import Sink
+from tests.conftest import eventually
+from tests.e2e import test_workers as workers
 from tests.e2e.conftest import Api, MakeWorld, World, send
 
 SOURCES = [
@@ -150,3 +154,37 @@ async def test_todays_count_survives_a_restart(make_world: MakeWorld) -> None:
 
 async def _stopped() -> None:
     pass
+
+
+async def test_with_two_workers_each_has_its_share_and_the_api_adds_them_up(
+    tmp_path: Path,
+) -> None:
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    config = (
+        '[[delivery.sources]]\nname = "ip10"\nbind = "127.0.0.10"\nehlo = "mta10.test"\n'
+        f'[delivery.warmup.ip10]\nstart = {today}\nprofile = "ten"\n'
+        '[delivery.warmup_profiles.ten]\ndays = { "1" = 10, "30" = 10 }\n'
+    )
+    async with Sink("127.0.0.1") as sink:
+        process = await workers.start(tmp_path, 2, config, env={"EPOXI_SMTP_PORT": str(sink.port)})
+        try:
+            sent = await workers.send_evenly(process)  # 12 or more to each worker: over 5
+            await sink.wait_for(10, timeout=30)
+
+            def warmup() -> dict[str, Any]:
+                pools = workers.api(process, "GET", "/admin/pools").json()["pools"]
+                return pools[0]["sources"][0]["warmup"]  # type: ignore[no-any-return]
+
+            def waiting() -> int:
+                totals = workers.api(process, "GET", "/admin/pipelines").json()["totals"]
+                return int(totals["scheduled"])
+
+            await eventually(lambda: waiting() == sent - 10, 15, "the rest waiting")
+            found = warmup()
+            assert (found["sent_today"], found["allowed_today"]) == (10, 10)
+            assert sink.received == 10
+            reply = workers.api(process, "POST", "/admin/warmup/ip10/pause", json={})
+            assert reply.json()["paused_reason"] == "paused by an operator"
+            await eventually(lambda: warmup()["paused"], 5, "the pause on both workers")
+        finally:
+            await workers.stop(process)
