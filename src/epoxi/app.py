@@ -213,7 +213,9 @@ class Epoxi:
         await link.start()
 
     def _api_context(self, keys: KeyStore) -> ApiContext:
-        metrics = Metrics([self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges])
+        metrics = Metrics(
+            [self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges, self.warmup.gauges]
+        )
         self.records.subscribe(metrics.feed)
         return ApiContext(
             peers=self.peers,

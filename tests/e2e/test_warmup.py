@@ -81,6 +81,9 @@ async def test_a_source_sends_its_allowance_and_the_rest_waits_for_tomorrow(api:
     warmup = await warmup_of(client)
     assert (warmup["profile"], warmup["day"], warmup["configured_as"]) == ("five", 1, "ip10")
     assert (warmup["sent_today"], warmup["allowed_today"], warmup["paused"]) == (5, 5, False)
+    metrics = (await client.get("/metrics")).text
+    assert "epoxi_warmup_sent_today 5.0" in metrics
+    assert "epoxi_warmup_over_allowance 3.0" in metrics
     host, port = world.app.http.addresses[0]  # type: ignore[union-attr]
     shown = await asyncio.to_thread(
         subprocess.run,

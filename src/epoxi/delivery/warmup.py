@@ -77,6 +77,7 @@ class Warmup:
         self._judge_from: dict[str, float] = {}  # source -> not judged before (a resume)
         self._told: set[tuple[str, str]] = set()  # (source, provider) told over today
         self._news = WarmupNews()
+        self._over = 0  # jobs held back or spilled over an allowance or by a pause, since start
         self._plans: dict[str, _Plan] = {}
         self.active = False
         self.configure(delivery)
@@ -104,6 +105,7 @@ class Warmup:
         now = self._clock()
         self._roll(now)
         if self.paused(source):
+            self._over += 1
             return False
         day = day_number(plan.settings.start, now)
         overall, own = plan.profile.allowance(max(day, 1), provider)
@@ -154,6 +156,7 @@ class Warmup:
             self._told.clear()
 
     def _tell(self, source: str, provider: str, day: int, allowance: int) -> None:
+        self._over += 1
         if (source, provider) not in self._told:
             self._told.add((source, provider))
             whose = f" for provider {provider}" if provider else ""
@@ -267,6 +270,24 @@ class Warmup:
         self._news.resumed |= news.resumed - set(self._news.paused)
 
     # ----------------------------------------------------------------- visibility
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Figures for the metrics: name -> (description, value)."""
+        return {
+            "warmup_sources": ("Egress sources with an IP warm-up", len(self._plans)),
+            "warmup_paused_sources": (
+                "Egress sources whose IP warm-up is paused",
+                sum(1 for source in self._plans if self.paused(source)),
+            ),
+            "warmup_sent_today": (
+                "Jobs let through today (UTC) by sources warming up",
+                sum(self._total.get(source, 0) for source in self._plans),
+            ),
+            "warmup_over_allowance": (
+                "Jobs held back or spilled by an IP warm-up (allowance or pause) since start",
+                self._over,
+            ),
+        }
 
     def info(self, source: str) -> WarmupInfo | None:
         """A source's warm-up today (this worker's share), for /admin/pools."""
