@@ -88,9 +88,8 @@ class Warmup:
         for name, custom in delivery.warmup_profiles.items():
             providers = {p: ramp_of(days) for p, days in custom.providers.items()}
             profiles[name] = Profile(name, ramp_of(custom.days), providers)
-        named = {name: settings for name, settings in delivery.warmup.items()}
         self._plans = {
-            source: _Plan(settings, profiles[settings.profile], _entry(named, settings))
+            source: _Plan(settings, profiles[settings.profile], _entry(delivery.warmup, settings))
             for source, settings in warmup_of(delivery).items()
         }
         self.active = bool(self._plans)
@@ -104,23 +103,28 @@ class Warmup:
             return True
         now = self._clock()
         self._roll(now)
-        if self.paused(source):
+        key = provider or ""
+        if not self._room(plan, source, key, day_number(plan.settings.start, now)):
             self._over += 1
             return False
-        day = day_number(plan.settings.start, now)
-        overall, own = plan.profile.allowance(max(day, 1), provider)
-        key = provider or ""
         sent = self._sent.setdefault(source, {})
-        if overall is not None and self._total.get(source, 0) >= self._part(overall):
-            self._tell(source, "", day, overall)
-            return False
-        if own is not None and sent.get(key, 0) >= self._part(own):
-            self._tell(source, key, day, own)
-            return False
         sent[key] = sent.get(key, 0) + 1
         self._total[source] = self._total.get(source, 0) + 1
         counted = (self._day, source, key)
         self._news.sent[counted] = self._news.sent.get(counted, 0) + 1
+        return True
+
+    def _room(self, plan: _Plan, source: str, provider: str, day: int) -> bool:
+        """Whether today's allowance has room for one more job (of this worker's share)."""
+        if self.paused(source):
+            return False
+        overall, own = plan.profile.allowance(max(day, 1), provider or None)
+        if overall is not None and self._total.get(source, 0) >= self._part(overall):
+            self._tell(source, "", day, overall)
+            return False
+        if own is not None and self._sent.get(source, {}).get(provider, 0) >= self._part(own):
+            self._tell(source, provider, day, own)
+            return False
         return True
 
     def spills(self, source: str) -> bool:
@@ -156,7 +160,6 @@ class Warmup:
             self._told.clear()
 
     def _tell(self, source: str, provider: str, day: int, allowance: int) -> None:
-        self._over += 1
         if (source, provider) not in self._told:
             self._told.add((source, provider))
             whose = f" for provider {provider}" if provider else ""
