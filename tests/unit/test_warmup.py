@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from epoxi.delivery.warmup import Warmup
 from epoxi.events.records import Record, RecordType
 from epoxi.queue.suspensions import SuspensionRegistry
 from epoxi.shaping.warmup import SHIPPED, Profile, day_number, figure_at, next_day_at
+from epoxi.store import db
 from epoxi.store.db import store_path
 from epoxi.store.warmup import WarmupStore
 from epoxi.testing.fakes import ManualClock
@@ -332,3 +334,17 @@ def test_admin_pools_adds_up_the_workers_counts_and_shares() -> None:
     assert [(p.name, p.sent, p.allowed) for p in info.providers] == [("google", 2, 2)]
     assert (ip10.deferred, info.deferral_rate) == (4, 4 / 12)
     assert info.paused and info.paused_reason == "blocklisted"
+
+
+def test_a_store_of_schema_1_gains_the_warmup_tables(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    with sqlite3.connect(path) as old:
+        for sql in db._STEPS[1]:
+            old.execute(sql)
+        old.execute("PRAGMA user_version=1")
+    old.close()
+    conn = db.connect(path)
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"warmup_sent", "warmup_paused", "messages"} <= tables
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    conn.close()
