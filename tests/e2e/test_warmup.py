@@ -191,3 +191,19 @@ async def test_with_two_workers_each_has_its_share_and_the_api_adds_them_up(
             await eventually(lambda: warmup()["paused"], 5, "the pause on both workers")
         finally:
             await workers.stop(process)
+
+
+async def test_a_warmup_pauses_itself_when_receivers_defer_too_much(api: Api) -> None:
+    world, client = await api(**warming(over_limit="spill", min_sample=6, pause_deferral_rate=0.2))
+    await send(world, ["x@a.test"], count=4)
+    await world.wait_records(RecordType.DELIVERY, 4)
+    await send(world, ["tempfail-1@a.test", "tempfail-2@a.test"])  # 2 of 6 deferred: 33 %
+    await world.wait_records(RecordType.TRANSIENT_FAILURE, 2, where=lambda r: r.source == "ip10")
+    warmup = await warmup_of(client)
+    assert warmup["paused"] and warmup["deferral_rate"] >= 2 / 6
+    assert warmup["paused_reason"] == (
+        "deferral rate 33% over 20% in the last 10 minutes (2 of 6 attempts)"
+    )
+    await send(world, ["y@a.test"])
+    await world.wait_records(RecordType.DELIVERY, 5)
+    assert peers(world) == {"127.0.0.10": 4, "127.0.0.20": 1}  # paused: spilled
