@@ -207,3 +207,21 @@ async def test_a_warmup_pauses_itself_when_receivers_defer_too_much(api: Api) ->
     await send(world, ["y@a.test"])
     await world.wait_records(RecordType.DELIVERY, 5)
     assert peers(world) == {"127.0.0.10": 4, "127.0.0.20": 1}  # paused: spilled
+
+
+async def test_a_reload_applies_new_warmup_settings_and_keeps_todays_count(api: Api) -> None:
+    world, client = await api(**warming())
+    await send(world, ["x@a.test"], count=5)
+    await world.wait_records(RecordType.DELIVERY, 5)
+    settings = world.app.settings
+    entry = settings.delivery.warmup["ip10"].model_copy(update={"profile": "standard"})
+    delivery = settings.delivery.model_copy(update={"warmup": {"ip10": entry}})
+    world.app.reload(settings.model_copy(update={"delivery": delivery}))
+    await send(world, ["x@a.test"], count=2)
+    await world.wait_records(RecordType.DELIVERY, 7)
+    warmup = await warmup_of(client)
+    assert (warmup["profile"], warmup["sent_today"], warmup["allowed_today"]) == (
+        "standard",
+        7,
+        200,
+    )
