@@ -348,3 +348,10 @@ def test_a_store_of_schema_1_gains_the_warmup_tables(tmp_path: Path) -> None:
     assert {"warmup_sent", "warmup_paused", "messages"} <= tables
     assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
     conn.close()
+
+
+async def test_stopping_a_warmup_whose_store_never_started_writes_nothing(tmp_path: Path) -> None:
+    found, _ = warmup(settings(), ManualClock(at(START)), store=WarmupStore(store_path(tmp_path)))
+    assert found.allow("ip10", None)
+    await found.stop()  # Epoxi.stop after a start that failed early
+    assert not store_path(tmp_path).exists()

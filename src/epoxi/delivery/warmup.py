@@ -245,7 +245,7 @@ class Warmup:
 
     async def sync(self) -> None:
         """Write the news to the store; take the pauses other workers made or lifted."""
-        if self._store is None or not (self.active or self._news):
+        if self._store is None or not self._store.started or not (self.active or self._news):
             return
         news, self._news = self._news, WarmupNews()
         try:

@@ -57,6 +57,10 @@ class WarmupStore:
 
         return await self._call(read)
 
+    @property
+    def started(self) -> bool:
+        return self._conn is not None
+
     async def sync(self, news: WarmupNews, keep_from: int) -> dict[str, str]:
         """Write ``news`` in one transaction, forget counts of days before ``keep_from``;
         every pause now (source -> why)."""
