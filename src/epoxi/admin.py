@@ -29,6 +29,7 @@ from epoxi.api_types import (
     ShapingState,
     SuspensionInfo,
     Totals,
+    WarmupStateResponse,
 )
 from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
@@ -149,7 +150,28 @@ class Admin:
 
     def pool_list(self) -> PoolList:
         """Every egress pool, its sources, their state and health (this worker's)."""
-        return PoolList(pools=self.dispatcher.pools.snapshot())
+        pools = self.dispatcher.pools.snapshot()
+        warmup = self.dispatcher.warmup
+        if warmup is not None and warmup.active:
+            for pool in pools:
+                for source in pool.sources:
+                    source.warmup = warmup.info(source.name)
+        return PoolList(pools=pools)
+
+    def warmup_pause(self, source: str, reason: str, *, pause: bool) -> WarmupStateResponse | None:
+        """Pause or resume a source's warm-up; None when it has none."""
+        warmup = self.dispatcher.warmup
+        if warmup is None or not warmup.known(source):
+            return None
+        if pause:
+            warmup.pause(source, reason or "paused by an operator")
+        else:
+            warmup.resume(source)
+        return WarmupStateResponse(
+            source=source,
+            paused=warmup.paused(source),
+            paused_reason=warmup.pause_reason(source) or None,
+        )
 
     def known_pool(self, name: str) -> bool:
         return self.dispatcher.pools.known(name)

@@ -220,6 +220,32 @@ class ReadyQueueInfo(msgspec.Struct, kw_only=True):
     last_error_at: float | None
 
 
+class ProviderAllowance(msgspec.Struct, kw_only=True):
+    name: str  # a shaping provider ("google"), as the shaping files name it
+    sent: int
+    allowed: int | None  # None: no cap for this provider today
+
+
+class WarmupInfo(msgspec.Struct, kw_only=True):
+    """A source's IP warm-up today (docs/shaping-warmup.md). With worker processes the counts
+    and allowances are the sums of every worker's (each has its share of the allowance)."""
+
+    profile: str
+    configured_as: str  # the source or pool whose [delivery.warmup] entry this is
+    start: str  # the start date, day 1 (UTC), e.g. "2026-11-20"
+    day: int  # 1 on the start date; 0 or less before it
+    last_day: int  # the profile's last day with a cap
+    over: bool  # past the last day: no cap any more
+    over_limit: Literal["wait", "spill"]
+    sent_today: int  # jobs let through today (UTC), attempts and retries alike
+    allowed_today: int | None  # None: no cap
+    providers: list[ProviderAllowance]
+    deferral_rate: float  # of the last ten minutes' attempts (the counts above)
+    bounce_rate: float
+    paused: bool
+    paused_reason: str | None = None
+
+
 class SourceInfo(msgspec.Struct, kw_only=True):
     """An egress source in a pool: its state and what it did in the last ten minutes."""
 
@@ -236,6 +262,7 @@ class SourceInfo(msgspec.Struct, kw_only=True):
     last_error: str | None
     last_error_at: float | None
     hop: str | None = None  # "socks5 host:port" or "proxy_protocol host:port"
+    warmup: WarmupInfo | None = None  # its IP warm-up, when it has one
 
 
 class PoolInfo(msgspec.Struct, kw_only=True):
@@ -248,6 +275,18 @@ class PoolInfo(msgspec.Struct, kw_only=True):
 
 class PoolList(msgspec.Struct, kw_only=True):
     pools: list[PoolInfo]
+
+
+class WarmupPauseRequest(Strict):
+    reason: Short = ""  # shown in /admin/pools and the log
+
+
+class WarmupStateResponse(msgspec.Struct, kw_only=True):
+    """After pausing or resuming a source's warm-up."""
+
+    source: str
+    paused: bool
+    paused_reason: str | None = None
 
 
 class SuspensionInfo(msgspec.Struct, kw_only=True):

@@ -32,6 +32,7 @@ from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
 from epoxi.delivery.transport import SmtpTransport
+from epoxi.delivery.warmup import Warmup
 from epoxi.dkim import Signer, load_key
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
@@ -51,6 +52,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
+from epoxi.store.warmup import WarmupStore
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
     from epoxi.config import Settings
 
 log = logging.getLogger(__name__)
+
+WARMUP_SYNC = 1.0  # seconds between writes of the warm-up counts to the store
 
 
 class Epoxi:
@@ -84,6 +88,13 @@ class Epoxi:
         self.resolver = Resolver(nameservers=nameservers, timeout=settings.dns.timeout)
         self.suspensions = SuspensionRegistry()
         self.pools = Pools(delivery, self.suspensions)
+        self.warmup = Warmup(
+            delivery,
+            self.pools,
+            worker=placement.index,
+            workers=placement.count,  # each worker has its share of every allowance
+            store=WarmupStore(store_path(settings.data_dir), placement.index),
+        )
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
         self.ingest = Ingest(
             spool=self.spool,
@@ -124,6 +135,7 @@ class Epoxi:
             ready_queue_limit=delivery.ready_queue_limit,
             slots=self.link,
             tenants=TenantLimits.from_settings(delivery, workers=placement.count),
+            warmup=self.warmup,
         )
         self.automation = Automation(
             store=AutomationStore(store_path(settings.data_dir)),
@@ -148,6 +160,7 @@ class Epoxi:
         self.records.subscribe(self.status.feed)
         self.records.subscribe(self.pools.observe)
         self.records.subscribe(self.automation.observe)
+        self.records.subscribe(self.warmup.observe)  # after the pools: it reads their health
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -199,10 +212,12 @@ class Epoxi:
         await self.status.start()
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
+        await self.warmup.start()  # today's counts, before any job is let through
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
             loop.create_task(self.automation.run()),
+            loop.create_task(self._every(WARMUP_SYNC, self.warmup.sync)),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
@@ -244,7 +259,9 @@ class Epoxi:
         await link.start()
 
     def _api_context(self, keys: KeyStore) -> ApiContext:
-        metrics = Metrics([self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges])
+        metrics = Metrics(
+            [self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges, self.warmup.gauges]
+        )
         self.records.subscribe(metrics.feed)
         return ApiContext(
             peers=self.peers,
@@ -339,6 +356,7 @@ class Epoxi:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.records.stop()
+        await self.warmup.stop()
         await self.status.stop()
         await self.automation.store.stop()
         await self.spool.close()
@@ -360,6 +378,7 @@ class Epoxi:
         self.router.reload(new)
         self._reshape(files, new.delivery)
         self.dispatcher.reconfigure(new.delivery)
+        self.warmup.configure(new.delivery)
         self.outcomes.retry = retry_policy(new.delivery)
         self.ingest.max_hops = new.max_hops
         self.ingest.signer = signer
@@ -367,6 +386,7 @@ class Epoxi:
             "shaping",
             "routes",
             "sources and pools",
+            "warm-ups",
             "retries",
             "max_hops",
             "DKIM keys",

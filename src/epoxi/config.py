@@ -6,6 +6,7 @@ Validation happens once, at start. An unknown key or a bad value raises
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import math
 import os
@@ -29,6 +30,7 @@ from epoxi.errors import ConfigError
 from epoxi.message import LABEL_PATTERN
 from epoxi.shaping.files import RateText
 from epoxi.shaping.policy import ShapingTls
+from epoxi.shaping.warmup import SHIPPED as SHIPPED_WARMUP_PROFILES
 from epoxi.units import parse_duration as parse_duration  # re-exported: at home in units
 from epoxi.units import parse_size as parse_size
 
@@ -310,6 +312,40 @@ class PoolSettings(_Model):
         return value
 
 
+_Day = Annotated[int, Field(ge=1, le=3650)]
+_Allowance = Annotated[int, Field(ge=0)]
+
+
+class WarmupProfileSettings(_Model):
+    """A custom warm-up profile: day number ("1" is the start date) -> the most jobs a
+    source sends that day, overall and per shaping provider. A day not listed keeps the
+    figure of the last listed day before it; after the last listed day no cap applies."""
+
+    days: dict[_Day, _Allowance]
+    providers: dict[str, dict[_Day, _Allowance]] = Field(default_factory=dict)
+
+    @field_validator("days")
+    @classmethod
+    def _not_empty(cls, value: dict[int, int]) -> dict[int, int]:
+        if not value:
+            raise ValueError("a warm-up profile needs at least one day")
+        return value
+
+
+class WarmupSettings(_Model):
+    """The warm-up of a source, or of each source of a pool (``[delivery.warmup."NAME"]``)."""
+
+    start: datetime.date  # day 1 (UTC), e.g. 2026-11-20
+    profile: str = "standard"  # "standard", "conservative" or a [delivery.warmup_profiles] name
+    over_limit: Literal["wait", "spill"] = "wait"  # spill: to the pool's fallback pool
+    # The warm-up pauses itself (its mail waits) when, over the source's last ten minutes
+    # and at least `min_sample` attempts, deferrals or bounces pass these fractions.
+    pause_deferral_rate: float = Field(0.2, gt=0, le=1)
+    pause_bounce_rate: float = Field(0.1, gt=0, le=1)
+    min_sample: int = Field(50, ge=1)
+    paused: bool = False  # paused by the configuration: no mail leaves until false
+
+
 class TimeoutSettings(_Model):
     """Delivery client timeouts, one per SMTP phase (seconds or '30s', '5m'); Postfix-like.
 
@@ -357,6 +393,9 @@ class DeliverySettings(_Model):
         default_factory=dict
     )
     tenant_rates: dict[str, TenantRateSettings] = Field(default_factory=dict)
+    # IP warm-up (docs/shaping-warmup.md): by source or pool name; custom profiles by name.
+    warmup: dict[str, WarmupSettings] = Field(default_factory=dict)
+    warmup_profiles: dict[str, WarmupProfileSettings] = Field(default_factory=dict)
     # A source whose last `source_failures` connections all failed, to more than one site (or
     # whose address cannot be bound), is "failing": left out of its pools for
     # `source_retry_after`, then tried again.
@@ -386,6 +425,7 @@ class DeliverySettings(_Model):
         if len(set(pool_names)) != len(pool_names):
             raise ValueError(f"pools: names must be unique, got {pool_names}")
         _check_pools(self.pool_table(), names, self.default_pool, self.tenant_pools)
+        _check_warmup(self)
         return self
 
     def pool_table(self) -> dict[str, PoolSettings]:
@@ -415,6 +455,46 @@ def _check_pools(
     for where, name in wanted.items():
         if name not in pools:
             raise ValueError(f"{where}: {name!r} is not a pool; pools are {sorted(pools)}")
+
+
+def _check_warmup(delivery: DeliverySettings) -> None:
+    shipped = sorted(set(delivery.warmup_profiles) & set(SHIPPED_WARMUP_PROFILES))
+    if shipped:
+        raise ValueError(f"warmup_profiles: {shipped} is a shipped profile; choose another name")
+    profiles = sorted({*SHIPPED_WARMUP_PROFILES, *delivery.warmup_profiles})
+    pools, sources = delivery.pool_table(), [source.name for source in delivery.sources]
+    for name, warmup in delivery.warmup.items():
+        if name not in pools and name not in sources:
+            raise ValueError(
+                f"warmup.{name}: {name!r} is neither a source nor a pool; sources are "
+                f"{sources}, pools {sorted(pools)}"
+            )
+        if warmup.profile not in profiles:
+            raise ValueError(
+                f"warmup.{name}.profile: no profile {warmup.profile!r}; profiles are {profiles}"
+            )
+    warmed_by: dict[str, str] = {}
+    for pool in pools.values():
+        if pool.name not in delivery.warmup or pool.name in sources:
+            continue
+        for source in pool.sources:
+            other = warmed_by.setdefault(source, pool.name)
+            if other != pool.name and source not in delivery.warmup:
+                raise ValueError(
+                    f"warmup: source {source} is in pools {other} and {pool.name}, both with "
+                    f"a warm-up; give {source} a [delivery.warmup.{source}] of its own"
+                )
+
+
+def warmup_of(delivery: DeliverySettings) -> dict[str, WarmupSettings]:
+    """Each warmed-up source's warm-up: its own, else its pool's."""
+    found = {}
+    for pool in delivery.pool_table().values():
+        if pool.name in delivery.warmup:
+            found.update(dict.fromkeys(pool.sources, delivery.warmup[pool.name]))
+    names = {source.name for source in delivery.sources}
+    found.update({n: w for n, w in delivery.warmup.items() if n in names})
+    return found
 
 
 class DkimKeySettings(_Model):

@@ -28,6 +28,8 @@ from epoxi.api_types import (
     ShapingState,
     SuspendRequest,
     SuspendResponse,
+    WarmupPauseRequest,
+    WarmupStateResponse,
 )
 from epoxi.errors import ConfigError, DnsError, InvalidField
 from epoxi.shaping.automation import Automated
@@ -67,6 +69,44 @@ async def pipeline(request: Request[Any, Any, Any], routing_key: FromPath[str]) 
 async def pools(request: Request[Any, Any, Any]) -> PoolList:
     ctx = context(request)
     return merge_pools([ctx.admin.pool_list(), *await ctx.peers.ask(request, PoolList)])
+
+
+async def _warmup(
+    request: Request[Any, Any, Any], source: str, reason: str, *, pause: bool
+) -> WarmupStateResponse:
+    ctx = context(request)
+    here = ctx.admin.warmup_pause(source, reason, pause=pause)
+    peers = await ctx.peers.ask(request, WarmupStateResponse)
+    found = here or next(iter(peers), None)
+    if found is None:
+        raise NotFoundException(f"source {source!r} has no warm-up")
+    return found
+
+
+@post(
+    "/warmup/{source:str}/pause",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 404, 415, 422),
+    summary="Pause a source's IP warm-up: its mail waits (or spills) until resumed",
+)
+async def warmup_pause(
+    request: Request[Any, Any, Any],
+    source: FromPath[str],
+    data: JSONBody[WarmupPauseRequest],
+) -> WarmupStateResponse:
+    return await _warmup(request, source, data.reason, pause=True)
+
+
+@post(
+    "/warmup/{source:str}/resume",
+    status_code=200,
+    responses=problem_responses(400, 401, 403, 404, 415),
+    summary="Resume a source's IP warm-up (paused by itself or an operator); body {}",
+)
+async def warmup_resume(
+    request: Request[Any, Any, Any], source: FromPath[str]
+) -> WarmupStateResponse:
+    return await _warmup(request, source, "", pause=False)
 
 
 @post(
@@ -237,6 +277,8 @@ admin_router = Router(
         pipelines_health,
         pipeline,
         pools,
+        warmup_pause,
+        warmup_resume,
         suspend,
         resume,
         bounce,

@@ -25,11 +25,13 @@ from epoxi.api_types import (
     PipelineHealth,
     Pipelines,
     PoolList,
+    ProviderAllowance,
     ReadyQueueInfo,
     ScheduledQueueInfo,
     SourceInfo,
     SuspensionInfo,
     Totals,
+    WarmupInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -237,14 +239,51 @@ def _add_sources(same: list[SourceInfo]) -> SourceInfo:
     state: Literal["ok", "suspended", "failing"] = (
         "suspended" if "suspended" in states else "failing" if "failing" in states else "ok"
     )
+    delivered = sum(s.delivered for s in same)
+    deferred = sum(s.deferred for s in same)
+    bounced = sum(s.bounced for s in same)
+    warmups = [s.warmup for s in same if s.warmup is not None]
     return msgspec.structs.replace(
         same[0],
         state=state,
-        delivered=sum(s.delivered for s in same),
-        deferred=sum(s.deferred for s in same),
-        bounced=sum(s.bounced for s in same),
+        delivered=delivered,
+        deferred=deferred,
+        bounced=bounced,
         connections=sum(s.connections for s in same),
         connection_failures=sum(s.connection_failures for s in same),
         last_error=latest.last_error,
         last_error_at=latest.last_error_at,
+        warmup=_add_warmups(warmups, (delivered, deferred, bounced)) if warmups else None,
     )
+
+
+def _add_warmups(same: list[WarmupInfo], counts: tuple[int, int, int]) -> WarmupInfo:
+    """Each worker has its share of the allowances: counts and allowances add up; the rates
+    are of the summed ten-minute counts; paused when any worker is."""
+    attempts = max(1, sum(counts))
+    paused = [w for w in same if w.paused]
+    providers: dict[str, list[ProviderAllowance]] = {}
+    for warmup in same:
+        for provider in warmup.providers:
+            providers.setdefault(provider.name, []).append(provider)
+    return msgspec.structs.replace(
+        same[0],
+        sent_today=sum(w.sent_today for w in same),
+        allowed_today=_add_allowed([w.allowed_today for w in same]),
+        providers=[
+            ProviderAllowance(
+                name=name,
+                sent=sum(p.sent for p in found),
+                allowed=_add_allowed([p.allowed for p in found]),
+            )
+            for name, found in sorted(providers.items())
+        ],
+        deferral_rate=counts[1] / attempts,
+        bounce_rate=counts[2] / attempts,
+        paused=bool(paused),
+        paused_reason=paused[0].paused_reason if paused else None,
+    )
+
+
+def _add_allowed(allowed: list[int | None]) -> int | None:
+    return None if any(a is None for a in allowed) else sum(a for a in allowed if a is not None)

@@ -26,6 +26,8 @@ from epoxi.api_types import (
     SelectorIn,
     SendResponse,
     SuspendRequest,
+    WarmupInfo,
+    WarmupStateResponse,
 )
 from epoxi.cli.client import DEFAULT_URL, ApiCallError, ApiClient
 from epoxi.cli.common import PLAIN_HELP
@@ -603,6 +605,7 @@ def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) ->
             "default" if pool.default else "",
         ]
         notes += [f"tenants {', '.join(pool.tenants)}"] if pool.tenants else []
+        warming = any(s.warmup is not None for s in pool.sources)
         sources = table(
             "source",
             "weight",
@@ -611,9 +614,11 @@ def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) ->
             "sent/deferred/bounced",
             "connects/failed",
             "last error",
+            *(["warm-up today"] if warming else []),
             title=" ".join([pool.name, *(f"({n})" for n in notes if n)]),
         )
         for s in pool.sources:
+            warmup = [_warmup_text(s.warmup) if s.warmup else ""] if warming else []
             add_row(
                 sources,
                 s.name,
@@ -623,5 +628,68 @@ def pool_ls(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) ->
                 f"{s.delivered}/{s.deferred}/{s.bounced}",
                 f"{s.connections}/{s.connection_failures}",
                 f"{_time(s.last_error_at)} {s.last_error}" if s.last_error else "",
+                *warmup,
             )
         show(sources)
+
+
+def _warmup_text(warmup: WarmupInfo) -> str:
+    """One cell: "standard day 3/14: 512/800 sent (google 100/400); paused: why"."""
+    if warmup.over:
+        head = f"{warmup.profile} over (day {warmup.day}): {warmup.sent_today} sent"
+    else:
+        allowed = warmup.allowed_today if warmup.allowed_today is not None else "-"
+        head = f"{warmup.profile} day {warmup.day}/{warmup.last_day}: "
+        head += f"{warmup.sent_today}/{allowed} sent"
+    providers = [
+        f"{p.name} {p.sent}/{p.allowed if p.allowed is not None else '-'}"
+        for p in warmup.providers
+        if p.sent or p.allowed is not None
+    ]
+    text = head + (f" ({', '.join(providers)})" if providers else "")
+    text += f"; deferred {warmup.deferral_rate:.0%}, bounced {warmup.bounce_rate:.0%}"
+    return text + (f"; PAUSED: {warmup.paused_reason}" if warmup.paused else "")
+
+
+warmup_app = typer.Typer(
+    help="Pause or resume a source's IP warm-up (its progress: `epoxi pool ls`).",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+pool_app.add_typer(warmup_app, name="warmup")
+WarmupSource = Annotated[str, typer.Argument(help="The source whose warm-up it is.")]
+
+
+@warmup_app.command("pause")
+def warmup_pause(
+    source: WarmupSource,
+    reason: Annotated[str, typer.Option(help="Why; shown in `pool ls`.")] = "",
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Pause a source's warm-up: its mail waits (or spills) until resumed."""
+    with _api(url, key) as client:
+        found = client.typed(
+            WarmupStateResponse, "POST", f"/admin/warmup/{source}/pause", json={"reason": reason}
+        )
+    _show_warmup_state(found, as_json)
+
+
+@warmup_app.command("resume")
+def warmup_resume(
+    source: WarmupSource, url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False
+) -> None:
+    """Resume a source's warm-up, paused by itself or by an operator."""
+    with _api(url, key) as client:
+        found = client.typed(WarmupStateResponse, "POST", f"/admin/warmup/{source}/resume", json={})
+    _show_warmup_state(found, as_json)
+
+
+def _show_warmup_state(found: WarmupStateResponse, as_json: bool) -> None:
+    if as_json:
+        print_json(found)
+    elif found.paused:
+        line(f"warm-up of {found.source} paused: {found.paused_reason}")
+    else:
+        line(f"warm-up of {found.source} running")

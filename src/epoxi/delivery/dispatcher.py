@@ -24,6 +24,7 @@ from epoxi.delivery.pools import Pools
 from epoxi.delivery.ready import LoadBody, ReadyQueue
 from epoxi.delivery.routing import Destination, Router
 from epoxi.delivery.transport import Transport
+from epoxi.delivery.warmup import Warmup
 from epoxi.errors import DnsError, MailLoop, TlsFailed
 from epoxi.outcomes.disposition import Disposition
 from epoxi.queue.model import Job
@@ -75,6 +76,7 @@ class Dispatcher:
         ready_queue_limit: int = 10_000,
         slots: ConnectionSlots | None = None,
         tenants: TenantLimits | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self.router = router
         self.policy = policy
@@ -83,6 +85,7 @@ class Dispatcher:
         self.suspensions = suspensions
         self.pools = pools
         self.tenants = tenants or TenantLimits()  # tenant priorities and rates, every queue's
+        self.warmup = warmup
         self.ready: dict[str, ReadyQueue] = {}
         self._load_body = load_body
         self._hold_back = hold_back
@@ -159,7 +162,31 @@ class Dispatcher:
             job.due = time.time() + random.uniform(1.0, 3.0)  # full: hold back, no attempt
             self._hold_back(job)
             return
+        warmup = self.warmup
+        if warmup is not None and warmup.active and not warmup.allow(job.source, ready.provider):
+            self._over_allowance(job, destination, ready.provider, warmup)
+            return
         ready.put(job)
+
+    def _over_allowance(
+        self, job: Job, destination: Destination, provider: str | None, warmup: Warmup
+    ) -> None:
+        """A job its source's warm-up does not let through today: it leaves through the
+        pool's fallback (``over_limit = "spill"``), else waits; it never bounces for it."""
+        source, pool = job.source, job.pool
+        fallback = self.pools.pools[pool].fallback if pool in self.pools.pools else None
+        while warmup.spills(source) and fallback is not None:
+            picked = self.pools.pick_in(fallback, job.message.meta)
+            if picked is not None and warmup.allow(picked.name, provider):
+                why = f"{warmup.why_over(job.source)}: sent through pool {fallback}"
+                job.source, job.pool = picked.name, fallback
+                self.outcomes.rerouted(job, why)
+                self._ready_queue(job.domain, destination, job.source).put(job)
+                return
+            source = picked.name if picked is not None else source
+            fallback = self.pools.pools[fallback].fallback
+        job.due = warmup.wait_until(job.source)
+        self._hold_back(job)
 
     def _ready_queue(self, domain: str, routed: Destination, source: str) -> ReadyQueue:
         """The ready queue of a domain routed to a site from a source; found once, then one

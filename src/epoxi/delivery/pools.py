@@ -215,6 +215,11 @@ class Pools:
             why = f"{why}; {fallback}" if why else fallback
         return Pick(self._next(meta.id, weights), name, why)
 
+    def pick_in(self, pool: str, meta: MessageMeta) -> SourceSettings | None:
+        """A usable source of the named pool for ``meta`` (a warm-up's spill), or None."""
+        usable = {s: w for s, w in self.pools[pool].sources.items() if self.usable(s)}
+        return self._next(meta.id, usable) if usable else None
+
     def _degraded_route(self, wanted: str) -> tuple[str, dict[str, int], str]:
         """While a source is suspended or failing: the pool whose usable sources take
         ``wanted``'s mail, those sources, and why when it is a fallback. Worked out once

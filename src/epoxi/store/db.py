@@ -78,6 +78,20 @@ _STEPS: dict[int, list[str]] = {
             at REAL NOT NULL
         )""",
         "CREATE INDEX automation_hits_by_rule ON automation_hits (rule, scope, at)",
+        # IP warm-up (store/warmup.py): jobs sent per UTC day, and paused warm-ups
+        """CREATE TABLE warmup_sent (
+            day INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            worker INTEGER NOT NULL,
+            sent INTEGER NOT NULL,
+            PRIMARY KEY (day, source, provider, worker)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE warmup_paused (
+            source TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            paused_at REAL NOT NULL
+        )""",
     ],
 }
 
