@@ -227,7 +227,7 @@ class ProviderAllowance(msgspec.Struct, kw_only=True):
 
 
 class WarmupInfo(msgspec.Struct, kw_only=True):
-    """A source's IP warm-up today (docs/shaping-warmup.md). With worker processes the counts
+    """A source's IP warm-up today (docs/shaping.md). With worker processes the counts
     and allowances are the sums of every worker's (each has its share of the allowance)."""
 
     profile: str

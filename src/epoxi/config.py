@@ -387,13 +387,13 @@ class DeliverySettings(_Model):
     pools: tuple[PoolSettings, ...] = ()
     default_pool: str = "default"
     tenant_pools: dict[str, str] = Field(default_factory=dict)  # tenant -> its pool
-    # Tenant fairness (docs/shaping-tenants.md): a tenant's default priority (-100..100, higher
+    # Tenant fairness (docs/shaping.md): a tenant's default priority (-100..100, higher
     # first) and its message rates; each worker process enforces rate / workers.
     tenant_priorities: dict[str, Annotated[int, Field(ge=-100, le=100)]] = Field(
         default_factory=dict
     )
     tenant_rates: dict[str, TenantRateSettings] = Field(default_factory=dict)
-    # IP warm-up (docs/shaping-warmup.md): by source or pool name; custom profiles by name.
+    # IP warm-up (docs/shaping.md): by source or pool name; custom profiles by name.
     warmup: dict[str, WarmupSettings] = Field(default_factory=dict)
     warmup_profiles: dict[str, WarmupProfileSettings] = Field(default_factory=dict)
     # A source whose last `source_failures` connections all failed, to more than one site (or
