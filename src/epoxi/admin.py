@@ -31,7 +31,7 @@ from epoxi.api_types import (
     Totals,
     WarmupStateResponse,
 )
-from epoxi.delivery.automation import Automation
+from epoxi.delivery.automation import Automation, is_automated
 from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.delivery.ready import ReadyQueue
 from epoxi.errors import InvalidField
@@ -301,7 +301,8 @@ class Admin:
             suspension = Suspension(
                 item.target, item.value, item.reason, item.until, site=item.site or ""
             )
-            self.suspensions.suspend(suspension)
+            if not is_automated(suspension):  # those come from the store, fresher than a peer
+                self.suspensions.suspend(suspension)
 
     def resume(self, target: SuspendKind, value: str) -> int:
         """Lift a suspension; returns the held jobs released (ready queues, for a site or

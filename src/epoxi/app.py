@@ -176,21 +176,7 @@ class Epoxi:
         self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
 
     def _retry_for(self, job: Job, configured: RetryPolicy) -> RetryPolicy:
-        """The retries of a job's destination: the shaping files may set them per provider,
-        site or domain (before its first routing the site is not known: domain and default
-        blocks only)."""
-        shaping = self.dispatcher.policy.resolve(job.domain, job.site or job.domain, job.source)
-        if (
-            shaping.retry_interval is None
-            and shaping.max_retry_interval is None
-            and shaping.max_age is None
-        ):
-            return configured
-        return _retry_policy(
-            shaping.retry_interval or configured.retry_interval,
-            shaping.max_retry_interval or configured.max_retry_interval,
-            shaping.max_age or configured.max_age,
-        )
+        return destination_retry(self.dispatcher.policy, job, configured)
 
     def _dsn_wanted(self, job: Job) -> bool:
         delivery = self.settings.delivery
@@ -445,6 +431,23 @@ def _setting(settings: Settings, dotted: str) -> object:
 
 def retry_policy(delivery: DeliverySettings) -> RetryPolicy:
     return RetryPolicy(delivery.retry_interval, delivery.max_retry_interval, delivery.max_age)
+
+
+def destination_retry(policy: ShapingPolicy, job: Job, configured: RetryPolicy) -> RetryPolicy:
+    """The retries of a job's destination: the shaping files may set them per provider, site
+    or domain (before its first routing the site is not known: domain and default blocks
+    only; the dispatcher judges such a job's age once it is routed)."""
+    if not policy.sets_retries:
+        return configured  # the common case: no lookup per job
+    shaping = policy.resolve(job.domain, job.site or job.domain, job.source)
+    given = (shaping.retry_interval, shaping.max_retry_interval, shaping.max_age)
+    if given == (None, None, None):
+        return configured
+    return _retry_policy(
+        shaping.retry_interval or configured.retry_interval,
+        shaping.max_retry_interval or configured.max_retry_interval,
+        shaping.max_age or configured.max_age,
+    )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from epoxi.app import shaping_policy
+from epoxi.app import destination_retry, shaping_policy
 from epoxi.bounce.classify import Classifier
 from epoxi.config import Settings
 from epoxi.delivery.client import TlsPolicy
@@ -29,6 +29,7 @@ from epoxi.outcomes import Disposition, Synthetic
 from epoxi.queue.model import Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
+from epoxi.shaping.files import ShapingFiles, parse
 from epoxi.shaping.policy import Shaping
 from epoxi.shaping.slots import ConnectionSlots
 from epoxi.smtp.replies import Reply
@@ -470,3 +471,17 @@ async def test_an_arrival_is_marked_for_the_start_up_load_before_its_commit() ->
     await ingest.accept(_meta(), BODY, trusted=True)
     await ingest.inject(_meta(), BODY)
     assert seen_at_commit == [True, True]
+
+
+async def test_a_sites_longer_max_age_holds_from_the_first_routing(engine: Engine) -> None:
+    """Six days old, past [delivery]'s five: the site's seven days keep it, though its site
+    is only known once it is routed (as after a restart: the site is not spooled)."""
+    files = ShapingFiles([("s.toml", parse('[sites."route:192.0.2.1:25"]\nmax_age = "7d"\n'))])
+    engine.dispatcher.policy = shaping_policy(engine.settings.delivery, files)
+    engine.outcomes.retry_for = lambda job, configured: destination_retry(
+        engine.dispatcher.policy, job, configured
+    )
+    await engine.send("kept@a.test", age=6 * DAY)
+    assert await engine.outcome("kept@a.test") is RecordType.DELIVERY
+    await engine.send("late@a.test", age=8 * DAY)
+    assert await engine.outcome("late@a.test") is RecordType.EXPIRATION

@@ -48,23 +48,30 @@ Take = Callable[[Callable[[Job], bool]], list[Job]]
 
 _FAILURES = (RecordType.TRANSIENT_FAILURE, RecordType.BOUNCE)
 MAX_CACHED = 100_000  # (domain, site) -> rules entries kept
+DECREASE_GAP = 1.0  # seconds: rate deferrals closer together than this halve a rate once
+SEEN = 1024  # replies remembered, so that the records of one reply's recipients count once
 _SUSPEND_KIND = {"suspend": "source", "suspend_tenant": "tenant", "suspend_campaign": "campaign"}
 
 
 @dataclass
 class Aimd:
-    """The adaptive message rate of one path, in messages per second."""
+    """The adaptive message rate of one path, in messages per second. Its top is the lower of
+    the ceiling and the path's configured rate: adapting never sends faster than configured."""
 
     config: AdaptiveRate
+    domain: str  # whose layers give the path's configured rate
     current: float
     changed_at: float
-    delivered: int = 0  # deliveries since the last change
+    decreased_at: float = float("-inf")
 
     @classmethod
-    def start(cls, config: AdaptiveRate, configured: Rate | None, now: float) -> Aimd:
+    def start(cls, config: AdaptiveRate, domain: str, configured: Rate | None, now: float) -> Aimd:
+        return cls(config, domain, cls.top(config, configured), now)
+
+    @staticmethod
+    def top(config: AdaptiveRate, configured: Rate | None) -> float:
         ceiling = _per_second(config.ceiling)
-        start = min(ceiling, configured.count / configured.period) if configured else ceiling
-        return cls(config, start, now)
+        return min(ceiling, configured.count / configured.period) if configured else ceiling
 
     @property
     def rate(self) -> Rate:
@@ -72,22 +79,24 @@ class Aimd:
         return Rate(round(self.current * period, 6), period)
 
     def backed_off(self, now: float) -> bool:
-        """A rate deferral: multiply down (not below the floor); True if it changed."""
+        """A rate deferral: multiply down (not below the floor), at most once per DECREASE_GAP
+        (connections that got the same answer at once count once); True if it changed."""
+        if now - self.decreased_at < DECREASE_GAP:
+            return False
         before = self.current
         self.current = max(_per_second(self.config.floor), self.current * self.config.decrease)
-        self.changed_at, self.delivered = now, 0
+        self.changed_at = self.decreased_at = now
         return self.current != before
 
-    def succeeded(self, now: float) -> bool:
-        """A delivery: after ``every`` seconds of them, add the step; True if it changed."""
-        self.delivered += 1
+    def succeeded(self, now: float, top: float) -> bool:
+        """A delivery: after ``every`` seconds since the last change, add the step (not above
+        ``top``); True if it changed."""
         if now - self.changed_at < self.config.every:
             return False
-        ceiling = _per_second(self.config.ceiling)
-        step = _per_second(self.config.increase) if self.config.increase else ceiling / 10
+        step = _per_second(self.config.increase) if self.config.increase else top / 10
         before = self.current
-        self.current = min(ceiling, self.current + step)
-        self.changed_at, self.delivered = now, 0
+        self.current = min(top, self.current + step)
+        self.changed_at = now
         return self.current != before
 
 
@@ -123,7 +132,9 @@ class Automation:
         self._bouncing: list[Automated] = []
         self._aimd: dict[tuple[str, str], Aimd] = {}  # (source, site) -> its adaptive rate
         self._rules: dict[tuple[str, str], list[tuple[str, AutomationRule]]] = {}
-        self._rules_of: object = None  # the shaping files the rule cache was made from
+        self._rules_of = dispatcher.policy.files  # the shaping files the caches were made from
+        self._seen: dict[tuple[str, int, str, str, str], None] = {}  # recent failure replies
+        self._suspended: set[tuple[str, str, str]] = set()  # suspensions made for actions
         self._version = -1
         self._tasks: set[asyncio.Task[None]] = set()
         dispatcher.steering = self
@@ -148,6 +159,7 @@ class Automation:
 
     async def sync(self) -> None:
         """End what ran out, then apply the store's actions if they changed."""
+        self._check_files()
         now = self._clock()
         for ended in await self.store.expire(now):
             self._record_end(ended)
@@ -167,6 +179,8 @@ class Automation:
         if record.type not in _FAILURES or record.response is None or not record.site:
             return
         reply = _reply_text(record.response)
+        if self._seen_before(record, reply):
+            return  # another recipient of the same reply: one reply, one match
         domain = recipient_domain(record.recipient)
         for label, rule in self._rules_for(domain, record.site):
             if rule.pattern.search(reply):
@@ -174,10 +188,30 @@ class Automation:
         if record.type is RecordType.TRANSIENT_FAILURE:
             self._maybe_back_off(domain, record, reply)
 
-    def _rules_for(self, domain: str, site: str) -> list[tuple[str, AutomationRule]]:
+    def _seen_before(self, record: Record, reply: str) -> bool:
+        """Whether a record of the same reply (message, attempt, path) came already: each
+        recipient has its own record, and a reply at DATA is every recipient's."""
+        key = (record.message_id, record.attempt, record.source, record.site, reply)
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        if len(self._seen) > SEEN:
+            del self._seen[next(iter(self._seen))]
+        return False
+
+    def _check_files(self) -> None:
+        """After a reload of the shaping files, rules and adaptive rates start afresh."""
         files = self.dispatcher.policy.files
-        if files is not self._rules_of:  # a reload: the rules may have changed
-            self._rules_of, self._rules = files, {}
+        if files is self._rules_of:
+            return
+        self._rules_of, self._rules = files, {}
+        paths, self._aimd = list(self._aimd), {}
+        for path in paths:
+            self.dispatcher.rate_changed(*path)  # back to the configured rate
+
+    def _rules_for(self, domain: str, site: str) -> list[tuple[str, AutomationRule]]:
+        self._check_files()
+        files = self.dispatcher.policy.files
         key = (domain, site)
         rules = self._rules.get(key)
         if rules is None:
@@ -187,6 +221,12 @@ class Automation:
         return rules
 
     async def _matched(self, label: str, rule: AutomationRule, record: Record, reply: str) -> None:
+        try:
+            await self._match(label, rule, record, reply)
+        except Exception:  # the store is locked or closed: this match is lost, mail is not
+            log.exception("automation: a match of %s could not be counted", label)
+
+    async def _match(self, label: str, rule: AutomationRule, record: Record, reply: str) -> None:
         tenant, campaign = _tenant_campaign(record.queue)
         scope = scoped(rule.action, source=record.source, tenant=tenant, campaign=campaign)
         if not scope:
@@ -238,23 +278,33 @@ class Automation:
     def _apply(self, actions: list[Automated]) -> None:
         """Make this worker's suspensions, bounces and overrides those of ``actions``."""
         before, self.actions = self.actions, {a.id: a for a in actions}
-        for gone in before.keys() - self.actions.keys():
-            self._unsuspend(before[gone])
-        for action in actions:
-            if action.action in SUSPEND_ACTIONS and action.id not in before:
-                self.suspensions.suspend(_suspension(action))
+        self._suspend([a for a in actions if a.action in SUSPEND_ACTIONS])
         self._bouncing = [a for a in actions if a.action in BOUNCE_ACTIONS]
         for action in self._bouncing:
             if action.id not in before:
                 self._bounce_waiting(action)
         self._set_overrides([a for a in actions if a.action == "set_config"])
 
-    def _unsuspend(self, action: Automated) -> None:
-        if action.action in SUSPEND_ACTIONS:
+    def _suspend(self, actions: list[Automated]) -> None:
+        """One suspension per target (several actions may want the same one: it lasts as
+        long as the longest), lifted once no action wants it. An operator's own suspension
+        of the same target is left as it is."""
+        wanted: dict[tuple[str, str, str], Suspension] = {}
+        for action in actions:
             suspension = _suspension(action)
-            current = [s for s in self.suspensions.active() if s.key == suspension.key]
-            if current and current[0].reason == suspension.reason:  # not an operator's since
-                self.suspensions.resume(suspension.kind, suspension.value, suspension.site)
+            other = wanted.get(suspension.key)
+            if other is None or (other.until or 0) < (suspension.until or 0):
+                wanted[suspension.key] = suspension
+        current = {s.key: s for s in self.suspensions.active()}
+        for key, suspension in wanted.items():
+            have = current.get(key)
+            if have is None or (is_automated(have) and have != suspension):
+                self.suspensions.suspend(suspension)
+        for key in self._suspended - wanted.keys():
+            have = current.get(key)
+            if have is not None and is_automated(have):
+                self.suspensions.resume(have.kind, have.value, have.site)
+        self._suspended = set(wanted)
 
     def _bounce_waiting(self, action: Automated) -> None:
         jobs = self._take(lambda job: action.covers(*_where(job)))
@@ -287,6 +337,7 @@ class Automation:
 
     def rate_override(self, source: str, site: str) -> Rate | None:
         """The adaptive message rate of a path, once it has one."""
+        self._check_files()
         aimd = self._aimd.get((source, site))
         return aimd.rate if aimd is not None else None
 
@@ -302,8 +353,8 @@ class Automation:
             config = self._adaptive_config(domain, record.site)
             if config is None or not config.pattern.search(reply):
                 return
-            shaping = self.dispatcher.policy.resolve(domain, record.site, record.source)
-            aimd = self._aimd[path] = Aimd.start(config, shaping.max_message_rate, self._clock())
+            configured = self._configured_rate(domain, *path)
+            aimd = self._aimd[path] = Aimd.start(config, domain, configured, self._clock())
         elif not aimd.config.pattern.search(reply):
             return
         if aimd.backed_off(self._clock()):
@@ -314,11 +365,23 @@ class Automation:
         files = self.dispatcher.policy.files
         return files.adaptive(domain, site) if files is not None else None
 
+    def _configured_rate(self, domain: str, source: str, site: str) -> Rate | None:
+        return self.dispatcher.policy.resolve(domain, site, source).max_message_rate
+
     def _delivered(self, record: Record) -> None:
-        aimd = self._aimd.get((record.source, record.site))
-        if aimd is not None and aimd.succeeded(self._clock()):
-            log.info("adaptive rate of %s->%s up to %s", record.source, record.site, aimd.rate)
-            self.dispatcher.rate_changed(record.source, record.site)
+        path = (record.source, record.site)
+        aimd = self._aimd.get(path)
+        if aimd is None:
+            return
+        top = Aimd.top(aimd.config, self._configured_rate(aimd.domain, *path))
+        if not aimd.succeeded(self._clock(), top):
+            return
+        if aimd.current >= top:  # recovered: the configured rate again
+            del self._aimd[path]
+            log.info("adaptive rate of %s->%s back to its configured rate", *path)
+        else:
+            log.info("adaptive rate of %s->%s up to %s", *path, aimd.rate)
+        self.dispatcher.rate_changed(*path)
 
     # ----------------------------------------------------------------- records
 
@@ -358,6 +421,11 @@ def _tenant_campaign(queue: str) -> tuple[str, str]:
 def _where(job: Job) -> tuple[str, str, str, str]:
     meta = job.message.meta
     return job.site, job.source, meta.tenant, meta.campaign
+
+
+def is_automated(suspension: Suspension) -> bool:
+    """Whether automation made this suspension (its reason names the action)."""
+    return suspension.reason.startswith("automation ")
 
 
 def _suspension(action: Automated) -> Suspension:

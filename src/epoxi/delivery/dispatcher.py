@@ -109,7 +109,9 @@ class Dispatcher:
     def submit(self, job: Job) -> None:
         """A job is due (the scheduler's release): pick its source, route it to its ready
         queue."""
-        if self.outcomes.expired(job):
+        # Its age is judged here unless its destination's shaping may set its own max_age and
+        # its site (provider) is not known yet: then once routed (in _to_ready).
+        if (job.site or not self.policy.sets_retries) and self.outcomes.expired(job):
             self.outcomes.expire(job)
             return
         pick = self.pools.pick(job.message.meta)
@@ -150,7 +152,10 @@ class Dispatcher:
             pick = self.pools.pick(job.message.meta)
             job.source, job.pool = pick.source.name, pick.pool
         ready = self._ready_queue(job.domain, destination, job.source)
-        job.site = destination.site
+        routed_now, job.site = not job.site, destination.site
+        if routed_now and self.policy.sets_retries and self.outcomes.expired(job):
+            self.outcomes.expire(job)  # (see submit: its provider may give it longer)
+            return
         if self.suspensions.for_job(job) is not None:  # its tenant or campaign, on this site
             self._hold_back(job)  # the scheduler holds it, with a Suspended record
             return
@@ -159,7 +164,7 @@ class Dispatcher:
             self.outcomes.admin_bounce([job], bounce)
             return
         if len(ready) >= self._ready_queue_limit:
-            job.due = time.time() + random.uniform(1.0, 3.0)  # full: hold back, no attempt
+            job.due = time.time() + _back_off(ready)  # full: hold back, no attempt
             self._hold_back(job)
             return
         warmup = self.warmup
@@ -374,6 +379,18 @@ class Dispatcher:
 
 def _every(job: Job) -> bool:
     return True
+
+
+def _back_off(ready: ReadyQueue) -> float:
+    """How long a job waits before it tries a full ready queue again: a few seconds, or while
+    the queue is suspended, until the suspension ends (at most 5 minutes, in case it is
+    lifted early), rather than coming back every few seconds for an hour."""
+    jitter = random.uniform(1.0, 3.0)
+    suspension = ready.suspension
+    if suspension is None:
+        return jitter
+    left = (suspension.until or float("inf")) - time.time()
+    return min(max(left, 0.0), 300.0) + jitter
 
 
 def _whole_source(suspension: Suspension) -> bool:

@@ -53,7 +53,10 @@ class RecordLog:
     def emit(self, record: Record) -> None:
         self._buffer.add(encode_record(record))
         for subscriber in self._subscribers:
-            subscriber(record)
+            try:
+                subscriber(record)
+            except Exception:  # a subscriber's bug must not stop the emitter's work
+                log.exception("record subscriber %r failed", subscriber)
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

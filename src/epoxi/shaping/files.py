@@ -385,6 +385,16 @@ class ShapingFiles:
                 return name
         return None
 
+    def sets_any(self, settings: frozenset[str]) -> bool:
+        """Whether any block (or its sources tables) gives one of ``settings``."""
+        stacks = [self._default, *self._providers.values(), *self._sites.values()]
+        for stacked in [*stacks, *self._domains.values()]:
+            for _, block, _ in stacked.parts:
+                given = [block.given(), *(values.given() for values in block.sources.values())]
+                if any(settings & values.keys() for values in given):
+                    return True
+        return False
+
     def provider_at(self, domain: str, site: str) -> str | None:
         """The provider of ``domain`` routed to ``site`` (a ready queue's name for it)."""
         return self.provider_of(domain, mx_hosts_of(site), routed=site.startswith("route:"))

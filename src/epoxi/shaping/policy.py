@@ -47,6 +47,7 @@ BUILTIN: Mapping[str, Any] = {
     "max_age": None,
 }
 MAX_CACHED = 100_000  # (domain, site, source) -> merged limits kept
+RETRY_SETTINGS = frozenset({"retry_interval", "max_retry_interval", "max_age"})
 
 Layer = Mapping[str, Any]
 
@@ -95,6 +96,11 @@ class ShapingPolicy:
         self._sources = {k: dict(v) for k, v in (sources or {}).items()}
         # (source, site) -> (label, settings) that traffic shaping automation set for a while
         self.overrides = dict(overrides or {})
+        # Whether any layer sets retries: if none does, a job's retries need no lookup
+        layers = [self._defaults, *self._named.values(), *self._sources.values()]
+        self.sets_retries = any(RETRY_SETTINGS & layer.keys() for layer in layers) or bool(
+            files is not None and files.sets_any(RETRY_SETTINGS)
+        )
         self._cache: dict[tuple[str, str, str], Resolved] = {}
 
     def with_overrides(

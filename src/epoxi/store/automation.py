@@ -2,9 +2,10 @@
 
 Every worker process (and a restarted node) reads the same table, so an action one worker
 starts holds in all of them and outlives a restart; it ends by itself at ``until``, or when an
-operator lifts it. ``version`` grows with every change: a worker polls it to know when to read
-the actions again. Matches of threshold rules are counted here too, so "5 per hour" counts
-the replies every worker saw. SQLite runs on the store's own thread, never on the event loop.
+operator lifts it. A version number grows with every change (never down, a purge included): a
+worker polls it to know when to read the actions again. Matches of threshold rules are counted
+here too, so "5 per hour" counts the replies every worker saw. SQLite runs on the store's own
+thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -125,7 +126,13 @@ class _immediate:
 
 
 def _version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(version), 0) FROM automation").fetchone()[0])
+    return int(conn.execute("SELECT version FROM automation_version").fetchone()[0])
+
+
+def _next_version(conn: sqlite3.Connection) -> int:
+    """Count one change (inside the change's write transaction)."""
+    conn.execute("UPDATE automation_version SET version = version + 1")
+    return _version(conn)
 
 
 def _matched(
@@ -133,6 +140,12 @@ def _matched(
 ) -> Automated | None:
     rule, scope, now = candidate.rule, candidate.scope, candidate.started
     with _immediate(conn):
+        running = conn.execute(
+            "SELECT 1 FROM automation WHERE rule = ? AND scope = ? AND ended IS NULL AND until > ?",
+            (rule, scope, now),
+        ).fetchone()
+        if running:
+            return None  # matches while it acts count for nothing, not towards the next one
         if count > 1:
             conn.execute(
                 "INSERT INTO automation_hits (rule, scope, at) VALUES (?, ?, ?)", (rule, scope, now)
@@ -143,12 +156,6 @@ def _matched(
             ).fetchone()
             if seen < count:
                 return None
-        running = conn.execute(
-            "SELECT 1 FROM automation WHERE rule = ? AND scope = ? AND ended IS NULL AND until > ?",
-            (rule, scope, now),
-        ).fetchone()
-        if running:
-            return None
         conn.execute("DELETE FROM automation_hits WHERE rule = ? AND scope = ?", (rule, scope))
         conn.execute(
             "INSERT INTO automation (id, rule, scope, version, started, until, ended, entry)"
@@ -157,7 +164,7 @@ def _matched(
                 candidate.id,
                 rule,
                 scope,
-                _version(conn) + 1,
+                _next_version(conn),
                 now,
                 candidate.until,
                 _encode(candidate),
@@ -171,6 +178,6 @@ def _end(conn: sqlite3.Connection, action_id: str, why: str, now: float) -> Auto
     ended = msgspec.structs.replace(_decode(entry), ended=now, ended_why=why)
     conn.execute(
         "UPDATE automation SET ended = ?, version = ?, entry = ? WHERE id = ?",
-        (now, _version(conn) + 1, _encode(ended), action_id),
+        (now, _next_version(conn), _encode(ended), action_id),
     )
     return ended

@@ -78,6 +78,9 @@ _STEPS: dict[int, list[str]] = {
             at REAL NOT NULL
         )""",
         "CREATE INDEX automation_hits_by_rule ON automation_hits (rule, scope, at)",
+        # grows with every change of the automation table, never down (a purge included)
+        "CREATE TABLE automation_version (version INTEGER NOT NULL)",
+        "INSERT INTO automation_version VALUES (0)",
         # IP warm-up (store/warmup.py): jobs sent per UTC day, and paused warm-ups
         """CREATE TABLE warmup_sent (
             day INTEGER NOT NULL,
