@@ -6,7 +6,7 @@ from epoxi.message import MessageMeta
 from epoxi.queue.model import Job, Message
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
 from epoxi.shaping.policy import ShapingPolicy
-from epoxi.shaping.throttle import Rate
+from epoxi.shaping.throttle import LocalThrottle, Rate
 from epoxi.testing.fakes import ManualClock
 
 
@@ -73,3 +73,16 @@ def test_registry_tells_listeners_and_forgets_what_ran_out() -> None:
     assert registry.expire() and changes == [1, 2, 1]
     assert registry.resume("campaign", "spring") and not registry.resume("campaign", "spring")
     assert changes == [1, 2, 1, 0]
+
+
+def test_a_fast_rate_goes_in_groups_of_its_window_and_a_slow_one_message_by_message() -> None:
+    clock = ManualClock()
+    fast = LocalThrottle(Rate(100_000, 1), clock=clock, window=0.01)
+    taken = 0
+    while fast.acquire() == 0:
+        taken += 1
+    assert taken == 1000  # 10 ms worth at once
+    clock.advance(1.0)  # idle for a second: no credit saved beyond one window's burst
+    assert sum(1 for _ in range(5000) if fast.acquire() == 0) == 1000
+    slow = LocalThrottle(Rate(100, 1), clock=clock, window=0.01)
+    assert slow.acquire() == 0 and slow.acquire() > 0  # 1 a time: no burst

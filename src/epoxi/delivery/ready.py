@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A message rate lets this many seconds' worth of messages go at once (at least one): a rate
+# of 100/s or less is paced message by message, a fast one in small groups, not one timer each.
+MESSAGE_BURST = 0.01
+
 LoadBody = Callable[[str], Awaitable[bytes]]
 
 
@@ -117,7 +121,7 @@ class ReadyQueue:
         self._acquiring: set[asyncio.Task[None]] = set()  # connections waiting for a slot
         self._keep: int | None = None  # open connections to trim down to (``trim``)
         self.rate_override: Rate | None = None  # an adaptive rate instead of the configured one
-        self._message_throttle = _throttle(self._my_rate(shaping))
+        self._message_throttle = _throttle(self._my_rate(shaping), MESSAGE_BURST)
         self._connection_throttle = _throttle(shaping.max_connection_rate)
         self._open_later: asyncio.TimerHandle | None = None
         self._closing = False
@@ -170,7 +174,9 @@ class ReadyQueue:
     def reshape(self, shaping: Shaping) -> None:
         """Apply new limits now, keeping the queue, its jobs and its connections."""
         self.shaping = shaping
-        self._message_throttle = _reshaped(self._message_throttle, self._my_rate(shaping))
+        self._message_throttle = _reshaped(
+            self._message_throttle, self._my_rate(shaping), MESSAGE_BURST
+        )
         self._connection_throttle = _reshaped(
             self._connection_throttle, shaping.max_connection_rate
         )
@@ -194,7 +200,9 @@ class ReadyQueue:
 
     def share_changed(self) -> None:
         """This worker's part of the machine's message rate changed: pace to the new one."""
-        self._message_throttle = _reshaped(self._message_throttle, self._my_rate(self.shaping))
+        self._message_throttle = _reshaped(
+            self._message_throttle, self._my_rate(self.shaping), MESSAGE_BURST
+        )
 
     def override_rate(self, rate: Rate | None) -> None:
         """Pace to ``rate`` instead of the configured message rate (None: the configured)."""
@@ -380,13 +388,13 @@ class ReadyQueue:
             await asyncio.wait(self._tasks, timeout=30)
 
 
-def _throttle(rate: Rate | None) -> Throttle | None:
-    return LocalThrottle(rate) if rate is not None else None
+def _throttle(rate: Rate | None, window: float = 0.0) -> Throttle | None:
+    return LocalThrottle(rate, window=window) if rate is not None else None
 
 
-def _reshaped(throttle: Throttle | None, rate: Rate | None) -> Throttle | None:
+def _reshaped(throttle: Throttle | None, rate: Rate | None, window: float = 0.0) -> Throttle | None:
     if rate is None or throttle is None:
-        return _throttle(rate)
+        return _throttle(rate, window)
     throttle.set_rate(rate)
     return throttle
 

@@ -63,19 +63,31 @@ class Throttle(Protocol):
 
 
 class LocalThrottle:
-    """GCRA in memory: allows a burst of up to ``burst`` events, then one per interval."""
+    """GCRA in memory: allows a burst of up to ``burst`` events, then one per interval.
+
+    Without a fixed ``burst``, the burst is what the rate allows in ``window`` seconds (at
+    least one event): a window of 10 ms lets a rate of 100,000/s go in groups of 1,000
+    without a timer between each two, and leaves a rate of 100/s or less exact."""
 
     def __init__(
-        self, rate: Rate, burst: int | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: Rate,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        window: float = 0.0,
     ) -> None:
-        self._burst = burst if burst is not None else 1
+        self._burst = burst
+        self._window = window
         self._clock = clock
         self._tat = 0.0  # theoretical arrival time
         self.set_rate(rate)
 
     def set_rate(self, rate: Rate) -> None:
         self.interval = rate.interval
-        self.tolerance = self.interval * (self._burst - 1)
+        burst = self._burst
+        if burst is None:
+            burst = max(1, int(self._window * rate.count / rate.period))
+        self.tolerance = self.interval * (burst - 1)
 
     def delay(self) -> float:
         """Seconds to wait before the next event may happen; 0 means it may happen now."""

@@ -79,6 +79,9 @@ class AutomationStore:
         conn = self._db()
 
         def run() -> list[Automated]:
+            due = "SELECT 1 FROM automation WHERE ended IS NULL AND until <= ? LIMIT 1"
+            if conn.execute(due, (now,)).fetchone() is None:
+                return []  # the common case, every second: no write lock taken
             with _immediate(conn):
                 rows = conn.execute(
                     "SELECT id FROM automation WHERE ended IS NULL AND until <= ?", (now,)
