@@ -236,7 +236,7 @@ class Warmup:
         """Today's counts of this worker and the pauses, from the store."""
         if self._store is None:
             return
-        counts, pauses = await self._store.start(self._day)
+        counts, pauses = await self._store.open(self._day)
         for (source, provider), sent in counts.items():
             by_provider = self._sent.setdefault(source, {})
             by_provider[provider] = by_provider.get(provider, 0) + sent

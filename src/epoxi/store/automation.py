@@ -10,75 +10,45 @@ thread, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import msgspec
 
 from epoxi.shaping.automation import Automated
-from epoxi.store.db import connect
-
-T = TypeVar("T")
+from epoxi.store.thread import StoreThread
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Automated).decode
 
 
-class AutomationStore:
+class AutomationStore(StoreThread):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoxi-automation")
-        self._conn: sqlite3.Connection | None = None
-
-    async def start(self) -> None:
-        self._conn = await self._call(lambda: connect(self.path, check_same_thread=False))
-
-    async def stop(self) -> None:
-        if self._conn is not None:
-            await self._call(self._conn.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the automation store is not open")
-        return self._conn
+        super().__init__(path, "automation")
 
     async def matched(self, candidate: Automated, count: int, period: float) -> Automated | None:
         """A rule matched: count it (thresholds), and start ``candidate`` if the trigger is
         met and no action of the same rule and scope is active. Returns the new action."""
-        conn = self._db()
-        return await self._call(lambda: _matched(conn, candidate, count, period))
+        return await self.call(lambda conn: _matched(conn, candidate, count, period))
 
     async def active(self, now: float) -> list[Automated]:
-        conn = self._db()
-
-        def read() -> list[Automated]:
+        def read(conn: sqlite3.Connection) -> list[Automated]:
             rows = conn.execute(
                 "SELECT entry FROM automation WHERE ended IS NULL AND until > ? ORDER BY started",
                 (now,),
             )
             return [_decode(entry) for (entry,) in rows]
 
-        return await self._call(read)
+        return await self.call(read)
 
     async def version(self) -> int:
-        conn = self._db()
-        return await self._call(lambda: _version(conn))
+        return await self.call(_version)
 
     async def expire(self, now: float) -> list[Automated]:
         """End the actions whose time ran out; returns those this call ended (so one worker
         records each)."""
-        conn = self._db()
 
-        def run() -> list[Automated]:
+        def run(conn: sqlite3.Connection) -> list[Automated]:
             due = "SELECT 1 FROM automation WHERE ended IS NULL AND until <= ? LIMIT 1"
             if conn.execute(due, (now,)).fetchone() is None:
                 return []  # the common case, every second: no write lock taken
@@ -88,31 +58,29 @@ class AutomationStore:
                 ).fetchall()
                 return [_end(conn, action_id, "expired", now) for (action_id,) in rows]
 
-        return await self._call(run)
+        return await self.call(run)
 
     async def end(self, action_id: str, why: str, now: float) -> Automated | None:
         """End an active action now (an operator lifted it); None if none is active."""
-        conn = self._db()
 
-        def run() -> Automated | None:
+        def run(conn: sqlite3.Connection) -> Automated | None:
             with _immediate(conn):
                 row = conn.execute(
                     "SELECT 1 FROM automation WHERE id = ? AND ended IS NULL", (action_id,)
                 ).fetchone()
                 return _end(conn, action_id, why, now) if row else None
 
-        return await self._call(run)
+        return await self.call(run)
 
     async def purge(self, before: float) -> None:
         """Forget threshold matches and ended actions older than ``before``."""
-        conn = self._db()
 
-        def run() -> None:
+        def run(conn: sqlite3.Connection) -> None:
             with _immediate(conn):
                 conn.execute("DELETE FROM automation_hits WHERE at < ?", (before,))
                 conn.execute("DELETE FROM automation WHERE ended < ?", (before,))
 
-        await self._call(run)
+        await self.call(run)
 
 
 class _immediate:

@@ -9,17 +9,11 @@ never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from epoxi.store.db import connect
-
-T = TypeVar("T")
+from epoxi.store.thread import StoreThread
 
 SentKey = tuple[int, str, str]  # (UTC day, source, provider or "")
 
@@ -36,50 +30,30 @@ class WarmupNews:
         return bool(self.sent or self.paused or self.resumed)
 
 
-class WarmupStore:
+class WarmupStore(StoreThread):
     def __init__(self, path: Path, worker: int = 0) -> None:
-        self.path = path
+        super().__init__(path, "warmup")
         self.worker = worker
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoxi-warmup")
-        self._conn: sqlite3.Connection | None = None
 
-    async def start(self, day: int) -> tuple[dict[tuple[str, str], int], dict[str, str]]:
+    async def open(self, day: int) -> tuple[dict[tuple[str, str], int], dict[str, str]]:
         """Open the store; this worker's counts of ``day`` and every pause (source -> why)."""
-        self._conn = await self._call(lambda: connect(self.path, check_same_thread=False))
-        conn, worker = self._conn, self.worker
+        await self.start()
+        worker = self.worker
 
-        def read() -> tuple[dict[tuple[str, str], int], dict[str, str]]:
+        def read(conn: sqlite3.Connection) -> tuple[dict[tuple[str, str], int], dict[str, str]]:
             rows = conn.execute(
                 "SELECT source, provider, sent FROM warmup_sent WHERE day = ? AND worker = ?",
                 (day, worker),
             )
             return {(r[0], r[1]): r[2] for r in rows}, _pauses(conn)
 
-        return await self._call(read)
-
-    @property
-    def started(self) -> bool:
-        return self._conn is not None
+        return await self.call(read)
 
     async def sync(self, news: WarmupNews, keep_from: int) -> dict[str, str]:
         """Write ``news`` in one transaction, forget counts of days before ``keep_from``;
         every pause now (source -> why)."""
-        conn, worker = self._require(), self.worker
-        return await self._call(lambda: _sync(conn, worker, news, keep_from))
-
-    async def stop(self) -> None:
-        if self._conn is not None:
-            await self._call(self._conn.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    def _require(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the warm-up store is not started")
-        return self._conn
+        worker = self.worker
+        return await self.call(lambda conn: _sync(conn, worker, news, keep_from))
 
 
 def _sync(
