@@ -34,8 +34,9 @@ def check(
     """Validate shaping files; exit 1 naming the file and key of the first problem.
 
     Blocks: [default], [providers.NAME] (match_mx_suffix, match_domains), [sites."SITE"],
-    [domains."DOMAIN"], each with an optional sources.NAME table; a later file merges over
-    an earlier one, or replaces a block with replace_base = true.
+    [domains."DOMAIN"], each with an optional sources.NAME table, [[...automation]] rules
+    and an [...adaptive_rate] table; a later file merges over an earlier one, or replaces a
+    block with replace_base = true. See docs/shaping.md.
     """
     try:
         parsed = [(str(path), load_file(path)) for path in files]
