@@ -27,6 +27,10 @@ class RecordType(enum.Enum):
     # Traffic shaping automation started or ended an action (``reason`` says which and why;
     # ``message_id`` is the message whose reply started it, "" when it ended)
     AUTOMATION = "Automation"
+    # Feedback that came back later, by mail (bounce/inbound parsing, issue 14)
+    OOB = "OOB"  # an out-of-band bounce: a DSN for a message Epoxi had handed over
+    FEEDBACK = "Feedback"  # a complaint (ARF, RFC 5965) about a message Epoxi sent
+    SUPPRESSION = "Suppression"  # a recipient not sent to: on the tenant's suppression list
 
 
 class Response(msgspec.Struct, frozen=True, gc=False):
