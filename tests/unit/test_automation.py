@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from epoxi.delivery.automation import Aimd, Automation, _tenant_campaign
+from epoxi.delivery.automation import Aimd, Automation
 from epoxi.delivery.dispatcher import _back_off
 from epoxi.errors import ConfigError
 from epoxi.events.records import Record, RecordType, Response
 from epoxi.message import MessageMeta
-from epoxi.queue.model import Job, Message
+from epoxi.queue.model import Job, Message, tenant_campaign
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
 from epoxi.shaping.automation import Automated
 from epoxi.shaping.files import AdaptiveRate, ShapingFiles, parse
@@ -139,10 +139,10 @@ def test_a_path_suspension_stops_one_site_of_a_source_and_a_tenant_one_on_one_si
 
 
 def test_queue_names_give_their_tenant_and_campaign() -> None:
-    assert _tenant_campaign("spring:acme@example.com") == ("acme", "spring")
-    assert _tenant_campaign("acme@example.com") == ("acme", "")
-    assert _tenant_campaign("spring:example.com") == ("", "spring")
-    assert _tenant_campaign("example.com") == ("", "")
+    assert tenant_campaign("spring:acme@example.com") == ("acme", "spring")
+    assert tenant_campaign("acme@example.com") == ("acme", "")
+    assert tenant_campaign("spring:example.com") == ("", "spring")
+    assert tenant_campaign("example.com") == ("", "")
 
 
 def action(rule: str = "r", source: str = "ip1", started: float = 100.0) -> Automated:

@@ -34,7 +34,7 @@ from epoxi.delivery.dispatcher import Dispatcher
 from epoxi.events.records import Record, RecordType, Response
 from epoxi.events.sink import EventSink
 from epoxi.ids import new_message_id
-from epoxi.queue.model import Job, recipient_domain
+from epoxi.queue.model import Job, recipient_domain, tenant_campaign
 from epoxi.queue.suspensions import Suspension, Suspensions
 from epoxi.shaping.automation import BOUNCE_ACTIONS, SUSPEND_ACTIONS, Automated, scoped
 from epoxi.shaping.files import AdaptiveRate, AutomationRule
@@ -227,7 +227,7 @@ class Automation:
             log.exception("automation: a match of %s could not be counted", label)
 
     async def _match(self, label: str, rule: AutomationRule, record: Record, reply: str) -> None:
-        tenant, campaign = _tenant_campaign(record.queue)
+        tenant, campaign = tenant_campaign(record.queue)
         scope = scoped(rule.action, source=record.source, tenant=tenant, campaign=campaign)
         if not scope:
             return  # a tenant rule, a message without a tenant: nothing to act on
@@ -410,12 +410,6 @@ class Automation:
 
 def _reply_text(response: Response) -> str:
     return " ".join(p for p in (str(response.code), response.enhanced, response.text) if p)
-
-
-def _tenant_campaign(queue: str) -> tuple[str, str]:
-    """The tenant and campaign of a scheduled queue name, ``campaign:tenant@domain``."""
-    campaign, _, rest = queue.rpartition(":")
-    return rest.rpartition("@")[0], campaign
 
 
 def _where(job: Job) -> tuple[str, str, str, str]:

@@ -51,6 +51,12 @@ def queue_name(domain: str, tenant: str = "", campaign: str = "") -> str:
     return sys.intern(f"{campaign}:{name}" if campaign else name)
 
 
+def tenant_campaign(queue: str) -> tuple[str, str]:
+    """The tenant and campaign of a scheduled queue name, ``campaign:tenant@domain``."""
+    campaign, _, rest = queue.rpartition(":")
+    return rest.rpartition("@")[0], campaign
+
+
 def recipient_domain(recipient: str) -> str:
     """The domain part, lower-cased; ``postmaster`` alone has none."""
     at = recipient.rfind("@")
