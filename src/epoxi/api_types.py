@@ -389,3 +389,68 @@ class ShapingResolution(msgspec.Struct, kw_only=True):
 class ShapingReloaded(msgspec.Struct, kw_only=True):
     files: list[str]
     workers: int
+
+
+# --------------------------------------------------------------------- event webhooks
+
+WebhookUrl = Annotated[
+    str,
+    Meta(
+        min_length=8,
+        max_length=2000,
+        pattern=r"^https?://[^\s]+$",
+        examples=["https://app.example.com/hooks/epoxi"],
+    ),
+]
+
+
+class WebhookRequest(Strict):
+    """An endpoint to POST events to: the types it wants (none: every type), and for an
+    operator's key the tenant whose events it gets (none: every tenant's)."""
+
+    url: WebhookUrl
+    events: list[Annotated[str, Meta(max_length=40)]] = msgspec.field(default_factory=list)
+    tenant: Label | None = None
+
+
+class Webhook(msgspec.Struct, kw_only=True):
+    id: str
+    url: str
+    events: list[str]
+    tenant: str | None
+    created_at: float
+    secret: str | None = None  # shown when made and when rotated, never again
+    old_secret_until: float | None = None  # the previous secret still signs until then
+
+
+class WebhookList(msgspec.Struct, kw_only=True):
+    webhooks: list[Webhook]
+
+
+class WebhookTestFired(msgspec.Struct, kw_only=True):
+    event_id: str
+
+
+class WebhookBacklog(msgspec.Struct, kw_only=True):
+    """An endpoint's waiting events and health."""
+
+    id: str
+    url: str
+    tenant: str | None
+    queued: int
+    due: int  # of those, due now (the others wait for a retry)
+    oldest: float | None
+    failures: int  # failed POSTs in a row
+    last_error: str | None
+    last_error_at: float | None
+    last_success_at: float | None
+    dropped: int  # events given up on after max_age
+
+
+class WebhookBacklogs(msgspec.Struct, kw_only=True):
+    webhooks: list[WebhookBacklog]
+
+
+class WebhookEvents(msgspec.Struct, kw_only=True):
+    id: str
+    events: int  # replayed or dropped

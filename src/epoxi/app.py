@@ -53,6 +53,8 @@ from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
 from epoxi.store.warmup import WarmupStore
+from epoxi.store.webhooks import WebhookStore
+from epoxi.webhooks.outbox import Webhooks
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -157,7 +159,13 @@ class Epoxi:
             reload_shaping=self.reload_shaping,
         )
         self.status = StatusStore(store_path(settings.data_dir))
+        self.webhooks = Webhooks(
+            WebhookStore(store_path(settings.data_dir)),
+            settings.webhooks,
+            sender=placement.index == 0,  # one queue for all workers: one sends it
+        )
         self.records.subscribe(self.status.feed)
+        self.records.subscribe(self.webhooks.observe)
         self.records.subscribe(self.pools.observe)
         self.records.subscribe(self.automation.observe)
         self.records.subscribe(self.warmup.observe)  # after the pools: it reads their health
@@ -196,6 +204,7 @@ class Epoxi:
         self.spool.open()
         await self.records.start()
         await self.status.start()
+        await self.webhooks.start()
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
         await self.warmup.start()  # today's counts, before any job is let through
@@ -256,6 +265,7 @@ class Epoxi:
             status=self.status,
             keys=keys,
             admin=self.admin,
+            webhooks=self.webhooks,
             readiness=self.readiness,
             metrics_text=metrics.text,
         )
@@ -336,6 +346,7 @@ class Epoxi:
         await self.dispatcher.close()
         await self.outcomes.stop()
         await self.automation.stop()
+        await self.webhooks.stop()  # after the last records: their events are queued
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -543,6 +543,19 @@ class ApiSettings(_Model):
     history_ttl: Duration = 7 * 86400.0  # status of finished messages is kept this long
 
 
+class WebhookSettings(_Model):
+    """Event webhooks (docs/events.md): how their POSTs are sent and retried."""
+
+    timeout: Duration = 10.0  # a POST that has no answer by then failed
+    batch: int = Field(100, ge=1, le=10_000)  # events in one POST at most
+    concurrency: int = Field(2, ge=1, le=64)  # POSTs in flight to one endpoint
+    retry_interval: Duration = 10.0  # after a failure, doubling with each one ...
+    max_retry_interval: Duration = 3600.0  # ... up to this
+    max_age: Duration = 3 * 86400.0  # an event still not taken after this is given up on
+    rotation_grace: Duration = 86400.0  # how long a rotated secret still signs
+    poll_interval: Duration = 0.25
+
+
 class Settings(_Model):
     """Everything Epoxi reads at start."""
 
@@ -560,6 +573,7 @@ class Settings(_Model):
     dns: DnsSettings = DnsSettings()
     delivery: DeliverySettings = DeliverySettings()
     dkim: DkimSettings = DkimSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
     # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The
     # [delivery] shaping tables apply after all of them, as one last file.

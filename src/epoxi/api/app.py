@@ -17,6 +17,7 @@ from epoxi.api.auth import authorize
 from epoxi.api.context import ApiContext, context
 from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
+from epoxi.api.webhook_routes import admin_webhook_router, webhook_router
 from epoxi.api_types import ReadyStatus, Strict
 from epoxi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from epoxi.metrics import sum_metrics
@@ -91,7 +92,19 @@ async def _require_json_body(request: Request[Any, Any, Any]) -> None:
 
 def build_app(ctx: ApiContext) -> Litestar:
     app = Litestar(
-        route_handlers=[ping, live, ready, metrics, send, send_raw, status, cancel, admin_router],
+        route_handlers=[
+            ping,
+            live,
+            ready,
+            metrics,
+            send,
+            send_raw,
+            status,
+            cancel,
+            admin_router,
+            webhook_router,
+            admin_webhook_router,
+        ],
         guards=[authorize],
         before_request=_require_json_body,
         exception_handlers=EXCEPTION_HANDLERS,

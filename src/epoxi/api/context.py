@@ -14,6 +14,7 @@ from epoxi.config import Settings
 from epoxi.message import MessageMeta
 from epoxi.store.keys import KeyStore
 from epoxi.store.status import StatusStore
+from epoxi.webhooks.outbox import Webhooks
 
 InjectMany = Callable[[list[tuple[MessageMeta, bytes]]], Awaitable[None]]
 
@@ -27,6 +28,7 @@ class ApiContext:
     admin: Admin
     readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
     metrics_text: Callable[[], bytes]
+    webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
 

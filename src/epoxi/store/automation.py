@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 
 from epoxi.shaping.automation import Automated
-from epoxi.store.thread import StoreThread
+from epoxi.store.thread import StoreThread, immediate
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Automated).decode
@@ -52,7 +52,7 @@ class AutomationStore(StoreThread):
             due = "SELECT 1 FROM automation WHERE ended IS NULL AND until <= ? LIMIT 1"
             if conn.execute(due, (now,)).fetchone() is None:
                 return []  # the common case, every second: no write lock taken
-            with _immediate(conn):
+            with immediate(conn):
                 rows = conn.execute(
                     "SELECT id FROM automation WHERE ended IS NULL AND until <= ?", (now,)
                 ).fetchall()
@@ -64,7 +64,7 @@ class AutomationStore(StoreThread):
         """End an active action now (an operator lifted it); None if none is active."""
 
         def run(conn: sqlite3.Connection) -> Automated | None:
-            with _immediate(conn):
+            with immediate(conn):
                 row = conn.execute(
                     "SELECT 1 FROM automation WHERE id = ? AND ended IS NULL", (action_id,)
                 ).fetchone()
@@ -76,24 +76,11 @@ class AutomationStore(StoreThread):
         """Forget threshold matches and ended actions older than ``before``."""
 
         def run(conn: sqlite3.Connection) -> None:
-            with _immediate(conn):
+            with immediate(conn):
                 conn.execute("DELETE FROM automation_hits WHERE at < ?", (before,))
                 conn.execute("DELETE FROM automation WHERE ended < ?", (before,))
 
         await self.call(run)
-
-
-class _immediate:
-    """A write transaction taken at once: workers' check-then-write steps never interleave."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def _version(conn: sqlite3.Connection) -> int:
@@ -110,7 +97,7 @@ def _matched(
     conn: sqlite3.Connection, candidate: Automated, count: int, period: float
 ) -> Automated | None:
     rule, scope, now = candidate.rule, candidate.scope, candidate.started
-    with _immediate(conn):
+    with immediate(conn):
         running = conn.execute(
             "SELECT 1 FROM automation WHERE rule = ? AND scope = ? AND ended IS NULL AND until > ?",
             (rule, scope, now),

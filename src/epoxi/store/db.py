@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -95,6 +95,38 @@ _STEPS: dict[int, list[str]] = {
             reason TEXT NOT NULL,
             paused_at REAL NOT NULL
         )""",
+    ],
+    3: [],  # suppression lists (issue 14)
+    4: [  # event webhooks (store/webhooks.py): endpoints, and the events waiting to be sent
+        """CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            url TEXT NOT NULL,
+            events TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            old_secret TEXT NOT NULL DEFAULT '',
+            old_secret_until REAL NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE webhook_queue (
+            seq INTEGER PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            event BLOB NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX webhook_queue_due ON webhook_queue (endpoint, next_at, seq)",
+        """CREATE TABLE webhook_state (
+            endpoint TEXT PRIMARY KEY,
+            last_error TEXT NOT NULL DEFAULT '',
+            last_error_at REAL NOT NULL DEFAULT 0,
+            last_success_at REAL NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            dropped INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE TABLE webhooks_version (version INTEGER NOT NULL)",
+        "INSERT INTO webhooks_version VALUES (0)",
     ],
 }
 

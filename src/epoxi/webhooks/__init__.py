@@ -1,0 +1,1 @@
+"""Event webhooks: records out to applications' HTTP endpoints, signed, durable, retried."""
