@@ -122,6 +122,11 @@ class Webhooks:
 
     # ----------------------------------------------------------------- sending
 
+    async def stop_sending(self) -> None:
+        """Wait for the POSTs under way (tests, and a clean stop)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_interval)
