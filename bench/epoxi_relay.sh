@@ -4,6 +4,8 @@
 # EPOXI_BENCH_DKIM=rsa or ed25519 signs every message (the yardstick's From: is @example.com),
 # in EPOXI_BENCH_DKIM_THREADS signing threads a worker (default 2, as dkim.threads).
 # EPOXI_BENCH_SHAPING=1 loads bench/shaping-bench.toml (a shaped route: see that file).
+# EPOXI_BENCH_WEBHOOK=1 sends every event to a webhook receiver on 127.0.0.1:2581 (started
+# here), registered through the API once Epoxi is up.
 cd "$(dirname "$0")/.."
 WORKDIR="${BENCH_WORKDIR:-/tmp/epoxi-bench}"
 export EPOXI_SMTP_LISTEN="127.0.0.1:${LISTEN_PORT:-2525}"
@@ -23,5 +25,15 @@ if [ -n "${EPOXI_BENCH_DKIM:-}" ]; then
     printf '[dkim]\nthreads = %s\n[[dkim.keys]]\ndomain = "example.com"\nselector = "bench"\nkey_file = "%s"\n' \
         "${EPOXI_BENCH_DKIM_THREADS:-2}" "$KEY" >"$WORKDIR/epoxi-dkim.toml"
     exec .venv/bin/epoxi serve -c "$WORKDIR/epoxi-dkim.toml"
+fi
+if [ -n "${EPOXI_BENCH_WEBHOOK:-}" ]; then
+    .venv/bin/python -m epoxi.testing.receiver 2581 &
+    .venv/bin/epoxi serve &
+    SERVE=$!
+    trap 'kill $SERVE 2>/dev/null; wait $SERVE' TERM INT
+    until .venv/bin/epoxi webhooks add http://127.0.0.1:2581/hooks \
+        --url "http://$EPOXI_HTTP_LISTEN" >/dev/null 2>&1; do sleep 0.1; done
+    wait $SERVE
+    exit $?
 fi
 exec .venv/bin/epoxi serve

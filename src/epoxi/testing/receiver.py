@@ -95,3 +95,21 @@ class Receiver:
             self.calls.append(Call(headers, body, status))
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
+
+
+def main() -> None:
+    """``python -m epoxi.testing.receiver PORT``: a receiver that answers 200 to every POST
+    (the relay bench's webhook endpoint)."""
+    import sys
+
+    async def serve(port: int) -> None:
+        receiver = Receiver(port=port)
+        await receiver.start()
+        assert receiver._task is not None
+        await receiver._task
+
+    asyncio.run(serve(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

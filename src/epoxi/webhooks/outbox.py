@@ -18,7 +18,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import httpx
 import msgspec
@@ -138,18 +138,25 @@ class Webhooks:
                 log.exception("webhooks: a round of sending failed")
 
     async def _send_due(self) -> None:
-        now = self._clock()
         for endpoint in self.endpoints:
-            while self._posts.get(endpoint.id, 0) < self.settings.concurrency:
-                sending = self._sending.setdefault(endpoint.id, set())
-                batch = await self.store.due(endpoint.id, now, self.settings.batch, sending)
-                if not batch:
-                    break
-                sending.update(item.seq for item in batch)
-                self._posts[endpoint.id] = self._posts.get(endpoint.id, 0) + 1
-                task = asyncio.get_running_loop().create_task(self._post(endpoint, batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await self._fill(endpoint)
+
+    async def _fill(self, endpoint: Endpoint) -> None:
+        """Start POSTs of the endpoint's due events, up to its concurrency."""
+        now = self._clock()
+        while self._posts.get(endpoint.id, 0) < self.settings.concurrency:
+            sending = self._sending.setdefault(endpoint.id, set())
+            batch = await self.store.due(endpoint.id, now, self.settings.batch, sending)
+            if not batch:
+                return
+            sending.update(item.seq for item in batch)
+            self._posts[endpoint.id] = self._posts.get(endpoint.id, 0) + 1
+            self._spawn(self._post(endpoint, batch))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _post(self, endpoint: Endpoint, batch: list[Queued]) -> None:
         seqs = [item.seq for item in batch]
@@ -158,6 +165,8 @@ class Webhooks:
             now = self._clock()
             if error is None:
                 await self.store.delivered(endpoint.id, seqs, now)
+                if len(batch) == self.settings.batch and endpoint in self.endpoints:
+                    self._spawn(self._fill(endpoint))  # more waiting: no pause under load
                 return
             attempts = min(item.attempts for item in batch) + 1
             retry_at = now + self._backoff(attempts)
