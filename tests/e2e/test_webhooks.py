@@ -193,6 +193,9 @@ async def test_bad_requests_get_problem_details(api: Api, receiver: Receiver) ->
     assert unknown.status_code == 422 and "unknown event types ['delivered']" in unknown.text
     not_http = await client.post("/event-webhooks", json={"url": "ftp://x.test/hooks"})
     assert not_http.status_code == 422 and "url" in not_http.text
+    for bad in ("http://[::1/hooks", "http://:80/hooks", "https://x.test:port/"):
+        broken = await client.post("/event-webhooks", json={"url": bad})
+        assert broken.status_code == 422 and "url" in broken.text, bad
     assert (await client.delete("/event-webhooks/wh_nope")).status_code == 404
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Request, Router, delete, get, post
@@ -52,7 +53,7 @@ async def create(request: Request[Any, Any, Any], data: JSONBody[WebhookRequest]
     endpoint = Endpoint(
         id=f"wh_{uuid.uuid4().hex[:20]}",
         tenant=_tenant(request, data.tenant),
-        url=data.url,
+        url=_checked_url(data.url),
         events=frozenset(data.events),
         secret=new_secret(),
         created_at=time.time(),
@@ -173,6 +174,18 @@ async def drop(request: Request[Any, Any, Any], webhook_id: FromPath[str]) -> We
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def _checked_url(url: str) -> str:
+    """An http(s) URL with a host (and a valid port), or a 422 saying what is wrong."""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises for a port that is not a number
+    except ValueError as exc:
+        raise InvalidField("url", f"not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidField("url", "an http:// or https:// URL with a host name is needed")
+    return url
 
 
 def _webhooks(request: Request[Any, Any, Any]) -> Webhooks:
