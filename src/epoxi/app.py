@@ -24,6 +24,8 @@ from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
 from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
+from epoxi.bounce.verp import Verp
+from epoxi.bounce.verp import load_key as load_verp_key
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
@@ -31,7 +33,7 @@ from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
-from epoxi.delivery.transport import SmtpTransport
+from epoxi.delivery.transport import SmtpTransport, own_sender
 from epoxi.delivery.warmup import Warmup
 from epoxi.dkim import Signer, load_key
 from epoxi.dns.resolver import Resolver
@@ -106,6 +108,11 @@ class Epoxi:
             known_pool=self.pools.known,
         )
         self.router = Router(settings, self.resolver)
+        self.verp = (
+            Verp(settings.bounce_domain, load_verp_key(settings.bounce_secret, settings.data_dir))
+            if settings.bounce_domain
+            else None
+        )
         self.outcomes = Disposition(
             classifier=Classifier.from_files(list(delivery.bounce_rules)),
             records=self.records,
@@ -126,6 +133,7 @@ class Epoxi:
                 settings.hostname,
                 delivery.timeouts,
                 tls=HostTls.from_settings(self.resolver, delivery),
+                sender=self.verp.sender_for if self.verp is not None else own_sender,
             ),
             outcomes=self.outcomes,
             suspensions=self.suspensions,
