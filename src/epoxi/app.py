@@ -40,6 +40,7 @@ from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
 from epoxi.ingest import Ingest
+from epoxi.ingest.feedback import FeedbackMailbox, Quarantine
 from epoxi.ingest.loader import SpoolLoader
 from epoxi.metrics import Metrics
 from epoxi.outcomes import Disposition
@@ -98,7 +99,14 @@ class Epoxi:
             store=WarmupStore(store_path(settings.data_dir), placement.index),
         )
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
+        classifier = Classifier.from_files(list(delivery.bounce_rules))
+        self.verp = (
+            Verp(settings.bounce_domain, load_verp_key(settings.bounce_secret, settings.data_dir))
+            if settings.bounce_domain
+            else None
+        )
         self.ingest = Ingest(
+            feedback=self._feedback_mailbox(classifier),
             spool=self.spool,
             records=self.records,
             schedule=self.scheduler.add,
@@ -108,13 +116,8 @@ class Epoxi:
             known_pool=self.pools.known,
         )
         self.router = Router(settings, self.resolver)
-        self.verp = (
-            Verp(settings.bounce_domain, load_verp_key(settings.bounce_secret, settings.data_dir))
-            if settings.bounce_domain
-            else None
-        )
         self.outcomes = Disposition(
-            classifier=Classifier.from_files(list(delivery.bounce_rules)),
+            classifier=classifier,
             records=self.records,
             spool=self.spool,
             reschedule=self.scheduler.add,
@@ -182,6 +185,19 @@ class Epoxi:
 
     def _release(self, job: Job) -> None:
         self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
+
+    def _feedback_mailbox(self, classifier: Classifier) -> FeedbackMailbox | None:
+        """Mail to the bounce domain and the FBL addresses: read into records, quarantined."""
+        settings = self.settings
+        if self.verp is None:
+            return None
+        return FeedbackMailbox(
+            verp=self.verp,
+            classifier=classifier,
+            records=self.records,
+            quarantine=Quarantine(settings.data_dir / "bounces", settings.bounce_quarantine_size),
+            fbl_addresses=frozenset(settings.fbl_addresses),
+        )
 
     def _retry_for(self, job: Job, configured: RetryPolicy) -> RetryPolicy:
         return destination_retry(self.dispatcher.policy, job, configured)

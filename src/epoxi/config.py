@@ -590,6 +590,15 @@ class Settings(_Model):
     def _lower_domains(cls, value: Any) -> Any:
         return [d.lower().rstrip(".") for d in _comma_list(value)]
 
+    @model_validator(mode="after")
+    def _fbl_needs_bounce_domain(self) -> Settings:
+        if self.fbl_addresses and not self.bounce_domain:
+            raise ValueError(
+                "fbl_addresses needs bounce_domain: complaints name their message by the "
+                "VERP return path of the bounce domain"
+            )
+        return self
+
     @field_validator("bounce_domain", mode="before")
     @classmethod
     def _lower_bounce_domain(cls, value: Any) -> Any:

@@ -121,7 +121,9 @@ def test_bounce_settings_from_env() -> None:
 
 def test_bounce_secret_is_hidden(tmp_path: Path) -> None:
     config = tmp_path / "epoxi.toml"
-    config.write_text('bounce_secret = "s3cr3t"\nfbl_addresses = "FBL@Shop.Example"\n')
+    config.write_text(
+        'bounce_domain = "b.example"\nbounce_secret = "s3cr3t"\nfbl_addresses = "FBL@Shop.Example"\n'
+    )
     settings = load_settings(config, env={})
     assert settings.fbl_addresses == ("fbl@shop.example",)
     assert "s3cr3t" not in repr(settings)
@@ -129,3 +131,10 @@ def test_bounce_secret_is_hidden(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(config, env={})
     assert "42" not in str(error.value) and "<hidden>" in str(error.value)
+
+
+def test_fbl_addresses_need_a_bounce_domain(tmp_path: Path) -> None:
+    config = tmp_path / "epoxi.toml"
+    config.write_text('fbl_addresses = ["fbl@x.example"]\n')
+    with pytest.raises(ConfigError, match="fbl_addresses needs bounce_domain"):
+        load_settings(config, env={})
