@@ -6,6 +6,7 @@ test`` into ``.venv/cache/sdist`` (not committed). Without them these tests fail
 
 from __future__ import annotations
 
+import base64
 from email.message import EmailMessage
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
@@ -13,6 +14,8 @@ from email.mime.text import MIMEText
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epoxi.bounce.classify import BounceCategory, Classifier
 from epoxi.bounce.dsn import RecipientFailure, build_dsn
@@ -257,6 +260,8 @@ def test_garbage_is_none() -> None:
         ("dsn_12.txt", "userx@example.jp", "failed", "5.1.1", "InvalidRecipient"),
         ("dsn_14.txt", "userx@example.com.dk", "failed", "5.1.1", "InvalidRecipient"),
         ("dsn_17.txt", "xxx@example.fi", "delayed", "4.3.0", "MailboxFull"),
+        ("dsn_15.txt", "userx@example.com", "failed", "5.1.1", "InvalidRecipient"),  # forwarded
+        ("dsn_03.txt", "userx@example.be", "failed", "5.0.0", "MessageTooLarge"),  # odd fields
         # Exim (with a DSN part) relaying Gmail's spam refusal
         ("simple_42.txt", "david...@gmail.com", "failed", "5.7.1", "SpamBlock"),
         # human text only: Postfix, Exim, qmail, Microsoft, Yahoo, Sendmail-like
@@ -304,3 +309,24 @@ def test_every_corpus_message_parses() -> None:
     assert len(kinds) > 100
     assert sum(kind is Kind.DSN for kind in kinds.values()) > 100
     assert kinds["qmail_08.txt"] is Kind.AUTOREPLY  # a vacation reply
+
+
+def test_base64_delivery_status_and_encoded_autoreply_subject() -> None:
+    status = base64.b64encode(
+        b"Reporting-MTA: dns; mail.example\r\n\r\nFinal-Recipient: rfc822; ann@mail.example\r\n"
+        b"Action: failed\r\nStatus: 5.1.1\r\n"
+    ).decode()
+    raw = dsn(status).replace(
+        b"Content-Type: message/delivery-status\n",
+        b"Content-Type: message/delivery-status\nContent-Transfer-Encoding: base64\n",
+    )
+    (ann,) = parse(raw, CLASSIFIER).recipients
+    assert (ann.address, ann.status) == ("ann@mail.example", "5.1.1")
+    away = b"From: ann@mail.example\nSubject: =?utf-8?q?Automatic_reply=3A_Offers?=\n\nAway.\n"
+    assert parse(away, CLASSIFIER).kind is Kind.AUTOREPLY
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300).map(lambda tail: ORIGINAL_HEADERS + b"\r\n" + tail))
+def test_any_message_parses_to_some_kind(data: bytes) -> None:
+    assert parse(data, CLASSIFIER).kind in Kind

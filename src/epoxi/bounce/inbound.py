@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
-from email import message_from_bytes, message_from_string
+from dataclasses import dataclass, field, replace
+from email import message_from_bytes
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import compat32
 
 from flufl.bounce import all_failures
 
+from epoxi.bounce import mime
 from epoxi.bounce.classify import BounceCategory, Classifier
 from epoxi.smtp.replies import Reply
 
@@ -102,85 +106,76 @@ def parse(data: bytes, classifier: Classifier) -> Report:
     In order: an ARF report; a DSN's delivery-status part; a bounce in human text; an
     auto-reply (after the bounces: many bounces say ``Auto-Submitted: auto-replied`` too).
     """
-    message = message_from_bytes(data, policy=compat32)
-    report_type = _report_type(message)
-    if report_type == "feedback-report":
-        return _arf(message)
-    if report_type == "delivery-status" or _has_part(message, "message/delivery-status"):
-        dsn = _dsn(message, classifier)
+    top = mime.split(data)
+    parts = list(mime.walk(top))
+    original = _original(parts)
+    if top.content_type == "multipart/report" and top.param("report-type").lower() == (
+        "feedback-report"
+    ):
+        return _arf(parts, original)
+    status = next((p for p in parts if p.content_type == "message/delivery-status"), None)
+    if status is not None:
+        dsn = _dsn(status, original, classifier)
         if dsn.recipients:
             return dsn
-    bounce = _text_bounce(message, classifier)
-    if bounce.kind is Kind.NONE and _is_autoreply(message):
-        return Report(Kind.AUTOREPLY, original=bounce.original)
+    bounce = _text_bounce(data, original, classifier)
+    if bounce.kind is Kind.NONE and _is_autoreply(top.fields):
+        return Report(Kind.AUTOREPLY, original=original)
     return bounce
-
-
-def _report_type(message: Message) -> str:
-    if message.get_content_type() != "multipart/report":
-        return ""
-    return str(message.get_param("report-type", "") or "").lower()
-
-
-def _has_part(message: Message, content_type: str) -> bool:
-    return any(part.get_content_type() == content_type for part in message.walk())
 
 
 # ------------------------------------------------------------------------------------ DSN
 
 
-def _dsn(message: Message, classifier: Classifier) -> Report:
-    blocks = _status_blocks(message)
+def _dsn(part: mime.Part, original: Original, classifier: Classifier) -> Report:
+    blocks = mime.field_blocks(part.text())
     if not blocks:
         return Report(Kind.NONE)
     per_message, per_recipient = blocks[0], blocks[1:]
+    if "final-recipient" in per_message or "original-recipient" in per_message:
+        per_message, per_recipient = {}, blocks  # no per-message fields at all
     recipients = tuple(
         r for r in (_recipient(block, classifier) for block in per_recipient) if r is not None
     )
-    original = _original(message, envelope_id=_field(per_message, "Original-Envelope-Id"))
+    envelope_id = _field(per_message, "original-envelope-id")
     return Report(
-        Kind.DSN, recipients, original, reporting_mta=_typed(per_message, "Reporting-MTA")
+        Kind.DSN,
+        recipients,
+        replace(original, envelope_id=envelope_id) if envelope_id else original,
+        reporting_mta=_typed(per_message, "reporting-mta"),
     )
 
 
-def _status_blocks(message: Message) -> list[Message]:
-    """The field blocks of the first ``message/delivery-status`` part: per-message first."""
-    for part in message.walk():
-        if part.get_content_type() != "message/delivery-status":
-            continue
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            return [block for block in payload if isinstance(block, Message)]
-        if isinstance(payload, str):  # an encoded part the parser left as text
-            text = part.get_payload(decode=True)
-            raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else payload
-            return [message_from_string(b, policy=compat32) for b in _split_blocks(raw)]
-    return []
-
-
-def _split_blocks(text: str) -> list[str]:
-    return [b.strip("\r\n") + "\n" for b in re.split(r"\r?\n\s*\r?\n", text) if b.strip()]
-
-
-def _recipient(block: Message, classifier: Classifier) -> ReportedRecipient | None:
-    address = _typed(block, "Final-Recipient") or _typed(block, "Original-Recipient")
+def _recipient(block: Mapping[str, str], classifier: Classifier) -> ReportedRecipient | None:
+    address = _typed(block, "final-recipient") or _typed(block, "original-recipient")
     if not address:
         return None
-    action = (_field(block, "Action").lower().split() or [""])[0]
-    status = _status_code(_field(block, "Status"))
-    diagnostic = _typed(block, "Diagnostic-Code")
+    action = _action(_field(block, "action"))
+    status_field = _field(block, "status")
+    status = _status_code(status_field)
+    # A Status that is not one ("553 Exceeded maximum inbound message size") says why
+    diagnostic = _typed(block, "diagnostic-code") or ("" if status else status_field)
     reply = _reply_of(diagnostic, status, action)
     verdict = classifier.classify(reply)
     return ReportedRecipient(
         address=_bare(address),
         action=action,
-        status=_finer(status, reply.enhanced),
+        status=_finer(status, reply.enhanced) or ("4.0.0" if action == "delayed" else "5.0.0"),
         diagnostic=diagnostic,
         category=verdict.category,
         permanent=verdict.permanent,
-        remote_mta=_typed(block, "Remote-MTA"),
-        original_recipient=_bare(_typed(block, "Original-Recipient")),
+        remote_mta=_typed(block, "remote-mta"),
+        original_recipient=_bare(_typed(block, "original-recipient")),
     )
+
+
+_ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
+
+
+def _action(value: str) -> str:
+    """RFC 3464's Action, also from the variants seen in the wild ("failure", "failed (...)")."""
+    word = (value.lower().split() or [""])[0]
+    return next((a for a in _ACTIONS if word[:4] == a[:4]), word)
 
 
 _STATUS = re.compile(r"(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?![\d.])")
@@ -221,66 +216,44 @@ def _code_for(enhanced: str, *, permanent: bool) -> int:
 # ------------------------------------------------------------------------------------ ARF
 
 
-def _arf(message: Message) -> Report:
-    fields = _feedback_fields(message)
+def _arf(parts: list[mime.Part], original: Original) -> Report:
+    report = next((p for p in parts if p.content_type == "message/feedback-report"), None)
+    fields = mime.fields(report.text()) if report is not None else {}
     feedback = Feedback(
-        feedback_type=_field(fields, "Feedback-Type").lower(),
-        user_agent=_field(fields, "User-Agent"),
-        original_mail_from=_bare(_field(fields, "Original-Mail-From")),
-        original_rcpt_to=_bare(_field(fields, "Original-Rcpt-To")),
-        source_ip=_field(fields, "Source-IP"),
-        arrival_date=_field(fields, "Arrival-Date") or _field(fields, "Received-Date"),
-        reported_domain=_field(fields, "Reported-Domain"),
+        feedback_type=_field(fields, "feedback-type").lower(),
+        user_agent=_field(fields, "user-agent"),
+        original_mail_from=_bare(_field(fields, "original-mail-from")),
+        original_rcpt_to=_bare(_field(fields, "original-rcpt-to")),
+        source_ip=_field(fields, "source-ip"),
+        arrival_date=_field(fields, "arrival-date") or _field(fields, "received-date"),
+        reported_domain=_field(fields, "reported-domain"),
     )
-    return Report(Kind.ARF, original=_original(message), feedback=feedback)
-
-
-def _feedback_fields(message: Message) -> Message:
-    for part in message.walk():
-        if part.get_content_type() != "message/feedback-report":
-            continue
-        payload = part.get_payload()
-        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-            return payload[0]
-        text = part.get_payload(decode=True)
-        raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(payload)
-        return message_from_string(raw, policy=compat32)
-    return Message()
+    return Report(Kind.ARF, original=original, feedback=feedback)
 
 
 # ------------------------------------------------------------------- the returned message
 
 
-def _original(message: Message, *, envelope_id: str = "") -> Original:
-    headers = _returned_headers(message)
+def _original(parts: list[mime.Part]) -> Original:
+    """What the returned message (or its headers) tells, from the first one in ``parts``."""
+    headers = _returned_headers(parts[1:])
     if headers is None:
-        return Original(envelope_id=envelope_id)
-    epoxi = {
-        name.lower(): str(value).strip()
-        for name, value in headers.items()
-        if name.lower().startswith("x-epoxi-")
-    }
+        return Original()
     return Original(
-        message_id=_field(headers, "Message-ID"),
-        envelope_id=envelope_id,
-        return_path=_bare(_field(headers, "Return-Path")),
-        recipient=_bare(_field(headers, "To")),
-        epoxi=epoxi,
+        message_id=_field(headers, "message-id"),
+        return_path=_bare(_field(headers, "return-path")),
+        recipient=_bare(_field(headers, "to")),
+        epoxi={name: value for name, value in headers.items() if name.startswith("x-epoxi-")},
     )
 
 
-def _returned_headers(message: Message) -> Message | None:
-    """The headers of the message a report returns, if it returns one."""
-    for part in message.walk():
-        kind = part.get_content_type()
-        if kind == "message/rfc822":
-            payload = part.get_payload()
-            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-                return payload[0]
-        elif kind == "text/rfc822-headers":
-            text = part.get_payload(decode=True)
-            raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else ""
-            return message_from_string(raw, policy=compat32)
+def _returned_headers(parts: list[mime.Part]) -> dict[str, str] | None:
+    for part in parts:
+        kind = part.content_type
+        if kind in ("message/rfc822", "message/global"):
+            return mime.split(part.decoded()).fields
+        if kind in ("text/rfc822-headers", "message/global-headers"):
+            return mime.fields(part.text())
     return None
 
 
@@ -293,28 +266,39 @@ _AUTOREPLY_SUBJECT = re.compile(
 )
 
 
-def _is_autoreply(message: Message) -> bool:
-    auto = _field(message, "Auto-Submitted").lower()
-    if auto.startswith("auto-replied"):
+def _is_autoreply(fields: Mapping[str, str]) -> bool:
+    if _field(fields, "auto-submitted").lower().startswith("auto-replied"):
         return True
-    if any(message.get(h) for h in ("X-Autoreply", "X-Autorespond", "X-Autoresponder")):
+    if any(fields.get(h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder")):
         return True
-    if _field(message, "Precedence").lower() == "auto_reply":
+    if _field(fields, "precedence").lower() == "auto_reply":
         return True
-    return _AUTOREPLY_SUBJECT.match(_field(message, "Subject")) is not None
+    return _AUTOREPLY_SUBJECT.match(_subject(fields)) is not None
+
+
+def _subject(fields: Mapping[str, str]) -> str:
+    subject = _field(fields, "subject")
+    if "=?" not in subject:
+        return subject
+    try:
+        return str(make_header(decode_header(subject)))
+    except (HeaderParseError, LookupError, UnicodeError):
+        return subject
 
 
 # ----------------------------------------------------------------------- human-text bounces
 
 
-def _text_bounce(message: Message, classifier: Classifier) -> Report:
-    """A bounce without a delivery-status part: flufl.bounce finds the addresses."""
+def _text_bounce(data: bytes, original: Original, classifier: Classifier) -> Report:
+    """A bounce without a delivery-status part: flufl.bounce finds the addresses (it needs
+    the standard library's message object: the slow path, for the formats that need it)."""
+    message = message_from_bytes(data, policy=compat32)
     try:
         temporary, permanent = all_failures(message)
     except Exception:  # a detector tripped over a malformed message: none of its formats
-        return Report(Kind.NONE, original=_original(message))
+        return Report(Kind.NONE, original=original)
     if not temporary and not permanent:
-        return Report(Kind.NONE, original=_original(message))
+        return Report(Kind.NONE, original=original)
     text = _body_text(message)
     recipients = [
         _text_recipient(address, text, classifier, permanent=True)
@@ -324,7 +308,7 @@ def _text_bounce(message: Message, classifier: Classifier) -> Report:
         _text_recipient(address, text, classifier, permanent=False)
         for address in sorted(_decoded(temporary - permanent))
     ]
-    return Report(Kind.DSN, tuple(recipients), _original(message))
+    return Report(Kind.DSN, tuple(recipients), original)
 
 
 def _decoded(addresses: AbstractSet[bytes]) -> set[str]:
@@ -389,14 +373,15 @@ def _near(address: str, text: str) -> str:
 # -------------------------------------------------------------------------------- helpers
 
 
-def _field(headers: Message, name: str) -> str:
-    value = headers.get(name)
-    return _SPACE.sub(" ", str(value)).strip() if value is not None else ""
+def _field(fields: Mapping[str, str], name: str) -> str:
+    """A field's value with runs of white space made one space; ``name`` in lowercase."""
+    value = fields.get(name)
+    return _SPACE.sub(" ", value).strip() if value else ""
 
 
-def _typed(headers: Message, name: str) -> str:
+def _typed(fields: Mapping[str, str], name: str) -> str:
     """A typed DSN field (``rfc822; a@b``, ``smtp; 550 ...``, ``dns; mx.example``): its value."""
-    value = _field(headers, name)
+    value = _field(fields, name)
     kind, semicolon, rest = value.partition(";")
     return rest.strip() if semicolon and " " not in kind.strip() else value
 
