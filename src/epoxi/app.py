@@ -197,7 +197,11 @@ class Epoxi:
             records=self.records,
             quarantine=Quarantine(settings.data_dir / "bounces", settings.bounce_quarantine_size),
             fbl_addresses=frozenset(settings.fbl_addresses),
+            owner=self._owner,
         )
+
+    async def _owner(self, message_id: str) -> tuple[str, str] | None:
+        return await self.status.owner(message_id)
 
     def _retry_for(self, job: Job, configured: RetryPolicy) -> RetryPolicy:
         return destination_retry(self.dispatcher.policy, job, configured)

@@ -15,7 +15,7 @@ from tests.conftest import eventually
 from tests.e2e.conftest import MakeWorld, World, send
 from tests.e2e.postfix import Postfix
 
-pytestmark = pytest.mark.skipif(not Postfix.available(), reason="needs Postfix and root")
+needs_postfix = pytest.mark.skipif(not Postfix.available(), reason="needs Postfix and root")
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def oob(world: World) -> list[Record]:
     return [r for r in world.records if r.type is RecordType.OOB]
 
 
+@needs_postfix
 @pytest.mark.timeout(120)
 async def test_postfix_dsns_become_oob_records(make_world: MakeWorld, postfix: Postfix) -> None:
     world = await bouncing_world(make_world, postfix)
@@ -48,8 +49,9 @@ async def test_postfix_dsns_become_oob_records(make_world: MakeWorld, postfix: P
         "anyone@far.test": ("5.7.1", "RelayDenied"),
     }
     ids = {}
+    body = b"Subject: offers\r\nFrom: s@sender.test\r\nX-Epoxi-Tenant: shop\r\n\r\nHi.\r\n"
     for recipient in cases:
-        (ids[recipient],) = await send(world, [recipient])
+        (ids[recipient],) = await send(world, [recipient], body=body)
     try:
         await eventually(lambda: len(oob(world)) >= len(cases), timeout=90, what="3 OOB records")
     except AssertionError:
@@ -63,6 +65,37 @@ async def test_postfix_dsns_become_oob_records(make_world: MakeWorld, postfix: P
         assert record.classification == category, record
         assert record.sender.startswith("b+") and record.sender.endswith("@bounce.test")
         assert record.reporter == "pf.test" and record.reason == ""
+        assert record.tenant == "shop"
     kept = sorted((world.app.settings.data_dir / "bounces").iterdir())
     assert len(kept) == 3 and all("-dsn-" in p.name for p in kept)
     assert b"Postfix" in kept[0].read_bytes()
+
+
+async def test_complaint_to_fbl_address_becomes_feedback(make_world: MakeWorld) -> None:
+    """No Postfix needed: the test is the mailbox provider, and sends an ARF report about a
+    message Epoxi delivered (to its test sink) to Epoxi's FBL address."""
+    world = await make_world(bounce_domain="bounce.test", fbl_addresses=["fbl@local.test"])
+    (message_id,) = await send(world, ["ann@a.test"])
+    await eventually(lambda: any(r.type is RecordType.DELIVERY for r in world.records))
+    (sent,) = [m for sink in world.sinks.values() for m in sink.messages]
+    verp = sent.mail_from
+    assert verp.startswith("b+") and verp.endswith("@bounce.test")
+    report = (
+        "From: <fbl@isp.example>\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=feedback-report; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        "--B\r\nContent-Type: message/feedback-report\r\n\r\n"
+        "Feedback-Type: abuse\r\nUser-Agent: TestFBL/1.0\r\nVersion: 1\r\n"
+        f"Original-Mail-From: <{verp}>\r\nOriginal-Rcpt-To: <ann@a.test>\r\n\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Return-Path: <{verp}>\r\nTo: ann@a.test\r\nSubject: hello\r\n\r\n--B--\r\n"
+    ).encode()
+    await send(world, ["fbl@local.test"], sender="", body=report)
+    await eventually(lambda: any(r.type is RecordType.FEEDBACK for r in world.records))
+    (feedback,) = [r for r in world.records if r.type is RecordType.FEEDBACK]
+    assert (feedback.message_id, feedback.recipient) == (message_id, "ann@a.test")
+    assert (feedback.feedback_type, feedback.reporter) == ("abuse", "TestFBL/1.0")
+    forged = verp[: -len("@bounce.test") - 1] + ("a" if verp[-13] != "a" else "b") + "@bounce.test"
+    await send(world, [forged], sender="", body=report.replace(verp.encode(), forged.encode()))
+    await eventually(lambda: len(list((world.app.settings.data_dir / "bounces").iterdir())) == 2)
+    assert [r.type for r in world.records].count(RecordType.FEEDBACK) == 1

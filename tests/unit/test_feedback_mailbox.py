@@ -3,6 +3,7 @@ Feedback records for the message their VERP token names, and are quarantined."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,27 @@ def test_relay_policy_takes_the_bounce_domain_and_fbl_addresses(address: str, lo
     policy = RelayPolicy.build(["bounce.example"], [], local_addresses=["FBL@shop.example"])
     mailbox_ = Mailbox(*address.split("@"))
     assert policy.is_local(mailbox_) is local
+
+
+async def test_records_carry_their_messages_tenant_and_campaign(tmp_path: Path) -> None:
+    box, records = mailbox(tmp_path)
+    owners = {ID: ("shop", "spring")}
+
+    async def owner(message_id: str) -> tuple[str, str] | None:
+        return owners.get(message_id)
+
+    box = dataclasses.replace(box, owner=owner)
+    await box.take(meta(VERP.sender(ID, [ANN])), bounce_for((ANN, "failed", "5.1.1")))
+    (record,) = records.records
+    assert (record.tenant, record.campaign) == ("shop", "spring")
+
+
+async def test_a_failing_tenant_lookup_still_records(tmp_path: Path) -> None:
+    box, records = mailbox(tmp_path)
+
+    async def owner(message_id: str) -> tuple[str, str] | None:
+        raise OSError("store down")
+
+    box = dataclasses.replace(box, owner=owner)
+    await box.take(meta(VERP.sender(ID, [ANN])), bounce_for((ANN, "failed", "5.1.1")))
+    assert [r.tenant for r in records.records] == [""]

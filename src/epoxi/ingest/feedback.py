@@ -19,8 +19,11 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from epoxi.bounce.classify import Classifier
 from epoxi.bounce.inbound import Kind, Report, ReportedRecipient, parse
@@ -70,6 +73,8 @@ class FeedbackMailbox:
     records: EventSink
     quarantine: Quarantine
     fbl_addresses: frozenset[str] = frozenset()
+    # The (tenant, campaign) of a message by id (the status store), put on its records
+    owner: Callable[[str], Awaitable[tuple[str, str] | None]] | None = None
 
     def is_ours(self, recipient: str) -> bool:
         return self.verp.is_ours(recipient) or recipient.lower() in self.fbl_addresses
@@ -80,7 +85,7 @@ class FeedbackMailbox:
         if not ours:
             return meta.recipients
         report = parse(body, self.classifier)
-        records = self.records_for(report, ours, peer=meta.peer)
+        records = await self._owned(self.records_for(report, ours, peer=meta.peer))
         kept = await asyncio.to_thread(self.quarantine.keep, body, report.kind.value, meta.id)
         log.info(
             "[%s] %s report from %s to %s: %d record(s); kept as %s",
@@ -94,6 +99,20 @@ class FeedbackMailbox:
         for record in records:
             self.records.emit(record)
         return [r for r in meta.recipients if not self.is_ours(r)]
+
+    async def _owned(self, records: list[Record]) -> list[Record]:
+        """``records`` with the tenant and campaign of their message, where known."""
+        if not records or self.owner is None:
+            return records
+        try:
+            owner = await self.owner(records[0].message_id)
+        except Exception as exc:  # the store is down: the records still go out, without
+            log.warning("[%s] tenant lookup failed: %s", records[0].message_id, exc)
+            return records
+        if owner is None:
+            return records
+        tenant, campaign = owner
+        return [msgspec.structs.replace(r, tenant=tenant, campaign=campaign) for r in records]
 
     def records_for(self, report: Report, ours: list[str], *, peer: str = "") -> list[Record]:
         """The OOB or Feedback records of ``report``, which came to the addresses ``ours``."""
