@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -56,8 +57,14 @@ class Postfix:
         wait_for_port("127.0.0.1", self.port)
 
     def stop(self) -> None:
+        """Stop master (by its pid file: start-fg's shell waits for it, and a signal to the
+        shell would leave master running), then wait for the shell."""
         if self._master is not None:
-            self._master.terminate()
+            pid_file = self.dir / "spool" / "pid" / "master.pid"
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                self._master.terminate()
             self._master.wait(timeout=20)
         shutil.rmtree(self.dir, ignore_errors=True)
 

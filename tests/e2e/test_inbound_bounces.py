@@ -13,9 +13,13 @@ import pytest
 from epoxi.events.records import Record, RecordType
 from tests.conftest import eventually
 from tests.e2e.conftest import MakeWorld, World, send
+from tests.e2e.exim import Exim
 from tests.e2e.postfix import Postfix
 
 needs_postfix = pytest.mark.skipif(not Postfix.available(), reason="needs Postfix and root")
+needs_exim = pytest.mark.skipif(
+    not Exim.available(), reason="needs Exim (/work/shared/bench/install_peers.sh exim) and root"
+)
 
 
 @pytest.fixture
@@ -33,6 +37,13 @@ async def bouncing_world(make_world: MakeWorld, postfix: Postfix) -> World:
     postfix.relay_port = world.port
     await asyncio.to_thread(postfix.start)
     return world
+
+
+@pytest.fixture
+async def exim() -> AsyncIterator[Exim]:
+    instance = Exim(epoxi_port=0, sink=("127.0.0.2", 0))
+    yield instance
+    await asyncio.to_thread(instance.stop)
 
 
 def oob(world: World) -> list[Record]:
@@ -99,3 +110,37 @@ async def test_complaint_to_fbl_address_becomes_feedback(make_world: MakeWorld) 
     await send(world, [forged], sender="", body=report.replace(verp.encode(), forged.encode()))
     await eventually(lambda: len(list((world.app.settings.data_dir / "bounces").iterdir())) == 2)
     assert [r.type for r in world.records].count(RecordType.FEEDBACK) == 1
+
+
+@needs_exim
+@pytest.mark.timeout(120)
+async def test_exim_dsns_become_oob_records(make_world: MakeWorld, exim: Exim) -> None:
+    """Epoxi relays through Exim, which sends on to the test sink; what the sink refuses
+    (user unknown, mailbox full at RCPT; a policy refusal at the end of data) Exim bounces
+    with its own DSNs, back to Epoxi's bounce domain."""
+    world = await make_world(
+        bounce_domain="bounce.test",
+        relay={"host": "127.0.0.1", "port": exim.port, "tls": "disabled"},
+    )
+    exim.epoxi_port = world.port
+    exim.sink = ("127.0.0.2", world.sink_port)
+    await asyncio.to_thread(exim.start)
+    cases = {
+        "reject@sink.test": ("5.1.1", "InvalidRecipient"),
+        "quota@sink.test": ("5.2.2", "MailboxFull"),
+        "reject-data@sink.test": ("5.7.1", "SpamBlock"),  # the sink says "spam"
+    }
+    ids = {}
+    for recipient in cases:
+        (ids[recipient],) = await send(world, [recipient])
+    try:
+        await eventually(lambda: len(oob(world)) >= len(cases), timeout=90, what="3 OOB records")
+    except AssertionError:
+        raise AssertionError(exim.log()) from None
+    by_recipient = {r.recipient: r for r in oob(world)}
+    for recipient, (status, category) in cases.items():
+        record = by_recipient[recipient]
+        assert record.message_id == ids[recipient]
+        assert record.response is not None and record.response.enhanced == status, record
+        assert record.classification == category, record
+        assert record.reporter == "ex.test" and record.reason == ""
