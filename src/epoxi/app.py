@@ -275,6 +275,7 @@ class Epoxi:
     def _api_context(self, keys: KeyStore) -> ApiContext:
         metrics = Metrics(
             [self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges, self.warmup.gauges]
+            + ([self.ingest.feedback.gauges] if self.ingest.feedback is not None else [])
         )
         self.records.subscribe(metrics.feed)
         return ApiContext(

@@ -196,3 +196,13 @@ async def test_a_failing_tenant_lookup_still_records(tmp_path: Path) -> None:
     box = dataclasses.replace(box, owner=owner)
     await box.take(meta(VERP.sender(ID, [ANN])), bounce_for((ANN, "failed", "5.1.1")))
     assert [r.tenant for r in records.records] == [""]
+
+
+async def test_gauges_count_reports_and_forged_tokens(tmp_path: Path) -> None:
+    box, _ = mailbox(tmp_path)
+    await box.take(meta(VERP.sender(ID, [ANN])), bounce_for((ANN, "failed", "5.1.1")))
+    forged = f"b+{Verp('bounce.example', b'guess').token(ID, ANN)}@bounce.example"
+    await box.take(meta(forged), bounce_for((ANN, "failed", "5.1.1")))
+    figures = {name: value for name, (_, value) in box.gauges().items()}
+    assert figures["inbound_reports_dsn"] == 2 and figures["inbound_reports_arf"] == 0
+    assert figures["inbound_forged_tokens"] == 1

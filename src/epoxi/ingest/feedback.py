@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -75,6 +75,23 @@ class FeedbackMailbox:
     fbl_addresses: frozenset[str] = frozenset()
     # The (tenant, campaign) of a message by id (the status store), put on its records
     owner: Callable[[str], Awaitable[tuple[str, str] | None]] | None = None
+    # Reports read, by kind, and tokens refused, since start (for the metrics)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Figures for the metrics: name -> (description, value)."""
+        figures: dict[str, tuple[str, float]] = {
+            f"inbound_reports_{kind.value}": (
+                f"Reports read by the feedback mailbox since start: {kind.value}",
+                self.counts.get(kind.value, 0),
+            )
+            for kind in Kind
+        }
+        figures["inbound_forged_tokens"] = (
+            "Reports whose VERP token did not verify (no record made), since start",
+            self.counts.get("forged", 0),
+        )
+        return figures
 
     def is_ours(self, recipient: str) -> bool:
         return self.verp.is_ours(recipient) or recipient.lower() in self.fbl_addresses
@@ -85,6 +102,7 @@ class FeedbackMailbox:
         if not ours:
             return meta.recipients
         report = parse(body, self.classifier)
+        self.counts[report.kind.value] = self.counts.get(report.kind.value, 0) + 1
         records = await self._owned(self.records_for(report, ours, peer=meta.peer))
         kept = await asyncio.to_thread(self.quarantine.keep, body, report.kind.value, meta.id)
         log.info(
@@ -141,6 +159,7 @@ class FeedbackMailbox:
                 return address, self.verp.decode(address)
             except ForgedToken as exc:
                 log.warning("%s report: %s; no record", report.kind.value, exc)
+                self.counts["forged"] = self.counts.get("forged", 0) + 1
                 return None
         log.info("%s report names no VERP address of ours; no record", report.kind.value)
         return None
