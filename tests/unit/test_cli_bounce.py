@@ -7,6 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from epoxi.bounce.verp import Verp, load_key
 from epoxi.cli import app
 from tests.unit.test_inbound import corpus
 
@@ -61,3 +62,24 @@ def test_human_output_and_unreadable_file(tmp_path: Path) -> None:
     assert "yahoo_11.txt: dsn" in result.output
     assert "bad_user@aol.com failed 5.1.1 InvalidRecipient" in result.output
     assert f"epoxi: {missing}:" in result.output
+
+
+def test_with_a_config_the_verp_token_names_the_message(tmp_path: Path) -> None:
+    config = tmp_path / "epoxi.toml"
+    config.write_text(f'bounce_domain = "bounce.example"\ndata_dir = "{tmp_path / "data"}"\n')
+    verp = Verp("bounce.example", load_key("", tmp_path / "data"))
+    good = verp.sender("01HZX3T8M2QK7R9V5W4Y", ["ann@mail.example"])
+    forged = good[:10] + ("a" if good[10] != "a" else "b") + good[11:]
+    files = []
+    for name, address in (("good.eml", good), ("forged.eml", forged)):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(
+            ARF.replace(b"From: <staff", f"To: <{address}>\nFrom: <staff".encode())
+        )
+    result = CliRunner().invoke(
+        app, ["bounce", "parse", "-c", str(config), "--json", *map(str, files)]
+    )
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads(line) for line in result.output.splitlines())
+    assert (first["message_id"], first["verp"]) == ("01HZX3T8M2QK7R9V5W4Y", "verified")
+    assert (second["message_id"], second["verp"]) == (None, "forged")

@@ -91,10 +91,17 @@ class Report:
     original: Original = Original()
     feedback: Feedback | None = None
     reporting_mta: str = ""
+    to: str = ""  # the report's To: address; usually the (VERP) address it was sent to
 
     @property
     def failed(self) -> tuple[ReportedRecipient, ...]:
         return tuple(r for r in self.recipients if r.failed)
+
+    def return_paths(self) -> list[str]:
+        """Addresses that may carry a VERP token, most telling first: the report's To:, the
+        complaint's Original-Mail-From, the returned message's Return-Path."""
+        feedback = self.feedback.original_mail_from if self.feedback is not None else ""
+        return [a for a in (self.to, feedback, self.original.return_path) if a]
 
 
 # ---------------------------------------------------------------------------------- parse
@@ -107,6 +114,12 @@ def parse(data: bytes, classifier: Classifier) -> Report:
     auto-reply (after the bounces: many bounces say ``Auto-Submitted: auto-replied`` too).
     """
     top = mime.split(data)
+    report = _read(top, data, classifier)
+    to = _bare(_field(top.fields, "to"))
+    return replace(report, to=to) if to else report
+
+
+def _read(top: mime.Part, data: bytes, classifier: Classifier) -> Report:
     parts = list(mime.walk(top))
     original = _original(parts)
     if top.content_type == "multipart/report" and top.param("report-type").lower() == (

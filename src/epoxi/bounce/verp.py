@@ -120,6 +120,16 @@ def load_key(secret: str, data_dir: Path) -> bytes:
         raise ConfigError(f"{path}: cannot read or create the VERP key: {exc}") from exc
 
 
+def existing_key(secret: str, data_dir: Path) -> bytes | None:
+    """The key if there is one (for tools: they never make one), else None."""
+    if secret:
+        return secret.encode()
+    try:
+        return (data_dir / KEY_FILE).read_text().strip().encode() or None
+    except OSError:
+        return None
+
+
 def _read_or_create(path: Path) -> bytes:
     """Written aside, then linked into place: a reader never sees a half-written key, and of
     workers starting together the first link wins and the others read its key."""

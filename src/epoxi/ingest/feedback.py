@@ -146,14 +146,8 @@ class FeedbackMailbox:
 
     def _token(self, report: Report, ours: list[str]) -> tuple[str, Decoded] | None:
         """The first of the addresses that may carry a token whose token verifies."""
-        feedback = report.feedback
-        candidates = [
-            *ours,
-            feedback.original_mail_from if feedback is not None else "",
-            report.original.return_path,
-        ]
-        for address in candidates:
-            if not address or not self.verp.is_ours(address):
+        for address in [*ours, *report.return_paths()]:
+            if not self.verp.is_ours(address):
                 continue
             try:
                 return address, self.verp.decode(address)
