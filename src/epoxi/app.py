@@ -24,6 +24,8 @@ from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
 from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
+from epoxi.bounce.verp import Verp
+from epoxi.bounce.verp import load_key as load_verp_key
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
@@ -31,13 +33,14 @@ from epoxi.delivery.hosttls import HostTls
 from epoxi.delivery.lines import TenantLimits
 from epoxi.delivery.pools import Pools
 from epoxi.delivery.routing import Router
-from epoxi.delivery.transport import SmtpTransport
+from epoxi.delivery.transport import SmtpTransport, own_sender
 from epoxi.delivery.warmup import Warmup
 from epoxi.dkim import Signer, load_key
 from epoxi.dns.resolver import Resolver
 from epoxi.errors import ConfigError
 from epoxi.events.log import RecordLog
 from epoxi.ingest import Ingest
+from epoxi.ingest.feedback import FeedbackMailbox, Quarantine
 from epoxi.ingest.loader import SpoolLoader
 from epoxi.metrics import Metrics
 from epoxi.outcomes import Disposition
@@ -98,7 +101,14 @@ class Epoxi:
             store=WarmupStore(store_path(settings.data_dir), placement.index),
         )
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
+        classifier = Classifier.from_files(list(delivery.bounce_rules))
+        self.verp = (
+            Verp(settings.bounce_domain, load_verp_key(settings.bounce_secret, settings.data_dir))
+            if settings.bounce_domain
+            else None
+        )
         self.ingest = Ingest(
+            feedback=self._feedback_mailbox(classifier),
             spool=self.spool,
             records=self.records,
             schedule=self.scheduler.add,
@@ -109,7 +119,7 @@ class Epoxi:
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
-            classifier=Classifier.from_files(list(delivery.bounce_rules)),
+            classifier=classifier,
             records=self.records,
             spool=self.spool,
             reschedule=self.scheduler.add,
@@ -128,6 +138,7 @@ class Epoxi:
                 settings.hostname,
                 delivery.timeouts,
                 tls=HostTls.from_settings(self.resolver, delivery),
+                sender=self.verp.sender_for if self.verp is not None else own_sender,
             ),
             outcomes=self.outcomes,
             suspensions=self.suspensions,
@@ -182,6 +193,23 @@ class Epoxi:
 
     def _release(self, job: Job) -> None:
         self.dispatcher.submit(job)  # bound late: the dispatcher is made after the scheduler
+
+    def _feedback_mailbox(self, classifier: Classifier) -> FeedbackMailbox | None:
+        """Mail to the bounce domain and the FBL addresses: read into records, quarantined."""
+        settings = self.settings
+        if self.verp is None:
+            return None
+        return FeedbackMailbox(
+            verp=self.verp,
+            classifier=classifier,
+            records=self.records,
+            quarantine=Quarantine(settings.data_dir / "bounces", settings.bounce_quarantine_size),
+            fbl_addresses=frozenset(settings.fbl_addresses),
+            owner=self._owner,
+        )
+
+    async def _owner(self, message_id: str) -> tuple[str, str] | None:
+        return await self.status.owner(message_id)
 
     def _retry_for(self, job: Job, configured: RetryPolicy) -> RetryPolicy:
         return destination_retry(self.dispatcher.policy, job, configured)
@@ -256,6 +284,7 @@ class Epoxi:
     def _api_context(self, keys: KeyStore) -> ApiContext:
         metrics = Metrics(
             [self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges, self.warmup.gauges]
+            + ([self.ingest.feedback.gauges] if self.ingest.feedback is not None else [])
         )
         self.records.subscribe(metrics.feed)
         return ApiContext(

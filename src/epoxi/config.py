@@ -582,6 +582,14 @@ class Settings(_Model):
     # How often the shaping files are checked for edits (applied live); 0 turns that off
     shaping_watch_interval: Annotated[float, BeforeValidator(parse_duration), Field(ge=0)] = 2.0
     max_hops: int = Field(50, ge=1)  # Received: headers before a message is refused (554 5.4.6)
+    # Inbound bounces and complaints (docs/events.md). With a bounce domain, every envelope
+    # sender of a delivery is b+<token>@bounce_domain (VERP, token signed with bounce_secret,
+    # or a key made once in data_dir/bounce.key), and mail to that domain or to an FBL address
+    # is parsed into OOB and Feedback records and quarantined, never delivered onward.
+    bounce_domain: str = ""
+    bounce_secret: str = Field("", repr=False)
+    fbl_addresses: tuple[str, ...] = ()
+    bounce_quarantine_size: int = Field(1000, ge=0)  # messages kept for inspection, oldest dropped
     workers: Annotated[int, BeforeValidator(parse_workers), Field(ge=1, le=1024)] = Field(
         default_factory=cpu_count  # "auto": one worker process per core
     )
@@ -595,6 +603,28 @@ class Settings(_Model):
     @classmethod
     def _lower_domains(cls, value: Any) -> Any:
         return [d.lower().rstrip(".") for d in _comma_list(value)]
+
+    @model_validator(mode="after")
+    def _fbl_needs_bounce_domain(self) -> Settings:
+        if self.fbl_addresses and not self.bounce_domain:
+            raise ValueError(
+                "fbl_addresses needs bounce_domain: complaints name their message by the "
+                "VERP return path of the bounce domain"
+            )
+        return self
+
+    @field_validator("bounce_domain", mode="before")
+    @classmethod
+    def _lower_bounce_domain(cls, value: Any) -> Any:
+        return value.lower().strip().rstrip(".") if isinstance(value, str) else value
+
+    @field_validator("fbl_addresses", mode="before")
+    @classmethod
+    def _lower_fbl_addresses(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        if not isinstance(value, list | tuple):
+            return value
+        return [a.lower().strip() if isinstance(a, str) else a for a in value]
 
     @field_validator("trusted_networks", mode="before")
     @classmethod
@@ -647,6 +677,7 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         "EPOXI_LOG_LEVEL": "log_level",
         "EPOXI_WORKERS": "workers",
         "EPOXI_SHAPING_FILES": "shaping_files",
+        "EPOXI_BOUNCE_DOMAIN": "bounce_domain",
     }
     for var, key in simple.items():
         if var in env:
@@ -685,7 +716,8 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        value = "<hidden>" if "password" in key or key.startswith("users") else _shown(err["input"])
+        hidden = _is_secret(key) or key.startswith("users")
+        value = "<hidden>" if hidden else _shown(err["input"])
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}unknown key {key!r} (value {value})")
         else:
@@ -699,9 +731,13 @@ def _shown(value: Any) -> str:
     return repr(_hidden(value))
 
 
+def _is_secret(key: str) -> bool:
+    return "password" in key or "secret" in key
+
+
 def _hidden(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: "<hidden>" if "password" in str(k) else _hidden(v) for k, v in value.items()}
+        return {k: "<hidden>" if _is_secret(str(k)) else _hidden(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_hidden(item) for item in value]
     return value

@@ -13,6 +13,7 @@ import typer
 import uvloop
 
 from epoxi import __version__
+from epoxi.cli.bounce import bounce_app
 from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
 from epoxi.cli.dkim import dkim_app
 from epoxi.cli.keys import keys_app
@@ -46,6 +47,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(shaping_app, name="shaping")
 app.add_typer(dkim_app, name="dkim")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(bounce_app, name="bounce")
 app.command()(send)
 app.command()(status)
 

@@ -9,6 +9,7 @@ the transport today (:class:`SmtpTransport`); LMTP, Maildir and HTTP are coming,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from epoxi.config import TimeoutSettings
@@ -77,13 +78,23 @@ class Transport(Protocol):
         ...
 
 
+def own_sender(sender: str, message_id: str, recipients: list[str]) -> str:
+    """The envelope sender of a delivery when there is no bounce domain: the message's own."""
+    return sender
+
+
+# (the message's sender, its id, the transaction's recipients) -> MAIL FROM's address
+EnvelopeSender = Callable[[str, str, list[str]], str]
+
+
 class SmtpConnection:
     """An :class:`SmtpClient` seen as a :class:`Connection`."""
 
-    __slots__ = ("_client", "dsn_passed")
+    __slots__ = ("_client", "_sender", "dsn_passed")
 
-    def __init__(self, client: SmtpClient) -> None:
+    def __init__(self, client: SmtpClient, sender: EnvelopeSender = own_sender) -> None:
         self._client = client
+        self._sender = sender
         self.dsn_passed = False
 
     @property
@@ -102,7 +113,7 @@ class SmtpConnection:
         self, meta: MessageMeta, recipients: list[str], body: bytes
     ) -> list[tuple[str, Reply]]:
         result = await self._client.send(
-            meta.sender,
+            self._sender(meta.sender, meta.id, recipients),
             recipients,
             body,
             smtputf8=meta.smtputf8,
@@ -121,6 +132,7 @@ class SmtpTransport:
 
     ``tls`` decides each connection's TLS policy (DANE, MTA-STS, hosts with broken TLS:
     :mod:`epoxi.delivery.hosttls`); without it, the destination's policy as it is.
+    ``sender`` picks each transaction's MAIL FROM (VERP: :meth:`epoxi.bounce.verp.Verp.sender_for`).
     """
 
     def __init__(
@@ -130,7 +142,9 @@ class SmtpTransport:
         timeouts: TimeoutSettings,
         *,
         tls: HostTls | None = None,
+        sender: EnvelopeSender = own_sender,
     ) -> None:
+        self._sender = sender
         self._resolver = resolver
         self._hostname = hostname
         self._timeouts = timeouts
@@ -166,7 +180,7 @@ class SmtpTransport:
         """As Postfix: a server that greets us with our own name is us, and mail sent there
         would come straight back (a local domain routed by MX to this host, say)."""
         if client.greeting_name.lower() != self._hostname.lower():
-            return SmtpConnection(client)
+            return SmtpConnection(client, self._sender)
         await client.quit()
         raise MailLoop(
             f"mail for {destination.site} loops back to myself: {client.peer[0]} greeted us "

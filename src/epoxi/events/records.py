@@ -73,6 +73,13 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     origin: str = ""  # Reception: how the message came in (smtp, http, dsn)
     dkim: str = ""  # Reception: the DKIM signatures added, or why none ("unsigned: ...")
     tls: str = ""  # an attempt's TLS: "TLSv1.3 <cipher> verified policy=..." or "plaintext ..."
+    # OOB and Feedback (docs/events.md): a report that came back by mail. ``message_id`` is
+    # the message its VERP token names, ``recipient`` the one reported, ``sender`` the VERP
+    # address. OOB: ``response`` is (550 permanent | 450 not, the RFC 3463 status, the remote
+    # reply as reported), ``classification`` its bounce category, ``peer_address`` the remote
+    # MTA; ``reason`` is set when the token named another recipient than the one reported.
+    feedback_type: str = ""  # Feedback: ARF Feedback-Type (abuse, fraud, virus, not-spam, ...)
+    reporter: str = ""  # OOB: the Reporting-MTA; Feedback: the report's User-Agent
 
 
 _encoder = msgspec.json.Encoder()

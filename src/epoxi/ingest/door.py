@@ -12,6 +12,10 @@ SMTP (``accept``), the HTTP API (``inject_many``) and the DSNs Epoxi writes itse
 5. the spool commit (group fsync): only then is the client told yes;
 6. the Reception record;
 7. scheduling: one job per recipient domain, into the scheduled queues.
+
+Before all of them, SMTP recipients in the bounce domain or at an FBL address go to the
+feedback mailbox (``ingest/feedback.py``): read into OOB and Feedback records, quarantined,
+never queued.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from epoxi.errors import MessageRefused
 from epoxi.events.records import Record, RecordType
 from epoxi.events.sink import EventSink
 from epoxi.ingest.control import checked_controls, parse_priority, take_control_headers
+from epoxi.ingest.feedback import FeedbackMailbox
 from epoxi.message import MessageMeta
 from epoxi.outcomes.synthetic import Synthetic
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
@@ -56,8 +61,10 @@ class Ingest:
         signer: Signer | None = None,
         sign_threads: int = 2,
         known_pool: Callable[[str], bool] = lambda pool: True,
+        feedback: FeedbackMailbox | None = None,
     ) -> None:
         self.spool = spool
+        self.feedback = feedback  # bounce domain and FBL addresses: read, never queued
         self.signer = signer  # None: no DKIM keys; a reload may set or clear it
         self.sign_threads = sign_threads
         self._signing: ThreadPoolExecutor | None = None
@@ -73,6 +80,10 @@ class Ingest:
 
     async def accept(self, meta: MessageMeta, body: bytes, *, trusted: bool) -> None:
         """A message from SMTP. ``trusted``: the client may set control headers."""
+        if self.feedback is not None:
+            meta.recipients = await self.feedback.take(meta, body)
+            if not meta.recipients:
+                return  # a report for the feedback mailbox only: read and quarantined
         if self.hooks:
             body = await self._run_hooks(meta, body)
         body = self._prepare(meta, body, trusted=trusted)

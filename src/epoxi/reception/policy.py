@@ -29,13 +29,19 @@ class RelayPolicy:
     local_domains: frozenset[str]
     trusted_networks: tuple[IPNetwork, ...]
     require_auth: bool = False  # a submission listener: relaying always needs AUTH
+    local_addresses: frozenset[str] = frozenset()  # FBL mailboxes, taken like a local domain's
 
     @classmethod
     def build(
-        cls, local_domains: Iterable[str], trusted: Iterable[str], require_auth: bool = False
+        cls,
+        local_domains: Iterable[str],
+        trusted: Iterable[str],
+        require_auth: bool = False,
+        local_addresses: Iterable[str] = (),
     ) -> RelayPolicy:
         domains = frozenset(normalize_domain(d) for d in local_domains)
-        return cls(domains, parse_networks(trusted), require_auth)
+        addresses = frozenset(a.lower() for a in local_addresses)
+        return cls(domains, parse_networks(trusted), require_auth, addresses)
 
     def is_trusted(self, peer_ip: str) -> bool:
         try:
@@ -49,7 +55,9 @@ class RelayPolicy:
     def is_local(self, mailbox: Mailbox) -> bool:
         if not mailbox.domain:  # the special <postmaster> recipient
             return True
-        return normalize_domain(mailbox.domain) in self.local_domains
+        if normalize_domain(mailbox.domain) in self.local_domains:
+            return True
+        return bool(self.local_addresses) and str(mailbox).lower() in self.local_addresses
 
     def check_recipient(
         self, mailbox: Mailbox, *, trusted: bool, authenticated: bool

@@ -193,14 +193,17 @@ class SmtpServer:
 
     def _relay_for(self, listener: Listener) -> RelayPolicy:
         settings = self.settings
+        domains = (
+            listener.local_domains if listener.local_domains is not None else settings.local_domains
+        )
+        bounce = (settings.bounce_domain,) if settings.bounce_domain else ()
         return RelayPolicy.build(
-            listener.local_domains
-            if listener.local_domains is not None
-            else settings.local_domains,
+            (*domains, *bounce),
             listener.trusted_networks
             if listener.trusted_networks is not None
             else settings.trusted_networks,
             require_auth=listener.require_auth,
+            local_addresses=settings.fbl_addresses,
         )
 
     def _context_for(self, listener: Listener) -> SessionContext:

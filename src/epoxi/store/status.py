@@ -138,6 +138,19 @@ class StatusStore:
         conn = self._require()
         return await self._call(lambda: _read_message(conn, message_id))
 
+    async def owner(self, message_id: str) -> tuple[str, str] | None:
+        """The (tenant, campaign) of a message Epoxi took in, or None if it knows none."""
+        await self.flush()  # its Reception record may still wait in the buffer
+        conn = self._require()
+
+        def read() -> tuple[str, str] | None:
+            row = conn.execute(
+                "SELECT tenant, campaign FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._call(read)
+
     # ----------------------------------------------------------------- idempotency
 
     async def idempotent_response(
