@@ -1,7 +1,7 @@
 """A private Exim 4 (Debian's package) that relays Epoxi's mail to the test sink and bounces
 what the sink refuses, sending its DSNs back to Epoxi.
 
-The binary is the one ``/work/shared/bench/install_peers.sh exim`` unpacks (installing the
+The binary is the one ``scripts/bootstrap test`` unpacks into ``.venv/peers`` (installing the
 package would remove Postfix), or ``/usr/sbin/exim4``. It has its run-time user
 ``Debian-exim`` compiled in; when the system has no such user, Exim runs in a private mount
 namespace where copies of /etc/passwd and /etc/group that add it are bind-mounted: nothing
@@ -21,7 +21,7 @@ from pathlib import Path
 from tests.conftest import free_port, wait_for_port
 
 CANDIDATES = (
-    Path(os.environ.get("PEERS_DIR", "/opt/relay-bench-peers")) / "exim4/usr/sbin/exim4",
+    Path(__file__).parents[2] / ".venv/peers/exim4/usr/sbin/exim4",  # scripts/bootstrap test
     Path("/usr/sbin/exim4"),
 )
 USER = "Debian-exim"

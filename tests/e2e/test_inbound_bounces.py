@@ -16,14 +16,10 @@ from tests.e2e.conftest import MakeWorld, World, send
 from tests.e2e.exim import Exim
 from tests.e2e.postfix import Postfix
 
-needs_postfix = pytest.mark.skipif(not Postfix.available(), reason="needs Postfix and root")
-needs_exim = pytest.mark.skipif(
-    not Exim.available(), reason="needs Exim (/work/shared/bench/install_peers.sh exim) and root"
-)
-
 
 @pytest.fixture
 async def postfix() -> AsyncIterator[Postfix]:
+    assert Postfix.available(), "needs Postfix and root (scripts/bootstrap test installs it)"
     instance = Postfix(relay_port=0)
     yield instance
     await asyncio.to_thread(instance.stop)
@@ -41,6 +37,7 @@ async def bouncing_world(make_world: MakeWorld, postfix: Postfix) -> World:
 
 @pytest.fixture
 async def exim() -> AsyncIterator[Exim]:
+    assert Exim.available(), "needs Exim and root (scripts/bootstrap test unpacks it)"
     instance = Exim(epoxi_port=0, sink=("127.0.0.2", 0))
     yield instance
     await asyncio.to_thread(instance.stop)
@@ -50,7 +47,6 @@ def oob(world: World) -> list[Record]:
     return [r for r in world.records if r.type is RecordType.OOB]
 
 
-@needs_postfix
 @pytest.mark.timeout(120)
 async def test_postfix_dsns_become_oob_records(make_world: MakeWorld, postfix: Postfix) -> None:
     world = await bouncing_world(make_world, postfix)
@@ -112,7 +108,6 @@ async def test_complaint_to_fbl_address_becomes_feedback(make_world: MakeWorld) 
     assert [r.type for r in world.records].count(RecordType.FEEDBACK) == 1
 
 
-@needs_exim
 @pytest.mark.timeout(120)
 async def test_exim_dsns_become_oob_records(make_world: MakeWorld, exim: Exim) -> None:
     """Epoxi relays through Exim, which sends on to the test sink; what the sink refuses
