@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.exceptions
 import nats
 import nats.errors
 import nats.js
@@ -32,6 +33,8 @@ _FOREIGN: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+    aio_pika.exceptions.ChannelInvalidStateError,  # the channel closed under a publish
     nats.errors.Error,
     redis.exceptions.RedisError,
 )
@@ -92,7 +95,7 @@ class RabbitMq:
 
     async def publish(self, events: Sequence[Event]) -> None:
         exchange = self._exchange
-        if exchange is None:
+        if exchange is None or self._connection is None or self._connection.is_closed:
             raise BrokerUnavailable(f"sink {self.settings.name}: not connected")
         key = self.settings.routing_key
         async with _translated(self.settings, "publish to"):
