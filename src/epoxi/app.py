@@ -429,6 +429,7 @@ _RESTART_ONLY = (
     "delivery.mta_sts_port",
     "delivery.dane",
     "workers",
+    "events.sinks",
 )
 
 
