@@ -173,3 +173,30 @@ def test_unknown_event_types_are_refused_naming_the_key(tmp_path: Path) -> None:
     )
     (sink,) = build_sinks(settings, 3)
     assert sink.backlog.path == tmp_path / "sinks" / "s-3.db"
+
+
+async def test_a_backlog_that_cannot_be_written_keeps_the_events_in_memory_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    broker = FakeBroker()
+    sink = BrokerSink(sink_settings(backlog=5), tmp_path / "s.db", broker=broker, interval=3600)
+    await sink.start()
+    fail = True
+    append = sink.backlog.append
+
+    def failing(events: list[Event]) -> tuple[int, int]:
+        if fail:
+            raise OSError("disk full")
+        return append(events)
+
+    sink.backlog.append = failing  # type: ignore[method-assign]
+    fed = [record(n=n) for n in range(8)]
+    for r in fed:
+        sink.feed(r)
+    with pytest.raises(OSError):
+        await sink.turn()
+    assert sink.dropped == 3  # 8 kept in memory past a bound of 5: the 3 oldest go
+    fail = False
+    await sink.turn()
+    assert [e.id for e in broker.received] == [event_of(r)["id"] for r in fed[3:]]
+    await sink.stop()

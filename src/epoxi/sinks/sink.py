@@ -108,12 +108,17 @@ class BrokerSink:
             log.info("sink %s: %d events kept for the next start", self.name, self.waiting)
 
     async def _run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.turn()
-            except Exception:  # a bug here must not end the sink: log it, try again
-                log.exception("sink %s: turn failed", self.name)
+            except Exception:  # a full disk, a bug: must not end the sink; logged once
+                if not failing:
+                    log.exception("sink %s: turn failed; trying again", self.name)
+                failing = True
+            else:
+                failing = False
 
     async def turn(self) -> None:
         """One turn: store what came in, (re)connect when due, publish the backlog."""
@@ -131,7 +136,17 @@ class BrokerSink:
         if not self._pending:
             return
         records, self._pending = self._pending, []
-        self.waiting, dropped = await self._call(lambda: self._append(records))
+        try:
+            self.waiting, dropped = await self._call(lambda: self._append(records))
+        except BaseException:  # the backlog cannot take them (a full disk): they wait here,
+            self._pending[:0] = records  # within the same bound
+            over = max(0, len(self._pending) - self.backlog.limit)
+            del self._pending[:over]
+            self._dropped(over)
+            raise
+        self._dropped(dropped)
+
+    def _dropped(self, dropped: int) -> None:
         if dropped:
             self.dropped += dropped
             log.warning(
