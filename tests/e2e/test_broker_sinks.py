@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import aio_pika
@@ -23,11 +25,13 @@ import nats.errors
 import nats.js
 import pytest
 import redis.asyncio
+from nats.js.api import ConsumerConfig
 
 from epoxi.events.outbound import event_of
 from epoxi.events.records import RecordType
-from tests.conftest import eventually, free_port
+from tests.conftest import EpoxiProcess, eventually, free_port
 from tests.e2e.conftest import Api, MakeWorld, World, send
+from tests.e2e.test_workers import send_to_every_worker
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
 NATS = "nats://127.0.0.1:4222"
@@ -98,15 +102,23 @@ class NatsConsumer:
         self.client = await nats.connect(NATS)
         self.js = self.client.jetstream()
         await self.js.add_stream(name=self.stream, subjects=[f"{self.prefix}.*"])
-        self.pull = await self.js.pull_subscribe(f"{self.prefix}.>", stream=self.stream)
+        # A message in flight when a fetch times out comes again after ack_wait: make that
+        # short, and count each stream sequence number once.
+        self.pull = await self.js.pull_subscribe(
+            f"{self.prefix}.>", stream=self.stream, config=ConsumerConfig(ack_wait=1)
+        )
+        self.seen: set[int] = set()
 
     async def events(self) -> list[dict[str, Any]]:
         with contextlib.suppress(nats.errors.TimeoutError):
             for message in await self.pull.fetch(1000, timeout=0.2):
+                await message.ack()
+                if message.metadata.sequence.stream in self.seen:
+                    continue
+                self.seen.add(message.metadata.sequence.stream)
                 event = json.loads(message.data)
                 assert message.subject == f"{self.prefix}.{event['type']}"
                 assert message.headers and message.headers["Nats-Msg-Id"] == event["id"]
-                await message.ack()
                 self.received.append(event)
         return self.received
 
@@ -271,7 +283,7 @@ def gauge(metrics: str, name: str) -> float:
 
 @pytest.mark.parametrize("consumer", KINDS, indirect=True)
 async def test_a_broker_cut_off_mid_run_slows_no_mail_and_gets_its_events_later(
-    consumer: Consumer, api: Api
+    consumer: Consumer, api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:
     kind = consumer.sink["kind"]
     proxy = Proxy(UPSTREAM[kind])
@@ -308,5 +320,64 @@ async def test_a_broker_cut_off_mid_run_slows_no_mail_and_gets_its_events_later(
         metrics = (await client.get("/metrics")).text
         assert gauge(metrics, "epoxi_sink_backlog_events") == 0
         assert gauge(metrics, "epoxi_sink_published_events_total") >= 4 * count
+        shown = PROXIED[kind].format(port=proxy.port).replace("guest:guest@", "guest:<hidden>@")
+        assert any(line.startswith("sink bus: ") and shown in line for line in caplog.messages)
+        assert "guest:guest" not in caplog.text  # the password never reaches a log
     finally:
         await proxy.cut()
+
+
+# --------------------------------------------------------------------- epoxi serve
+
+
+def sink_config(tmp_path: Path, url: str, key: str) -> Path:
+    config = tmp_path / f"epoxi-{free_port()}.toml"
+    config.write_text(
+        f'[[events.sinks]]\nname = "bus"\nkind = "redis"\nurl = "{url}"\nstream = "{key}"\n'
+        'types = ["reception"]\ntimeout = "1s"\nretry_max = "1s"\n'
+    )
+    return config
+
+
+async def redis_receptions(key: str) -> set[str]:
+    client = redis.asyncio.Redis.from_url(REDIS)
+    try:
+        entries = await client.xrange(key)
+    finally:
+        await client.aclose()
+    return {json.loads(fields[b"event"])["message_id"] for _, fields in entries}
+
+
+@pytest.mark.parametrize("consumer", ["redis"], indirect=True)
+async def test_each_worker_has_its_backlog_and_events_kept_at_stop_go_out_after_a_restart(
+    consumer: RedisConsumer, tmp_path: Path
+) -> None:
+    process = EpoxiProcess(tmp_path / "data", env={"EPOXI_WORKERS": "2"})
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: the broker is away
+    process.start(sink_config(tmp_path, dead, consumer.key))
+    try:
+        ids = await send_to_every_worker(process, 2, 10)
+        files = [process.data_dir / "sinks" / f"bus-{i}.db" for i in (0, 1)]
+        await eventually(lambda: backlog_count(files) == len(ids), 15, "receptions in backlogs")
+        assert process.stop() == 0
+        assert backlog_count(files) == len(ids)  # kept at stop, for the next start
+
+        process.start(sink_config(tmp_path, REDIS, consumer.key))
+        deadline = time.monotonic() + 20
+        while await redis_receptions(consumer.key) != set(ids):
+            assert time.monotonic() < deadline, "the kept events never reached Redis"
+            await asyncio.sleep(0.05)
+        await eventually(lambda: backlog_count(files) == 0, 10, "the backlogs emptied")
+        assert "sink bus: cannot connect to redis://127.0.0.1:" in process.log()
+    finally:
+        if process.proc is not None:
+            process.stop()
+
+
+def backlog_count(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                total += db.execute("SELECT count(*) FROM events").fetchone()[0]
+    return total

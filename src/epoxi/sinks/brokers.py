@@ -76,6 +76,10 @@ async def _translated(settings: SinkSettings, doing: str) -> AsyncIterator[None]
         ) from exc
 
 
+def _lost(settings: SinkSettings) -> BrokerUnavailable:
+    return BrokerUnavailable(f"sink {settings.name}: lost its connection to {settings.shown_url}")
+
+
 class RabbitMq:
     """AMQP 0-9-1: a durable topic exchange; each event a persistent message, routed by
     ``routing_key``, with publisher confirms."""
@@ -96,7 +100,7 @@ class RabbitMq:
     async def publish(self, events: Sequence[Event]) -> None:
         exchange = self._exchange
         if exchange is None or self._connection is None or self._connection.is_closed:
-            raise BrokerUnavailable(f"sink {self.settings.name}: not connected")
+            raise _lost(self.settings)
         key = self.settings.routing_key
         async with _translated(self.settings, "publish to"):
             await asyncio.gather(
@@ -156,7 +160,7 @@ class Nats:
     async def publish(self, events: Sequence[Event]) -> None:
         js = self._js
         if js is None or self._client is None or not self._client.is_connected:
-            raise BrokerUnavailable(f"sink {self.settings.name}: not connected")
+            raise _lost(self.settings)
         subject = self.settings.subject
         async with _translated(self.settings, "publish to"):
             await asyncio.gather(
@@ -206,7 +210,7 @@ class RedisStreams:
     async def publish(self, events: Sequence[Event]) -> None:
         client = self._client
         if client is None:
-            raise BrokerUnavailable(f"sink {self.settings.name}: not connected")
+            raise _lost(self.settings)
         async with _translated(self.settings, "publish to"):
             pipe = client.pipeline(transaction=False)
             for event in events:
