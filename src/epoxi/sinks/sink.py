@@ -62,6 +62,7 @@ class BrokerSink:
         self._pending: list[Record] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"epoxi-sink-{self.name}")
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
         self.connected = False
@@ -89,10 +90,10 @@ class BrokerSink:
 
     async def stop(self) -> None:
         """Keep what is pending, publish what can be within STOP_GRACE, close."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping.set()
+        if self._task is not None:  # the turn under way ends (cut short past the grace)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, STOP_GRACE)
             self._task = None
         try:
             await self._store()
@@ -109,8 +110,10 @@ class BrokerSink:
 
     async def _run(self) -> None:
         failing = False
-        while True:
-            await asyncio.sleep(self.interval)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                return
             try:
                 await self.turn()
             except Exception:  # a full disk, a bug: must not end the sink; logged once
