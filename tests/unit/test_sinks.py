@@ -200,3 +200,19 @@ async def test_a_backlog_that_cannot_be_written_keeps_the_events_in_memory_withi
     await sink.turn()
     assert [e.id for e in broker.received] == [event_of(r)["id"] for r in fed[3:]]
     await sink.stop()
+
+
+def test_config_check_names_an_unknown_event_type_and_hides_the_password(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from epoxi.cli import app
+
+    config = tmp_path / "epoxi.toml"
+    config.write_text(
+        '[[events.sinks]]\nname = "bus"\nkind = "redis"\nurl = "redis://:pw1@127.0.0.1/0"\n'
+        'types = ["delivery", "sent"]\n'
+    )
+    result = CliRunner().invoke(app, ["config", "check", "-c", str(config)])
+    assert result.exit_code == 2
+    assert "events.sinks.0.types: unknown event type sent" in result.output
+    assert "pw1" not in result.output

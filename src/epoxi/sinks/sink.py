@@ -209,7 +209,15 @@ def events_of(records: Iterable[Record]) -> Iterable[Event]:
 def build_sinks(settings: Settings, worker: int) -> list[BrokerSink]:
     """The configured sinks of one worker, each with its backlog file in
     ``data_dir/sinks/<name>-<worker>.db``. ConfigError names a filter that cannot match."""
-    sinks = []
+    check_sinks(settings)
+    return [
+        BrokerSink(sink, settings.data_dir / "sinks" / f"{sink.name}-{worker}.db")
+        for sink in settings.events.sinks
+    ]
+
+
+def check_sinks(settings: Settings) -> None:
+    """ConfigError naming the key of an event type in a sink's ``types`` that is not one."""
     for index, sink in enumerate(settings.events.sinks):
         unknown = [name for name in sink.types if name not in RECORD_TYPES]
         if unknown:
@@ -217,6 +225,3 @@ def build_sinks(settings: Settings, worker: int) -> list[BrokerSink]:
                 f"events.sinks.{index}.types: unknown event type {', '.join(unknown)} "
                 f"(known: {', '.join(EVENT_TYPES.values())})"
             )
-        path = settings.data_dir / "sinks" / f"{sink.name}-{worker}.db"
-        sinks.append(BrokerSink(sink, path))
-    return sinks
