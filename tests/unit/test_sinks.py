@@ -216,3 +216,26 @@ def test_config_check_names_an_unknown_event_type_and_hides_the_password(tmp_pat
     assert result.exit_code == 2
     assert "events.sinks.0.types: unknown event type sent" in result.output
     assert "pw1" not in result.output
+
+
+async def test_an_unexpected_broker_error_makes_the_sink_reconnect_and_hides_the_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Odd(FakeBroker):
+        fail = True
+
+        async def publish(self, events: Sequence[Event]) -> None:
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("channel gone (amqp://u:pw9@h/)")
+            await super().publish(events)
+
+    broker = Odd()
+    settings = sink_settings(kind="rabbitmq", url="amqp://u:pw9@h/")
+    sink = BrokerSink(settings, tmp_path / "s.db", broker=broker, interval=0.01)
+    await sink.start()
+    sink.feed(record())
+    await eventually(lambda: len(broker.received) == 1, what="published after a reconnect")
+    assert broker.connects == 2
+    assert "RuntimeError: channel gone" in caplog.text and "pw9" not in caplog.text
+    await sink.stop()

@@ -19,6 +19,7 @@ import nats.js.errors
 import redis.asyncio
 import redis.exceptions
 
+from epoxi.config import hidden_url
 from epoxi.errors import BrokerUnavailable
 from epoxi.sinks.backlog import Event
 
@@ -70,7 +71,7 @@ async def _translated(settings: SinkSettings, doing: str) -> AsyncIterator[None]
         async with asyncio.timeout(settings.timeout):
             yield
     except _FOREIGN as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = hidden_url(str(exc)) or type(exc).__name__  # a url in it: no password
         raise BrokerUnavailable(
             f"sink {settings.name}: cannot {doing} {settings.shown_url}: {reason}"
         ) from exc

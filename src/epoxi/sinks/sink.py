@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
+from epoxi.config import hidden_url
 from epoxi.errors import BrokerUnavailable, ConfigError
 from epoxi.events.outbound import EVENT_TYPES, RECORD_TYPES, event_of
 from epoxi.events.records import Record
@@ -165,9 +166,9 @@ class BrokerSink:
     async def _connect(self) -> None:
         try:
             await self.broker.connect()
-        except BrokerUnavailable as exc:
+        except Exception as exc:
             await self.broker.close()
-            self._failed(exc)
+            self._failed(_unavailable(self.settings, exc))
             return
         self.connected = True
         self._retry_delay = RETRY_MIN
@@ -182,10 +183,10 @@ class BrokerSink:
                 return
             try:
                 await self.broker.publish(events)
-            except BrokerUnavailable as exc:
+            except Exception as exc:  # any failure: reconnect rather than publish in vain
                 self.connected = False
                 await self.broker.close()
-                self._failed(exc)
+                self._failed(_unavailable(self.settings, exc))
                 return
             self.published += len(events)
             self.waiting = await self._call(functools.partial(self.backlog.remove_through, last))
@@ -198,6 +199,16 @@ class BrokerSink:
 
     async def _call(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+
+def _unavailable(settings: SinkSettings, exc: Exception) -> BrokerUnavailable:
+    """A broker's failure as BrokerUnavailable; one the broker's client raised unexpectedly
+    (not translated in brokers.py) is named by its type, without any password."""
+    if isinstance(exc, BrokerUnavailable):
+        return exc
+    log.debug("sink %s: unexpected failure", settings.name, exc_info=True)
+    reason = hidden_url(f"{type(exc).__name__}: {exc}")
+    return BrokerUnavailable(f"sink {settings.name}: {settings.shown_url}: {reason}")
 
 
 def events_of(records: Iterable[Record]) -> Iterable[Event]:
