@@ -51,6 +51,8 @@ from epoxi.queue.suspensions import SuspensionRegistry
 from epoxi.reception.server import SmtpServer
 from epoxi.shaping.files import ShapingFiles, shipped_file
 from epoxi.shaping.policy import ShapingPolicy
+from epoxi.sinks.metrics import SinkMetrics
+from epoxi.sinks.sink import build_sinks
 from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
@@ -180,6 +182,9 @@ class Epoxi:
         self.records.subscribe(self.pools.observe)
         self.records.subscribe(self.automation.observe)
         self.records.subscribe(self.warmup.observe)  # after the pools: it reads their health
+        self.sinks = build_sinks(settings, placement.index)  # broker sinks: docs/events.md
+        for sink in self.sinks:
+            self.records.subscribe(sink.feed)
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -231,6 +236,8 @@ class Epoxi:
             adopt_orphans(self.settings.data_dir, workers=1)
         self.spool.open()
         await self.records.start()
+        for sink in self.sinks:
+            await sink.start()
         await self.status.start()
         await self.webhooks.start()
         await self.automation.store.start()
@@ -284,7 +291,8 @@ class Epoxi:
     def _api_context(self, keys: KeyStore) -> ApiContext:
         metrics = Metrics(
             [self.scheduler.gauges, self.dispatcher.gauges, self._node_gauges, self.warmup.gauges]
-            + ([self.ingest.feedback.gauges] if self.ingest.feedback is not None else [])
+            + ([self.ingest.feedback.gauges] if self.ingest.feedback is not None else []),
+            [SinkMetrics(self.sinks)] if self.sinks else [],
         )
         self.records.subscribe(metrics.feed)
         return ApiContext(
@@ -382,6 +390,8 @@ class Epoxi:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.records.stop()
+        for sink in self.sinks:
+            await sink.stop()  # publishes what it can in a moment; the rest waits on disk
         await self.warmup.stop()
         await self.status.stop()
         await self.automation.store.stop()
@@ -459,6 +469,7 @@ _RESTART_ONLY = (
     "delivery.mta_sts_port",
     "delivery.dane",
     "workers",
+    "events.sinks",
 )
 
 

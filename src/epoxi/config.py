@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -533,6 +534,75 @@ class DkimSettings(_Model):
         return self
 
 
+SINK_SCHEMES = {
+    "rabbitmq": ("amqp", "amqps"),
+    "nats": ("nats", "tls"),
+    "redis": ("redis", "rediss", "unix"),
+}
+_SINK_KEYS = {  # the keys that speak to one kind of broker only
+    "rabbitmq": {"exchange", "routing_key"},
+    "nats": {"subject"},
+    "redis": {"maxlen"},
+}
+
+
+class SinkSettings(_Model):
+    """One broker sink (``[[events.sinks]]``): the node's events, as JSON, to RabbitMQ, NATS
+    JetStream or a Redis stream, through a bounded durable backlog (docs/events.md)."""
+
+    name: str = Field(pattern=_NAME)  # in the backlog's file name and the metrics' label
+    kind: Literal["rabbitmq", "nats", "redis"]
+    url: str = Field(repr=False)  # may carry a password: never logged (see ``shown_url``)
+    exchange: str = "epoxi.events"  # rabbitmq: a durable topic exchange, declared at connect
+    routing_key: str = "{type}"  # rabbitmq: {type} is the event type (delivery, bounce ...)
+    subject: str = "epoxi.events.{type}"  # nats
+    stream: str = ""  # nats: the JetStream stream (EPOXI_EVENTS); redis: the key (epoxi:events)
+    maxlen: int = Field(1_000_000, ge=1)  # redis: XADD MAXLEN ~ this
+    types: tuple[str, ...] = ()  # event types sent (snake case); empty: all
+    tenants: tuple[str, ...] = ()  # tenants whose events are sent; empty: all
+    backlog: int = Field(100_000, ge=1)  # events kept while the broker is away; oldest dropped
+    batch: int = Field(500, ge=1, le=10_000)  # events per publish round trip
+    timeout: Duration = 5.0  # connect, and each batch's acknowledgements
+    retry_max: Duration = 30.0  # reconnect backoff grows up to this
+
+    @field_validator("types", "tenants", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SinkSettings:
+        scheme = self.url.partition("://")[0].lower()
+        if "://" not in self.url or scheme not in SINK_SCHEMES[self.kind]:
+            allowed = ", ".join(f"{s}://" for s in SINK_SCHEMES[self.kind])
+            raise ValueError(f"a {self.kind} sink's url starts with {allowed}")
+        for kind, keys in _SINK_KEYS.items():
+            if kind != self.kind and keys & self.model_fields_set:
+                wrong = ", ".join(sorted(keys & self.model_fields_set))
+                raise ValueError(f"{wrong}: not a setting of a {self.kind} sink")
+        return self
+
+    @property
+    def shown_url(self) -> str:
+        """The url as logs and errors show it: without its password."""
+        return hidden_url(self.url)
+
+
+class EventsSettings(_Model):
+    """Where the node's events go besides the record log."""
+
+    sinks: tuple[SinkSettings, ...] = ()
+
+    @field_validator("sinks")
+    @classmethod
+    def _unique_names(cls, value: tuple[SinkSettings, ...]) -> tuple[SinkSettings, ...]:
+        names = [sink.name for sink in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"two sinks are named {', '.join(twice)}")
+        return value
+
+
 class ApiSettings(_Model):
     """The HTTP API (it listens on ``http_listen``)."""
 
@@ -574,6 +644,7 @@ class Settings(_Model):
     delivery: DeliverySettings = DeliverySettings()
     dkim: DkimSettings = DkimSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    events: EventsSettings = EventsSettings()
     # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
     # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The
     # [delivery] shaping tables apply after all of them, as one last file.
@@ -736,8 +807,18 @@ def _is_secret(key: str) -> bool:
 
 
 def _hidden(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value:
+        return hidden_url(value)
     if isinstance(value, dict):
         return {k: "<hidden>" if _is_secret(str(k)) else _hidden(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_hidden(item) for item in value]
     return value
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/]*@")
+
+
+def hidden_url(url: str) -> str:
+    """``url`` with the password of its user info (``user:password@``) hidden."""
+    return _URL_PASSWORD.sub(r"\1:<hidden>@", url)

@@ -9,6 +9,7 @@
      |    +-- ComposeError      a send request cannot become a message (epoxi.compose)
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
+     +-- BrokerUnavailable      a broker sink's broker cannot take events now (they wait)
      +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
      +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
@@ -121,3 +122,8 @@ class TlsFailed(ConnectionFailed):
 
 class ProtocolError(DeliveryError):
     """The remote server sent something that is not SMTP, or closed unexpectedly."""
+
+
+class BrokerUnavailable(EpoxiError):
+    """A broker sink cannot reach its broker, or the broker did not acknowledge a batch: the
+    events stay in the sink's backlog for the next try."""

@@ -23,7 +23,8 @@ Gauges = Callable[[], Mapping[str, tuple[str, float]]]  # name -> (description, 
 
 
 class Metrics:
-    def __init__(self, gauges: Sequence[Gauges]) -> None:
+    def __init__(self, gauges: Sequence[Gauges], collectors: Sequence[Collector] = ()) -> None:
+        """``collectors``: metrics with labels of their own (the broker sinks')."""
         self.registry = CollectorRegistry(auto_describe=True)
         records = Counter(
             "epoxi_records",
@@ -39,6 +40,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Gauges(tuple(gauges)))
+        for collector in collectors:
+            self.registry.register(collector)
 
     def feed(self, record: Record) -> None:
         self._by_type[record.type].inc()

@@ -140,11 +140,13 @@ def config_check(config: ConfigOption = None) -> None:
 
     DKIM key files and shaping files are read too."""
     from epoxi.app import dkim_signer, shaping_files
+    from epoxi.sinks.sink import check_sinks
 
     settings = load(config)
     try:
         dkim_signer(settings.dkim)
         shaping_files(settings)
+        check_sinks(settings)
     except ConfigError as exc:
         echo(f"epoxi: {exc}", err=True)
         raise typer.Exit(2) from exc

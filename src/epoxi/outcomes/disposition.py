@@ -235,6 +235,8 @@ class Disposition:
                     recipient=recipient,
                     size=meta.size,
                     reason=reason,
+                    tenant=meta.tenant,
+                    campaign=meta.campaign,
                 )
             )
 
@@ -252,6 +254,8 @@ class Disposition:
                 recipients=job.recipients,
                 attempt=job.attempts,
                 reason=reason,
+                tenant=meta.tenant,
+                campaign=meta.campaign,
             )
         )
 
@@ -391,6 +395,8 @@ class Disposition:
                 reason=reason,
                 next_attempt=next_attempt,
                 tls=tls,
+                tenant=meta.tenant,  # so a sink or webhook can pick a tenant's events
+                campaign=meta.campaign,
             )
         )
 
