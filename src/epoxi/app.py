@@ -52,6 +52,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
+from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARMUP_SYNC = 1.0  # seconds between writes of the warm-up counts to the store
+SUPPRESSION_POLL = 1.0  # seconds between looks for other workers' suppression list changes
 
 
 class Epoxi:
@@ -96,6 +98,7 @@ class Epoxi:
             store=WarmupStore(store_path(settings.data_dir), placement.index),
         )
         self.scheduler = Scheduler(release=self._release, suspensions=self.suspensions)
+        self.suppressions = Suppressions(SuppressionStore(store_path(settings.data_dir)))
         self.ingest = Ingest(
             spool=self.spool,
             records=self.records,
@@ -104,6 +107,7 @@ class Epoxi:
             signer=dkim_signer(settings.dkim),
             sign_threads=settings.dkim.threads,
             known_pool=self.pools.known,
+            suppressions=self.suppressions.list,
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
@@ -161,6 +165,7 @@ class Epoxi:
         self.records.subscribe(self.pools.observe)
         self.records.subscribe(self.automation.observe)
         self.records.subscribe(self.warmup.observe)  # after the pools: it reads their health
+        self.records.subscribe(self.suppressions.observe)
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -199,11 +204,13 @@ class Epoxi:
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
         await self.warmup.start()  # today's counts, before any job is let through
+        await self.suppressions.start()  # the lists, before any mail comes in
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
             loop.create_task(self.automation.run()),
             loop.create_task(self._every(WARMUP_SYNC, self.warmup.sync)),
+            loop.create_task(self._every(SUPPRESSION_POLL, self.suppressions.refresh)),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
@@ -258,6 +265,7 @@ class Epoxi:
             admin=self.admin,
             readiness=self.readiness,
             metrics_text=metrics.text,
+            suppressions=self.suppressions,
         )
 
     def _node_gauges(self) -> dict[str, tuple[str, float]]:
@@ -294,6 +302,7 @@ class Epoxi:
         api = self.settings.api
         await self.status.purge(api.idempotency_ttl, api.history_ttl)
         await self.automation.store.purge(time.time() - 86400)
+        await self.suppressions.store.purge(time.time() - CHANGES_KEPT)
 
     async def _watch_shaping(self) -> None:
         """A shaping file changed on disk: apply it now, or keep the running one if it is
@@ -345,6 +354,7 @@ class Epoxi:
         await self.warmup.stop()
         await self.status.stop()
         await self.automation.store.stop()
+        await self.suppressions.stop()
         await self.spool.close()
         self.ingest.close()
         if self.link is not None:

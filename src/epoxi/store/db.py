@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -95,6 +95,28 @@ _STEPS: dict[int, list[str]] = {
             reason TEXT NOT NULL,
             paused_at REAL NOT NULL
         )""",
+    ],
+    3: [  # suppression lists (store/suppressions.py): per tenant, "*" the operator's global one
+        """CREATE TABLE suppressions (
+            tenant TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, address)
+        ) WITHOUT ROWID""",
+        # each add and removal, so a worker applies what changed to its copy (purged after
+        # an hour: a worker further behind reads the whole list again); reason '' = removed
+        """CREATE TABLE suppression_changes (
+            version INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        # grows with every change, never down (a purge included)
+        "CREATE TABLE suppression_version (version INTEGER NOT NULL)",
+        "INSERT INTO suppression_version VALUES (0)",
     ],
 }
 
