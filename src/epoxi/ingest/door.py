@@ -71,7 +71,7 @@ class Ingest:
         self.hooks = list(hooks)
         self.max_hops = max_hops
         self.known_pool = known_pool
-        self.suppressions = suppressions or SuppressionList()
+        self.suppressions = SuppressionList() if suppressions is None else suppressions
         self.arrived: set[str] | None = None  # ids spooled while the start-up load runs
 
     def unhealthy_reason(self) -> str | None:

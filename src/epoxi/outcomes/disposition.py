@@ -391,6 +391,8 @@ class Disposition:
                 reason=reason,
                 next_attempt=next_attempt,
                 tls=tls,
+                tenant=meta.tenant,  # whose list a hard bounce adds the address to
+                campaign=meta.campaign,
             )
         )
 
