@@ -20,6 +20,7 @@ from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import pool_app, queue_app, send, status
 from epoxi.cli.shaping import shaping_app
 from epoxi.cli.show import echo
+from epoxi.cli.suppressions import suppressions_app
 from epoxi.config import load_settings, parse_workers
 from epoxi.errors import ConfigError, EpoxiError
 
@@ -44,6 +45,7 @@ app.add_typer(queue_app, name="queue")
 app.add_typer(pool_app, name="pool")
 app.add_typer(shaping_app, name="shaping")
 app.add_typer(dkim_app, name="dkim")
+app.add_typer(suppressions_app, name="suppressions")
 app.command()(send)
 app.command()(status)
 
