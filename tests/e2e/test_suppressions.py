@@ -49,6 +49,11 @@ async def test_a_hard_bounce_then_a_second_send_is_suppressed(api: Api) -> None:
     # POST /messages makes a message per recipient: that one was not spooled at all
     kinds = [r.type for r in world.records if r.message_id == suppressed["id"]]
     assert kinds == [RecordType.SUPPRESSION]
+    status = (await client.get(f"/messages/{suppressed['id']}")).json()
+    assert status["state"] == "suppressed" and status["tenant"] == "shop"
+    assert [(r["recipient"], r["state"]) for r in status["recipients"]] == [
+        ("Reject@a.test", "suppressed")
+    ]
 
     # another tenant's mail to the same address goes out (as an attempt: the sink says 550)
     other = await client.post(
@@ -69,6 +74,29 @@ async def test_smtp_mail_to_a_suppressed_address_is_answered_but_not_sent(api: A
         "manual",
     )
     assert not [r for r in world.records if r.type is RecordType.RECEPTION]
+
+
+async def test_a_message_partly_suppressed_shows_it_in_its_status(api: Api) -> None:
+    world, client = await api()
+    await client.post("/suppressions", json={"address": "gone@a.test", "tenant": "shop"})
+    sent = await client.post(
+        "/messages/raw",
+        json={
+            "from": "s@sender.test",
+            "to": ["gone@a.test", "x@a.test"],
+            "content": "Subject: hi\r\n\r\nHi.\r\n",
+            "tenant": "shop",
+        },
+    )
+    answer = sent.json()
+    assert answer["count"] == 1 and answer["messages"][0]["recipient"] == "x@a.test"
+    assert answer["suppressed"] == [
+        {"id": answer["messages"][0]["id"], "recipient": "gone@a.test", "reason": "manual"}
+    ]
+    await world.wait_records(RecordType.DELIVERY, 1)
+    status = (await client.get(f"/messages/{answer['messages'][0]['id']}")).json()
+    states = {r["recipient"]: r["state"] for r in status["recipients"]}
+    assert states == {"gone@a.test": "suppressed", "x@a.test": "delivered"}
 
 
 async def test_add_remove_import_export_round_trip(api: Api) -> None:

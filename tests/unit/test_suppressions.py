@@ -201,10 +201,13 @@ async def test_ingest_takes_suppressed_recipients_off_with_a_record() -> None:
     meta = _meta("a@a.test", "B@a.test")
     await ingest.accept(meta, b"Subject: s\r\n\r\nhi\r\n", trusted=False)
     assert meta.recipients == ["a@a.test"] and meta.id in spool.messages
-    kinds = [(r.type, r.recipient, r.reason) for r in records.records]
-    assert kinds[0] == (RecordType.SUPPRESSION, "B@a.test", "bounce")
-    assert records.records[1].type is RecordType.RECEPTION
-    assert records.records[1].recipients == ["a@a.test"]
+    reception, suppression = records.records  # the message exists first, for the status
+    assert reception.type is RecordType.RECEPTION and reception.recipients == ["a@a.test"]
+    assert (suppression.type, suppression.recipient, suppression.reason) == (
+        RecordType.SUPPRESSION,
+        "B@a.test",
+        "bounce",
+    )
     assert [job.recipients for job in jobs] == [["a@a.test"]]
 
 
@@ -219,10 +222,10 @@ async def test_a_message_with_every_recipient_suppressed_is_not_spooled() -> Non
     suppressed = await ingest.inject_many([(http, b"\r\nhi\r\n"), (kept, b"\r\nhi\r\n")])
     assert [(r.message_id, r.recipient) for r in suppressed] == [(http.id, "b@a.test")]
     assert list(spool.messages) == [kept.id] and len(jobs) == 1
-    assert [r.type for r in records.records] == [
-        RecordType.SUPPRESSION,
-        RecordType.SUPPRESSION,
-        RecordType.RECEPTION,
+    assert [(r.type, r.message_id) for r in records.records] == [
+        (RecordType.SUPPRESSION, smtp.id),
+        (RecordType.RECEPTION, kept.id),
+        (RecordType.SUPPRESSION, http.id),
     ]
 
 

@@ -82,7 +82,9 @@ class Ingest:
         if self.hooks:
             body = await self._run_hooks(meta, body)
         body = self._prepare(meta, body, trusted=trusted)
-        if self._suppress(meta) and not meta.recipients:
+        suppressed = self._suppress(meta)
+        if suppressed and not meta.recipients:
+            self._emit(suppressed)
             return  # every recipient suppressed: nothing to send, nothing to spool
         if self.signer is not None:
             body = await self._sign(meta, body)
@@ -90,6 +92,7 @@ class Ingest:
             self.arrived.add(meta.id)
         await self.spool.store(meta, body)
         self._spooled(meta, body)
+        self._emit(suppressed)  # after the Reception: the message exists for the status
 
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
         """A message Epoxi made itself (a DSN): signed if its domain has keys, spooled and
@@ -120,20 +123,23 @@ class Ingest:
             await self.spool.store_many(prepared)
         for meta, body in prepared:
             self._spooled(meta, body)
+        self._emit(suppressed)
         return suppressed
 
     def _suppress(self, meta: MessageMeta) -> list[Record]:
-        """Take the suppressed recipients off the message, each with a Suppression record."""
+        """Take the suppressed recipients off the message; returns a Suppression record for
+        each, to emit once the message is spooled (or at once if none is left)."""
         found = self.suppressions.find(meta.tenant, meta.recipients)
         if not found:
             return []  # the common case, and at once while every list is empty
         taken = {address for address, _ in found}
         meta.recipients = [r for r in meta.recipients if r not in taken]
-        records = [self._suppressed(meta, address, reason) for address, reason in found]
+        log.info("%s: %d recipients suppressed", meta.id, len(found))
+        return [self._suppressed(meta, address, reason) for address, reason in found]
+
+    def _emit(self, records: list[Record]) -> None:
         for record in records:
             self.records.emit(record)
-        log.info("%s: %d recipients suppressed", meta.id, len(records))
-        return records
 
     @staticmethod
     def _suppressed(meta: MessageMeta, address: str, reason: str) -> Record:
@@ -146,6 +152,7 @@ class Ingest:
             tenant=meta.tenant,
             campaign=meta.campaign,
             origin=meta.origin,
+            size=meta.size,
         )
 
     async def _run_hooks(self, meta: MessageMeta, body: bytes) -> bytes:
