@@ -9,6 +9,8 @@ import io
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
+from epoxi.store.suppressions import Reason, Suppression, SuppressionStore
+from tests.conftest import eventually
 from tests.e2e.conftest import Api, message_request, send
 
 
@@ -200,3 +202,19 @@ async def test_the_global_list_stops_every_tenants_mail(api: Api) -> None:
         assert answer.json()["count"] == 0
         assert answer.json()["suppressed"][0]["recipient"] == "all@a.test"
     assert len([r for r in world.records if r.type is RecordType.SUPPRESSION]) == 2
+
+
+async def test_another_workers_change_holds_here_within_a_second(api: Api) -> None:
+    """Workers share the store: one's add (here a second store on the same file) reaches
+    this node's copy by its poll, and its mail to the address stops."""
+    world, client = await api()
+    other = SuppressionStore(store_path(world.app.settings.data_dir))
+    await other.start()
+    try:
+        await other.add([Suppression(tenant="", address="late@a.test", reason=Reason.COMPLAINT)])
+    finally:
+        await other.stop()
+    copy = world.app.suppressions.list
+    await eventually(lambda: bool(copy.find("", ["late@a.test"])), what="the poll")
+    answer = await client.post("/messages", json=message_request(to=["late@a.test"]))
+    assert answer.json()["suppressed"][0]["reason"] == "complaint"
