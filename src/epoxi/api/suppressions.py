@@ -51,7 +51,7 @@ Tenant = Annotated[
 @get(
     "/",
     opt={"scope": Scope.READ},
-    responses=problem_responses(400, 401, 403),
+    responses=problem_responses(400, 401, 403, 422),
     summary="A page of a suppression list (without a tenant, a key for any tenant: every list)",
 )
 async def list_suppressions(
@@ -97,7 +97,7 @@ async def add_suppressions(
     "/{address:str}",
     opt={"scope": Scope.SEND},
     status_code=200,
-    responses=problem_responses(401, 403, 404),
+    responses=problem_responses(400, 401, 403, 404, 422),
     summary="Take an address off a suppression list: mail to it is sent again",
 )
 async def remove_suppression(
@@ -140,7 +140,7 @@ async def import_suppressions(
     "/export",
     opt={"scope": Scope.READ},
     media_type="text/csv",
-    responses=problem_responses(401, 403),
+    responses=problem_responses(400, 401, 403, 422),
     summary="A suppression list as CSV (tenant,address,reason,detail,created_at)",
 )
 async def export_suppressions(request: Request[Any, Any, Any], tenant: Tenant = None) -> Stream:

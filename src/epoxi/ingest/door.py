@@ -134,7 +134,7 @@ class Ingest:
             return []  # the common case, and at once while every list is empty
         taken = {address for address, _ in found}
         meta.recipients = [r for r in meta.recipients if r not in taken]
-        log.info("%s: %d recipients suppressed", meta.id, len(found))
+        log.debug("%s: %d recipients suppressed", meta.id, len(found))
         return [self._suppressed(meta, address, reason) for address, reason in found]
 
     def _emit(self, records: list[Record]) -> None:
