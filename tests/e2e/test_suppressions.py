@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 
-from epoxi.events.records import RecordType
+from epoxi.events.records import Record, RecordType, Response
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
 from epoxi.store.suppressions import Reason, Suppression, SuppressionStore
@@ -218,3 +218,29 @@ async def test_another_workers_change_holds_here_within_a_second(api: Api) -> No
     await eventually(lambda: bool(copy.find("", ["late@a.test"])), what="the poll")
     answer = await client.post("/messages", json=message_request(to=["late@a.test"]))
     assert answer.json()["suppressed"][0]["reason"] == "complaint"
+
+
+async def test_a_complaint_and_an_out_of_band_hard_bounce_list_the_address(api: Api) -> None:
+    """The Feedback and OOB records inbound parsing emits add to the sender tenant's list."""
+    world, client = await api()
+    world.app.records.emit(
+        Record(type=RecordType.FEEDBACK, message_id="m1", recipient="c@a.test", tenant="shop")
+    )
+    world.app.records.emit(
+        Record(
+            type=RecordType.OOB,
+            message_id="m2",
+            recipient="o@a.test",
+            tenant="shop",
+            classification="InvalidRecipient",
+            response=Response(550, "5.1.1", "no such user"),
+        )
+    )
+    await world.app.suppressions.settle()
+    listed = (await client.get("/suppressions", params={"tenant": "shop"})).json()
+    reasons = {e["address"]: e["reason"] for e in listed["suppressions"]}
+    assert reasons == {"c@a.test": "complaint", "o@a.test": "bounce"}
+    answer = await client.post(
+        "/messages", json={**message_request(to=["c@a.test", "o@a.test"]), "tenant": "shop"}
+    )
+    assert answer.json()["count"] == 0 and len(answer.json()["suppressed"]) == 2
