@@ -15,6 +15,7 @@ from msgspec import Meta
 from epoxi.message import LABEL_PATTERN, MessageMeta
 from epoxi.queue.suspensions import SuspendKind
 from epoxi.shaping.automation import Automated
+from epoxi.store.suppressions import Reason, Suppression
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
 Short = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]  # no controls
@@ -106,10 +107,55 @@ class Queued(msgspec.Struct):
     recipient: str
 
 
+class Suppressed(msgspec.Struct):
+    """A recipient not sent to: it is on the tenant's suppression list (or the global one)."""
+
+    id: str  # the message it was taken off (not spooled if it had no other recipient)
+    recipient: str
+    reason: str  # why it is on the list: bounce, complaint, unsubscribe, manual
+
+
 class SendResponse(msgspec.Struct, kw_only=True):
-    count: int
+    count: int  # messages queued (recipients of POST /messages/raw)
     messages: list[Queued]
     idempotency_reused: bool = False
+    suppressed: list[Suppressed] = msgspec.field(default_factory=list)
+
+
+# --------------------------------------------------------------------- suppression lists
+
+ListName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(?:\*|[A-Za-z0-9][A-Za-z0-9._+-]{0,99})$",
+        description="a tenant, or * for the operator's global list (an admin key's only)",
+        examples=["acme"],
+    ),
+]
+
+
+class SuppressionIn(Strict):
+    address: Address
+    tenant: ListName | None = None  # a tenant-bound key's own tenant when not given
+    reason: Reason = Reason.MANUAL
+    detail: Short = ""
+
+
+class SuppressionPage(msgspec.Struct, kw_only=True):
+    suppressions: list[Suppression]
+    next: str | None = None  # pass as ``after`` for the next page; None: this was the last
+
+
+class SuppressionsAdded(msgspec.Struct, kw_only=True):
+    added: int  # new on their list
+    already: int  # listed before (each keeps its first reason and time)
+    suppressions: list[Suppression]  # those added
+
+
+class SuppressionRemoved(msgspec.Struct, kw_only=True):
+    tenant: str
+    address: str
+    removed: bool
 
 
 class SuspendRequest(Strict):

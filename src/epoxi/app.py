@@ -57,6 +57,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
+from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
 from epoxi.store.webhooks import WebhookStore
 from epoxi.webhooks.outbox import Webhooks
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARMUP_SYNC = 1.0  # seconds between writes of the warm-up counts to the store
+SUPPRESSION_POLL = 1.0  # seconds between looks for other workers' suppression list changes
 
 
 class Epoxi:
@@ -109,6 +111,7 @@ class Epoxi:
             if settings.bounce_domain
             else None
         )
+        self.suppressions = Suppressions(SuppressionStore(store_path(settings.data_dir)))
         self.ingest = Ingest(
             feedback=self._feedback_mailbox(classifier),
             spool=self.spool,
@@ -118,6 +121,7 @@ class Epoxi:
             signer=dkim_signer(settings.dkim),
             sign_threads=settings.dkim.threads,
             known_pool=self.pools.known,
+            suppressions=self.suppressions.list,
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
@@ -185,6 +189,7 @@ class Epoxi:
         self.sinks = build_sinks(settings, placement.index)  # broker sinks: docs/events.md
         for sink in self.sinks:
             self.records.subscribe(sink.feed)
+        self.records.subscribe(self.suppressions.observe)
         self.peers = Peers(placement.peer_sockets())  # for the API's answers over all workers
         self.keys: KeyStore | None = None  # opened at start, once the data dir exists
         self.http: HttpServer | None = None
@@ -243,11 +248,13 @@ class Epoxi:
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
         await self.warmup.start()  # today's counts, before any job is let through
+        await self.suppressions.start()  # the lists, before any mail comes in
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run()),
             loop.create_task(self.automation.run()),
             loop.create_task(self._every(WARMUP_SYNC, self.warmup.sync)),
+            loop.create_task(self._every(SUPPRESSION_POLL, self.suppressions.refresh)),
             loop.create_task(
                 self._every(self.settings.delivery.expiry_sweep_interval, self._sweep_expired)
             ),
@@ -305,6 +312,7 @@ class Epoxi:
             webhooks=self.webhooks,
             readiness=self.readiness,
             metrics_text=metrics.text,
+            suppressions=self.suppressions,
         )
 
     def _node_gauges(self) -> dict[str, tuple[str, float]]:
@@ -341,6 +349,7 @@ class Epoxi:
         api = self.settings.api
         await self.status.purge(api.idempotency_ttl, api.history_ttl)
         await self.automation.store.purge(time.time() - 86400)
+        await self.suppressions.store.purge(time.time() - CHANGES_KEPT)
 
     async def _watch_shaping(self) -> None:
         """A shaping file changed on disk: apply it now, or keep the running one if it is
@@ -395,6 +404,7 @@ class Epoxi:
         await self.warmup.stop()
         await self.status.stop()
         await self.automation.store.stop()
+        await self.suppressions.stop()
         await self.spool.close()
         self.ingest.close()
         if self.link is not None:

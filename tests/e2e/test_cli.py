@@ -186,6 +186,31 @@ async def test_keys_create_list_use_and_revoke(cli: Cli) -> None:
     assert code == 1 and "revoked" in err
 
 
+async def test_suppressions_add_ls_rm_import_export(cli: Cli, tmp_path: Path) -> None:
+    await cli.run("suppressions", "add", "A@a.test", "b@a.test", "--tenant", "shop")
+    listed = await cli.json("suppressions", "ls", "--tenant", "shop")
+    assert [(e["address"], e["reason"]) for e in listed] == [
+        ("a@a.test", "manual"),
+        ("b@a.test", "manual"),
+    ]
+    _, out, _ = await cli.run("suppressions", "rm", "b@a.test", "--tenant", "shop")
+    assert "removed b@a.test" in out
+    code, _, err = await cli.run("suppressions", "rm", "b@a.test", "--tenant", "shop", ok=False)
+    assert code == 1 and "not on the suppression list" in err
+    source = tmp_path / "in.csv"
+    source.write_text("".join(f"u{i}@a.test,complaint\n" for i in range(12000)))
+    imported = await cli.json("suppressions", "import", str(source), "--tenant", "shop")
+    assert (imported["added"], imported["already"]) == (12000, 0)
+    exported = tmp_path / "out.csv"
+    await cli.run("suppressions", "export", str(exported), "--tenant", "shop")
+    lines = exported.read_text().splitlines()
+    assert lines[0] == "tenant,address,reason,detail,created_at" and len(lines) == 12002
+    again = await cli.json("suppressions", "import", str(exported), "--tenant", "copy")
+    assert again["added"] == 12001
+    _, out, _ = await cli.run("suppressions", "export", "--tenant", "copy")
+    assert "shop" not in out and out.count("\n") == 12002
+
+
 async def test_unreachable_server_says_what_to_do(cli: Cli) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -216,6 +241,11 @@ async def test_unreachable_server_says_what_to_do(cli: Cli) -> None:
         ["queue", "bounce"],
         ["queue", "retry"],
         ["queue", "message"],
+        ["suppressions", "ls"],
+        ["suppressions", "add"],
+        ["suppressions", "rm"],
+        ["suppressions", "import"],
+        ["suppressions", "export"],
     ],
 )
 async def test_every_command_explains_itself(command: list[str]) -> None:

@@ -11,12 +11,15 @@ from litestar.connection import ASGIConnection
 from epoxi.admin import Admin
 from epoxi.api.peers import Peers
 from epoxi.config import Settings
+from epoxi.events.records import Record
 from epoxi.message import MessageMeta
 from epoxi.store.keys import KeyStore
 from epoxi.store.status import StatusStore
+from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
 
-InjectMany = Callable[[list[tuple[MessageMeta, bytes]]], Awaitable[None]]
+# returns the Suppression records of the recipients taken off (suppressed)
+InjectMany = Callable[[list[tuple[MessageMeta, bytes]]], Awaitable[list[Record]]]
 
 
 @dataclass
@@ -28,6 +31,7 @@ class ApiContext:
     admin: Admin
     readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
     metrics_text: Callable[[], bytes]
+    suppressions: Suppressions
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)

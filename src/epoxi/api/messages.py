@@ -24,9 +24,17 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 from epoxi.api.auth import api_key
 from epoxi.api.context import ApiContext, context
 from epoxi.api.problems import problem_responses
-from epoxi.api_types import CancelResponse, Queued, RawRequest, SendRequest, SendResponse
+from epoxi.api_types import (
+    CancelResponse,
+    Queued,
+    RawRequest,
+    SendRequest,
+    SendResponse,
+    Suppressed,
+)
 from epoxi.compose import Attachment, Composer, Draft, Rendered
 from epoxi.errors import InvalidField
+from epoxi.events.records import Record
 from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.smtp.parser import CommandError, parse_mailbox
@@ -65,8 +73,8 @@ async def send(
         base["metadata"] = _metadata(data.metadata, data.tags) or None
         base["pool"] = _pool(data.ip_pool, ctx)
         base["priority"] = data.priority
-        queued = await _spool(ctx, composer.envelope_sender, rendered, base)
-        return SendResponse(count=len(queued), messages=queued)
+        queued, suppressed = await _spool(ctx, composer.envelope_sender, rendered, base)
+        return SendResponse(count=len(queued), messages=queued, suppressed=suppressed)
 
     return await _once(request, data, data.tenant, idempotency_key, queue)
 
@@ -100,9 +108,11 @@ async def send_raw(
             pool=_pool(data.ip_pool, ctx),
             priority=data.priority,
         )
-        await ctx.inject_many([(meta, body)])
+        suppressed = await ctx.inject_many([(meta, body)])
         return SendResponse(
-            count=len(recipients), messages=[Queued(meta.id, r) for r in recipients]
+            count=len(meta.recipients),
+            messages=[Queued(meta.id, r) for r in meta.recipients],
+            suppressed=_suppressed(suppressed),
         )
 
     return await _once(request, data, data.tenant, idempotency_key, queue)
@@ -281,9 +291,11 @@ async def _render_all(composer: Composer) -> list[Rendered]:
 
 async def _spool(
     ctx: ApiContext, sender: str, rendered: list[Rendered], base: dict[str, Any]
-) -> list[Queued]:
-    """Commit the messages to the spool in groups; returns once all are durable."""
+) -> tuple[list[Queued], list[Suppressed]]:
+    """Commit the messages to the spool in groups; returns once all are durable, with the
+    recipients that were suppressed (their messages are not spooled)."""
     queued: list[Queued] = []
+    suppressed: list[Suppressed] = []
     batch = ctx.settings.api.spool_batch
     for start in range(0, len(rendered), batch):
         items = []
@@ -298,9 +310,13 @@ async def _spool(
                 **base,
             )
             items.append((meta, message.body))
-        await ctx.inject_many(items)
-        queued += [Queued(meta.id, meta.recipients[0]) for meta, _ in items]
-    return queued
+        suppressed += _suppressed(await ctx.inject_many(items))
+        queued += [Queued(meta.id, meta.recipients[0]) for meta, _ in items if meta.recipients]
+    return queued, suppressed
+
+
+def _suppressed(records: list[Record]) -> list[Suppressed]:
+    return [Suppressed(r.message_id, r.recipient, r.reason) for r in records]
 
 
 def _meta_fields(

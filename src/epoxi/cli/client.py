@@ -64,9 +64,12 @@ class ApiClient:
         json: Any = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        content: bytes | None = None,
     ) -> Any:
         try:
-            reply = self._http.request(method, path, json=json, params=params, headers=headers)
+            reply = self._http.request(
+                method, path, json=json, params=params, headers=headers, content=content
+            )
         except httpx.HTTPError as exc:
             raise ApiCallError(
                 f"cannot reach Epoxi at {self.url} ({exc}); is `epoxi serve` running? "

@@ -8,10 +8,13 @@ SMTP (``accept``), the HTTP API (``inject_many``) and the DSNs Epoxi writes itse
 2. control headers: ``X-Epoxi-*`` are removed, and honoured only from trusted clients; a pool
    they (or the API) name must be configured;
 3. the loop check: more ``Received:`` headers than ``max_hops`` refuses it (``554 5.4.6``);
-4. DKIM signing, off the event loop, when keys are configured: what is spooled is what is sent;
-5. the spool commit (group fsync): only then is the client told yes;
-6. the Reception record;
-7. scheduling: one job per recipient domain, into the scheduled queues.
+4. suppression: a recipient on its tenant's suppression list (or the global one) is taken off
+   the message, with a Suppression record; a message left with none is not spooled at all
+   (the client still gets its yes: the records, and the API's answer, say what happened);
+5. DKIM signing, off the event loop, when keys are configured: what is spooled is what is sent;
+6. the spool commit (group fsync): only then is the client told yes;
+7. the Reception record;
+8. scheduling: one job per recipient domain, into the scheduled queues.
 
 Before all of them, SMTP recipients in the bounce domain or at an FBL address go to the
 feedback mailbox (``ingest/feedback.py``): read into OOB and Feedback records, quarantined,
@@ -36,6 +39,7 @@ from epoxi.message import MessageMeta
 from epoxi.outcomes.synthetic import Synthetic
 from epoxi.queue.model import Job, Message, queue_name, split_by_domain
 from epoxi.spool.port import SpoolPort
+from epoxi.store.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class Ingest:
         sign_threads: int = 2,
         known_pool: Callable[[str], bool] = lambda pool: True,
         feedback: FeedbackMailbox | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.spool = spool
         self.feedback = feedback  # bounce domain and FBL addresses: read, never queued
@@ -73,6 +78,7 @@ class Ingest:
         self.hooks = list(hooks)
         self.max_hops = max_hops
         self.known_pool = known_pool
+        self.suppressions = SuppressionList() if suppressions is None else suppressions
         self.arrived: set[str] | None = None  # ids spooled while the start-up load runs
 
     def unhealthy_reason(self) -> str | None:
@@ -87,12 +93,17 @@ class Ingest:
         if self.hooks:
             body = await self._run_hooks(meta, body)
         body = self._prepare(meta, body, trusted=trusted)
+        suppressed = self._suppress(meta)
+        if suppressed and not meta.recipients:
+            self._emit(suppressed)
+            return  # every recipient suppressed: nothing to send, nothing to spool
         if self.signer is not None:
             body = await self._sign(meta, body)
         if self.arrived is not None:  # before the commit: the load reads rows in a thread
             self.arrived.add(meta.id)
         await self.spool.store(meta, body)
         self._spooled(meta, body)
+        self._emit(suppressed)  # after the Reception: the message exists for the status
 
     async def inject(self, meta: MessageMeta, body: bytes) -> None:
         """A message Epoxi made itself (a DSN): signed if its domain has keys, spooled and
@@ -104,19 +115,56 @@ class Ingest:
         await self.spool.store(meta, body)
         self._spooled(meta, body)
 
-    async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> None:
+    async def inject_many(self, items: list[tuple[MessageMeta, bytes]]) -> list[Record]:
         """Messages from the HTTP API (the envelope is the API's: control headers are only
-        removed): spooled in one transaction, all or none, then queued."""
+        removed): spooled in one transaction, all or none, then queued. Returns the
+        Suppression records of the recipients taken off (a message left with none is not
+        spooled)."""
         if self.hooks:
             items = [(meta, await self._run_hooks(meta, body)) for meta, body in items]
         prepared = [(meta, self._prepare(meta, body, trusted=False)) for meta, body in items]
+        suppressed = [record for meta, _ in prepared for record in self._suppress(meta)]
+        if suppressed:
+            prepared = [(meta, body) for meta, body in prepared if meta.recipients]
         if self.signer is not None:
             prepared = [(meta, await self._sign(meta, body)) for meta, body in prepared]
         if self.arrived is not None:
             self.arrived.update(meta.id for meta, _ in prepared)
-        await self.spool.store_many(prepared)
+        if prepared:
+            await self.spool.store_many(prepared)
         for meta, body in prepared:
             self._spooled(meta, body)
+        self._emit(suppressed)
+        return suppressed
+
+    def _suppress(self, meta: MessageMeta) -> list[Record]:
+        """Take the suppressed recipients off the message; returns a Suppression record for
+        each, to emit once the message is spooled (or at once if none is left)."""
+        found = self.suppressions.find(meta.tenant, meta.recipients)
+        if not found:
+            return []  # the common case, and at once while every list is empty
+        taken = {address for address, _ in found}
+        meta.recipients = [r for r in meta.recipients if r not in taken]
+        log.debug("%s: %d recipients suppressed", meta.id, len(found))
+        return [self._suppressed(meta, address, reason) for address, reason in found]
+
+    def _emit(self, records: list[Record]) -> None:
+        for record in records:
+            self.records.emit(record)
+
+    @staticmethod
+    def _suppressed(meta: MessageMeta, address: str, reason: str) -> Record:
+        return Record(
+            type=RecordType.SUPPRESSION,
+            message_id=meta.id,
+            sender=meta.sender,
+            recipient=address,
+            reason=reason,
+            tenant=meta.tenant,
+            campaign=meta.campaign,
+            origin=meta.origin,
+            size=meta.size,
+        )
 
     async def _run_hooks(self, meta: MessageMeta, body: bytes) -> bytes:
         for hook in self.hooks:

@@ -395,7 +395,7 @@ class Disposition:
                 reason=reason,
                 next_attempt=next_attempt,
                 tls=tls,
-                tenant=meta.tenant,  # so a sink or webhook can pick a tenant's events
+                tenant=meta.tenant,  # a sink's or webhook's tenant, a hard bounce's list
                 campaign=meta.campaign,
             )
         )

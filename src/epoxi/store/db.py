@@ -96,7 +96,28 @@ _STEPS: dict[int, list[str]] = {
             paused_at REAL NOT NULL
         )""",
     ],
-    3: [],  # suppression lists (issue 14)
+    3: [  # suppression lists (store/suppressions.py): per tenant, "*" the operator's global one
+        """CREATE TABLE suppressions (
+            tenant TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, address)
+        ) WITHOUT ROWID""",
+        # each add and removal, so a worker applies what changed to its copy (purged after
+        # an hour: a worker further behind reads the whole list again); reason '' = removed
+        """CREATE TABLE suppression_changes (
+            version INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        # grows with every change, never down (a purge included)
+        "CREATE TABLE suppression_version (version INTEGER NOT NULL)",
+        "INSERT INTO suppression_version VALUES (0)",
+    ],
     4: [  # event webhooks (store/webhooks.py): endpoints, and the events waiting to be sent
         """CREATE TABLE webhooks (
             id TEXT PRIMARY KEY,

@@ -216,12 +216,16 @@ def _apply(conn: sqlite3.Connection, batch: list[Record]) -> None:
     """One transaction, a statement per kind of row for the whole batch: receptions first
     (a message's Reception always comes before its outcomes), then the outcomes in order."""
     receptions = [r for r in batch if r.type is RecordType.RECEPTION]
+    suppressed = [r for r in batch if r.type is RecordType.SUPPRESSION]
     outcomes = [(s, r) for r in batch if (s := _OUTCOME_STATE.get(r.type)) is not None]
     conn.execute("BEGIN")
     try:
         if receptions:
             conn.executemany(_INSERT_MESSAGE, map(_message_row, receptions))
             conn.executemany(_INSERT_RECIPIENT, _recipient_rows(receptions))
+        if suppressed:  # a message left without recipients has no Reception: its row is here
+            conn.executemany(_INSERT_MESSAGE, map(_message_row, suppressed))
+            conn.executemany(_INSERT_RECIPIENT, map(_suppressed_row, suppressed))
         if outcomes:
             conn.executemany(_UPDATE_RECIPIENT, [_outcome_row(s, r) for s, r in outcomes])
             conn.executemany(_TOUCH_MESSAGE, [(r.timestamp, r.message_id) for _, r in outcomes])
@@ -256,6 +260,10 @@ def _recipient_rows(receptions: list[Record]) -> list[tuple[Any, ...]]:
             for r in record.recipients
         ]
     return rows
+
+
+def _suppressed_row(record: Record) -> tuple[Any, ...]:
+    return (record.message_id, record.recipient, State.SUPPRESSED.value, 0.0, record.timestamp)
 
 
 def _outcome_row(state: State, record: Record) -> tuple[Any, ...]:
