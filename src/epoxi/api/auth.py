@@ -76,6 +76,19 @@ def api_key(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiKey | None:
     return key
 
 
+def acting_tenant(
+    connection: ASGIConnection[Any, Any, Any, Any], asked: str | None, acts: str = "is for"
+) -> str:
+    """The tenant a request acts for: a tenant's key its own (naming another is a 403), any
+    other key the one ``asked``, or "" for none."""
+    key = api_key(connection)
+    if key is not None and key.tenant:
+        if asked and asked != key.tenant:
+            raise PermissionDeniedException(f"this API key {acts} tenant {key.tenant!r} only")
+        return key.tenant
+    return asked or ""
+
+
 def _bearer(header: str | None) -> str | None:
     if not header:
         return None

@@ -17,11 +17,10 @@ from litestar.exceptions import (
     ClientException,
     HTTPException,
     NotFoundException,
-    PermissionDeniedException,
 )
 from litestar.params import FromPath, HeaderParameter, JSONBody
 
-from epoxi.api.auth import api_key
+from epoxi.api.auth import acting_tenant, api_key
 from epoxi.api.context import ApiContext, context
 from epoxi.api.problems import problem_responses
 from epoxi.api_types import (
@@ -186,7 +185,7 @@ async def _once(
 ) -> Response[SendResponse]:
     """Queue the request, unless its Idempotency-Key was seen: then answer as the first time."""
     ctx = context(request)
-    tenant = _tenant(request, asked_tenant)
+    tenant = acting_tenant(request, asked_tenant, "sends for")
     fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
     async with _idempotent(ctx, tenant, idempotency_key, fingerprint) as remembered:
         if remembered.response is None:
@@ -244,15 +243,6 @@ class _idempotent:
                 )
         finally:
             self.ctx.idempotency_in_flight.discard(slot)
-
-
-def _tenant(request: Request[Any, Any, Any], asked: str | None) -> str:
-    key = api_key(request)
-    if key is not None and key.tenant:
-        if asked and asked != key.tenant:
-            raise PermissionDeniedException(f"this API key sends for tenant {key.tenant!r} only")
-        return key.tenant
-    return asked or ""
 
 
 def _draft(data: SendRequest) -> Draft:

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Request, Router, delete, get, post
-from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
 
-from epoxi.api.auth import api_key
+from epoxi.api.auth import acting_tenant, api_key
 from epoxi.api.context import context
 from epoxi.api.problems import problem_responses
 from epoxi.api_types import (
@@ -52,7 +52,7 @@ async def create(request: Request[Any, Any, Any], data: JSONBody[WebhookRequest]
         raise InvalidField("events", f"unknown event types {unknown}; known: {known}")
     endpoint = Endpoint(
         id=f"wh_{uuid.uuid4().hex[:20]}",
-        tenant=_tenant(request, data.tenant),
+        tenant=acting_tenant(request, data.tenant),
         url=_checked_url(data.url),
         events=frozenset(data.events),
         secret=new_secret(),
@@ -193,15 +193,6 @@ def _webhooks(request: Request[Any, Any, Any]) -> Webhooks:
     if hooks is None:
         raise NotFoundException("webhooks are not served by this node")
     return hooks
-
-
-def _tenant(request: Request[Any, Any, Any], asked: str | None) -> str:
-    key = api_key(request)
-    if key is not None and key.tenant:
-        if asked and asked != key.tenant:
-            raise PermissionDeniedException(f"this API key is for tenant {key.tenant!r} only")
-        return key.tenant
-    return asked or ""
 
 
 async def _visible(request: Request[Any, Any, Any]) -> list[Endpoint]:
