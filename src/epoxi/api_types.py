@@ -473,6 +473,25 @@ class WebhookList(msgspec.Struct, kw_only=True):
     webhooks: list[Webhook]
 
 
+class ProviderOutcome(msgspec.Struct, frozen=True):
+    """What became of one event of a provider's webhook call."""
+
+    provider_event_id: str
+    # applied | duplicate (applied before: no change) | ignored (a type Epoxi does not take)
+    # | unknown_message | unknown_recipient
+    outcome: str
+    detail: str = ""  # applied: the record type made; else why nothing changed
+
+
+class ProviderReceipt(msgspec.Struct, frozen=True):
+    """The answer to ``POST /webhooks/{provider}``."""
+
+    provider: str
+    applied: int
+    duplicates: int
+    results: list[ProviderOutcome]
+
+
 class WebhookTestFired(msgspec.Struct, kw_only=True):
     event_id: str
 

@@ -57,10 +57,12 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
+from epoxi.store.provider_events import ProviderEventStore
 from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
 from epoxi.store.webhooks import WebhookStore
 from epoxi.webhooks.outbox import Webhooks
+from epoxi.webhooks.provider import ProviderEvents
 from epoxi.workers import Placement
 from epoxi.workers.link import SupervisorLink
 
@@ -181,6 +183,15 @@ class Epoxi:
             settings.webhooks,
             sender=placement.index == 0,  # one queue for all workers: one sends it
         )
+        self.provider_events = ProviderEvents(  # POST /webhooks/{provider}
+            store=ProviderEventStore(store_path(settings.data_dir)),
+            status=self.status,
+            suppressions=self.suppressions,
+            records=self.records,
+            classifier=classifier,
+            secrets=settings.provider_webhooks.secrets,
+            tolerance=settings.provider_webhooks.tolerance,
+        )
         self.records.subscribe(self.status.feed)
         self.records.subscribe(self.webhooks.observe)
         self.records.subscribe(self.pools.observe)
@@ -244,6 +255,7 @@ class Epoxi:
         for sink in self.sinks:
             await sink.start()
         await self.status.start()
+        await self.provider_events.store.start()
         await self.webhooks.start()
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
@@ -310,6 +322,7 @@ class Epoxi:
             keys=keys,
             admin=self.admin,
             webhooks=self.webhooks,
+            provider_events=self.provider_events,
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
@@ -350,6 +363,7 @@ class Epoxi:
         await self.status.purge(api.idempotency_ttl, api.history_ttl)
         await self.automation.store.purge(time.time() - 86400)
         await self.suppressions.store.purge(time.time() - CHANGES_KEPT)
+        await self.provider_events.purge(self.settings.provider_webhooks.keep)
 
     async def _watch_shaping(self) -> None:
         """A shaping file changed on disk: apply it now, or keep the running one if it is
@@ -403,6 +417,7 @@ class Epoxi:
             await sink.stop()  # publishes what it can in a moment; the rest waits on disk
         await self.warmup.stop()
         await self.status.stop()
+        await self.provider_events.store.stop()
         await self.automation.store.stop()
         await self.suppressions.stop()
         await self.spool.close()

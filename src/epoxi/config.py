@@ -626,6 +626,15 @@ class WebhookSettings(_Model):
     poll_interval: Duration = 0.25
 
 
+class ProviderWebhookSettings(_Model):
+    """``POST /webhooks/{provider}``: events an upstream provider reports (docs/events.md)."""
+
+    # provider name -> its signing secret; WEBHOOK_SECRET_<PROVIDER> in the environment wins
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+    tolerance: Duration = 300.0  # a signature's time further than this from now is refused
+    keep: Duration = 7 * 86400.0  # how long an applied event id is remembered (dedupe)
+
+
 class Settings(_Model):
     """Everything Epoxi reads at start."""
 
@@ -644,6 +653,7 @@ class Settings(_Model):
     delivery: DeliverySettings = DeliverySettings()
     dkim: DkimSettings = DkimSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    provider_webhooks: ProviderWebhookSettings = ProviderWebhookSettings()
     events: EventsSettings = EventsSettings()
     # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
     # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The

@@ -10,6 +10,8 @@
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- BrokerUnavailable      a broker sink's broker cannot take events now (they wait)
+     +-- SignatureRefused       a provider's webhook call is not signed with its secret (401)
+     +-- UnknownProvider        no secret is configured for a provider's webhook calls (404)
      +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
      +-- DnsError               a lookup could not be answered
      |    +-- DnsTransient      SERVFAIL, timeout: try again later
@@ -67,6 +69,14 @@ class SpoolError(EpoxiError):
 
 class SpoolUnavailable(SpoolError):
     """The spool is refusing new work for now (disk nearly full, writer behind, closed)."""
+
+
+class SignatureRefused(EpoxiError):
+    """A provider webhook call is not signed with the provider's secret, or not lately."""
+
+
+class UnknownProvider(EpoxiError):
+    """No secret is configured for the provider a webhook call names."""
 
 
 class MtaStsError(EpoxiError):

@@ -17,6 +17,7 @@ from epoxi.store.keys import KeyStore
 from epoxi.store.status import StatusStore
 from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
+from epoxi.webhooks.provider import ProviderEvents
 
 # returns the Suppression records of the recipients taken off (suppressed)
 InjectMany = Callable[[list[tuple[MessageMeta, bytes]]], Awaitable[list[Record]]]
@@ -33,6 +34,7 @@ class ApiContext:
     metrics_text: Callable[[], bytes]
     suppressions: Suppressions
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
+    provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
 

@@ -13,7 +13,13 @@ from litestar.types import ExceptionHandlersMap
 
 from epoxi.api_types import Problem
 from epoxi.compose import MessageTooLarge
-from epoxi.errors import InvalidField, MessageRefused, SpoolUnavailable
+from epoxi.errors import (
+    InvalidField,
+    MessageRefused,
+    SignatureRefused,
+    SpoolUnavailable,
+    UnknownProvider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,18 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return problem(request, 500, "internal error; the server log has the details")
 
 
+def _on_signature(request: Request[Any, Any, Any], exc: SignatureRefused) -> Response[Problem]:
+    """A provider webhook call that is not signed, or not lately: nothing was applied."""
+    detail = f"{exc}; nothing was applied"
+    return problem(request, 401, detail, headers={"WWW-Authenticate": "Webhook-Signature"})
+
+
+def _on_unknown_provider(
+    request: Request[Any, Any, Any], exc: UnknownProvider
+) -> Response[Problem]:
+    return problem(request, 404, str(exc))
+
+
 def _on_refused(request: Request[Any, Any, Any], exc: MessageRefused) -> Response[Problem]:
     """Ingest refused the message (a mail loop, a hook): 422 with the SMTP reply it gives."""
     return problem(request, 422, f"message refused: {exc.reply}")
@@ -117,6 +135,8 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
     MessageRefused: _on_refused,
     InvalidField: _on_invalid_field,
+    SignatureRefused: _on_signature,
+    UnknownProvider: _on_unknown_provider,
     SpoolUnavailable: _on_spool_unavailable,
     RecursionError: _on_recursion,
     Exception: _on_unexpected,

@@ -31,6 +31,12 @@ class RecordType(enum.Enum):
     OOB = "OOB"  # an out-of-band bounce: a DSN for a message Epoxi had handed over
     FEEDBACK = "Feedback"  # a complaint (ARF, RFC 5965) about a message Epoxi sent
     SUPPRESSION = "Suppression"  # a recipient not sent to: on the tenant's suppression list
+    # Reported by an upstream provider's webhook (``POST /webhooks/{provider}``), or later by
+    # Epoxi's own tracking: what happened after the message left Epoxi
+    REMOTE_DELIVERY = "RemoteDelivery"  # the provider says it reached the recipient's mailbox
+    OPEN = "Open"
+    CLICK = "Click"  # ``url`` is the link
+    UNSUBSCRIBE = "Unsubscribe"  # the recipient asked for no more mail: suppressed
 
 
 class Response(msgspec.Struct, frozen=True, gc=False):
@@ -79,7 +85,12 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     # reply as reported), ``classification`` its bounce category, ``peer_address`` the remote
     # MTA; ``reason`` is set when the token named another recipient than the one reported.
     feedback_type: str = ""  # Feedback: ARF Feedback-Type (abuse, fraud, virus, not-spam, ...)
-    reporter: str = ""  # OOB: the Reporting-MTA; Feedback: the report's User-Agent
+    reporter: str = ""  # OOB: the Reporting-MTA; Feedback: the report's User-Agent; provider
+    # A record made from a provider's webhook event: ``reporter`` is the provider's name and
+    # ``external_id`` its id for the event (timestamp and all fields come from the event, so a
+    # redelivered event makes the same record, with the same event id)
+    external_id: str = ""
+    url: str = ""  # Click: the link followed
 
 
 _encoder = msgspec.json.Encoder()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -148,6 +148,18 @@ _STEPS: dict[int, list[str]] = {
         )""",
         "CREATE TABLE webhooks_version (version INTEGER NOT NULL)",
         "INSERT INTO webhooks_version VALUES (0)",
+    ],
+    5: [  # provider webhook events taken in (store/provider_events.py): the dedupe key
+        """CREATE TABLE provider_events (
+            provider TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            PRIMARY KEY (provider, event_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX provider_events_age ON provider_events (received_at)",
     ],
 }
 

@@ -48,7 +48,17 @@ _OUTCOME_STATE = {
     RecordType.ADMIN_BOUNCE: State.BOUNCED,
     RecordType.EXPIRATION: State.EXPIRED,
     RecordType.CANCELLED: State.CANCELLED,
+    RecordType.REMOTE_DELIVERY: State.DELIVERED,  # a provider's "delivered", after the handover
 }
+
+
+def _outcome_state(record: Record) -> State | None:
+    """The recipient state a record sets, if any. An out-of-band bounce that is permanent
+    undoes a delivery: the receiving side took the message, then gave up on it."""
+    if record.type is RecordType.OOB:
+        response = record.response
+        return State.BOUNCED if response is not None and response.code >= 500 else None
+    return _OUTCOME_STATE.get(record.type)
 
 
 class RecipientStatus(msgspec.Struct, kw_only=True):
@@ -151,6 +161,24 @@ class StatusStore:
 
         return await self._call(read)
 
+    async def addressees(self, message_id: str) -> tuple[str, str, frozenset[str]] | None:
+        """The (tenant, campaign, recipients) of a message in the store, or None. Records
+        still in the buffer are not seen: :meth:`flush` first where they matter."""
+        conn = self._require()
+
+        def read() -> tuple[str, str, frozenset[str]] | None:
+            row = conn.execute(
+                "SELECT tenant, campaign FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            rows = conn.execute(
+                "SELECT recipient FROM recipients WHERE message_id = ?", (message_id,)
+            )
+            return row[0], row[1], frozenset(r[0].lower() for r in rows)
+
+        return await self._call(read)
+
     # ----------------------------------------------------------------- idempotency
 
     async def idempotent_response(
@@ -217,7 +245,7 @@ def _apply(conn: sqlite3.Connection, batch: list[Record]) -> None:
     (a message's Reception always comes before its outcomes), then the outcomes in order."""
     receptions = [r for r in batch if r.type is RecordType.RECEPTION]
     suppressed = [r for r in batch if r.type is RecordType.SUPPRESSION]
-    outcomes = [(s, r) for r in batch if (s := _OUTCOME_STATE.get(r.type)) is not None]
+    outcomes = [(s, r) for r in batch if (s := _outcome_state(r)) is not None]
     conn.execute("BEGIN")
     try:
         if receptions:

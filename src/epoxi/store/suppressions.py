@@ -309,8 +309,8 @@ class Suppressions:
 
 
 def automatic(record: Record) -> Suppression | None:
-    """The entry a record adds: a hard bounce for a bad address (in session or out of band)
-    or a complaint; None for any other record."""
+    """The entry a record adds: a hard bounce for a bad address (in session or out of band),
+    a complaint or an unsubscribe; None for any other record."""
     reason = _automatic_reason(record)
     if reason is None or not record.recipient:
         return None
@@ -327,6 +327,8 @@ def _automatic_reason(record: Record) -> Reason | None:
     kind = record.type
     if kind is RecordType.FEEDBACK:
         return Reason.COMPLAINT
+    if kind is RecordType.UNSUBSCRIBE:
+        return Reason.UNSUBSCRIBE
     if kind is RecordType.BOUNCE or (kind is RecordType.OOB and _permanent(record)):
         return Reason.BOUNCE if record.classification in BAD_ADDRESS else None
     return None
