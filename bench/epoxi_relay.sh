@@ -30,7 +30,7 @@ if [ -n "${EPOXI_BENCH_DKIM:-}" ]; then
         "${EPOXI_BENCH_DKIM_THREADS:-2}" "$KEY" >>"$CONFIG"
 fi
 # EPOXI_BENCH_SINK=rabbitmq|nats|redis: one broker sink with every event on (docs/events.md),
-# to the machine's broker (./scripts/brokers starts them)
+# to the machine's broker (./scripts/services starts them)
 case "${EPOXI_BENCH_SINK:-}" in
     "") ;;
     rabbitmq) SINK_URL="amqp://guest:guest@127.0.0.1:5672/" ;;

@@ -635,6 +635,22 @@ class ProviderWebhookSettings(_Model):
     keep: Duration = 7 * 86400.0  # how long an applied event id is remembered (dedupe)
 
 
+class DatabaseSettings(_Model):
+    """Where the sending platform keeps tenants and templates (docs/platform.md)."""
+
+    # postgresql://user:password@host:5432/db; empty: SQLite in the data dir (store.db)
+    url: str = Field("", repr=False)
+    schema_name: str = Field("epoxi", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_size: int = Field(4, ge=1, le=100)  # connections per worker process
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or empty for SQLite)")
+        return value
+
+
 class Settings(_Model):
     """Everything Epoxi reads at start."""
 
@@ -654,6 +670,7 @@ class Settings(_Model):
     dkim: DkimSettings = DkimSettings()
     webhooks: WebhookSettings = WebhookSettings()
     provider_webhooks: ProviderWebhookSettings = ProviderWebhookSettings()
+    database: DatabaseSettings = DatabaseSettings()
     events: EventsSettings = EventsSettings()
     # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
     # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The
@@ -767,6 +784,8 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         _override_listeners(raw, _comma_list(env["EPOXI_SMTP_LISTEN"]))
     if "EPOXI_DNS_NAMESERVERS" in env:
         raw.setdefault("dns", {})["nameservers"] = env["EPOXI_DNS_NAMESERVERS"]
+    if "EPOXI_DATABASE_URL" in env:
+        raw.setdefault("database", {})["url"] = env["EPOXI_DATABASE_URL"]
     _override_relay(raw, env)
 
 

@@ -6,10 +6,12 @@
      +-- ConfigError            a setting is unknown or has a bad value (names key and value)
      +-- MessageRefused         ingest will not take a message (too many hops, a hook): its reply
      +-- InvalidField           a request field is wrong (``field`` names it)
+     +-- AlreadyExists          a create names an id or name that is taken (409)
      |    +-- ComposeError      a send request cannot become a message (epoxi.compose)
      +-- SpoolError             the durable store failed
      |    +-- SpoolUnavailable  the spool cannot take more now (disk low, writer behind): answer 4xx
      +-- BrokerUnavailable      a broker sink's broker cannot take events now (they wait)
+     +-- DatabaseUnavailable    PostgreSQL (EPOXI_DATABASE_URL) cannot be reached
      +-- SignatureRefused       a provider's webhook call is not signed with its secret (401)
      +-- UnknownProvider        no secret is configured for a provider's webhook calls (404)
      +-- MtaStsError            an MTA-STS policy could not be fetched or is not valid (RFC 8461)
@@ -63,12 +65,20 @@ class InvalidField(EpoxiError):
         self.recipient = recipient
 
 
+class AlreadyExists(EpoxiError):
+    """A tenant id, or a template name within its tenant, is taken."""
+
+
 class SpoolError(EpoxiError):
     """The spool failed to store, load or remove a message."""
 
 
 class SpoolUnavailable(SpoolError):
     """The spool is refusing new work for now (disk nearly full, writer behind, closed)."""
+
+
+class DatabaseUnavailable(EpoxiError):
+    """PostgreSQL cannot be reached, or refused the connection."""
 
 
 class SignatureRefused(EpoxiError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epoxi import schema
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -160,6 +160,33 @@ _STEPS: dict[int, list[str]] = {
             PRIMARY KEY (provider, event_id)
         ) WITHOUT ROWID""",
         "CREATE INDEX provider_events_age ON provider_events (received_at)",
+    ],
+    6: [  # the sending platform (store/platform.py): tenants and stored templates
+        """CREATE TABLE tenants (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            status TEXT NOT NULL,
+            default_pool TEXT NOT NULL DEFAULT '',
+            dkim_domain TEXT NOT NULL DEFAULT '',
+            requests_per_second REAL NOT NULL DEFAULT 0,
+            recipients_per_day INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE templates (
+            id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            tenant_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            subject_template TEXT NOT NULL,
+            html_template TEXT NOT NULL,
+            text_template TEXT,
+            is_active INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (id, version)
+        )""",
+        # a name once per tenant: every template has a version 1 while it exists
+        "CREATE UNIQUE INDEX template_names ON templates (tenant_id, name) WHERE version = 1",
     ],
 }
 

@@ -1,0 +1,155 @@
+"""The platform store on PostgreSQL (``EPOXI_DATABASE_URL``), through an asyncpg pool.
+
+Its tables live in one schema (``database.schema``, ``epoxi`` by default), made on first
+start; workers and nodes that start together take an advisory lock for it, so one makes the
+tables and the others find them. asyncpg's prepared statements are kept per connection
+(statement_cache_size=0 would be needed behind pgbouncer in transaction mode: see the docs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+
+from epoxi.config import hidden_url
+from epoxi.errors import AlreadyExists, DatabaseUnavailable
+from epoxi.store import platform_sql as sql
+from epoxi.store.platform import TemplateSummary, TemplateVersion, Tenant
+
+SCHEMA_LOCK = 0x45504F5849  # "EPOXI": the advisory lock the first start makes tables under
+
+_Q = {
+    name: sql.numbered(value)
+    for name, value in vars(sql).items()
+    if name.isupper()
+    and isinstance(value, str)
+    and value.lstrip().startswith(("SELECT", "INSERT", "UPDATE", "DELETE"))
+}
+
+
+class PostgresPlatformStore:
+    def __init__(self, url: str, schema: str = "epoxi", pool_size: int = 4) -> None:
+        self.url = url
+        self.schema = schema
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._make_schema()
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings={"search_path": self.schema},
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(f"PostgreSQL at {hidden_url(self.url)}: {exc}") from exc
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _make_schema(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                for statement in sql.POSTGRES_SCHEMA:
+                    await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the platform store is not started")
+        return self._pool
+
+    # ----------------------------------------------------------------- tenants
+
+    async def create_tenant(self, tenant: Tenant) -> Tenant:
+        try:
+            await self.pool.execute(_Q["INSERT_TENANT"], *sql.tenant_values(tenant))
+        except asyncpg.UniqueViolationError as exc:
+            raise AlreadyExists(f"tenant {tenant.id!r} exists") from exc
+        return tenant
+
+    async def tenant(self, tenant_id: str) -> Tenant | None:
+        row = await self.pool.fetchrow(_Q["SELECT_TENANT"], tenant_id)
+        return sql.tenant_of(row) if row else None
+
+    async def tenants(self) -> list[Tenant]:
+        return [sql.tenant_of(row) for row in await self.pool.fetch(_Q["SELECT_TENANTS"])]
+
+    async def update_tenant(self, tenant_id: str, changes: dict[str, object]) -> Tenant | None:
+        statement, values = sql.update_tenant_sql(changes)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(sql.numbered(statement), *values, time.time(), tenant_id)
+            row = await conn.fetchrow(_Q["SELECT_TENANT"], tenant_id)
+        return sql.tenant_of(row) if row else None
+
+    # ----------------------------------------------------------------- templates
+
+    async def create_template(self, first: TemplateVersion) -> TemplateVersion:
+        try:
+            await self.pool.execute(_Q["INSERT_TEMPLATE"], *sql.template_values(first))
+        except asyncpg.UniqueViolationError as exc:
+            raise AlreadyExists(
+                f"tenant {first.tenant_id!r} has a template named {first.name!r}"
+            ) from exc
+        return first
+
+    async def add_version(self, version: TemplateVersion, activate: bool) -> TemplateVersion | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # one new version at a time per template: the lock is the template's version 1
+            locked = await conn.fetchrow(
+                "SELECT 1 FROM templates WHERE id = $1 AND version = 1 FOR UPDATE", version.id
+            )
+            if locked is None:
+                return None
+            latest = await conn.fetchval(_Q["LATEST_VERSION"], version.id)
+            made = sql.next_version(version, latest, activate)
+            if activate:
+                await conn.execute(_Q["DEACTIVATE"], version.id)
+            await conn.execute(_Q["INSERT_TEMPLATE"], *sql.template_values(made))
+        return made
+
+    async def activate(self, template_id: str, version: int) -> TemplateVersion | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchrow(_Q["SELECT_VERSION"] + " FOR UPDATE", template_id, version)
+            if found is None:
+                return None
+            await conn.execute(_Q["DEACTIVATE"], template_id)
+            await conn.execute(_Q["ACTIVATE"], template_id, version)
+        return sql.activated(found)
+
+    async def template(
+        self, template_id: str, version: int | None = None
+    ) -> TemplateVersion | None:
+        if version is None:
+            row = await self.pool.fetchrow(_Q["SELECT_ACTIVE"], template_id)
+        else:
+            row = await self.pool.fetchrow(_Q["SELECT_VERSION"], template_id, version)
+        return sql.template_of(row) if row else None
+
+    async def versions(self, template_id: str) -> list[TemplateVersion]:
+        rows = await self.pool.fetch(_Q["SELECT_VERSIONS"], template_id)
+        return [sql.template_of(row) for row in rows]
+
+    async def templates(self, tenant_id: str | None) -> list[TemplateSummary]:
+        rows: list[Any]
+        if tenant_id is None:
+            rows = await self.pool.fetch(_Q["SELECT_SUMMARIES"])
+        else:
+            rows = await self.pool.fetch(_Q["SELECT_TENANT_SUMMARIES"], tenant_id)
+        return [sql.summary_of(row) for row in rows]
+
+    async def delete_template(self, template_id: str) -> bool:
+        status: str = await self.pool.execute(_Q["DELETE_TEMPLATE"], template_id)
+        return status != "DELETE 0"
