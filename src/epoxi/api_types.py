@@ -15,6 +15,7 @@ from msgspec import Meta
 from epoxi.message import LABEL_PATTERN, MessageMeta
 from epoxi.queue.suspensions import SuspendKind
 from epoxi.shaping.automation import Automated
+from epoxi.store.platform import TemplateSummary, TemplateVersion, Tenant, TenantStatus
 from epoxi.store.suppressions import Reason, Suppression
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
@@ -519,3 +520,89 @@ class WebhookBacklogs(msgspec.Struct, kw_only=True):
 class WebhookEvents(msgspec.Struct, kw_only=True):
     id: str
     events: int  # replayed or dropped
+
+
+# --------------------------------------------------------------------- tenants and templates
+
+TemplateSource = Annotated[str, Meta(max_length=1_000_000, description="a Jinja2 template")]
+Rate = Annotated[float, Meta(ge=0, le=1_000_000, description="API requests a second; 0: no limit")]
+DailyRecipients = Annotated[
+    int, Meta(ge=0, le=10**12, description="recipients a day, over every send; 0: no limit")
+]
+
+
+class TenantIn(Strict):
+    id: Label
+    name: Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+    default_pool: Label | None = None
+    dkim_domain: Annotated[str, Meta(max_length=253)] = ""
+    requests_per_second: Rate = 0.0
+    recipients_per_day: DailyRecipients = 0
+
+
+class TenantPatch(Strict):
+    """The fields to change; the others stay."""
+
+    name: (
+        Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] | None
+    ) = None
+    status: TenantStatus | None = None
+    default_pool: Label | None = None
+    dkim_domain: Annotated[str, Meta(max_length=253)] | None = None
+    requests_per_second: Rate | None = None
+    recipients_per_day: DailyRecipients | None = None
+
+
+class TenantList(msgspec.Struct, kw_only=True):
+    tenants: list[Tenant]
+
+
+class TemplateIn(Strict, kw_only=True):
+    """A new stored template (Mailsystem's fields): version 1, active."""
+
+    tenant_id: Label | None = None  # a tenant-bound key's own tenant when not given
+    name: Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+    subject_template: Annotated[str, Meta(max_length=998)]
+    html_template: TemplateSource = ""
+    text_template: TemplateSource | None = None  # None: made from the HTML when sent
+
+
+class TemplateVersionIn(Strict):
+    """A new version of a template; active at once only with ``activate``."""
+
+    subject_template: Annotated[str, Meta(max_length=998)]
+    html_template: TemplateSource = ""
+    text_template: TemplateSource | None = None
+    activate: bool = False
+
+
+class ActivateIn(Strict):
+    version: Annotated[int, Meta(ge=1)]
+
+
+class RenderIn(Strict):
+    variables: dict[str, Any] = msgspec.field(default_factory=dict)
+    version: Annotated[int, Meta(ge=1)] | None = None  # the active one when not given
+
+
+class Rendering(msgspec.Struct, kw_only=True):
+    template_id: str
+    version: int
+    subject: str
+    html: str
+    text: str
+    text_from_html: bool  # the template has no text part: this one was made from the HTML
+    missing: list[str]  # variables the template uses that were not given (shown as {{ name }})
+
+
+class TemplateList(msgspec.Struct, kw_only=True):
+    templates: list[TemplateSummary]
+
+
+class TemplateVersions(msgspec.Struct, kw_only=True):
+    versions: list[TemplateVersion]
+
+
+class TemplateDeleted(msgspec.Struct, kw_only=True):
+    id: str
+    versions: int

@@ -57,6 +57,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
+from epoxi.store.platform import open_platform_store
 from epoxi.store.provider_events import ProviderEventStore
 from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
@@ -192,6 +193,7 @@ class Epoxi:
             secrets=settings.provider_webhooks.secrets,
             tolerance=settings.provider_webhooks.tolerance,
         )
+        self.platform = open_platform_store(settings.data_dir, settings.database)
         self.records.subscribe(self.status.feed)
         self.records.subscribe(self.webhooks.observe)
         self.records.subscribe(self.pools.observe)
@@ -256,6 +258,7 @@ class Epoxi:
             await sink.start()
         await self.status.start()
         await self.provider_events.store.start()
+        await self.platform.start()
         await self.webhooks.start()
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
@@ -323,6 +326,7 @@ class Epoxi:
             admin=self.admin,
             webhooks=self.webhooks,
             provider_events=self.provider_events,
+            platform=self.platform,
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
@@ -418,6 +422,7 @@ class Epoxi:
         await self.warmup.stop()
         await self.status.stop()
         await self.provider_events.store.stop()
+        await self.platform.stop()
         await self.automation.store.stop()
         await self.suppressions.stop()
         await self.spool.close()

@@ -16,6 +16,7 @@ from epoxi.api.admin_routes import admin_router
 from epoxi.api.auth import authorize
 from epoxi.api.context import ApiContext, context
 from epoxi.api.messages import cancel, send, send_raw, status
+from epoxi.api.platform_routes import template_router, tenant_router
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.api.provider_routes import provider_events
 from epoxi.api.suppressions import suppressions_router
@@ -110,6 +111,8 @@ def build_app(ctx: ApiContext) -> Litestar:
             admin_webhook_router,
             suppressions_router,
             provider_events,
+            tenant_router,
+            template_router,
         ],
         guards=[authorize],
         before_request=_require_json_body,

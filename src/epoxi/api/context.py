@@ -14,6 +14,7 @@ from epoxi.config import Settings
 from epoxi.events.records import Record
 from epoxi.message import MessageMeta
 from epoxi.store.keys import KeyStore
+from epoxi.store.platform import PlatformStore
 from epoxi.store.status import StatusStore
 from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
@@ -33,6 +34,7 @@ class ApiContext:
     readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
     metrics_text: Callable[[], bytes]
     suppressions: Suppressions
+    platform: PlatformStore  # tenants and templates
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any

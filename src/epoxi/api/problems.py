@@ -14,6 +14,8 @@ from litestar.types import ExceptionHandlersMap
 from epoxi.api_types import Problem
 from epoxi.compose import MessageTooLarge
 from epoxi.errors import (
+    AlreadyExists,
+    DatabaseUnavailable,
     InvalidField,
     MessageRefused,
     SignatureRefused,
@@ -126,6 +128,15 @@ def _on_unknown_provider(
     return problem(request, 404, str(exc))
 
 
+def _on_exists(request: Request[Any, Any, Any], exc: AlreadyExists) -> Response[Problem]:
+    return problem(request, 409, str(exc))
+
+
+def _on_database(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[Problem]:
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return problem(request, 503, f"{exc}; retry later", headers={"Retry-After": str(RETRY_AFTER)})
+
+
 def _on_refused(request: Request[Any, Any, Any], exc: MessageRefused) -> Response[Problem]:
     """Ingest refused the message (a mail loop, a hook): 422 with the SMTP reply it gives."""
     return problem(request, 422, f"message refused: {exc.reply}")
@@ -136,6 +147,8 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     MessageRefused: _on_refused,
     InvalidField: _on_invalid_field,
     SignatureRefused: _on_signature,
+    AlreadyExists: _on_exists,
+    DatabaseUnavailable: _on_database,
     UnknownProvider: _on_unknown_provider,
     SpoolUnavailable: _on_spool_unavailable,
     RecursionError: _on_recursion,

@@ -399,6 +399,21 @@ def _compile(
         raise ComposeError(where, f"template cannot be compiled: {exc!r}") from exc
 
 
+def compile_template(html: bool, where: str, source: str) -> jinja2.Template:
+    """``source`` compiled in the HTML (autoescaping) or the plain sandbox; ComposeError
+    naming ``where`` when it cannot be."""
+    template = _compile(_html_env if html else _plain_env, where, source)
+    assert template is not None
+    return template
+
+
+def render_template(
+    template: jinja2.Template, where: str, address: str, values: Mapping[str, Any], limit: int
+) -> str:
+    """``template`` rendered with ``values`` (for ``address``), at most ``limit`` characters."""
+    return _render(template, where, address, values, limit) or ""
+
+
 @functools.lru_cache(maxsize=1024)
 def _template(html: bool, source: str) -> jinja2.Template:
     """Compiled once: the same templates come back request after request."""

@@ -1,0 +1,175 @@
+"""``/tenants`` and ``/templates`` over HTTP, on SQLite and on the machine's PostgreSQL
+(issue 15): the seed's tenant and template, versions, previews, and tenants kept apart."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from epoxi.store import KeyStore, store_path
+from epoxi.store.keys import Scope
+from tests.e2e.conftest import Api, World
+from tests.e2e.test_platform_store import DATABASE_URL
+
+SEED_TEMPLATE = {
+    "tenant_id": "tenant-1",
+    "name": "welcome",
+    "subject_template": "Welcome {{name}}",
+    "html_template": "<h1>Hello {{name}}</h1><p>Your code: {{ code }}</p>",
+    "text_template": None,
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def node(
+    request: pytest.FixtureRequest, api: Api
+) -> AsyncIterator[tuple[World, httpx.AsyncClient]]:
+    """A node whose platform store is SQLite or PostgreSQL, and an HTTP client on it."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    overrides: dict[str, Any] = {}
+    if request.param == "postgres":
+        overrides["database"] = {"url": DATABASE_URL, "schema": schema}
+    yield await api(**overrides)
+    if request.param == "postgres":
+        conn = await asyncpg.connect(DATABASE_URL)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+@pytest.fixture
+def client(node: tuple[World, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return node[1]
+
+
+async def test_tenants_are_created_listed_and_changed(client: httpx.AsyncClient) -> None:
+    made = await client.post("/tenants", json={"id": "tenant-1", "name": "Tenant 1"})
+    assert made.status_code == 201, made.text
+    assert made.json()["status"] == "active"
+    again = await client.post("/tenants", json={"id": "tenant-1", "name": "Other"})
+    assert again.status_code == 409 and "exists" in again.json()["detail"]
+    bad = await client.post("/tenants", json={"id": "no spaces", "name": "x"})
+    assert bad.status_code == 400 or bad.status_code == 422
+
+    listed = (await client.get("/tenants")).json()["tenants"]
+    assert [t["id"] for t in listed] == ["tenant-1"]
+    changed = await client.patch(
+        "/tenants/tenant-1", json={"status": "suspended", "recipients_per_day": 5000}
+    )
+    assert changed.status_code == 200, changed.text
+    shown = (await client.get("/tenants/tenant-1")).json()
+    assert (shown["status"], shown["recipients_per_day"], shown["name"]) == (
+        "suspended",
+        5000,
+        "Tenant 1",
+    )
+    assert (await client.patch("/tenants/tenant-1", json={})).status_code == 422
+    assert (await client.patch("/tenants/nope", json={"name": "x"})).status_code == 404
+    assert (await client.get("/tenants/nope")).status_code == 404
+
+
+async def test_the_seed_template_versions_activation_and_preview(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.post("/tenants", json={"id": "tenant-1", "name": "Tenant 1"})
+    made = await client.post("/templates", json=SEED_TEMPLATE)
+    assert made.status_code == 201, made.text
+    first = made.json()
+    assert (first["version"], first["is_active"], first["tenant_id"]) == (1, True, "tenant-1")
+    template_id = first["id"]
+
+    twice = await client.post("/templates", json=SEED_TEMPLATE)
+    assert twice.status_code == 409 and "welcome" in twice.json()["detail"]
+    broken = await client.post(
+        "/templates", json={**SEED_TEMPLATE, "name": "broken", "html_template": "{% if %}"}
+    )
+    assert broken.status_code == 422
+    assert broken.json()["errors"][0]["field"] == "html_template"
+    orphan = await client.post("/templates", json={**SEED_TEMPLATE, "tenant_id": "nobody"})
+    assert orphan.status_code == 422 and "POST /tenants" in orphan.json()["detail"]
+
+    draft = await client.post(
+        f"/templates/{template_id}/versions",
+        json={"subject_template": "Hi {{name}}", "html_template": "<p>v2 {{name}}</p>"},
+    )
+    assert draft.status_code == 201 and draft.json()["version"] == 2
+    assert draft.json()["is_active"] is False
+    active = (await client.get(f"/templates/{template_id}")).json()
+    assert active["version"] == 1
+    activated = await client.post(f"/templates/{template_id}/activate", json={"version": 2})
+    assert activated.status_code == 200 and activated.json()["is_active"] is True
+    assert (await client.get(f"/templates/{template_id}")).json()["version"] == 2
+    missing = await client.post(f"/templates/{template_id}/activate", json={"version": 7})
+    assert missing.status_code == 404
+
+    preview = await client.post(
+        f"/templates/{template_id}/render", json={"variables": {"name": "Alice"}, "version": 1}
+    )
+    assert preview.status_code == 200, preview.text
+    shown = preview.json()
+    assert shown["subject"] == "Welcome Alice"
+    assert shown["html"] == "<h1>Hello Alice</h1><p>Your code: {{ code }}</p>"
+    assert shown["text"] == "Hello Alice\n\nYour code: {{ code }}\n"
+    assert (shown["text_from_html"], shown["missing"]) == (True, ["code"])
+    escaped = await client.post(
+        f"/templates/{template_id}/render", json={"variables": {"name": "<b>x</b>"}}
+    )
+    assert escaped.json()["html"] == "<p>v2 &lt;b&gt;x&lt;/b&gt;</p>"
+
+    versions = (await client.get(f"/templates/{template_id}/versions")).json()["versions"]
+    assert [(v["version"], v["is_active"]) for v in versions] == [(1, False), (2, True)]
+    listed = (await client.get("/templates", params={"tenant_id": "tenant-1"})).json()
+    (summary,) = listed["templates"]
+    assert (summary["active_version"], summary["latest_version"]) == (2, 2)
+
+    gone = await client.delete(f"/templates/{template_id}")
+    assert gone.status_code == 200 and gone.json()["versions"] == 2
+    assert (await client.get(f"/templates/{template_id}")).status_code == 404
+
+
+async def test_one_tenant_never_sees_or_changes_anothers(
+    node: tuple[World, httpx.AsyncClient],
+) -> None:
+    world, client = node
+    for tenant in ("tenant-1", "tenant-2"):
+        await client.post("/tenants", json={"id": tenant, "name": tenant})
+    theirs = (
+        await client.post("/templates", json={**SEED_TEMPLATE, "tenant_id": "tenant-2"})
+    ).json()["id"]
+    keys = KeyStore(store_path(world.app.settings.data_dir))
+    _, mine = keys.create("t1", {Scope.SEND, Scope.READ}, tenant="tenant-1")
+    _, ops = keys.create("ops", {Scope.SEND, Scope.READ, Scope.ADMIN})
+    as_t1 = {"Authorization": f"Bearer {mine}"}
+
+    assert [t["id"] for t in (await client.get("/tenants", headers=as_t1)).json()["tenants"]] == [
+        "tenant-1"
+    ]
+    assert (await client.get("/tenants/tenant-2", headers=as_t1)).status_code == 404
+    made = await client.post("/tenants", json={"id": "t3", "name": "x"}, headers=as_t1)
+    assert made.status_code == 403
+    patched = await client.patch("/tenants/tenant-1", json={"name": "x"}, headers=as_t1)
+    assert patched.status_code == 403
+
+    for path in (f"/templates/{theirs}", f"/templates/{theirs}/versions"):
+        assert (await client.get(path, headers=as_t1)).status_code == 404
+    for path, body in (
+        (f"/templates/{theirs}/render", {}),
+        (f"/templates/{theirs}/activate", {"version": 1}),
+        (f"/templates/{theirs}/versions", {"subject_template": "x", "html_template": "y"}),
+    ):
+        assert (await client.post(path, json=body, headers=as_t1)).status_code == 404
+    assert (await client.delete(f"/templates/{theirs}", headers=as_t1)).status_code == 404
+    other = await client.post(
+        "/templates", json={**SEED_TEMPLATE, "tenant_id": "tenant-2"}, headers=as_t1
+    )
+    assert other.status_code == 403
+    own = await client.post("/templates", json={**SEED_TEMPLATE, "tenant_id": None}, headers=as_t1)
+    assert own.status_code == 201 and own.json()["tenant_id"] == "tenant-1"
+    listed = (await client.get("/templates", headers=as_t1)).json()["templates"]
+    assert [t["tenant_id"] for t in listed] == ["tenant-1"]
+    everyone = (await client.get("/templates", headers={"Authorization": f"Bearer {ops}"})).json()
+    assert {t["tenant_id"] for t in everyone["templates"]} == {"tenant-1", "tenant-2"}
