@@ -16,9 +16,9 @@ from epoxi.config import DatabaseSettings
 from epoxi.errors import AlreadyExists, DatabaseUnavailable
 from epoxi.store.platform import (
     PlatformStore,
+    TemplateVersion,
     Tenant,
     TenantStatus,
-    TemplateVersion,
     open_platform_store,
 )
 from epoxi.store.platform_pg import PostgresPlatformStore
