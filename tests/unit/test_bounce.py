@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from epoxi.bounce.classify import (
     BounceCategory,
     Classification,
     Classifier,
+    _alternation,
     fallback,
     normalize_text,
 )
@@ -189,6 +191,25 @@ def test_cache_is_bounded() -> None:
     classifier = Classifier(Classifier.default().rules, cache_size=8)
     results = {classifier.classify(Reply(550, "", f"unknown user number {n}")) for n in range(50)}
     assert {r.category for r in results} == {C.InvalidRecipient}
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        ["user unknown", "unknown user", "user not found", "u", "no such user"],
+        ["a|b", "ab?c", "x?y", "(?:q)r", "[ab]c", r"\d+ days", "", "spf\\b"],
+        ["mailbox (?:is )?full", "mailbox size limit", "mail ?folder", "mail box"],
+    ],
+)
+def test_grouped_alternation_matches_what_the_plain_one_does(items: list[str]) -> None:
+    grouped, plain = re.compile(_alternation(items)), re.compile("|".join(items))
+    samples = [
+        "user unknown", "unknown user", "xx user not found", "u", "no such user", "a", "b",
+        "ac", "abc", "y", "xy", "qr", "bc", "12 days", "spf", "spfx", "mailbox is full",
+        "mailbox size limit", "mailfolder", "mail folder", "mail box", "nothing", "",
+    ]  # fmt: skip
+    for text in samples:
+        assert (grouped.search(text) is None) == (plain.search(text) is None), text
 
 
 # --------------------------------------------------------------------------------- user rules
