@@ -187,6 +187,17 @@ RULE_REPLIES: list[tuple[str, int, str, str, BounceCategory, bool]] = [
     ("routing", 554, "5.4.0", "This message is looping: it already has my Delivered-To line. (#5.4.6)", C.RoutingError, True),  # qmail
     ("mail-system", 550, "", "Command died with status 255: \"/usr/local/bin/deliver\"", C.MailSystemError, True),  # Postfix pipe(8)
     ("mail-system", 550, "", "Several matches found in Domino Directory", C.MailSystemError, True),
+    # kinds of wording the first held-out set missed
+    ("restricted-recipient", 550, "", "You must be subscribed to this list to post", C.PolicyRejection, True),
+    ("restricted-recipient", 550, "", "Posting restricted to list members", C.PolicyRejection, True),
+    ("recipient-locked", 550, "5.1.1", "The mail server could not deliver mail to someone@example.com.  The account or domain may not exist, they may be blacklisted, or missing the proper dns entries.", C.InvalidRecipient, True),  # GoDaddy
+    ("invalid-recipient", 550, "5.1.1", "Recipient rejected: The address someone@example.com is unknown", C.InvalidRecipient, True),
+    ("invalid-recipient", 550, "", "This account has been temporarily suspended. Please try again later.", C.InvalidRecipient, True),
+    ("mailbox-full", 552, "", "Mailbox exceeds allowed size", C.MailboxFull, False),
+    ("message-too-large", 552, "", "Sorry, that message is larger than allowed", C.MessageTooLarge, True),
+    ("dns-temporary", 451, "4.4.3", "Temporary failure in name resolution", C.RoutingError, False),
+    ("expired", 550, "", "Delivery failed: message has been in queue for 5 days", C.Expired, True),
+    ("sender-rejected", 550, "5.7.1", "Sender address is not allowed", C.BadSender, True),
     # qmail names the host it gave up on after a permanent refusal too: the refusal decides
     ("invalid-recipient", 550, "", "64.136.25.171 does not like recipient. Remote host said: 550 <x@example.com>: Recipient address rejected: User unknown in virtual alias table Giving up on 64.136.25.171.", C.InvalidRecipient, True),
 ]  # fmt: skip
