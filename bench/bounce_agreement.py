@@ -7,9 +7,8 @@
   Agreement on the reason (category) and on permanent vs temporary, overall, per expected
   category, and per kind of reply: with an RFC 3463 enhanced code, or without one (a bare
   code, or prose from a human-readable bounce).
-- holdout: ``tests/data/bounce-corpus/holdout.toml``, more replies in the same format, written
-  after the rules were settled and not used to tune them: how the rules do on wordings they
-  were not written against.
+- holdout: ``tests/data/bounce-corpus/holdout.toml``, more replies in the same format, never
+  used to tune the rules: how they do on wordings they were not written against.
 - flufl: ``tests/data/bounce-corpus/flufl.toml`` labels the recipients of some of
   flufl.bounce's real bounce messages; they go through Epoxi's inbound parser. Only when
   ``scripts/bootstrap test`` has fetched them into ``.venv/cache/sdist``.
