@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from epoxi.bounce.classify import BounceCategory, Classifier
 from epoxi.bounce.dsn import RecipientFailure, build_dsn
-from epoxi.bounce.inbound import Kind, parse
+from epoxi.bounce.inbound import Kind, classify_reported, parse
 from epoxi.message import MessageMeta
 from epoxi.smtp.replies import Reply
 
@@ -131,6 +131,67 @@ def test_generic_status_takes_the_diagnostics_detail() -> None:
     )
     (ann,) = parse(raw, CLASSIFIER).recipients
     assert (ann.status, ann.category) == ("5.7.1", BounceCategory.SpamBlock)
+
+
+def test_relay_that_gave_up_on_a_transient_failure_reports_an_expiry() -> None:
+    # Postfix after maximal_queue_lifetime: Action failed, the last (4xx) trouble as Status.
+    raw = dsn(
+        delivery_status(
+            "Reporting-MTA: dns; mail.example\n",
+            "Final-Recipient: rfc822;ann@mail.example\nAction: failed\nStatus: 4.4.1\n"
+            "Diagnostic-Code: X-Postfix; delivery temporarily suspended: connect to\n"
+            " mx.mail.example[192.0.2.1]:25: Connection timed out\n",
+            "Final-Recipient: rfc822;bob@mail.example\nAction: delayed\nStatus: 4.4.1\n"
+            "Diagnostic-Code: X-Postfix; connect to mx.mail.example[192.0.2.1]:25: Connection\n"
+            " timed out\n",
+        )
+    )
+    ann, bob = parse(raw, CLASSIFIER).recipients
+    assert (ann.category, ann.permanent) == (BounceCategory.Expired, True)
+    assert (bob.category, bob.permanent) == (BounceCategory.TransientNetwork, False)
+
+
+def test_classify_reported_keeps_lasting_reasons_and_makes_failures_final() -> None:
+    full = Reply(552, "5.2.2", "Mailbox full")
+    assert CLASSIFIER.classify(full).permanent is False  # Epoxi itself would retry
+    verdict = classify_reported(CLASSIFIER, full, "failed")
+    assert (verdict.category, verdict.permanent) == (BounceCategory.MailboxFull, True)
+    unknown = Reply(450, "4.1.1", "Recipient address rejected: User unknown")
+    verdict = classify_reported(CLASSIFIER, unknown, "failed")
+    assert (verdict.category, verdict.permanent) == (BounceCategory.InvalidRecipient, True)
+    assert classify_reported(CLASSIFIER, unknown, "delayed") == CLASSIFIER.classify(unknown)
+
+
+def test_dsn_without_diagnostic_takes_the_reason_from_its_text_part() -> None:
+    raw = dsn(
+        delivery_status(
+            "Reporting-MTA: dns; mail.example\n",
+            "Final-Recipient: rfc822; ann@nowhere.example\nAction: failed\nStatus: 5.0.0\n",
+        )
+    ).replace(
+        b"This is the mail system at host mail.example.\n",
+        b"This is the mail system at host mail.example.\n\n"
+        b"ann@nowhere.example: Domain does not exist\n",
+    )
+    (ann,) = parse(raw, CLASSIFIER).recipients
+    assert ann.diagnostic == "ann@nowhere.example: Domain does not exist"
+    assert (ann.status, ann.category) == ("5.0.0", BounceCategory.BadDomain)
+
+
+def test_reply_code_in_brackets_after_the_text_and_not_inside_ids() -> None:
+    raw = dsn(
+        delivery_status(
+            "Reporting-MTA: dns; mail.example\n",
+            "Final-Recipient: rfc822;ann@mail.example\nAction: failed\nStatus: 5.0.0\n"
+            "Diagnostic-Code: smtp; Requested action not taken: mailbox unavailable.\n"
+            " [SMTP Error Code 550]\n",
+            "Final-Recipient: rfc822;bob@mail.example\nAction: failed\nStatus: 5.0.0\n"
+            "Diagnostic-Code: X-Notes; unknown recipient (id NextPart_01C276B8.EB5EB90E)\n",
+        )
+    )
+    ann, bob = parse(raw, CLASSIFIER).recipients
+    assert ann.category is BounceCategory.InvalidRecipient
+    assert bob.category is BounceCategory.InvalidRecipient
 
 
 def test_epoxis_own_dsn_round_trips() -> None:
@@ -266,7 +327,8 @@ def test_garbage_is_none() -> None:
         ("simple_42.txt", "david...@gmail.com", "failed", "5.7.1", "SpamBlock"),
         # human text only: Postfix, Exim, qmail, Microsoft, Yahoo, Sendmail-like
         ("postfix_01.txt", "xxxxx@local.ie", "failed", "5.1.1", "InvalidRecipient"),
-        ("postfix_02.txt", "yyyyy@digicool.com", "failed", "5.0.0", "BadDomain"),
+        # a final bounce after "Host not found, try again": DNS failed for now, until it expired
+        ("postfix_02.txt", "yyyyy@digicool.com", "failed", "5.0.0", "Expired"),
         ("postfix_04.txt", "userx@mail1.example.com", "failed", "5.0.0", "MailboxFull"),
         ("exim_01.txt", "userx@its.example.nl", "failed", "5.1.1", "InvalidRecipient"),
         ("qmail_03.txt", "userx@example.jp", "failed", "5.1.1", "InvalidRecipient"),
@@ -276,7 +338,7 @@ def test_garbage_is_none() -> None:
         ("yahoo_11.txt", "bad_user@aol.com", "failed", "5.1.1", "InvalidRecipient"),
         ("simple_07.txt", "userx@example.net", "failed", "5.0.0", "MailboxFull"),
         ("simple_15.txt", "userx@example.be", "failed", "5.1.1", "InvalidRecipient"),
-        ("simple_21.txt", "userx@example.com", "delayed", "4.0.0", "Other"),
+        ("simple_21.txt", "userx@example.com", "delayed", "4.0.0", "TransientNetwork"),  # no reply
     ],
 )
 def test_real_bounces(name: str, address: str, action: str, status: str, category: str) -> None:

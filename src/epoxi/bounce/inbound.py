@@ -27,7 +27,7 @@ from email.policy import compat32
 from flufl.bounce import all_failures
 
 from epoxi.bounce import mime
-from epoxi.bounce.classify import BounceCategory, Classifier
+from epoxi.bounce.classify import BounceCategory, Classification, Classifier
 from epoxi.smtp.replies import Reply
 
 
@@ -128,7 +128,7 @@ def _read(top: mime.Part, data: bytes, classifier: Classifier) -> Report:
         return _arf(parts, original)
     status = next((p for p in parts if p.content_type == "message/delivery-status"), None)
     if status is not None:
-        dsn = _dsn(status, original, classifier)
+        dsn = _dsn(status, original, classifier, _notice(parts, status))
         if dsn.recipients:
             return dsn
     bounce = _text_bounce(data, original, classifier)
@@ -140,7 +140,17 @@ def _read(top: mime.Part, data: bytes, classifier: Classifier) -> Report:
 # ------------------------------------------------------------------------------------ DSN
 
 
-def _dsn(part: mime.Part, original: Original, classifier: Classifier) -> Report:
+def _notice(parts: list[mime.Part], status: mime.Part) -> str:
+    """The human-readable text of a DSN: its first text/plain part before the status."""
+    for part in parts:
+        if part is status:
+            break
+        if part.content_type == "text/plain":
+            return part.text()
+    return ""
+
+
+def _dsn(part: mime.Part, original: Original, classifier: Classifier, notice: str) -> Report:
     blocks = mime.field_blocks(part.text())
     if not blocks:
         return Report(Kind.NONE)
@@ -148,7 +158,9 @@ def _dsn(part: mime.Part, original: Original, classifier: Classifier) -> Report:
     if "final-recipient" in per_message or "original-recipient" in per_message:
         per_message, per_recipient = {}, blocks  # no per-message fields at all
     recipients = tuple(
-        r for r in (_recipient(block, classifier) for block in per_recipient) if r is not None
+        r
+        for r in (_recipient(block, classifier, notice) for block in per_recipient)
+        if r is not None
     )
     envelope_id = _field(per_message, "original-envelope-id")
     return Report(
@@ -159,7 +171,9 @@ def _dsn(part: mime.Part, original: Original, classifier: Classifier) -> Report:
     )
 
 
-def _recipient(block: Mapping[str, str], classifier: Classifier) -> ReportedRecipient | None:
+def _recipient(
+    block: Mapping[str, str], classifier: Classifier, notice: str = ""
+) -> ReportedRecipient | None:
     address = _typed(block, "final-recipient") or _typed(block, "original-recipient")
     if not address:
         return None
@@ -168,8 +182,10 @@ def _recipient(block: Mapping[str, str], classifier: Classifier) -> ReportedReci
     status = _status_code(status_field)
     # A Status that is not one ("553 Exceeded maximum inbound message size") says why
     diagnostic = _typed(block, "diagnostic-code") or ("" if status else status_field)
+    if not diagnostic and status[1:] in ("", ".0.0") and _named(address, notice):
+        diagnostic = _near(_bare(address), notice)  # the reason is only in the human text
     reply = _reply_of(diagnostic, status, action)
-    verdict = classifier.classify(reply)
+    verdict = classify_reported(classifier, reply, action)
     return ReportedRecipient(
         address=_bare(address),
         action=action,
@@ -182,6 +198,36 @@ def _recipient(block: Mapping[str, str], classifier: Classifier) -> ReportedReci
     )
 
 
+# What a relay reports when it gave up on a transient failure: its last try's trouble.
+_GAVE_UP_ON = frozenset(
+    {
+        BounceCategory.TransientNetwork,
+        BounceCategory.RoutingError,
+        BounceCategory.MailSystemError,
+        BounceCategory.RateLimited,
+        BounceCategory.Other,
+        BounceCategory.Expired,
+    }
+)
+
+
+def classify_reported(classifier: Classifier, reply: Reply, action: str) -> Classification:
+    """The verdict on a reply that a DSN reports with ``action``.
+
+    A relay that reports a reply with Action ``failed`` has given up: the failure is final
+    (permanent), even where Epoxi itself would retry (a full mailbox). When the reply was a
+    transient (4xx) one about the network, the remote system or volume, the relay gave up
+    after its queue lifetime: the reason is that the delivery expired.
+    """
+    verdict = classifier.classify(reply)
+    if action != "failed" or verdict.permanent:
+        return verdict
+    if reply.code >= 500:  # e.g. a full mailbox: retried by the relay, which gave up now
+        return Classification(verdict.category, True, verdict.rule)
+    category = BounceCategory.Expired if verdict.category in _GAVE_UP_ON else verdict.category
+    return Classification(category, True, f"gave-up:{verdict.rule}")
+
+
 _ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 
 
@@ -192,7 +238,9 @@ def _action(value: str) -> str:
 
 
 _STATUS = re.compile(r"(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?![\d.])")
-_REPLY = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?(?![\d.])")
+# A reply code stands alone: not inside an id such as "_NextPart_000_01C276B8".
+_REPLY = re.compile(r"(?<![\w.])([245]\d\d)(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?(?![\w.])")
+_CLOSING = re.compile(r"\s*[\])]")
 
 
 def _status_code(value: str) -> str:
@@ -214,7 +262,12 @@ def _reply_of(diagnostic: str, status: str, action: str) -> Reply:
     enhanced = (found.group(2) if found else None) or _status_code(diagnostic) or status
     if code < 400:
         code = _code_for(enhanced, permanent=action != "delayed")
-    text = diagnostic[found.end() :].strip(" :-") if found else diagnostic
+    if found is None:
+        text = diagnostic
+    elif _CLOSING.match(diagnostic, found.end()):  # "... mailbox unavailable [Error Code 550]"
+        text = diagnostic[: found.start()].strip(" :-[(")
+    else:
+        text = diagnostic[found.end() :].strip(" :-")
     return Reply(code, enhanced, text)
 
 
@@ -366,6 +419,11 @@ def _text_recipient(
         category=verdict.category,
         permanent=permanent,
     )
+
+
+def _named(address: str, text: str) -> bool:
+    bare = _bare(address).lower()
+    return bool(bare) and bare in text.lower()
 
 
 def _near(address: str, text: str) -> str:
