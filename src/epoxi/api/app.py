@@ -18,6 +18,7 @@ from epoxi.api.context import ApiContext, context
 from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.api.provider_routes import provider_events
+from epoxi.api.quarantine_routes import admin_quarantine_router
 from epoxi.api.sink_routes import admin_sink_router
 from epoxi.api.suppressions import suppressions_router
 from epoxi.api.webhook_routes import admin_webhook_router, webhook_router
@@ -110,6 +111,7 @@ def build_app(ctx: ApiContext) -> Litestar:
             webhook_router,
             admin_webhook_router,
             admin_sink_router,
+            admin_quarantine_router,
             suppressions_router,
             provider_events,
         ],
