@@ -6,8 +6,10 @@ bounce domain keeps none: an empty list, and every name is unknown."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
+import msgspec
 from litestar import Request, Router, delete, get
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, QueryParameter
@@ -17,6 +19,8 @@ from epoxi.api.problems import problem_responses
 from epoxi.api_types import QuarantinedReport, QuarantineList
 from epoxi.ingest.feedback import Kept, Quarantine
 from epoxi.store.keys import Scope
+
+T = TypeVar("T")
 
 RFC822 = "message/rfc822"
 
@@ -44,10 +48,7 @@ async def reports(
     summary="One report as received (message/rfc822)",
 )
 async def report(request: Request[Any, Any, Any], name: FromPath[str]) -> bytes:
-    data = await asyncio.to_thread(_quarantine(request, name).read, name)
-    if data is None:
-        raise _unknown(name)
-    return data
+    return await _named(request, name, Quarantine.read)
 
 
 @delete(
@@ -57,31 +58,22 @@ async def report(request: Request[Any, Any, Any], name: FromPath[str]) -> bytes:
     summary="Delete a report",
 )
 async def remove(request: Request[Any, Any, Any], name: FromPath[str]) -> QuarantinedReport:
-    kept = await asyncio.to_thread(_quarantine(request, name).remove, name)
-    if kept is None:
-        raise _unknown(name)
-    return _shown(kept)
+    return _shown(await _named(request, name, Quarantine.remove))
 
 
-def _quarantine(request: Request[Any, Any, Any], name: str) -> Quarantine:
+async def _named(
+    request: Request[Any, Any, Any], name: str, work: Callable[[Quarantine, str], T | None]
+) -> T:
+    """``work`` done on the named report in a thread; 404 when there is no such report."""
     quarantine = context(request).quarantine
-    if quarantine is None:
-        raise _unknown(name)
-    return quarantine
-
-
-def _unknown(name: str) -> NotFoundException:
-    return NotFoundException(f"no report {name!r} in the quarantine")
+    done = None if quarantine is None else await asyncio.to_thread(work, quarantine, name)
+    if done is None:
+        raise NotFoundException(f"no report {name!r} in the quarantine")
+    return done
 
 
 def _shown(kept: Kept) -> QuarantinedReport:
-    return QuarantinedReport(
-        name=kept.name,
-        kind=kept.kind,
-        queue_id=kept.queue_id,
-        size=kept.size,
-        kept_at=kept.kept_at,
-    )
+    return msgspec.convert(kept, QuarantinedReport, from_attributes=True)
 
 
 admin_quarantine_router = Router(
