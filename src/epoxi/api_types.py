@@ -606,3 +606,38 @@ class TemplateVersions(msgspec.Struct, kw_only=True):
 class TemplateDeleted(msgspec.Struct, kw_only=True):
     id: str
     versions: int
+class SinkInfo(msgspec.Struct, kw_only=True):
+    """A broker sink (``[[events.sinks]]``), over all the node's workers."""
+
+    name: str
+    kind: str  # rabbitmq, nats, redis
+    url: str  # without its password
+    types: list[str]  # the event types it sends; empty: all
+    tenants: list[str]  # the tenants whose events it sends; empty: all
+    workers: int  # workers running it (each has its own backlog and connection)
+    connected: int  # of those, connected to the broker
+    backlog: int  # events waiting, in all the workers' backlogs
+    backlog_limit: int  # each worker's backlog holds up to this many (the oldest dropped)
+    dropped: int  # events dropped from a full backlog since start
+    published: int  # events the broker acknowledged since start
+    last_error: str | None  # the latest failure of any worker
+    last_error_at: float | None
+
+
+class SinkList(msgspec.Struct, kw_only=True):
+    sinks: list[SinkInfo]
+
+
+class QuarantinedReport(msgspec.Struct, kw_only=True):
+    """A report kept in the feedback mailbox's quarantine (data_dir/bounces)."""
+
+    name: str  # the file name: <ns>-<kind>-<queue id>.eml
+    kind: str  # dsn, arf, autoreply, none
+    queue_id: str  # the id Epoxi gave the report when it came in
+    size: int  # octets
+    kept_at: float
+
+
+class QuarantineList(msgspec.Struct, kw_only=True):
+    reports: list[QuarantinedReport]  # newest first
+    total: int  # reports kept (the list stops at the limit)

@@ -330,6 +330,8 @@ class Epoxi:
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
+            sinks=self.sinks,
+            quarantine=self.ingest.feedback.quarantine if self.ingest.feedback else None,
         )
 
     def _node_gauges(self) -> dict[str, tuple[str, float]]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import smtplib
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -258,6 +261,18 @@ async def api(make_world: MakeWorld) -> AsyncIterator[Api]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+async def run_cli(client: httpx.AsyncClient, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``epoxi ARGS --url`` the client's node, in a subprocess, wide enough that a table's
+    rows stay on one line each."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "epoxi", *args, "--url", str(client.base_url)],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
 
 
 def message_request(**message: Any) -> dict[str, Any]:

@@ -438,4 +438,8 @@ async def test_health_ping_metrics_and_docs(api: Api) -> None:
     schema = (await client.get("/docs/openapi.json")).json()
     assert schema["openapi"].startswith("3.1")
     assert "/messages" in schema["paths"] and "/admin/suspend" in schema["paths"]
+    assert {"/admin/sinks", "/admin/quarantine", "/admin/quarantine/{name}"} <= set(schema["paths"])
+    one = schema["paths"]["/admin/quarantine/{name}"]
+    assert "message/rfc822" in one["get"]["responses"]["200"]["content"]
+    assert set(one) >= {"get", "delete"}
     assert (await client.get("/docs")).status_code == 200

@@ -1037,6 +1037,10 @@ ROUTES: list[tuple[str, str, Any, Scope, int]] = [
     ("POST", "/admin/bounce", {"domain": "zz.test"}, Scope.ADMIN, 200),
     ("POST", "/admin/retry", {"domain": "zz.test"}, Scope.ADMIN, 200),
     ("GET", "/admin/messages/NOSUCHID", None, Scope.ADMIN, 404),
+    ("GET", "/admin/sinks", None, Scope.ADMIN, 200),
+    ("GET", "/admin/quarantine", None, Scope.ADMIN, 200),
+    ("GET", "/admin/quarantine/1-dsn-NOSUCHID.eml", None, Scope.ADMIN, 404),
+    ("DELETE", "/admin/quarantine/1-dsn-NOSUCHID.eml", None, Scope.ADMIN, 404),
 ]
 OPEN_ROUTES = ("/ping", "/health/live", "/health/ready", "/docs/openapi.json")
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import aio_pika
 import aio_pika.abc
+import httpx
 import nats
 import nats.errors
 import nats.js
@@ -30,7 +31,9 @@ from nats.js.api import ConsumerConfig
 from epoxi.events.outbound import event_of
 from epoxi.events.records import RecordType
 from tests.conftest import EpoxiProcess, eventually, free_port
-from tests.e2e.conftest import Api, MakeWorld, World, send
+from tests.e2e.conftest import Api, MakeWorld, World, run_cli, send
+from tests.e2e.test_webhooks import until
+from tests.e2e.test_workers import api as worker_api
 from tests.e2e.test_workers import send_to_every_worker
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
@@ -327,6 +330,84 @@ async def test_a_broker_cut_off_mid_run_slows_no_mail_and_gets_its_events_later(
         await proxy.cut()
 
 
+# --------------------------------------------------------------------- GET /admin/sinks
+
+
+async def sinks_of(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    reply = await client.get("/admin/sinks")
+    assert reply.status_code == 200, reply.text
+    return {s["name"]: s for s in reply.json()["sinks"]}
+
+
+@pytest.mark.parametrize("consumer", ["redis"], indirect=True)
+async def test_admin_sinks_shows_a_working_sink_and_one_whose_broker_is_away(
+    consumer: RedisConsumer, api: Api
+) -> None:
+    away_port = free_port()  # nothing listens there
+    away = {
+        "name": "away",
+        "kind": "redis",
+        "url": f"redis://user:secret@127.0.0.1:{away_port}/0",
+        "types": ["reception"],
+        "backlog": 5,
+        "retry_max": 0.5,
+    }
+    world, client = await api(events={"sinks": [sink(consumer, tenants=[]), away]})
+    await send(world, ["x@a.test"], count=3)
+    await world.wait_records(RecordType.DELIVERY, 3)
+    await received(consumer, 6)
+
+    async def settled() -> bool:
+        found = await sinks_of(client)
+        return found["bus"]["published"] >= 6 and found["away"]["last_error"] is not None
+
+    await until(settled, what="a published count and an error")
+    found = await sinks_of(client)
+    bus = found["bus"]
+    assert (bus["kind"], bus["url"], bus["types"], bus["tenants"]) == (
+        "redis",
+        REDIS,
+        ["reception", "delivery"],
+        [],
+    )
+    assert (bus["workers"], bus["connected"], bus["backlog"], bus["dropped"]) == (1, 1, 0, 0)
+    assert bus["last_error"] is None and bus["backlog_limit"] == 100_000
+    gone = found["away"]
+    assert gone["url"] == f"redis://user:<hidden>@127.0.0.1:{away_port}/0"
+    assert (gone["connected"], gone["backlog"], gone["published"]) == (0, 3, 0)
+    assert f"redis://user:<hidden>@127.0.0.1:{away_port}" in gone["last_error"]
+    assert gone["last_error_at"] > time.time() - 60 and "secret" not in str(found)
+
+    await send(world, ["x@a.test"], count=4)  # the backlog grows to its limit, then drops
+    await eventually(
+        lambda: world.app.sinks[1].waiting == 5 and world.app.sinks[1].dropped == 2,
+        what="a full backlog",
+    )
+    gone = (await sinks_of(client))["away"]
+    assert (gone["backlog"], gone["backlog_limit"], gone["dropped"]) == (5, 5, 2)
+
+    shown = await run_cli(client, "sinks", "ls")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.decode().splitlines()
+    away_line = next(line for line in lines if "│ away" in line)
+    assert "0/1" in away_line and "5/5" in away_line and "cannot connect to redis" in away_line
+    bus_line = next(line for line in lines if "│ bus" in line)
+    assert "1/1" in bus_line and "0/100000" in bus_line and "reception, delivery" in bus_line
+    as_json = await run_cli(client, "sinks", "ls", "--json")
+    listed = json.loads(as_json.stdout)["sinks"]  # the API's answer
+    assert [(s["name"], s["connected"], s["backlog"]) for s in listed] == [
+        ("bus", 1, 0),
+        ("away", 0, 5),
+    ]
+
+
+async def test_admin_sinks_without_sinks_is_an_empty_list(api: Api) -> None:
+    _, client = await api()
+    assert await sinks_of(client) == {}
+    shown = await run_cli(client, "sinks", "ls")
+    assert shown.returncode == 0 and b"no sinks" in shown.stdout
+
+
 # --------------------------------------------------------------------- epoxi serve
 
 
@@ -359,6 +440,17 @@ async def test_each_worker_has_its_backlog_and_events_kept_at_stop_go_out_after_
         ids = await send_to_every_worker(process, 2, 10)
         files = [process.data_dir / "sinks" / f"bus-{i}.db" for i in (0, 1)]
         await eventually(lambda: backlog_count(files) == len(ids), 15, "receptions in backlogs")
+
+        async def both_shown() -> bool:
+            reply = await asyncio.to_thread(worker_api, process, "GET", "/admin/sinks")
+            (bus,) = reply.json()["sinks"]
+            counts = (bus["workers"], bus["connected"], bus["backlog"])
+            error = bus["last_error"] or ""
+            return counts == (2, 0, len(ids)) and "cannot connect to redis://127.0.0.1:" in error
+
+        await until(both_shown, what="/admin/sinks adding up both workers")
+        for _ in range(4):  # whichever worker answers, it answers for both
+            assert await both_shown()
         assert process.stop() == 0
         assert backlog_count(files) == len(ids)  # kept at stop, for the next start
 

@@ -246,6 +246,10 @@ async def test_unreachable_server_says_what_to_do(cli: Cli) -> None:
         ["suppressions", "rm"],
         ["suppressions", "import"],
         ["suppressions", "export"],
+        ["sinks", "ls"],
+        ["bounce", "quarantine", "ls"],
+        ["bounce", "quarantine", "show"],
+        ["bounce", "quarantine", "rm"],
     ],
 )
 async def test_every_command_explains_itself(command: list[str]) -> None:

@@ -22,6 +22,8 @@ from epoxi.api_types import (
     PoolList,
     ReadyQueueInfo,
     ScheduledQueueInfo,
+    SinkInfo,
+    SinkList,
     SourceInfo,
     SuspensionInfo,
     Totals,
@@ -123,7 +125,31 @@ POOLS = PoolList(
         )
     ]
 )
-ANSWERS = {"/admin/pipelines": PIPELINES, "/messages/m1": STATUS, "/admin/pools": POOLS}
+SINKS = SinkList(
+    sinks=[
+        SinkInfo(
+            name="bus",
+            kind="redis",
+            url="redis://127.0.0.1:6379/0",
+            types=["delivery", "bounce"],
+            tenants=["acme"],
+            workers=2,
+            connected=1,
+            backlog=12,
+            backlog_limit=100_000,
+            dropped=3,
+            published=40,
+            last_error=EVIL,
+            last_error_at=1764584830.0,
+        )
+    ]
+)
+ANSWERS = {
+    "/admin/pipelines": PIPELINES,
+    "/messages/m1": STATUS,
+    "/admin/pools": POOLS,
+    "/admin/sinks": SINKS,
+}
 
 
 class Api(BaseHTTPRequestHandler):
@@ -188,3 +214,12 @@ def test_json_output_escapes_and_parses(url: str, args: tuple[str, ...]) -> None
     assert "\\u001b[31m\\u202e[bold]" in output
     answer = ANSWERS["/admin/pipelines" if args[0] == "queue" else "/messages/m1"]
     assert json.loads(output) == json.loads(msgspec.json.encode(answer))
+
+
+def test_sinks_ls_prints_each_sink_with_its_counts(url: str) -> None:
+    output = run("sinks", "ls", "--url", url)
+    assert_escaped(output, 1)
+    row = next(line for line in output.splitlines() if "bus" in line)
+    shown = ("redis://127.0.0.1:6379/0", "delivery, bounce; tenants acme", "1/2", "12/100000")
+    for part in (*shown, "2025-12-01 10:27:10"):
+        assert part in row, (part, row)

@@ -153,6 +153,25 @@ def test_quarantine_keeps_the_newest(tmp_path: Path) -> None:
     assert Quarantine(tmp_path / "none", 0).keep(b"x", "dsn", "Q") is None
 
 
+def test_quarantine_lists_reads_and_removes_only_its_own_names(tmp_path: Path) -> None:
+    quarantine = Quarantine(tmp_path / "bounces", 10)
+    assert quarantine.newest(5) == ([], 0)  # no directory yet
+    paths = [quarantine.keep(f"m{n}".encode(), kind, f"Q{n}") for n, kind in enumerate("ab")]
+    (tmp_path / "bounces" / "notes.txt").write_text("not a report")
+    (tmp_path / "1-dsn-OUT.eml").write_bytes(b"outside")
+    found, total = quarantine.newest(1)
+    assert total == 2 and [(k.kind, k.queue_id, k.size) for k in found] == [("b", "Q1", 2)]
+    assert paths[1] is not None and found[0].name == paths[1].name
+    assert quarantine.read(paths[1].name) == b"m1"
+    for name in ("../1-dsn-OUT.eml", "1-dsn-OUT.eml/..", "/etc/passwd", "notes.txt", ""):
+        assert quarantine.find(name) is None and quarantine.read(name) is None
+        assert quarantine.remove(name) is None
+    removed = quarantine.remove(paths[1].name)
+    assert removed is not None and removed.queue_id == "Q1" and not paths[1].exists()
+    assert quarantine.remove(paths[1].name) is None and quarantine.newest(5)[1] == 1
+    assert (tmp_path / "1-dsn-OUT.eml").exists()
+
+
 async def test_ingest_hands_reports_to_the_mailbox_and_queues_nothing(tmp_path: Path) -> None:
     box, records = mailbox(tmp_path)
     spool = MemorySpool()

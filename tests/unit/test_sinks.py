@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ async def test_a_broker_away_fills_the_backlog_then_the_oldest_are_dropped_and_c
             sink.feed(r)
         await eventually(lambda: sink.dropped == 15, what="15 events dropped")
     assert sink.waiting == 10 and not sink.connected
+    assert sink.last_error == "sink fake: cannot connect to fake://"
+    assert sink.last_error_at is not None and abs(sink.last_error_at - time.time()) < 60
     assert any("dropped the 15 oldest" in m for m in caplog.messages), caplog.messages
     metrics = Metrics([], [SinkMetrics([sink])]).text().decode()
     assert 'epoxi_sink_dropped_events_total{sink="fake"} 15.0' in metrics

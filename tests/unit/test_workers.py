@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from epoxi.api.peers import merge_health, merge_pipelines
+from epoxi.api.peers import merge_health, merge_pipelines, merge_sinks
 from epoxi.api_types import (
     Health,
     PipelineHealth,
     Pipelines,
     ReadyQueueInfo,
     ScheduledQueueInfo,
+    SinkInfo,
+    SinkList,
     SuspensionInfo,
     Totals,
 )
@@ -225,6 +227,37 @@ def test_pipelines_of_workers_add_up_queue_by_queue() -> None:
     assert (ready.queued, ready.connections, ready.connects, ready.deliveries) == (7, 1, 2, 7)
     assert ready.last_error_at == 7.0  # the latest error
     assert len(merged.suspensions) == 1  # the same suspension on both workers
+
+
+def test_sinks_of_workers_add_up_and_the_last_error_is_the_latest() -> None:
+    def worker(connected: int, backlog: int, error_at: float | None) -> SinkList:
+        sink = SinkInfo(
+            name="bus",
+            kind="redis",
+            url="redis://h/0",
+            types=[],
+            tenants=[],
+            workers=1,
+            connected=connected,
+            backlog=backlog,
+            backlog_limit=100,
+            dropped=backlog // 10,
+            published=5,
+            last_error=f"failed at {error_at}" if error_at else None,
+            last_error_at=error_at,
+        )
+        return SinkList(sinks=[sink])
+
+    (merged,) = merge_sinks([worker(1, 0, 3.0), worker(0, 40, 9.0), worker(1, 20, None)]).sinks
+    assert (merged.workers, merged.connected, merged.backlog, merged.backlog_limit) == (
+        3,
+        2,
+        60,
+        100,
+    )
+    assert (merged.dropped, merged.published) == (6, 15)
+    assert (merged.last_error, merged.last_error_at) == ("failed at 9.0", 9.0)
+    assert merge_sinks([]).sinks == []
 
 
 def test_a_queue_fails_only_where_no_worker_has_a_connection() -> None:

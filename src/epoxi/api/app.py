@@ -19,6 +19,8 @@ from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.platform_routes import template_router, tenant_router
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.api.provider_routes import provider_events
+from epoxi.api.quarantine_routes import admin_quarantine_router
+from epoxi.api.sink_routes import admin_sink_router
 from epoxi.api.suppressions import suppressions_router
 from epoxi.api.webhook_routes import admin_webhook_router, webhook_router
 from epoxi.api_types import ReadyStatus, Strict
@@ -109,6 +111,8 @@ def build_app(ctx: ApiContext) -> Litestar:
             admin_router,
             webhook_router,
             admin_webhook_router,
+            admin_sink_router,
+            admin_quarantine_router,
             suppressions_router,
             provider_events,
             tenant_router,

@@ -12,7 +12,9 @@ from epoxi.admin import Admin
 from epoxi.api.peers import Peers
 from epoxi.config import Settings
 from epoxi.events.records import Record
+from epoxi.ingest.feedback import Quarantine
 from epoxi.message import MessageMeta
+from epoxi.sinks.sink import BrokerSink
 from epoxi.store.keys import KeyStore
 from epoxi.store.platform import PlatformStore
 from epoxi.store.status import StatusStore
@@ -37,6 +39,8 @@ class ApiContext:
     platform: PlatformStore  # tenants and templates
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
+    sinks: list[BrokerSink] = field(default_factory=list)  # GET /admin/sinks
+    quarantine: Quarantine | None = None  # the feedback mailbox's (a bounce domain is set)
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
 

@@ -28,6 +28,8 @@ from epoxi.api_types import (
     ProviderAllowance,
     ReadyQueueInfo,
     ScheduledQueueInfo,
+    SinkInfo,
+    SinkList,
     SourceInfo,
     SuspensionInfo,
     Totals,
@@ -287,3 +289,27 @@ def _add_warmups(same: list[WarmupInfo], counts: tuple[int, int, int]) -> Warmup
 
 def _add_allowed(allowed: list[int | None]) -> int | None:
     return None if any(a is None for a in allowed) else sum(a for a in allowed if a is not None)
+
+
+def merge_sinks(parts: list[SinkList]) -> SinkList:
+    """Every worker runs every sink, each with its own backlog and connection: the counts add
+    up (workers, connected, backlog, dropped, published); the last error is the latest."""
+    same: dict[str, list[SinkInfo]] = {}
+    for part in parts:
+        for sink in part.sinks:
+            same.setdefault(sink.name, []).append(sink)
+    return SinkList(sinks=[_add_sinks(found) for found in same.values()])
+
+
+def _add_sinks(same: list[SinkInfo]) -> SinkInfo:
+    latest = max(same, key=lambda s: s.last_error_at or 0.0)
+    return msgspec.structs.replace(
+        same[0],
+        workers=sum(s.workers for s in same),
+        connected=sum(s.connected for s in same),
+        backlog=sum(s.backlog for s in same),
+        dropped=sum(s.dropped for s in same),
+        published=sum(s.published for s in same),
+        last_error=latest.last_error,
+        last_error_at=latest.last_error_at,
+    )

@@ -1,26 +1,42 @@
-"""``epoxi bounce parse``: the inbound report parser over files, for operators and scripts."""
+"""``epoxi bounce parse``: the inbound report parser over files, for operators and scripts;
+``epoxi bounce quarantine``: the reports a running node kept."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
+from epoxi.api_types import QuarantinedReport, QuarantineList
 from epoxi.bounce.classify import Classifier
 from epoxi.bounce.inbound import Kind, Report, parse
 from epoxi.bounce.verp import ForgedToken, Verp, existing_key
+from epoxi.cli.client import DEFAULT_URL
 from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
-from epoxi.cli.show import echo
+from epoxi.cli.remote import AsJson, Key, Url, _api, _time
+from epoxi.cli.show import add_row, echo, print_json, show, table
 from epoxi.config import Settings
-from epoxi.text import printable_json
+from epoxi.text import printable, printable_json
 
 bounce_app = typer.Typer(
     help="Inbound bounces and complaints: read DSNs, ARF reports and auto-replies.",
     no_args_is_help=True,
     rich_markup_mode=PLAIN_HELP,
 )
+quarantine_app = typer.Typer(
+    help="The reports a running node kept (data_dir/bounces): list, print, delete.",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+bounce_app.add_typer(quarantine_app, name="quarantine")
+
+ReportName = Annotated[
+    str, typer.Argument(help="The report's file name (`epoxi bounce quarantine ls`).")
+]
 
 
 @bounce_app.command("parse")
@@ -123,3 +139,65 @@ def human(summary: dict[str, Any]) -> str:
         if r["diagnostic"]:
             lines.append(f"    {r['diagnostic']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- the quarantine
+
+
+@quarantine_app.command("ls")
+def quarantine_ls(
+    limit: Annotated[int, typer.Option(help="Show at most this many, the newest.")] = 50,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """List the reports kept, newest first: when, file name, kind (dsn, arf, autoreply,
+    none), the queue id the report got when it came in, and its size."""
+    with _api(url, key) as client:
+        found = client.typed(
+            QuarantineList, "GET", "/admin/quarantine", params={"limit": str(limit)}
+        )
+    if as_json:
+        print_json(found)
+        return
+    if not found.reports:
+        echo("no reports kept")
+        return
+    title = f"{len(found.reports)} of {found.total} reports kept"
+    kept = table("kept", "name", "kind", "queue id", "size", title=title)
+    for report in found.reports:
+        add_row(kept, _time(report.kept_at), report.name, report.kind, report.queue_id, report.size)
+    show(kept)
+
+
+@quarantine_app.command("show")
+def quarantine_show(
+    name: ReportName,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report to this file.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """Print a report as it was received. Piped or written with -o, its bytes are exactly
+    the report's; on a terminal, control characters are spelled out (\\x1b ...)."""
+    with _api(url, key) as client:
+        data = client.octets("GET", f"/admin/quarantine/{quote(name, safe='')}")
+    if output is not None:
+        output.write_bytes(data)
+    elif sys.stdout.isatty():
+        for line in data.decode("utf-8", "replace").splitlines():
+            typer.echo(printable(line))
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+@quarantine_app.command("rm")
+def quarantine_rm(name: ReportName, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Delete a report from the quarantine."""
+    with _api(url, key) as client:
+        gone = client.typed(
+            QuarantinedReport, "DELETE", f"/admin/quarantine/{quote(name, safe='')}"
+        )
+    echo(f"removed {gone.name} ({gone.kind}, {gone.size} octets)")

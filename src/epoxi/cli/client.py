@@ -66,10 +66,20 @@ class ApiClient:
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
     ) -> Any:
+        reply = self._request(
+            method, path, json=json, params=params, headers=headers, content=content
+        )
+        if reply.headers.get("content-type", "").startswith("application/json"):
+            return reply.json()
+        return reply.text
+
+    def octets(self, method: str, path: str) -> bytes:
+        """A call whose answer is taken as it is (a message, say), not decoded."""
+        return self._request(method, path).content
+
+    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
         try:
-            reply = self._http.request(
-                method, path, json=json, params=params, headers=headers, content=content
-            )
+            reply = self._http.request(method, path, **options)
         except httpx.HTTPError as exc:
             raise ApiCallError(
                 f"cannot reach Epoxi at {self.url} ({exc}); is `epoxi serve` running? "
@@ -77,9 +87,7 @@ class ApiClient:
             ) from exc
         if reply.status_code >= 400:
             raise ApiCallError(_describe(reply), reply.status_code)
-        if reply.headers.get("content-type", "").startswith("application/json"):
-            return reply.json()
-        return reply.text
+        return reply
 
     def typed(self, kind: type[T], method: str, path: str, **options: Any) -> T:
         """A call whose JSON reply is decoded into ``kind``, one of the daemon's own types."""

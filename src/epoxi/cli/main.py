@@ -21,6 +21,7 @@ from epoxi.cli.logs import configure_logging
 from epoxi.cli.remote import pool_app, queue_app, send, status
 from epoxi.cli.shaping import shaping_app
 from epoxi.cli.show import echo
+from epoxi.cli.sinks import sinks_app
 from epoxi.cli.suppressions import suppressions_app
 from epoxi.cli.webhooks import webhooks_app
 from epoxi.config import load_settings, parse_workers
@@ -50,6 +51,7 @@ app.add_typer(dkim_app, name="dkim")
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(bounce_app, name="bounce")
 app.add_typer(suppressions_app, name="suppressions")
+app.add_typer(sinks_app, name="sinks")
 app.command()(send)
 app.command()(status)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,9 +37,26 @@ log = logging.getLogger(__name__)
 
 UNCONFIRMED = "recipient not confirmed: the VERP token names another"
 
+# What Quarantine.keep names a file; any other name (a path, "..") names no report
+_KEPT_NAME = re.compile(r"([0-9]{1,20})-([a-z]{1,16})-([0-9A-Za-z]{1,64})\.eml")
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A report in the quarantine."""
+
+    name: str
+    kind: str
+    queue_id: str
+    size: int
+    kept_at: float
+
 
 class Quarantine:
-    """The last ``size`` reports, one file each (``<ns>-<kind>-<id>.eml``), oldest dropped."""
+    """The last ``size`` reports, one file each (``<ns>-<kind>-<id>.eml``), oldest dropped.
+
+    The calls block (call them in a thread). Only names ``keep`` makes are read or removed,
+    so a name from a request cannot reach a file outside the directory."""
 
     def __init__(self, directory: Path, size: int) -> None:
         self.directory = directory
@@ -62,6 +80,49 @@ class Quarantine:
         kept = sorted(p for p in self.directory.iterdir() if p.suffix == ".eml")
         for path in kept[: max(0, len(kept) - self.size)]:
             path.unlink(missing_ok=True)
+
+    def newest(self, limit: int) -> tuple[list[Kept], int]:
+        """The ``limit`` newest reports, newest first, and how many are kept."""
+        try:
+            names = sorted(
+                (n for n in os.listdir(self.directory) if _KEPT_NAME.fullmatch(n)), reverse=True
+            )
+        except FileNotFoundError:  # nothing kept yet
+            return [], 0
+        found = [kept for kept in map(self.find, names[:limit]) if kept is not None]
+        return found, len(names)
+
+    def find(self, name: str) -> Kept | None:
+        """The report of that name; None when there is none (or the name is not one)."""
+        match = _KEPT_NAME.fullmatch(name)
+        if match is None:
+            return None
+        try:
+            size = (self.directory / name).stat().st_size
+        except FileNotFoundError:
+            return None
+        ns, kind, queue_id = match.groups()
+        return Kept(name, kind, queue_id, size, int(ns) / 1e9)
+
+    def read(self, name: str) -> bytes | None:
+        """The report's bytes as received; None when there is no such report."""
+        if self.find(name) is None:
+            return None
+        try:
+            return (self.directory / name).read_bytes()
+        except FileNotFoundError:  # trimmed meanwhile
+            return None
+
+    def remove(self, name: str) -> Kept | None:
+        """Delete the report; returns what it was, None when there was none."""
+        kept = self.find(name)
+        if kept is None:
+            return None
+        try:
+            (self.directory / name).unlink()
+        except FileNotFoundError:
+            return None
+        return kept
 
 
 @dataclass(frozen=True, slots=True)

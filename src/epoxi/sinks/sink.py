@@ -70,6 +70,8 @@ class BrokerSink:
         self.waiting = 0  # events in the backlog
         self.dropped = 0  # events dropped from a full backlog since start
         self.published = 0  # events the broker acknowledged since start
+        self.last_error: str | None = None  # the latest failure, without any password
+        self.last_error_at: float | None = None  # and when (wall clock)
 
     # ------------------------------------------------------------ the hot path
 
@@ -117,9 +119,10 @@ class BrokerSink:
                 return
             try:
                 await self.turn()
-            except Exception:  # a full disk, a bug: must not end the sink; logged once
+            except Exception as exc:  # a full disk, a bug: must not end the sink; logged once
                 if not failing:
                     log.exception("sink %s: turn failed; trying again", self.name)
+                self._note(f"sink {self.name}: turn failed: {hidden_url(str(exc))}")
                 failing = True
             else:
                 failing = False
@@ -194,8 +197,12 @@ class BrokerSink:
 
     def _failed(self, exc: BrokerUnavailable) -> None:
         log.warning("%s; %d events wait, next try in %.1fs", exc, self.waiting, self._retry_delay)
+        self._note(str(exc))
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, max(RETRY_MIN, self.settings.retry_max))
+
+    def _note(self, error: str) -> None:
+        self.last_error, self.last_error_at = error, time.time()
 
     async def _call(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work)
