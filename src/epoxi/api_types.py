@@ -606,6 +606,8 @@ class TemplateVersions(msgspec.Struct, kw_only=True):
 class TemplateDeleted(msgspec.Struct, kw_only=True):
     id: str
     versions: int
+
+
 class SinkInfo(msgspec.Struct, kw_only=True):
     """A broker sink (``[[events.sinks]]``), over all the node's workers."""
 
