@@ -536,6 +536,7 @@ class TenantIn(Strict):
     name: Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
     default_pool: Label | None = None
     dkim_domain: Annotated[str, Meta(max_length=253)] = ""
+    sender: Address | None = None  # the From of its /send mail when a request names none
     requests_per_second: Rate = 0.0
     recipients_per_day: DailyRecipients = 0
 
@@ -549,6 +550,7 @@ class TenantPatch(Strict):
     status: TenantStatus | None = None
     default_pool: Label | None = None
     dkim_domain: Annotated[str, Meta(max_length=253)] | None = None
+    sender: Address | None = None
     requests_per_second: Rate | None = None
     recipients_per_day: DailyRecipients | None = None
 
@@ -576,13 +578,16 @@ class TemplateVersionIn(Strict):
     activate: bool = False
 
 
+Version = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+
+
 class ActivateIn(Strict):
-    version: Annotated[int, Meta(ge=1)]
+    version: Version
 
 
 class RenderIn(Strict):
     variables: dict[str, Any] = msgspec.field(default_factory=dict)
-    version: Annotated[int, Meta(ge=1)] | None = None  # the active one when not given
+    version: Version | None = None  # the active one when not given
 
 
 class Rendering(msgspec.Struct, kw_only=True):
@@ -643,3 +648,32 @@ class QuarantinedReport(msgspec.Struct, kw_only=True):
 class QuarantineList(msgspec.Struct, kw_only=True):
     reports: list[QuarantinedReport]  # newest first
     total: int  # reports kept (the list stops at the limit)
+
+
+class RecipientIn(Strict):
+    email: Address
+    name: Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] = ""
+
+
+class TemplateSend(Strict, kw_only=True):
+    """``POST /send`` (the Mailsystem seed's body)."""
+
+    tenant_id: Label | None = None  # a tenant-bound key's own tenant when not given
+    recipient: RecipientIn
+    template_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    template_version: Version | None = None  # the active version when not given
+    variables: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], Meta(max_length=100)] = msgspec.field(default_factory=dict)
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    send_at: datetime | None = None
+    from_: Address | None = msgspec.field(default=None, name="from")  # else the tenant's sender
+    campaign: Label | None = None
+    ip_pool: Label | None = None  # else the tenant's default pool
+
+
+class TemplateSent(msgspec.Struct, kw_only=True):
+    email_id: str
+    status: Literal["queued", "scheduled", "suppressed"]
+    template_id: str
+    template_version: int
+    idempotency_reused: bool = False

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
+from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
 from tests.e2e.conftest import Api, World
@@ -173,3 +176,117 @@ async def test_one_tenant_never_sees_or_changes_anothers(
     assert [t["tenant_id"] for t in listed] == ["tenant-1"]
     everyone = (await client.get("/templates", headers={"Authorization": f"Bearer {ops}"})).json()
     assert {t["tenant_id"] for t in everyone["templates"]} == {"tenant-1", "tenant-2"}
+
+
+SEND = {
+    "tenant_id": "tenant-1",
+    "recipient": {"email": "alice@a.test", "name": "Alice"},
+    "template_id": "",
+    "variables": {"name": "Alice", "code": "X7"},
+    "metadata": {"source": "api", "order": 42},
+    "idempotency_key": "mail-001",
+}
+
+
+async def _seeded(client: httpx.AsyncClient) -> str:
+    """The seed's tenant (with a sender) and template; the template's id."""
+    tenant = {"id": "tenant-1", "name": "Tenant 1", "sender": "Shop <shop@sender.test>"}
+    assert (await client.post("/tenants", json=tenant)).status_code == 201
+    made = await client.post("/templates", json=SEED_TEMPLATE)
+    template_id: str = made.json()["id"]
+    return template_id
+
+
+async def test_send_renders_the_active_template_and_delivers_it(
+    node: tuple[World, httpx.AsyncClient],
+) -> None:
+    world, client = node
+    template_id = await _seeded(client)
+    answer = await client.post("/send", json={**SEND, "template_id": template_id})
+    assert answer.status_code == 202, answer.text
+    sent = answer.json()
+    assert (sent["status"], sent["idempotency_reused"], sent["template_version"]) == (
+        "queued",
+        False,
+        1,
+    )
+    (delivered,) = await world.wait_records(
+        RecordType.DELIVERY, 1, where=lambda r: r.message_id == sent["email_id"]
+    )
+    assert (delivered.recipient, delivered.tenant) == ("alice@a.test", "tenant-1")
+    (item,) = [m for sink in world.sinks.values() for m in sink.messages]
+    message = email.message_from_bytes(item.data, policy=email.policy.default)
+    assert message["Subject"] == "Welcome Alice"
+    assert message["From"] == "Shop <shop@sender.test>"
+    assert message["To"] == "Alice <alice@a.test>"
+    html = message.get_body(("html",))
+    text = message.get_body(("plain",))
+    assert html is not None and "<h1>Hello Alice</h1>" in html.get_content()
+    assert text is not None
+    assert text.get_content().replace("\r\n", "\n") == "Hello Alice\n\nYour code: X7\n"
+
+    status = (await client.get(f"/messages/{sent['email_id']}")).json()
+    assert status["tenant"] == "tenant-1"
+
+
+async def test_send_idempotency_suspension_and_errors(
+    node: tuple[World, httpx.AsyncClient],
+) -> None:
+    _, client = node
+    template_id = await _seeded(client)
+    body = {**SEND, "template_id": template_id}
+    first = (await client.post("/send", json=body)).json()
+    again = await client.post("/send", json=body)
+    assert again.status_code == 202
+    assert (again.json()["email_id"], again.json()["idempotency_reused"]) == (
+        first["email_id"],
+        True,
+    )
+    changed = await client.post("/send", json={**body, "variables": {"name": "Bob", "code": 1}})
+    assert changed.status_code == 409 and "different request" in changed.json()["detail"]
+
+    missing = await client.post(
+        "/send", json={**body, "idempotency_key": "k2", "variables": {"name": "A"}}
+    )
+    assert missing.status_code == 422
+    assert missing.json()["errors"][0]["field"] == "variables"
+    assert "code" in missing.json()["detail"]
+
+    later = await client.post(
+        "/send", json={**body, "idempotency_key": "k3", "send_at": "2099-01-01T00:00:00Z"}
+    )
+    assert later.status_code == 202 and later.json()["status"] == "scheduled"
+
+    unknown = await client.post(
+        "/send", json={**body, "idempotency_key": "k4", "template_id": "tpl_x"}
+    )
+    assert unknown.status_code == 404
+    pinned = await client.post(
+        "/send", json={**body, "idempotency_key": "k5", "template_version": 3}
+    )
+    assert pinned.status_code == 404 and "version 3" in pinned.json()["detail"]
+    nobody = await client.post("/send", json={**body, "idempotency_key": "k6", "tenant_id": "zz"})
+    assert nobody.status_code == 422 and nobody.json()["errors"][0]["field"] == "tenant_id"
+
+    await client.post("/tenants", json={"id": "tenant-2", "name": "No sender"})
+    theirs = await client.post("/templates", json={**SEED_TEMPLATE, "tenant_id": "tenant-2"})
+    cross = await client.post(
+        "/send", json={**body, "idempotency_key": "k7", "tenant_id": "tenant-2"}
+    )
+    assert cross.status_code == 404  # tenant-1's template is not tenant-2's
+    no_sender = await client.post(
+        "/send",
+        json={
+            **body,
+            "idempotency_key": "k8",
+            "tenant_id": "tenant-2",
+            "template_id": theirs.json()["id"],
+        },
+    )
+    assert no_sender.status_code == 422 and no_sender.json()["errors"][0]["field"] == "from"
+
+    await client.patch("/tenants/tenant-1", json={"status": "suspended"})
+    refused = await client.post("/send", json={**body, "idempotency_key": "k9"})
+    assert refused.status_code == 403 and "suspended" in refused.json()["detail"]
+    await client.patch("/tenants/tenant-1", json={"status": "active"})
+    assert (await client.post("/send", json={**body, "idempotency_key": "k9"})).status_code == 202

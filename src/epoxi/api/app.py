@@ -20,6 +20,7 @@ from epoxi.api.platform_routes import template_router, tenant_router
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
 from epoxi.api.provider_routes import provider_events
 from epoxi.api.quarantine_routes import admin_quarantine_router
+from epoxi.api.send_routes import send_template
 from epoxi.api.sink_routes import admin_sink_router
 from epoxi.api.suppressions import suppressions_router
 from epoxi.api.webhook_routes import admin_webhook_router, webhook_router
@@ -117,6 +118,7 @@ def build_app(ctx: ApiContext) -> Litestar:
             provider_events,
             tenant_router,
             template_router,
+            send_template,
         ],
         guards=[authorize],
         before_request=_require_json_body,

@@ -55,6 +55,7 @@ async def create_tenant(request: Request[Any, Any, Any], data: JSONBody[TenantIn
         name=data.name,
         default_pool=data.default_pool or "",
         dkim_domain=data.dkim_domain,
+        sender=data.sender or "",
         requests_per_second=data.requests_per_second,
         recipients_per_day=data.recipients_per_day,
         created_at=now,
@@ -156,7 +157,7 @@ async def list_templates(
 async def show_template(
     request: Request[Any, Any, Any],
     template_id: FromPath[str],
-    version: Annotated[int | None, QueryParameter(ge=1)] = None,
+    version: Annotated[int | None, QueryParameter(ge=1, le=1_000_000_000)] = None,
 ) -> TemplateVersion:
     return await _template(request, template_id, version)
 

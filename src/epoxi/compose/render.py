@@ -27,6 +27,7 @@ import jinja2.runtime
 import jinja2.sandbox
 import jinja2.utils
 
+from epoxi.compose.html_text import html_to_text
 from epoxi.errors import InvalidField
 from epoxi.smtp.parser import CommandError, parse_mailbox
 
@@ -61,6 +62,12 @@ class Draft:
     headers: Mapping[str, str] = field(default_factory=dict)
     attachments: Sequence[Attachment] = ()
     data: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    text_from_html: bool = False  # no text template: the text part is made from the HTML
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the mail has a text part: its own, or one made from the HTML."""
+        return self.text is not None or (self.text_from_html and self.html is not None)
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,8 @@ class Composer:
             )
         text = _render(self._text, "message.text", address, values, limit)
         html = _render(self._html, "message.html", address, values, limit)
+        if text is None and html is not None and self.draft.text_from_html:
+            text = html_to_text(html)
         smtputf8 = not (address.isascii() and self.envelope_sender.isascii())
         if not smtputf8:
             body = self._skeleton.fill(to_header, subject, text, html)
@@ -273,7 +282,7 @@ class _Skeleton:
             draft.reply_to,
             tuple(draft.headers.items()),
             tuple(draft.attachments),
-            draft.text is not None,
+            draft.has_text,
             draft.html is not None,
         )
         found = cls._cache.get(key)
@@ -295,7 +304,7 @@ class _Skeleton:
         del message["Message-ID"]
         del message["Date"]  # each copy gets the time it was made
         message["Message-ID"] = f"<{tokens['MSGID']}@{composer.hostname}>"
-        text = tokens["TEXT"] if draft.text is not None else None
+        text = tokens["TEXT"] if draft.has_text else None
         html = tokens["HTML"] if draft.html is not None else None
         _set_body(message, text, html, draft.attachments, cte="quoted-printable")
         self.pieces = re.split(

@@ -168,6 +168,7 @@ _STEPS: dict[int, list[str]] = {
             status TEXT NOT NULL,
             default_pool TEXT NOT NULL DEFAULT '',
             dkim_domain TEXT NOT NULL DEFAULT '',
+            sender TEXT NOT NULL DEFAULT '',
             requests_per_second REAL NOT NULL DEFAULT 0,
             recipients_per_day INTEGER NOT NULL DEFAULT 0,
             created_at REAL NOT NULL,

@@ -32,6 +32,7 @@ class Tenant(msgspec.Struct, kw_only=True, frozen=True):
     status: TenantStatus = TenantStatus.ACTIVE
     default_pool: str = ""  # the egress pool of its mail when a message names none
     dkim_domain: str = ""  # the d= its mail is signed with when From's domain has no key
+    sender: str = ""  # the From of its /send mail when a request names none
     requests_per_second: float = 0.0  # API calls; 0: no limit
     recipients_per_day: int = 0  # 0: no limit
     created_at: float = 0.0
@@ -40,7 +41,15 @@ class Tenant(msgspec.Struct, kw_only=True, frozen=True):
 
 # The fields of a tenant PATCH may change (id and the times may not)
 TENANT_CHANGEABLE = frozenset(
-    {"name", "status", "default_pool", "dkim_domain", "requests_per_second", "recipients_per_day"}
+    {
+        "name",
+        "status",
+        "default_pool",
+        "dkim_domain",
+        "sender",
+        "requests_per_second",
+        "recipients_per_day",
+    }
 )
 
 

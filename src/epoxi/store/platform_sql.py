@@ -21,15 +21,15 @@ from epoxi.store.platform import (
 )
 
 TENANT_COLUMNS = (
-    "id, name, status, default_pool, dkim_domain, requests_per_second, recipients_per_day,"
-    " created_at, updated_at"
+    "id, name, status, default_pool, dkim_domain, sender, requests_per_second,"
+    " recipients_per_day, created_at, updated_at"
 )
 TEMPLATE_COLUMNS = (
     "id, version, tenant_id, name, subject_template, html_template, text_template, is_active,"
     " created_at"
 )
 
-INSERT_TENANT = f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_TENANT = f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 SELECT_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?"
 SELECT_TENANTS = f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"
 
@@ -57,6 +57,7 @@ POSTGRES_SCHEMA = [
         status TEXT NOT NULL,
         default_pool TEXT NOT NULL DEFAULT '',
         dkim_domain TEXT NOT NULL DEFAULT '',
+        sender TEXT NOT NULL DEFAULT '',
         requests_per_second DOUBLE PRECISION NOT NULL DEFAULT 0,
         recipients_per_day BIGINT NOT NULL DEFAULT 0,
         created_at DOUBLE PRECISION NOT NULL,
@@ -116,6 +117,7 @@ def tenant_values(tenant: Tenant) -> tuple[Any, ...]:
         tenant.status.value,
         tenant.default_pool,
         tenant.dkim_domain,
+        tenant.sender,
         tenant.requests_per_second,
         tenant.recipients_per_day,
         tenant.created_at,
@@ -130,10 +132,11 @@ def tenant_of(row: Row) -> Tenant:
         status=TenantStatus(row[2]),
         default_pool=row[3],
         dkim_domain=row[4],
-        requests_per_second=float(row[5]),
-        recipients_per_day=int(row[6]),
-        created_at=float(row[7]),
-        updated_at=float(row[8]),
+        sender=row[5],
+        requests_per_second=float(row[6]),
+        recipients_per_day=int(row[7]),
+        created_at=float(row[8]),
+        updated_at=float(row[9]),
     )
 
 
