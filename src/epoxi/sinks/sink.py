@@ -1,11 +1,12 @@
 """A broker sink: records in, events out to a broker, through a durable bounded backlog.
 
 On the event loop, :meth:`BrokerSink.feed` (a record-log subscriber) only filters and appends
-to a list. A task takes that list every ``interval``: the events are made and written to the
-backlog in one transaction on the sink's thread, then the backlog is published in batches,
-each deleted once the broker has acknowledged it. A broker that is away leaves the events in
-the backlog (oldest dropped past its limit, counted and logged) and is tried again with
-backoff; mail never waits on it.
+to a list. A task takes that list every ``interval`` and makes the events on the sink's thread.
+While the broker is connected and nothing older waits, they are published at once. Otherwise
+(or for what a publish fails to deliver) they are written to the backlog in one transaction,
+which is published in batches, each deleted once the broker has acknowledged it. A broker that
+is away leaves the events in the backlog (oldest dropped past its limit, counted and logged)
+and is tried again with backoff; mail never waits on it.
 """
 
 from __future__ import annotations
@@ -128,7 +129,11 @@ class BrokerSink:
                 failing = False
 
     async def turn(self) -> None:
-        """One turn: store what came in, (re)connect when due, publish the backlog."""
+        """One turn: publish what came in straight away while the broker is there and
+        nothing older waits; else store it, (re)connect when due, publish the backlog."""
+        if self.connected and not self.waiting and self._pending:
+            await self._publish_pending()
+            return
         await self._store()
         if not self.waiting:
             return
@@ -152,6 +157,26 @@ class BrokerSink:
             self._dropped(over)
             raise
         self._dropped(dropped)
+
+    async def _publish_pending(self) -> None:
+        """The fast path: the new events to the broker without the backlog's writes. What
+        the broker does not take goes to the backlog, oldest first, as before."""
+        records, self._pending = self._pending, []
+        events = await self._call(lambda: list(events_of(records)))
+        batch = self.settings.batch
+        for start in range(0, len(events), batch):
+            chunk = events[start : start + batch]
+            try:
+                await self.broker.publish(chunk)
+            except Exception as exc:
+                self.connected = False
+                await self.broker.close()
+                self._failed(_unavailable(self.settings, exc))
+                append = functools.partial(self.backlog.append, events[start:])
+                self.waiting, dropped = await self._call(append)
+                self._dropped(dropped)
+                return
+            self.published += len(chunk)
 
     def _dropped(self, dropped: int) -> None:
         if dropped:
