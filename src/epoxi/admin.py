@@ -295,6 +295,15 @@ class Admin:
         self.suspensions.suspend(suspension)
         return sum(1 for rq in self.dispatcher.ready.values() if rq.suspension is suspension)
 
+    def hold_tenant(self, tenant: str, *, held: bool) -> None:
+        """A suspended tenant's mail waits on this worker; an active one's goes again."""
+        if held:
+            self.suspend(
+                "tenant", tenant, f"tenant {tenant} is suspended (PATCH /tenants/{tenant})"
+            )
+        else:
+            self.resume("tenant", tenant)
+
     def adopt(self, suspensions: list[SuspensionInfo]) -> None:
         """Take on suspensions another worker of this machine holds (a restarted worker)."""
         for item in suspensions:

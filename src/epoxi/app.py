@@ -57,7 +57,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
-from epoxi.store.platform import open_platform_store
+from epoxi.store.platform import TenantStatus, open_platform_store
 from epoxi.store.provider_events import ProviderEventStore
 from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
@@ -259,6 +259,7 @@ class Epoxi:
         await self.status.start()
         await self.provider_events.store.start()
         await self.platform.start()
+        await self._hold_suspended_tenants()  # before any mail is loaded or comes in
         await self.webhooks.start()
         await self.automation.store.start()
         await self.automation.start()  # actions in force before any mail moves
@@ -297,6 +298,12 @@ class Epoxi:
         self.loaded = loop.create_task(self.loader.run())
         if self.link is not None:
             self.link.ready()
+
+    async def _hold_suspended_tenants(self) -> None:
+        """Suspended tenants' mail waits from the start (their status is in the platform store)."""
+        for tenant in await self.platform.tenants():
+            if tenant.status is TenantStatus.SUSPENDED:
+                self.admin.hold_tenant(tenant.id, held=True)
 
     async def _adopt_suspensions(self) -> None:
         """A worker restarted while others run: hold what they hold before loading mail."""

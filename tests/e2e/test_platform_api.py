@@ -16,7 +16,7 @@ import pytest
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
-from tests.e2e.conftest import Api, World
+from tests.e2e.conftest import Api, World, message_request, send
 from tests.e2e.test_platform_store import DATABASE_URL
 
 SEED_TEMPLATE = {
@@ -290,3 +290,34 @@ async def test_send_idempotency_suspension_and_errors(
     assert refused.status_code == 403 and "suspended" in refused.json()["detail"]
     await client.patch("/tenants/tenant-1", json={"status": "active"})
     assert (await client.post("/send", json={**body, "idempotency_key": "k9"})).status_code == 202
+
+
+async def test_a_suspended_tenants_mail_is_held_across_a_restart_and_goes_when_active(
+    node: tuple[World, httpx.AsyncClient],
+) -> None:
+    world, client = node
+    await _seeded(client)
+    assert (await client.patch("/tenants/tenant-1", json={"status": "suspended"})).is_success
+    refused = await client.post(
+        "/messages", json={**message_request(to=["x@a.test"]), "tenant": "tenant-1"}
+    )
+    assert refused.status_code == 403 and "suspended" in refused.json()["detail"]
+
+    # SMTP mail tagged for the tenant is taken (250) and held, never sent
+    body = b"X-Epoxi-Tenant: tenant-1\r\nSubject: held\r\nFrom: s@sender.test\r\n\r\nHi.\r\n"
+    (message_id,) = await send(world, ["x@a.test"], body=body)
+    (held,) = await world.wait_records(
+        RecordType.SUSPENDED, 1, where=lambda r: r.message_id == message_id
+    )
+    assert "tenant-1 is suspended" in held.reason
+
+    await world.restart()  # the status is in the platform store: held again from the start
+    await world.wait_records(RecordType.SUSPENDED, 2, where=lambda r: r.message_id == message_id)
+    assert not [r for r in world.records if r.type is RecordType.DELIVERY]
+
+    assert world.app.http is not None
+    host, port = world.app.http.addresses[0]
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as again:
+        active = await again.patch("/tenants/tenant-1", json={"status": "active"})
+        assert active.is_success and active.json()["status"] == "active"
+    await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.message_id == message_id)

@@ -16,7 +16,7 @@ from epoxi.ingest.feedback import Quarantine
 from epoxi.message import MessageMeta
 from epoxi.sinks.sink import BrokerSink
 from epoxi.store.keys import KeyStore
-from epoxi.store.platform import PlatformStore
+from epoxi.store.platform import PlatformStore, TenantStatus
 from epoxi.store.status import StatusStore
 from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
@@ -43,6 +43,8 @@ class ApiContext:
     quarantine: Quarantine | None = None  # the feedback mailbox's (a bounce domain is set)
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
+    # tenant -> (when read, its status; None: not a platform tenant), for api/sending.py
+    tenant_states: dict[str, tuple[float, TenantStatus | None]] = field(default_factory=dict)
 
 
 def context(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiContext:

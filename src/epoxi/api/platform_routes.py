@@ -36,7 +36,7 @@ from epoxi.api_types import (
 from epoxi.compose.stored import Parts, check, preview
 from epoxi.errors import InvalidField
 from epoxi.store.keys import Scope
-from epoxi.store.platform import PlatformStore, TemplateVersion, Tenant
+from epoxi.store.platform import PlatformStore, TemplateVersion, Tenant, TenantStatus
 
 # --------------------------------------------------------------------- tenants
 
@@ -93,9 +93,19 @@ async def update_tenant(
     changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
     if not changes:
         raise InvalidField("body", "name at least one field to change")
-    changed = await _platform(request).update_tenant(tenant_id, changes)
+    ctx = context(request)
+    forwarded = ctx.peers.is_forwarded(request)  # another worker wrote it: hold or release here
+    store = ctx.platform
+    changed = await (
+        store.tenant(tenant_id) if forwarded else store.update_tenant(tenant_id, changes)
+    )
     if changed is None:
         raise NotFoundException(f"no tenant {tenant_id!r}")
+    if data.status is not None:
+        ctx.tenant_states.pop(tenant_id, None)  # this worker's sends see it at once
+        ctx.admin.hold_tenant(changed.id, held=changed.status is TenantStatus.SUSPENDED)
+        if not forwarded:
+            await ctx.peers.ask(request, Tenant)  # every worker holds (or releases) its mail
     return changed
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.exceptions import NotFoundException
 from litestar.params import JSONBody
 
 from epoxi.api.context import ApiContext
@@ -20,7 +20,7 @@ from epoxi.api.sending import SENDING, once, render_all, sending_fields, spool, 
 from epoxi.api_types import TemplateSend, TemplateSent
 from epoxi.compose import ComposeError, Composer, Draft, MessageTooLarge
 from epoxi.errors import InvalidField
-from epoxi.store.platform import TemplateVersion, Tenant, TenantStatus
+from epoxi.store.platform import TemplateVersion, Tenant
 
 
 @post("/send", summary="Send one message from a stored template (Mailsystem's /send)", **SENDING)
@@ -58,15 +58,10 @@ async def send_template(
 
 
 async def active_tenant(ctx: ApiContext, tenant_id: str) -> Tenant:
-    """The tenant a send is for: it must exist, and be active."""
+    """The tenant a send is for: it must exist (``once`` has refused a suspended one)."""
     tenant = await ctx.platform.tenant(tenant_id)
     if tenant is None:
         raise InvalidField("tenant_id", f"no tenant {tenant_id!r}: create it with POST /tenants")
-    if tenant.status is TenantStatus.SUSPENDED:
-        raise PermissionDeniedException(
-            f"tenant {tenant_id!r} is suspended: its sends are refused until it is active again"
-            f' (PATCH /tenants/{tenant_id} {{"status": "active"}})'
-        )
     return tenant
 
 

@@ -15,7 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, PermissionDeniedException
 
 from epoxi.api.auth import acting_tenant
 from epoxi.api.context import ApiContext, context
@@ -27,6 +27,9 @@ from epoxi.events.records import Record
 from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.store.keys import Scope
+from epoxi.store.platform import TenantStatus
+
+TENANT_STATE_TTL = 1.0  # seconds a tenant's status is taken as read
 
 
 class Answer(Protocol):
@@ -57,11 +60,29 @@ async def once(
     """Queue the request, unless its idempotency key was seen: then answer as the first time."""
     ctx = context(request)
     tenant = acting_tenant(request, asked_tenant, "sends for")
+    await refuse_suspended(ctx, tenant)
     fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
     async with _idempotent(ctx, tenant, idempotency_key, fingerprint, answer) as remembered:
         if remembered.response is None:
             remembered.response = await queue(ctx, tenant)
         return Response(remembered.response, status_code=202)
+
+
+async def refuse_suspended(ctx: ApiContext, tenant: str) -> None:
+    """403 when ``tenant`` is a suspended tenant of the platform. Statuses are read at most
+    once a second per tenant (a send a moment after a suspension is held, not lost)."""
+    if not tenant:
+        return
+    now = time.monotonic()
+    cached = ctx.tenant_states.get(tenant)
+    if cached is None or now - cached[0] > TENANT_STATE_TTL:
+        found = await ctx.platform.tenant(tenant)
+        cached = ctx.tenant_states[tenant] = (now, found.status if found else None)
+    if cached[1] is TenantStatus.SUSPENDED:
+        raise PermissionDeniedException(
+            f"tenant {tenant!r} is suspended: its sends are refused until it is active again"
+            f' (PATCH /tenants/{tenant} {{"status": "active"}})'
+        )
 
 
 class _Remembered(Generic[A]):
