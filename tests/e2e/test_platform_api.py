@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,7 +18,7 @@ import pytest
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
-from tests.e2e.conftest import Api, World, message_request, send
+from tests.e2e.conftest import Api, World, message_request, run_cli, send
 from tests.e2e.test_platform_store import DATABASE_URL
 
 SEED_TEMPLATE = {
@@ -321,3 +323,40 @@ async def test_a_suspended_tenants_mail_is_held_across_a_restart_and_goes_when_a
         active = await again.patch("/tenants/tenant-1", json={"status": "active"})
         assert active.is_success and active.json()["status"] == "active"
     await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.message_id == message_id)
+
+
+async def test_the_cli_manages_tenants_and_templates(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    made = await run_cli(
+        client, "tenants", "add", "tenant-1", "--name", "Tenant 1", "--sender", "s@sender.test"
+    )
+    assert made.returncode == 0, made.stderr
+    assert b"tenant-1  active  Tenant 1" in made.stdout
+    assert b"sender: s@sender.test" in made.stdout
+    html = tmp_path / "welcome.html"
+    html.write_text("<h1>Hello {{ name }}</h1>")
+    stored = await run_cli(
+        client, "templates", "add", "welcome", "--subject", "Hi {{ name }}", "--html", str(html),
+        "--tenant", "tenant-1", "--json",
+    )  # fmt: skip
+    assert stored.returncode == 0, stored.stderr
+    template_id = json.loads(stored.stdout)["id"]
+
+    listed = await run_cli(client, "templates", "ls", "--tenant", "tenant-1")
+    assert f"{template_id}  tenant-1  welcome  active v1  latest v1".encode() in listed.stdout
+    shown = await run_cli(client, "templates", "render", template_id, "--vars", '{"name": "Al"}')
+    assert shown.returncode == 0, shown.stderr
+    assert b"Subject: Hi Al" in shown.stdout and b"Hello Al" in shown.stdout
+    assert b"(made from the HTML)" in shown.stdout and b"missing" not in shown.stdout
+    bad = await run_cli(client, "templates", "render", template_id, "--vars", "{nope")
+    assert bad.returncode != 0 and b"not JSON" in bad.stderr
+
+    suspended = await run_cli(client, "tenants", "suspend", "tenant-1")
+    assert suspended.returncode == 0 and b"tenant-1  suspended" in suspended.stdout
+    again = await run_cli(client, "tenants", "reactivate", "tenant-1", "--json")
+    assert json.loads(again.stdout)["status"] == "active"
+    missing = await run_cli(client, "tenants", "show", "nope")
+    assert missing.returncode != 0 and b"no tenant 'nope'" in missing.stderr
+    gone = await run_cli(client, "templates", "rm", template_id)
+    assert gone.returncode == 0 and b"(1 version)" in gone.stdout

@@ -76,10 +76,11 @@ def workers_with_mail(process: EpoxiProcess, workers: int) -> int:
 
 
 def record_types(path: Path) -> dict[str, set[str]]:
-    """Record type -> message ids, from one worker's record log."""
+    """Record type -> message ids, from one worker's record log (a last line still being
+    written, without its newline yet, is left for the next read)."""
     found: dict[str, set[str]] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text().split("\n")[:-1]:
             record = json.loads(line)
             found.setdefault(record["type"], set()).add(record["message_id"])
     return found

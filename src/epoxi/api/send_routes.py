@@ -16,6 +16,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import JSONBody
 
 from epoxi.api.context import ApiContext
+from epoxi.api.problems import problem_responses
 from epoxi.api.sending import SENDING, once, render_all, sending_fields, spool, valid_pool
 from epoxi.api_types import TemplateSend, TemplateSent
 from epoxi.compose import ComposeError, Composer, Draft, MessageTooLarge
@@ -23,7 +24,11 @@ from epoxi.errors import InvalidField
 from epoxi.store.platform import TemplateVersion, Tenant
 
 
-@post("/send", summary="Send one message from a stored template (Mailsystem's /send)", **SENDING)
+@post(
+    "/send",
+    summary="Send one message from a stored template (Mailsystem's /send)",
+    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)},
+)
 async def send_template(
     request: Request[Any, Any, Any], data: JSONBody[TemplateSend]
 ) -> Response[TemplateSent]:

@@ -18,6 +18,7 @@ from epoxi.cli.common import PLAIN_HELP, ConfigOption, load
 from epoxi.cli.dkim import dkim_app
 from epoxi.cli.keys import keys_app
 from epoxi.cli.logs import configure_logging
+from epoxi.cli.platform import templates_app, tenants_app
 from epoxi.cli.remote import pool_app, queue_app, send, status
 from epoxi.cli.shaping import shaping_app
 from epoxi.cli.show import echo
@@ -49,6 +50,8 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(shaping_app, name="shaping")
 app.add_typer(dkim_app, name="dkim")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(templates_app, name="templates")
 app.add_typer(bounce_app, name="bounce")
 app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(sinks_app, name="sinks")
