@@ -617,7 +617,7 @@ class WebhookSettings(_Model):
     """Event webhooks (docs/events.md): how their POSTs are sent and retried."""
 
     timeout: Duration = 10.0  # a POST that has no answer by then failed
-    batch: int = Field(100, ge=1, le=10_000)  # events in one POST at most
+    batch: int = Field(500, ge=1, le=10_000)  # events in one POST at most
     concurrency: int = Field(2, ge=1, le=64)  # POSTs in flight to one endpoint
     retry_interval: Duration = 10.0  # after a failure, doubling with each one ...
     max_retry_interval: Duration = 3600.0  # ... up to this
