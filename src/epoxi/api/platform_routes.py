@@ -128,8 +128,7 @@ async def create_template(
     store = _platform(request)
     if await store.tenant(tenant_id) is None:
         raise InvalidField("tenant_id", f"no tenant {tenant_id!r}: create it with POST /tenants")
-    parts = Parts(data.subject_template, data.html_template, data.text_template)
-    check(parts)
+    parts = _checked(data)
     first = TemplateVersion(
         id=f"tpl_{uuid.uuid4().hex[:20]}",
         tenant_id=tenant_id,
@@ -196,8 +195,7 @@ async def add_version(
     request: Request[Any, Any, Any], template_id: FromPath[str], data: JSONBody[TemplateVersionIn]
 ) -> TemplateVersion:
     current = await _template(request, template_id)
-    parts = Parts(data.subject_template, data.html_template, data.text_template)
-    check(parts)
+    parts = _checked(data)
     draft = msgspec.structs.replace(
         current,
         subject_template=parts.subject_template,
@@ -271,6 +269,13 @@ async def delete_template(
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def _checked(data: TemplateIn | TemplateVersionIn) -> Parts:
+    """The request's template parts, each compiled once to check it (422 naming the part)."""
+    parts = Parts(data.subject_template, data.html_template, data.text_template)
+    check(parts)
+    return parts
 
 
 def _platform(request: Request[Any, Any, Any]) -> PlatformStore:
