@@ -15,7 +15,14 @@ from msgspec import Meta
 from epoxi.message import LABEL_PATTERN, MessageMeta
 from epoxi.queue.suspensions import SuspendKind
 from epoxi.shaping.automation import Automated
-from epoxi.store.platform import TemplateSummary, TemplateVersion, Tenant, TenantStatus
+from epoxi.store.platform import (
+    BulkError,
+    BulkState,
+    TemplateSummary,
+    TemplateVersion,
+    Tenant,
+    TenantStatus,
+)
 from epoxi.store.suppressions import Reason, Suppression
 
 Address = Annotated[str, Meta(min_length=3, max_length=998, examples=["user@example.com"])]
@@ -677,3 +684,148 @@ class TemplateSent(msgspec.Struct, kw_only=True):
     template_id: str
     template_version: int
     idempotency_reused: bool = False
+
+
+MAX_BULK_RECIPIENTS = 100_000
+Metadata = Annotated[
+    dict[str, Any],
+    Meta(
+        max_length=100,
+        description="returned as given by GET /emails/{id}; strings on the "
+        "message's webhook events and records",
+    ),
+]
+
+
+class BulkRecipient(Strict):
+    """One recipient of a bulk send. An address that is not one is that recipient's error
+    (GET /bulk/{id}), not the request's."""
+
+    email: Annotated[str, Meta(min_length=1, max_length=998, examples=["user@example.com"])]
+    name: Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] = ""
+    variables: dict[str, Any] = msgspec.field(default_factory=dict)  # over shared_variables
+    metadata: Metadata = msgspec.field(default_factory=dict)  # over the request's
+
+
+class BulkSend(Strict, kw_only=True):
+    """``POST /send/bulk`` (the Mailsystem seed's body)."""
+
+    tenant_id: Label | None = None  # a tenant-bound key's own tenant when not given
+    template_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    template_version: Version | None = None  # the active version when not given
+    recipients: Annotated[list[BulkRecipient], Meta(min_length=1, max_length=MAX_BULK_RECIPIENTS)]
+    shared_variables: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: Metadata = msgspec.field(default_factory=dict)
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    send_at: datetime | None = None
+    from_: Address | None = msgspec.field(default=None, name="from")  # else the tenant's sender
+    campaign: Label | None = None
+    ip_pool: Label | None = None  # else the tenant's default pool
+
+
+class BulkAccepted(msgspec.Struct, kw_only=True):
+    """Every recipient is handled: spooled (fsynced), suppressed or failed."""
+
+    bulk_job_id: str
+    status: BulkState
+    total: int
+    queued: int
+    suppressed: int
+    failed: int  # GET /bulk/{id} lists why
+    template_id: str
+    template_version: int
+    idempotency_reused: bool = False
+
+
+class BulkProgress(msgspec.Struct, kw_only=True):
+    bulk_job_id: str
+    tenant_id: str
+    template_id: str
+    template_version: int
+    status: BulkState
+    accepted: int  # recipients in the request
+    processed: int  # handled so far, in request order
+    rendered: int
+    queued: int
+    suppressed: int
+    failed: int
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    errors: list[BulkError]  # the first ``errors_limit`` after ``errors_after``
+    errors_next: int | None  # pass as errors_after for the next page; None: no more
+
+
+class EmailRecipient(msgspec.Struct, kw_only=True):
+    email: str
+    name: str = ""
+
+
+class EmailEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One step of an email's life: an Epoxi record, with the status it moved the email to."""
+
+    type: str  # the record type (docs/events.md)
+    status: str | None = None  # the email status it set, if any (docs/platform.md)
+    at: datetime
+    detail: str = ""  # the remote reply, or why
+    url: str = ""  # a click's link
+
+
+class EmailView(msgspec.Struct, kw_only=True):
+    """``GET /emails/{email_id}``."""
+
+    email_id: str
+    tenant_id: str
+    status: str  # docs/platform.md: queued, scheduled, delivered, opened, bounced, ...
+    recipient: EmailRecipient
+    template_id: str | None
+    template_version: int | None
+    bulk_job_id: str | None
+    metadata: dict[str, Any] | None  # as the request gave it
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    events: list[EmailEvent]
+
+
+class AnalyticsCounts(msgspec.Struct, kw_only=True):
+    accepted: int
+    delivered: int
+    deferred: int
+    bounced: int
+    failed: int
+    complained: int
+    opened: int
+    clicked: int
+    suppressed: int
+    cancelled: int
+    unsubscribed: int
+
+
+class AnalyticsRates(msgspec.Struct, kw_only=True):
+    """Fractions (0-1): delivery and bounce of the accepted, the rest of the delivered."""
+
+    delivery: float
+    bounce: float
+    complaint: float
+    open: float
+    click: float
+
+
+class AnalyticsBucket(msgspec.Struct, kw_only=True):
+    start: datetime
+    counts: AnalyticsCounts
+    rates: AnalyticsRates
+
+
+class Analytics(msgspec.Struct, kw_only=True):
+    """``GET /analytics``: counts and rates per hour or day, from the hourly rollups."""
+
+    tenant_id: str
+    template_id: str | None
+    group_by: Literal["hour", "day"]
+    from_: datetime = msgspec.field(name="from")
+    to: datetime
+    totals: AnalyticsCounts
+    rates: AnalyticsRates
+    buckets: list[AnalyticsBucket]  # periods with no events are left out

@@ -57,7 +57,7 @@ from epoxi.spool import Spool
 from epoxi.spool.shards import adopt_orphans, shard_path
 from epoxi.store import KeyStore, StatusStore, check_http_exposure, store_path
 from epoxi.store.automation import AutomationStore
-from epoxi.store.platform import TenantStatus, open_platform_store
+from epoxi.store.platform import ActivityFeed, TenantStatus, open_platform_store
 from epoxi.store.provider_events import ProviderEventStore
 from epoxi.store.suppressions import CHANGES_KEPT, Suppressions, SuppressionStore
 from epoxi.store.warmup import WarmupStore
@@ -194,7 +194,9 @@ class Epoxi:
             tolerance=settings.provider_webhooks.tolerance,
         )
         self.platform = open_platform_store(settings.data_dir, settings.database)
+        self.activity = ActivityFeed(self.platform)  # emails' statuses and analytics
         self.records.subscribe(self.status.feed)
+        self.records.subscribe(self.activity.feed)
         self.records.subscribe(self.webhooks.observe)
         self.records.subscribe(self.pools.observe)
         self.records.subscribe(self.automation.observe)
@@ -259,6 +261,7 @@ class Epoxi:
         await self.status.start()
         await self.provider_events.store.start()
         await self.platform.start()
+        self.activity.start()
         await self._hold_suspended_tenants()  # before any mail is loaded or comes in
         await self.webhooks.start()
         await self.automation.store.start()
@@ -334,6 +337,7 @@ class Epoxi:
             webhooks=self.webhooks,
             provider_events=self.provider_events,
             platform=self.platform,
+            activity=self.activity,
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
@@ -431,6 +435,7 @@ class Epoxi:
         await self.warmup.stop()
         await self.status.stop()
         await self.provider_events.store.stop()
+        await self.activity.stop()
         await self.platform.stop()
         await self.automation.store.stop()
         await self.suppressions.stop()

@@ -43,6 +43,7 @@ class MessageMeta(msgspec.Struct, kw_only=True, gc=False):
     body_8bit: bool = False
     tenant: str = ""
     campaign: str = ""
+    template: str = ""  # the stored template it was made from (POST /send, /send/bulk)
     metadata: dict[str, str] | None = None  # None, not {}: a million queued messages
     attempts: int = 0
     due: float = 0.0  # unix time of the next attempt; 0 means now

@@ -11,12 +11,14 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -302,3 +304,68 @@ async def wait_left_spool(world: World, message_id: str, timeout: float = 15.0) 
     while await world.app.spool.load_meta(message_id) is not None:
         assert time.monotonic() < deadline, f"{message_id} still in the spool after {timeout}s"
         await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------- the sending platform
+
+# The tests' PostgreSQL: the machine's (scripts/services starts it when it is down)
+DATABASE_URL = os.environ.get(
+    "EPOXI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+SEED_TEMPLATE = {
+    "tenant_id": "tenant-1",
+    "name": "welcome",
+    "subject_template": "Welcome {{name}}",
+    "html_template": "<h1>Hello {{name}}</h1><p>Your code: {{ code }}</p>",
+    "text_template": None,
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def platform_database(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """The ``[database]`` settings of a platform test: none (SQLite), or the machine's
+    PostgreSQL with a schema of its own, dropped once the test's nodes have stopped."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield {"url": DATABASE_URL, "schema": schema}
+    conn = await asyncpg.connect(DATABASE_URL)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await conn.close()
+
+
+@pytest.fixture
+def platform_api(platform_database: dict[str, Any], api: Api) -> Api:
+    """``api``, with the platform store on SQLite or on PostgreSQL."""
+
+    async def make(**overrides: Any) -> tuple[World, httpx.AsyncClient]:
+        return await api(**overrides, database=platform_database)
+
+    return make
+
+
+@pytest.fixture
+async def platform_node(platform_api: Api) -> tuple[World, httpx.AsyncClient]:
+    """A node whose platform store is SQLite or PostgreSQL, and an HTTP client on it."""
+    return await platform_api()
+
+
+SEND = {
+    "tenant_id": "tenant-1",
+    "recipient": {"email": "alice@a.test", "name": "Alice"},
+    "template_id": "",
+    "variables": {"name": "Alice", "code": "X7"},
+    "metadata": {"source": "api", "order": 42},
+    "idempotency_key": "mail-001",
+}
+
+
+async def seeded(client: httpx.AsyncClient) -> str:
+    """The seed's tenant (with a sender) and template; the template's id."""
+    tenant = {"id": "tenant-1", "name": "Tenant 1", "sender": "Shop <shop@sender.test>"}
+    assert (await client.post("/tenants", json=tenant)).status_code == 201
+    made = await client.post("/templates", json=SEED_TEMPLATE)
+    template_id: str = made.json()["id"]
+    return template_id

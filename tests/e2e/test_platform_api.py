@@ -6,49 +6,28 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
-from tests.e2e.conftest import Api, World, message_request, run_cli, send
-from tests.e2e.test_platform_store import DATABASE_URL
-
-SEED_TEMPLATE = {
-    "tenant_id": "tenant-1",
-    "name": "welcome",
-    "subject_template": "Welcome {{name}}",
-    "html_template": "<h1>Hello {{name}}</h1><p>Your code: {{ code }}</p>",
-    "text_template": None,
-}
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def node(
-    request: pytest.FixtureRequest, api: Api
-) -> AsyncIterator[tuple[World, httpx.AsyncClient]]:
-    """A node whose platform store is SQLite or PostgreSQL, and an HTTP client on it."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    overrides: dict[str, Any] = {}
-    if request.param == "postgres":
-        overrides["database"] = {"url": DATABASE_URL, "schema": schema}
-    yield await api(**overrides)
-    if request.param == "postgres":
-        conn = await asyncpg.connect(DATABASE_URL)
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
+from tests.e2e.conftest import (
+    SEED_TEMPLATE,
+    SEND,
+    World,
+    message_request,
+    run_cli,
+    seeded,
+    send,
+)
 
 
 @pytest.fixture
-def client(node: tuple[World, httpx.AsyncClient]) -> httpx.AsyncClient:
-    return node[1]
+def client(platform_node: tuple[World, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return platform_node[1]
 
 
 async def test_tenants_are_created_listed_and_changed(client: httpx.AsyncClient) -> None:
@@ -137,9 +116,9 @@ async def test_the_seed_template_versions_activation_and_preview(
 
 
 async def test_one_tenant_never_sees_or_changes_anothers(
-    node: tuple[World, httpx.AsyncClient],
+    platform_node: tuple[World, httpx.AsyncClient],
 ) -> None:
-    world, client = node
+    world, client = platform_node
     for tenant in ("tenant-1", "tenant-2"):
         await client.post("/tenants", json={"id": tenant, "name": tenant})
     theirs = (
@@ -180,30 +159,11 @@ async def test_one_tenant_never_sees_or_changes_anothers(
     assert {t["tenant_id"] for t in everyone["templates"]} == {"tenant-1", "tenant-2"}
 
 
-SEND = {
-    "tenant_id": "tenant-1",
-    "recipient": {"email": "alice@a.test", "name": "Alice"},
-    "template_id": "",
-    "variables": {"name": "Alice", "code": "X7"},
-    "metadata": {"source": "api", "order": 42},
-    "idempotency_key": "mail-001",
-}
-
-
-async def _seeded(client: httpx.AsyncClient) -> str:
-    """The seed's tenant (with a sender) and template; the template's id."""
-    tenant = {"id": "tenant-1", "name": "Tenant 1", "sender": "Shop <shop@sender.test>"}
-    assert (await client.post("/tenants", json=tenant)).status_code == 201
-    made = await client.post("/templates", json=SEED_TEMPLATE)
-    template_id: str = made.json()["id"]
-    return template_id
-
-
 async def test_send_renders_the_active_template_and_delivers_it(
-    node: tuple[World, httpx.AsyncClient],
+    platform_node: tuple[World, httpx.AsyncClient],
 ) -> None:
-    world, client = node
-    template_id = await _seeded(client)
+    world, client = platform_node
+    template_id = await seeded(client)
     answer = await client.post("/send", json={**SEND, "template_id": template_id})
     assert answer.status_code == 202, answer.text
     sent = answer.json()
@@ -232,10 +192,10 @@ async def test_send_renders_the_active_template_and_delivers_it(
 
 
 async def test_send_idempotency_suspension_and_errors(
-    node: tuple[World, httpx.AsyncClient],
+    platform_node: tuple[World, httpx.AsyncClient],
 ) -> None:
-    _, client = node
-    template_id = await _seeded(client)
+    _, client = platform_node
+    template_id = await seeded(client)
     body = {**SEND, "template_id": template_id}
     first = (await client.post("/send", json=body)).json()
     again = await client.post("/send", json=body)
@@ -295,10 +255,10 @@ async def test_send_idempotency_suspension_and_errors(
 
 
 async def test_a_suspended_tenants_mail_is_held_across_a_restart_and_goes_when_active(
-    node: tuple[World, httpx.AsyncClient],
+    platform_node: tuple[World, httpx.AsyncClient],
 ) -> None:
-    world, client = node
-    await _seeded(client)
+    world, client = platform_node
+    await seeded(client)
     assert (await client.patch("/tenants/tenant-1", json={"status": "suspended"})).is_success
     refused = await client.post(
         "/messages", json={**message_request(to=["x@a.test"]), "tenant": "tenant-1"}

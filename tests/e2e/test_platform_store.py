@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,11 +21,7 @@ from epoxi.store.platform import (
     open_platform_store,
 )
 from epoxi.store.platform_pg import PostgresPlatformStore
-
-# The tests' PostgreSQL: the machine's (scripts/services starts it when it is down)
-DATABASE_URL = os.environ.get(
-    "EPOXI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+from tests.e2e.conftest import DATABASE_URL
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -14,7 +14,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from epoxi import __version__
 from epoxi.api.admin_routes import admin_router
 from epoxi.api.auth import authorize
+from epoxi.api.bulk_routes import bulk_progress, send_bulk
 from epoxi.api.context import ApiContext, context
+from epoxi.api.email_routes import analytics, email
 from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.platform_routes import template_router, tenant_router
 from epoxi.api.problems import EXCEPTION_HANDLERS, problem, problem_responses
@@ -119,6 +121,10 @@ def build_app(ctx: ApiContext) -> Litestar:
             tenant_router,
             template_router,
             send_template,
+            send_bulk,
+            bulk_progress,
+            email,
+            analytics,
         ],
         guards=[authorize],
         before_request=_require_json_body,

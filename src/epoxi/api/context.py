@@ -16,7 +16,7 @@ from epoxi.ingest.feedback import Quarantine
 from epoxi.message import MessageMeta
 from epoxi.sinks.sink import BrokerSink
 from epoxi.store.keys import KeyStore
-from epoxi.store.platform import PlatformStore, TenantStatus
+from epoxi.store.platform import ActivityFeed, PlatformStore, TenantStatus
 from epoxi.store.status import StatusStore
 from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
@@ -36,7 +36,8 @@ class ApiContext:
     readiness: Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
     metrics_text: Callable[[], bytes]
     suppressions: Suppressions
-    platform: PlatformStore  # tenants and templates
+    platform: PlatformStore  # tenants, templates, emails, bulk jobs, analytics
+    activity: ActivityFeed  # records on their way to the platform store: flush before reads
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
     sinks: list[BrokerSink] = field(default_factory=list)  # GET /admin/sinks

@@ -8,7 +8,7 @@ tenant's. The ``idempotency_key`` in the body works as the ``Idempotency-Key`` h
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, post
@@ -17,11 +17,11 @@ from litestar.params import JSONBody
 
 from epoxi.api.context import ApiContext
 from epoxi.api.problems import problem_responses
-from epoxi.api.sending import SENDING, once, render_all, sending_fields, spool, valid_pool
-from epoxi.api_types import TemplateSend, TemplateSent
+from epoxi.api.sending import SENDING, once, sending_fields, spool, valid_pool
+from epoxi.api_types import BulkSend, TemplateSend, TemplateSent
 from epoxi.compose import ComposeError, Composer, Draft, MessageTooLarge
 from epoxi.errors import InvalidField
-from epoxi.store.platform import TemplateVersion, Tenant
+from epoxi.store.platform import Email, TemplateVersion, Tenant
 
 
 @post(
@@ -33,28 +33,43 @@ async def send_template(
     request: Request[Any, Any, Any], data: JSONBody[TemplateSend]
 ) -> Response[TemplateSent]:
     async def queue(ctx: ApiContext, tenant_id: str) -> TemplateSent:
-        if not tenant_id:
-            raise InvalidField("tenant_id", "name the tenant the mail is sent for")
-        tenant = await active_tenant(ctx, tenant_id)
-        version = await tenant_template(ctx, tenant, data.template_id, data.template_version)
-        sender = data.from_ or tenant.sender
-        if not sender:
-            raise InvalidField("from", f"give one, or set tenant {tenant.id!r}'s sender")
-        composer = _composer(ctx, version, sender, data)
+        tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
+        recipient = data.recipient
+        values = {"recipient": {"email": recipient.email, "name": recipient.name}, **data.variables}
+        draft = stored_draft(version, sender, [to_header(recipient.email, recipient.name)])
+        composer = template_composer(ctx, draft)
+        ((address, header),) = composer.recipients
         try:
-            (rendered,) = await render_all(composer)
+            rendered = composer.render(address, header, values)
         except MessageTooLarge:
             raise
         except ComposeError as exc:  # the template compiled when stored: the data is wrong
             raise InvalidField("variables", str(exc)) from exc
-        base = sending_fields(request, data.send_at, tenant.id, data.campaign)
-        base["metadata"] = _metadata(data.metadata)
-        base["pool"] = valid_pool(data.ip_pool, ctx) or tenant.default_pool
+        base["metadata"] = message_metadata(data.metadata)
         queued, suppressed = await spool(ctx, composer.envelope_sender, [rendered], base)
         email_id = queued[0].id if queued else suppressed[0].id
+        status: Literal["queued", "scheduled", "suppressed"] = (
+            "suppressed" if suppressed else "scheduled" if base["due"] else "queued"
+        )
+        await ctx.platform.add_emails(
+            [
+                Email(
+                    id=email_id,
+                    tenant_id=tenant.id,
+                    recipient=rendered.recipient,
+                    recipient_name=recipient.name,
+                    template_id=version.id,
+                    template_version=version.version,
+                    metadata=data.metadata or None,
+                    status=status,
+                    created_at=base["received_at"],
+                    updated_at=base["received_at"],
+                )
+            ]
+        )
         return TemplateSent(
             email_id=email_id,
-            status="suppressed" if suppressed else "scheduled" if base["due"] else "queued",
+            status=status,
             template_id=version.id,
             template_version=version.version,
         )
@@ -62,15 +77,31 @@ async def send_template(
     return await once(request, data, data.tenant_id, data.idempotency_key, queue, TemplateSent)
 
 
-async def active_tenant(ctx: ApiContext, tenant_id: str) -> Tenant:
-    """The tenant a send is for: it must exist (``once`` has refused a suspended one)."""
+async def stored_send(
+    ctx: ApiContext,
+    request: Request[Any, Any, Any],
+    tenant_id: str,
+    data: TemplateSend | BulkSend,
+) -> tuple[Tenant, TemplateVersion, str, dict[str, Any]]:
+    """What /send and /send/bulk check first: the tenant (it must exist; a suspended one was
+    refused before), its template version and the From. Returns them with the fields every
+    message of the send carries."""
+    if not tenant_id:
+        raise InvalidField("tenant_id", "name the tenant the mail is sent for")
     tenant = await ctx.platform.tenant(tenant_id)
     if tenant is None:
         raise InvalidField("tenant_id", f"no tenant {tenant_id!r}: create it with POST /tenants")
-    return tenant
+    version = await _tenant_template(ctx, tenant, data.template_id, data.template_version)
+    sender = data.from_ or tenant.sender
+    if not sender:
+        raise InvalidField("from", f"give one, or set tenant {tenant.id!r}'s sender")
+    base = sending_fields(request, data.send_at, tenant.id, data.campaign)
+    base["pool"] = valid_pool(data.ip_pool, ctx) or tenant.default_pool
+    base["template"] = version.id
+    return tenant, version, sender, base
 
 
-async def tenant_template(
+async def _tenant_template(
     ctx: ApiContext, tenant: Tenant, template_id: str, version: int | None
 ) -> TemplateVersion:
     """The template version a send uses: the active one, or the one pinned."""
@@ -81,33 +112,31 @@ async def tenant_template(
     return found
 
 
-def _composer(
-    ctx: ApiContext, version: TemplateVersion, sender: str, data: TemplateSend
-) -> Composer:
-    recipient = data.recipient
-    to = f"{_quoted(recipient.name)} <{recipient.email}>" if recipient.name else recipient.email
-    draft = Draft(
+def stored_draft(version: TemplateVersion, sender: str, to: list[str]) -> Draft:
+    """A draft of a stored template version (each recipient's values given when rendered)."""
+    return Draft(
         sender=sender,
-        to=[to],
+        to=to,
         subject=version.subject_template,
         text=version.text_template,
         html=version.html_template or None,
-        data={
-            recipient.email: {
-                "recipient": {"email": recipient.email, "name": recipient.name},
-                **data.variables,
-            }
-        },
         text_from_html=version.text_template is None,
     )
+
+
+def template_composer(ctx: ApiContext, draft: Draft) -> Composer:
+    """The draft checked, with errors named by the fields of /send and /send/bulk."""
     try:
         return Composer(draft, ctx.settings.hostname, ctx.settings.smtp.max_message_size)
     except ComposeError as exc:
         raise InvalidField(_field(exc.field), str(exc)) from exc
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def to_header(address: str, name: str) -> str:
+    """The To of a recipient given as an address and a display name."""
+    if not name:
+        return address
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + f'" <{address}>'
 
 
 def _field(field: str) -> str:
@@ -115,7 +144,7 @@ def _field(field: str) -> str:
     return {"message.from": "from", "message.to": "recipient.email"}.get(field, "template_id")
 
 
-def _metadata(metadata: dict[str, Any]) -> dict[str, str] | None:
+def message_metadata(metadata: dict[str, Any]) -> dict[str, str] | None:
     """Metadata as the message carries it: strings as they are, other values as JSON."""
     if not metadata:
         return None

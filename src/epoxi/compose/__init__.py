@@ -10,6 +10,15 @@ from epoxi.compose.render import (
     Draft,
     MessageTooLarge,
     Rendered,
+    checked_address,
 )
 
-__all__ = ["Attachment", "ComposeError", "Composer", "Draft", "MessageTooLarge", "Rendered"]
+__all__ = [
+    "Attachment",
+    "ComposeError",
+    "Composer",
+    "Draft",
+    "MessageTooLarge",
+    "Rendered",
+    "checked_address",
+]

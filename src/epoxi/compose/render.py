@@ -165,11 +165,11 @@ class Composer:
         self.draft = draft
         self.hostname = hostname
         self.max_size = max_size  # smtp.max_message_size: for one rendered message
-        # _address checks each value for control characters as well as the address in it
-        self.envelope_sender = _address("message.from", draft.sender)
+        # checked_address checks each value for control characters as well as the address in it
+        self.envelope_sender = checked_address("message.from", draft.sender)
         self.recipients = self._recipients()
         if draft.reply_to is not None:
-            _address("message.reply_to", draft.reply_to)
+            checked_address("message.reply_to", draft.reply_to)
         for name, value in draft.headers.items():
             _check_custom_header(name, value)
         for index, attachment in enumerate(draft.attachments):
@@ -193,14 +193,18 @@ class Composer:
         first_to = self.draft.to[0] if self.draft.to else ""
         for kind, values in (("to", self.draft.to), ("cc", self.draft.cc), ("bcc", self.draft.bcc)):
             for index, value in enumerate(values):
-                address = _address(f"message.{kind}[{index}]", value)
+                address = checked_address(f"message.{kind}[{index}]", value)
                 copies.append((address, value if kind == "to" else first_to))
         if not copies:
             raise ComposeError("message.to", "give at least one recipient")
         return copies
 
-    def render(self, address: str, to_header: str) -> Rendered:
-        values = self._data_for(address)
+    def render(
+        self, address: str, to_header: str, values: Mapping[str, Any] | None = None
+    ) -> Rendered:
+        """The message for one recipient, with ``values`` (else the draft's data for it)."""
+        if values is None:
+            values = self._data_for(address)
         limit = self.max_size
         subject = _render(self._subject, "message.subject", address, values, limit) or ""
         _check_header_value("message.subject", subject, address)
@@ -460,7 +464,7 @@ def _render(
         raise ComposeError(where, f"template failed for {address}: {exc!r}", address) from exc
 
 
-def _address(where: str, value: str) -> str:
+def checked_address(where: str, value: str) -> str:
     """The addr-spec in ``value`` ("a@b" or "Name <a@b>"), checked as SMTP would."""
     _check_header_value(where, value)
     if _PLAIN_ADDRESS.fullmatch(value):  # a bare addr-spec: no display name to parse

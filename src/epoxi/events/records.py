@@ -76,6 +76,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     next_attempt: float = 0.0  # TransientFailure, and Reception of mail sent later: when due
     tenant: str = ""
     campaign: str = ""
+    template: str = ""  # the stored template the message was made from, if any
     origin: str = ""  # Reception: how the message came in (smtp, http, dsn)
     dkim: str = ""  # Reception: the DKIM signatures added, or why none ("unsigned: ...")
     tls: str = ""  # an attempt's TLS: "TLSv1.3 <cipher> verified policy=..." or "plaintext ..."

@@ -162,6 +162,7 @@ class Ingest:
             reason=reason,
             tenant=meta.tenant,
             campaign=meta.campaign,
+            template=meta.template,
             origin=meta.origin,
             size=meta.size,
         )
@@ -223,6 +224,7 @@ class Ingest:
                 next_attempt=meta.due,
                 tenant=meta.tenant,
                 campaign=meta.campaign,
+                template=meta.template,
                 pool=meta.pool,
                 dkim=meta.dkim,
             )

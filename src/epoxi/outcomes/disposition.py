@@ -237,6 +237,7 @@ class Disposition:
                     reason=reason,
                     tenant=meta.tenant,
                     campaign=meta.campaign,
+                    template=meta.template,
                 )
             )
 
@@ -256,6 +257,7 @@ class Disposition:
                 reason=reason,
                 tenant=meta.tenant,
                 campaign=meta.campaign,
+                template=meta.template,
             )
         )
 
@@ -397,6 +399,7 @@ class Disposition:
                 tls=tls,
                 tenant=meta.tenant,  # a sink's or webhook's tenant, a hard bounce's list
                 campaign=meta.campaign,
+                template=meta.template,
             )
         )
 

@@ -10,8 +10,65 @@ import sqlite3
 from pathlib import Path
 
 from epoxi import schema
+from epoxi.events.lifecycle import COUNTERS
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+
+_COUNT_COLUMNS = ",\n        ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COUNTERS)
+# The platform's emails, analytics and bulk jobs: one text for SQLite (step 7) and PostgreSQL
+# (store/platform_sql.py)
+ACTIVITY_TABLES = [
+    """CREATE TABLE IF NOT EXISTS emails (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        recipient_name TEXT NOT NULL DEFAULT '',
+        template_id TEXT NOT NULL DEFAULT '',
+        template_version INTEGER NOT NULL DEFAULT 0,
+        bulk_job_id TEXT NOT NULL DEFAULT '',
+        metadata TEXT,
+        status TEXT NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        counted TEXT NOT NULL DEFAULT '',
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS analytics_hourly (
+        tenant_id TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        hour BIGINT NOT NULL,
+        {_COUNT_COLUMNS},
+        PRIMARY KEY (tenant_id, hour, template_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS bulk_jobs (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        template_version INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL DEFAULT '',
+        fingerprint TEXT NOT NULL DEFAULT '',
+        total BIGINT NOT NULL,
+        processed BIGINT NOT NULL DEFAULT 0,
+        rendered BIGINT NOT NULL DEFAULT 0,
+        queued BIGINT NOT NULL DEFAULT 0,
+        suppressed BIGINT NOT NULL DEFAULT 0,
+        failed BIGINT NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS bulk_keys ON bulk_jobs (tenant_id, idempotency_key)"
+    " WHERE idempotency_key <> ''",
+    """CREATE TABLE IF NOT EXISTS bulk_errors (
+        job_id TEXT NOT NULL,
+        idx BIGINT NOT NULL,
+        email TEXT NOT NULL,
+        error TEXT NOT NULL,
+        PRIMARY KEY (job_id, idx)
+    )""",
+]
+
 
 _STEPS: dict[int, list[str]] = {
     1: [
@@ -189,6 +246,7 @@ _STEPS: dict[int, list[str]] = {
         # a name once per tenant: every template has a version 1 while it exists
         "CREATE UNIQUE INDEX template_names ON templates (tenant_id, name) WHERE version = 1",
     ],
+    7: ACTIVITY_TABLES,  # the platform's emails, hourly counts and bulk jobs
 }
 
 

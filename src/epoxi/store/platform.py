@@ -1,4 +1,4 @@
-"""The sending platform's store: tenants and their stored templates (issue 15).
+"""The sending platform's store: tenants, stored templates, emails, bulk jobs, analytics.
 
 One port, :class:`PlatformStore`, two backends: SQLite in the data dir's ``store.db`` (the
 default: nothing to install) and PostgreSQL when ``EPOXI_DATABASE_URL`` is set (several nodes
@@ -7,17 +7,25 @@ case on both (tests/e2e/test_platform_store.py).
 
 A template is a list of versions under one id; one version is active, and is what a send
 uses unless it pins another. Its name is unique within its tenant.
+
+An email is a message of ``POST /send`` or ``/send/bulk``: its row is written when it is
+spooled, and its status moves as its records arrive (``apply_records``, with the rules of
+``events/lifecycle.py``), which also adds them up per tenant, template and hour for
+``GET /analytics``. A bulk job is the progress of one ``/send/bulk`` and its per-recipient
+errors; its idempotency key is unique per tenant.
 """
 
 from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from epoxi.config import DatabaseSettings
+from epoxi.events.buffer import BufferedWriter
+from epoxi.events.records import Record
 from epoxi.store.db import store_path
 
 
@@ -75,8 +83,65 @@ class TemplateSummary(msgspec.Struct, kw_only=True, frozen=True):
     updated_at: float
 
 
+class Email(msgspec.Struct, kw_only=True, frozen=True):
+    """A message of /send or /send/bulk, as the platform keeps it."""
+
+    id: str  # the message id: GET /emails/{id}
+    tenant_id: str
+    recipient: str
+    recipient_name: str = ""
+    template_id: str = ""
+    template_version: int = 0
+    bulk_job_id: str = ""
+    metadata: dict[str, Any] | None = None  # as the request gave it
+    status: str = "queued"  # an EmailStatus (events/lifecycle.py)
+    last_error: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class BulkState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+class BulkJob(msgspec.Struct, kw_only=True, frozen=True):
+    """One /send/bulk: its counts move as its recipients are spooled, in groups."""
+
+    id: str
+    tenant_id: str
+    template_id: str
+    template_version: int
+    idempotency_key: str = ""
+    fingerprint: str = ""  # of the request: the same key with another body is a 409
+    total: int = 0  # recipients in the request (accepted for processing)
+    processed: int = 0  # recipients handled so far, in request order
+    rendered: int = 0
+    queued: int = 0  # spooled: committed to disk
+    suppressed: int = 0  # on the tenant's suppression list: not sent
+    failed: int = 0  # not sent: bad address or a rendering error (see the errors)
+    state: BulkState = BulkState.RUNNING
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+
+
+class BulkError(msgspec.Struct, kw_only=True, frozen=True):
+    index: int  # the recipient's position in the request, from 0
+    email: str
+    error: str
+
+
+class HourCounts(msgspec.Struct, kw_only=True, frozen=True):
+    hour: float  # its start, unix time
+    counts: dict[str, int]  # events.lifecycle.COUNTERS
+
+
 class PlatformStore(Protocol):
-    """Tenants and templates; every call may raise the backend's error when it is down."""
+    """Tenants, templates, emails, bulk jobs and analytics; every call may raise the
+    backend's error when it is down (one of ``transient_errors``)."""
+
+    transient_errors: tuple[type[Exception], ...]  # the database is down or busy: try again
 
     async def start(self) -> None: ...
 
@@ -122,6 +187,73 @@ class PlatformStore(Protocol):
         ...
 
     async def delete_template(self, template_id: str) -> bool: ...
+
+    # ----------------------------------------------------------------- emails
+
+    async def add_emails(self, emails: list[Email]) -> None:
+        """Rows for messages just spooled. A row its records made first keeps its status."""
+        ...
+
+    async def email(self, email_id: str) -> Email | None: ...
+
+    async def apply_records(self, records: list[Record]) -> None:
+        """Move the emails' statuses and add the records to the hourly counts, in one
+        transaction (records of no tenant are ignored)."""
+        ...
+
+    async def hourly_counts(
+        self, tenant_id: str, start: float, end: float, template_id: str | None
+    ) -> list[HourCounts]:
+        """The counts of the hours in [start, end), oldest first; hours with none left out."""
+        ...
+
+    # ----------------------------------------------------------------- bulk jobs
+
+    async def create_bulk(self, job: BulkJob) -> BulkJob:
+        """Raises AlreadyExists when the tenant has a job with the idempotency key."""
+        ...
+
+    async def bulk(self, job_id: str) -> BulkJob | None: ...
+
+    async def bulk_by_key(self, tenant_id: str, key: str) -> BulkJob | None: ...
+
+    async def save_progress(
+        self, job: BulkJob, errors: list[BulkError], emails: list[Email]
+    ) -> None:
+        """The job's counts and state as they are now, with the errors and the emails (as
+        :meth:`add_emails`) since the last save, in one transaction."""
+        ...
+
+    async def bulk_errors(self, job_id: str, after: int, limit: int) -> list[BulkError]:
+        """The job's errors of recipients after index ``after``, by index."""
+        ...
+
+
+class ActivityFeed:
+    """A record-log subscriber: tenants' records, written to the platform store in batches
+    (off the hot path, as the status store's); a batch the database refuses waits for the
+    next turn, in order."""
+
+    def __init__(self, store: PlatformStore, *, interval: float = 0.25) -> None:
+        self._buffer: BufferedWriter[Record] = BufferedWriter(
+            store.apply_records,
+            interval=interval,
+            name="platform activity",
+            retry_on=store.transient_errors,
+        )
+
+    def feed(self, record: Record) -> None:
+        if record.tenant:
+            self._buffer.add(record)
+
+    def start(self) -> None:
+        self._buffer.start()
+
+    async def flush(self) -> None:
+        await self._buffer.flush()
+
+    async def stop(self) -> None:
+        await self._buffer.stop()
 
 
 def open_platform_store(data_dir: Path, database: DatabaseSettings) -> PlatformStore:

@@ -15,8 +15,18 @@ import asyncpg
 
 from epoxi.config import hidden_url
 from epoxi.errors import AlreadyExists, DatabaseUnavailable
+from epoxi.events.lifecycle import platform_records, tally
+from epoxi.events.records import Record
 from epoxi.store import platform_sql as sql
-from epoxi.store.platform import TemplateSummary, TemplateVersion, Tenant
+from epoxi.store.platform import (
+    BulkError,
+    BulkJob,
+    Email,
+    HourCounts,
+    TemplateSummary,
+    TemplateVersion,
+    Tenant,
+)
 
 SCHEMA_LOCK = 0x45504F5849  # "EPOXI": the advisory lock the first start makes tables under
 
@@ -27,9 +37,22 @@ _Q = {
     and isinstance(value, str)
     and value.lstrip().startswith(("SELECT", "INSERT", "UPDATE", "DELETE"))
 }
+_EMAIL_STATES = (
+    f"SELECT {sql.EMAIL_STATE_COLUMNS} FROM emails WHERE id = ANY($1::text[]) FOR UPDATE"
+)
 
 
 class PostgresPlatformStore:
+    transient_errors: tuple[type[Exception], ...] = (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.SerializationError,
+        asyncpg.DeadlockDetectedError,
+    )
+
     def __init__(self, url: str, schema: str = "epoxi", pool_size: int = 4) -> None:
         self.url = url
         self.schema = schema
@@ -153,3 +176,70 @@ class PostgresPlatformStore:
     async def delete_template(self, template_id: str) -> bool:
         status: str = await self.pool.execute(_Q["DELETE_TEMPLATE"], template_id)
         return status != "DELETE 0"
+
+    # ----------------------------------------------------------------- emails
+
+    async def add_emails(self, emails: list[Email]) -> None:
+        await self.pool.executemany(_Q["INSERT_EMAIL"], [sql.email_values(e) for e in emails])
+
+    async def email(self, email_id: str) -> Email | None:
+        row = await self.pool.fetchrow(_Q["SELECT_EMAIL"], email_id)
+        return sql.email_of(row) if row else None
+
+    async def apply_records(self, records: list[Record]) -> None:
+        kept = platform_records(records)
+        if not kept:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_EMAIL_STATES, list({r.message_id for r in kept}))
+            known = {row[0]: sql.state_of(row) for row in rows}
+            emails, counts = sql.tally_rows(tally(kept, known))
+            if emails:
+                await conn.executemany(_Q["SAVE_EMAIL_STATE"], emails)
+            if counts:
+                await conn.executemany(_Q["ADD_COUNTS"], counts)
+
+    async def hourly_counts(
+        self, tenant_id: str, start: float, end: float, template_id: str | None
+    ) -> list[HourCounts]:
+        rows: list[Any]
+        if template_id is None:
+            rows = await self.pool.fetch(_Q["SELECT_HOURLY"], tenant_id, int(start), int(end))
+        else:
+            rows = await self.pool.fetch(
+                _Q["SELECT_TEMPLATE_HOURLY"], tenant_id, int(start), int(end), template_id
+            )
+        return [sql.hour_counts_of(row) for row in rows]
+
+    # ----------------------------------------------------------------- bulk jobs
+
+    async def create_bulk(self, job: BulkJob) -> BulkJob:
+        try:
+            await self.pool.execute(_Q["INSERT_BULK"], *sql.bulk_values(job))
+        except asyncpg.UniqueViolationError as exc:
+            raise AlreadyExists(
+                f"tenant {job.tenant_id!r} has a bulk job with this idempotency key"
+            ) from exc
+        return job
+
+    async def bulk(self, job_id: str) -> BulkJob | None:
+        row = await self.pool.fetchrow(_Q["SELECT_BULK"], job_id)
+        return sql.bulk_of(row) if row else None
+
+    async def bulk_by_key(self, tenant_id: str, key: str) -> BulkJob | None:
+        row = await self.pool.fetchrow(_Q["SELECT_BULK_BY_KEY"], tenant_id, key)
+        return sql.bulk_of(row) if row else None
+
+    async def save_progress(
+        self, job: BulkJob, errors: list[BulkError], emails: list[Email]
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if emails:
+                await conn.executemany(_Q["INSERT_EMAIL"], [sql.email_values(e) for e in emails])
+            await conn.execute(_Q["SAVE_PROGRESS"], *sql.progress_values(job))
+            if errors:
+                await conn.executemany(_Q["INSERT_BULK_ERROR"], sql.error_values(job.id, errors))
+
+    async def bulk_errors(self, job_id: str, after: int, limit: int) -> list[BulkError]:
+        rows = await self.pool.fetch(_Q["SELECT_BULK_ERRORS"], job_id, after, limit)
+        return [sql.bulk_error_of(row) for row in rows]

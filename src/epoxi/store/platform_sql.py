@@ -12,8 +12,15 @@ from typing import Any, Protocol
 
 import msgspec
 
+from epoxi.events.lifecycle import COUNTERS, EmailState, EmailStatus, Tally
+from epoxi.store.db import ACTIVITY_TABLES
 from epoxi.store.platform import (
     TENANT_CHANGEABLE,
+    BulkError,
+    BulkJob,
+    BulkState,
+    Email,
+    HourCounts,
     TemplateSummary,
     TemplateVersion,
     Tenant,
@@ -50,6 +57,55 @@ _SUMMARIES = """
 SELECT_SUMMARIES = _SUMMARIES.format(where="")
 SELECT_TENANT_SUMMARIES = _SUMMARIES.format(where="WHERE tenant_id = ?")
 
+EMAIL_COLUMNS = (
+    "id, tenant_id, recipient, recipient_name, template_id, template_version, bulk_job_id,"
+    " metadata, status, last_error, counted, created_at, updated_at"
+)
+_EMAIL_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# at send time: a row the records made first (a quick delivery) keeps its status
+INSERT_EMAIL = f"""INSERT INTO emails ({EMAIL_COLUMNS}) VALUES {_EMAIL_VALUES}
+    ON CONFLICT (id) DO UPDATE SET recipient_name = excluded.recipient_name,
+        template_version = excluded.template_version, bulk_job_id = excluded.bulk_job_id,
+        metadata = excluded.metadata, created_at = excluded.created_at"""
+# from the records: the status, error and counts made; the rest stays as sent
+SAVE_EMAIL_STATE = f"""INSERT INTO emails ({EMAIL_COLUMNS}) VALUES {_EMAIL_VALUES}
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, last_error = excluded.last_error,
+        counted = excluded.counted, updated_at = excluded.updated_at"""
+SELECT_EMAIL = f"SELECT {EMAIL_COLUMNS} FROM emails WHERE id = ?"
+EMAIL_STATE_COLUMNS = "id, tenant_id, template_id, status, counted, last_error, updated_at"
+
+_ADDED = ", ".join(f"{c} = analytics_hourly.{c} + excluded.{c}" for c in COUNTERS)
+ADD_COUNTS = f"""INSERT INTO analytics_hourly (tenant_id, template_id, hour, {", ".join(COUNTERS)})
+    VALUES (?, ?, ?, {", ".join("?" for _ in COUNTERS)})
+    ON CONFLICT (tenant_id, hour, template_id) DO UPDATE SET {_ADDED}"""
+_HOURLY = f"""SELECT hour, {", ".join(f"SUM({c})" for c in COUNTERS)} FROM analytics_hourly
+    WHERE tenant_id = ? AND hour >= ? AND hour < ? {{template}} GROUP BY hour ORDER BY hour"""
+SELECT_HOURLY = _HOURLY.format(template="")
+SELECT_TEMPLATE_HOURLY = _HOURLY.format(template="AND template_id = ?")
+
+BULK_COLUMNS = (
+    "id, tenant_id, template_id, template_version, idempotency_key, fingerprint, total,"
+    " processed, rendered, queued, suppressed, failed, state, created_at, updated_at,"
+    " finished_at"
+)
+INSERT_BULK = (
+    f"INSERT INTO bulk_jobs ({BULK_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_BULK = f"SELECT {BULK_COLUMNS} FROM bulk_jobs WHERE id = ?"
+SELECT_BULK_BY_KEY = (
+    f"SELECT {BULK_COLUMNS} FROM bulk_jobs WHERE tenant_id = ? AND idempotency_key = ?"
+)
+SAVE_PROGRESS = """UPDATE bulk_jobs SET processed = ?, rendered = ?, queued = ?,
+    suppressed = ?, failed = ?, state = ?, updated_at = ?, finished_at = ? WHERE id = ?"""
+INSERT_BULK_ERROR = (
+    "INSERT INTO bulk_errors (job_id, idx, email, error) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (job_id, idx) DO NOTHING"
+)
+SELECT_BULK_ERRORS = (
+    "SELECT idx, email, error FROM bulk_errors WHERE job_id = ? AND idx > ? ORDER BY idx LIMIT ?"
+)
+
 POSTGRES_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS tenants (
         id TEXT PRIMARY KEY,
@@ -77,6 +133,7 @@ POSTGRES_SCHEMA = [
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS template_names ON templates (tenant_id, name)"
     " WHERE version = 1",
+    *ACTIVITY_TABLES,
 ]
 
 
@@ -188,3 +245,157 @@ def next_version(version: TemplateVersion, latest: int, activate: bool) -> Templ
 def activated(row: Row) -> TemplateVersion:
     """The version of ``row``, now the active one."""
     return msgspec.structs.replace(template_of(row), is_active=True)
+
+
+# --------------------------------------------------------------------- emails
+
+
+def email_values(email: Email) -> tuple[Any, ...]:
+    metadata = None if email.metadata is None else msgspec.json.encode(email.metadata).decode()
+    return (
+        email.id,
+        email.tenant_id,
+        email.recipient,
+        email.recipient_name,
+        email.template_id,
+        email.template_version,
+        email.bulk_job_id,
+        metadata,
+        email.status,
+        email.last_error,
+        "",
+        email.created_at,
+        email.updated_at,
+    )
+
+
+def email_of(row: Row) -> Email:
+    return Email(
+        id=row[0],
+        tenant_id=row[1],
+        recipient=row[2],
+        recipient_name=row[3],
+        template_id=row[4],
+        template_version=int(row[5]),
+        bulk_job_id=row[6],
+        metadata=None if row[7] is None else msgspec.json.decode(row[7]),
+        status=row[8],
+        last_error=row[9],
+        created_at=float(row[11]),
+        updated_at=float(row[12]),
+    )
+
+
+def state_of(row: Row) -> EmailState:
+    """An email row (EMAIL_STATE_COLUMNS) as the tally takes it."""
+    return EmailState(
+        id=row[0],
+        tenant_id=row[1],
+        template_id=row[2],
+        status=EmailStatus(row[3]),
+        counted=set(filter(None, row[4].split(","))),
+        last_error=row[5],
+        updated_at=float(row[6]),
+    )
+
+
+def state_values(state: EmailState) -> tuple[Any, ...]:
+    """A changed email (SAVE_EMAIL_STATE); a new one gets the send's fields when it comes."""
+    return (
+        state.id,
+        state.tenant_id,
+        state.recipient,
+        "",
+        state.template_id,
+        0,
+        "",
+        None,
+        state.status.value,
+        state.last_error,
+        ",".join(sorted(state.counted)),
+        state.updated_at,
+        state.updated_at,
+    )
+
+
+def tally_rows(result: Tally) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The rows a tally writes: (emails, counts)."""
+    emails = [state_values(state) for state in result.changed.values()]
+    counts = [
+        (tenant, template, hour, *(bucket.get(c, 0) for c in COUNTERS))
+        for (tenant, template, hour), bucket in result.counts.items()
+    ]
+    return emails, counts
+
+
+def hour_counts_of(row: Row) -> HourCounts:
+    return HourCounts(
+        hour=float(row[0]), counts={c: int(row[i]) for i, c in enumerate(COUNTERS, 1)}
+    )
+
+
+# --------------------------------------------------------------------- bulk jobs
+
+
+def bulk_values(job: BulkJob) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.tenant_id,
+        job.template_id,
+        job.template_version,
+        job.idempotency_key,
+        job.fingerprint,
+        job.total,
+        job.processed,
+        job.rendered,
+        job.queued,
+        job.suppressed,
+        job.failed,
+        job.state.value,
+        job.created_at,
+        job.updated_at,
+        job.finished_at,
+    )
+
+
+def bulk_of(row: Row) -> BulkJob:
+    return BulkJob(
+        id=row[0],
+        tenant_id=row[1],
+        template_id=row[2],
+        template_version=int(row[3]),
+        idempotency_key=row[4],
+        fingerprint=row[5],
+        total=int(row[6]),
+        processed=int(row[7]),
+        rendered=int(row[8]),
+        queued=int(row[9]),
+        suppressed=int(row[10]),
+        failed=int(row[11]),
+        state=BulkState(row[12]),
+        created_at=float(row[13]),
+        updated_at=float(row[14]),
+        finished_at=None if row[15] is None else float(row[15]),
+    )
+
+
+def progress_values(job: BulkJob) -> tuple[Any, ...]:
+    return (
+        job.processed,
+        job.rendered,
+        job.queued,
+        job.suppressed,
+        job.failed,
+        job.state.value,
+        job.updated_at,
+        job.finished_at,
+        job.id,
+    )
+
+
+def error_values(job_id: str, errors: list[BulkError]) -> list[tuple[Any, ...]]:
+    return [(job_id, e.index, e.email, e.error) for e in errors]
+
+
+def bulk_error_of(row: Row) -> BulkError:
+    return BulkError(index=int(row[0]), email=row[1], error=row[2])

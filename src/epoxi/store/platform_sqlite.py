@@ -7,12 +7,26 @@ import time
 from pathlib import Path
 
 from epoxi.errors import AlreadyExists
+from epoxi.events.lifecycle import EmailState, platform_records, tally
+from epoxi.events.records import Record
 from epoxi.store import platform_sql as sql
-from epoxi.store.platform import TemplateSummary, TemplateVersion, Tenant
+from epoxi.store.platform import (
+    BulkError,
+    BulkJob,
+    Email,
+    HourCounts,
+    TemplateSummary,
+    TemplateVersion,
+    Tenant,
+)
 from epoxi.store.thread import StoreThread, immediate
+
+_IDS_PER_SELECT = 500  # below SQLite's limit of bound parameters
 
 
 class SqlitePlatformStore(StoreThread):
+    transient_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+
     def __init__(self, path: Path) -> None:
         super().__init__(path, "platform")
 
@@ -124,3 +138,107 @@ class SqlitePlatformStore(StoreThread):
         return await self.call(
             lambda conn: conn.execute(sql.DELETE_TEMPLATE, (template_id,)).rowcount > 0
         )
+
+    # ----------------------------------------------------------------- emails
+
+    async def add_emails(self, emails: list[Email]) -> None:
+        rows = [sql.email_values(email) for email in emails]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.executemany(sql.INSERT_EMAIL, rows)
+
+        await self.call(run)
+
+    async def email(self, email_id: str) -> Email | None:
+        def run(conn: sqlite3.Connection) -> Email | None:
+            row = conn.execute(sql.SELECT_EMAIL, (email_id,)).fetchone()
+            return sql.email_of(row) if row else None
+
+        return await self.call(run)
+
+    async def apply_records(self, records: list[Record]) -> None:
+        kept = platform_records(records)
+        if not kept:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                known = _known_emails(conn, list({r.message_id for r in kept}))
+                emails, counts = sql.tally_rows(tally(kept, known))
+                conn.executemany(sql.SAVE_EMAIL_STATE, emails)
+                conn.executemany(sql.ADD_COUNTS, counts)
+
+        await self.call(run)
+
+    async def hourly_counts(
+        self, tenant_id: str, start: float, end: float, template_id: str | None
+    ) -> list[HourCounts]:
+        def run(conn: sqlite3.Connection) -> list[HourCounts]:
+            if template_id is None:
+                rows = conn.execute(sql.SELECT_HOURLY, (tenant_id, start, end))
+            else:
+                rows = conn.execute(
+                    sql.SELECT_TEMPLATE_HOURLY, (tenant_id, start, end, template_id)
+                )
+            return [sql.hour_counts_of(row) for row in rows]
+
+        return await self.call(run)
+
+    # ----------------------------------------------------------------- bulk jobs
+
+    async def create_bulk(self, job: BulkJob) -> BulkJob:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(sql.INSERT_BULK, sql.bulk_values(job))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(
+                    f"tenant {job.tenant_id!r} has a bulk job with this idempotency key"
+                ) from exc
+
+        await self.call(run)
+        return job
+
+    async def bulk(self, job_id: str) -> BulkJob | None:
+        def run(conn: sqlite3.Connection) -> BulkJob | None:
+            row = conn.execute(sql.SELECT_BULK, (job_id,)).fetchone()
+            return sql.bulk_of(row) if row else None
+
+        return await self.call(run)
+
+    async def bulk_by_key(self, tenant_id: str, key: str) -> BulkJob | None:
+        def run(conn: sqlite3.Connection) -> BulkJob | None:
+            row = conn.execute(sql.SELECT_BULK_BY_KEY, (tenant_id, key)).fetchone()
+            return sql.bulk_of(row) if row else None
+
+        return await self.call(run)
+
+    async def save_progress(
+        self, job: BulkJob, errors: list[BulkError], emails: list[Email]
+    ) -> None:
+        rows = [sql.email_values(email) for email in emails]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.executemany(sql.INSERT_EMAIL, rows)
+                conn.execute(sql.SAVE_PROGRESS, sql.progress_values(job))
+                conn.executemany(sql.INSERT_BULK_ERROR, sql.error_values(job.id, errors))
+
+        await self.call(run)
+
+    async def bulk_errors(self, job_id: str, after: int, limit: int) -> list[BulkError]:
+        def run(conn: sqlite3.Connection) -> list[BulkError]:
+            rows = conn.execute(sql.SELECT_BULK_ERRORS, (job_id, after, limit))
+            return [sql.bulk_error_of(row) for row in rows]
+
+        return await self.call(run)
+
+
+def _known_emails(conn: sqlite3.Connection, ids: list[str]) -> dict[str, EmailState]:
+    known: dict[str, EmailState] = {}
+    for start in range(0, len(ids), _IDS_PER_SELECT):
+        part = ids[start : start + _IDS_PER_SELECT]
+        marks = ", ".join("?" for _ in part)
+        query = f"SELECT {sql.EMAIL_STATE_COLUMNS} FROM emails WHERE id IN ({marks})"
+        known.update((row[0], sql.state_of(row)) for row in conn.execute(query, part))
+    return known

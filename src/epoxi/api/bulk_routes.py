@@ -1,0 +1,274 @@
+"""``POST /send/bulk`` and ``GET /bulk/{id}``: one stored template to up to 100,000 recipients.
+
+The recipients are rendered and spooled in groups of ``api.spool_batch``, one spool
+transaction (fsync) each, and the job's progress is saved after each group, so only one group
+of messages is ever held rendered. The 202 comes once every recipient is handled: spooled,
+suppressed, or failed with its reason (a bad address, a variable the template needs and the
+request lacks); one recipient's error never stops the others.
+
+``idempotency_key``: the same key (per tenant) with the same body answers the job; with
+another body, a 409. A job cut short by a crash is picked up where it stopped by the same
+request again (the last group before the crash may be sent twice: at least once, never lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from epoxi.api.auth import acting_tenant, api_key
+from epoxi.api.context import ApiContext, context
+from epoxi.api.email_routes import as_datetime
+from epoxi.api.problems import problem_responses
+from epoxi.api.send_routes import (
+    message_metadata,
+    stored_draft,
+    stored_send,
+    template_composer,
+    to_header,
+)
+from epoxi.api.sending import (
+    RENDER_CHUNK,
+    SENDING,
+    refuse_suspended,
+)
+from epoxi.api_types import BulkAccepted, BulkProgress, BulkRecipient, BulkSend
+from epoxi.compose import ComposeError, Composer, checked_address
+from epoxi.ids import new_message_id
+from epoxi.message import MessageMeta
+from epoxi.store.keys import Scope
+from epoxi.store.platform import BulkError, BulkJob, BulkState, Email, TemplateVersion
+
+STALE_JOB = 30.0  # seconds without progress after which a running job is taken as cut short
+
+
+@post(
+    "/send/bulk",
+    summary="Send a stored template to many recipients (Mailsystem's /send/bulk)",
+    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)},
+)
+async def send_bulk(
+    request: Request[Any, Any, Any], data: JSONBody[BulkSend]
+) -> Response[BulkAccepted]:
+    ctx = context(request)
+    tenant_id = acting_tenant(request, data.tenant_id, "sends for")
+    await refuse_suspended(ctx, tenant_id)
+    tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
+    # each copy's To is its recipient's; the draft's only shapes the headers
+    composer = template_composer(ctx, stored_draft(version, sender, [sender]))
+    job, reused = await _job(ctx, tenant.id, version, data)
+    if job.state is not BulkState.DONE:
+        slot = (tenant.id, f"bulk:{job.id}")
+        ctx.idempotency_in_flight.add(slot)
+        try:
+            job = await _Run(ctx, job, data, composer, base, version).all()
+        finally:
+            ctx.idempotency_in_flight.discard(slot)
+    return Response(_accepted(job, reused), status_code=202)
+
+
+@get(
+    "/bulk/{bulk_job_id:str}",
+    opt={"scope": Scope.READ},
+    responses=problem_responses(401, 403, 404, 422),
+    summary="A bulk send's progress and its recipients' errors",
+    tags=["messages"],
+)
+async def bulk_progress(
+    request: Request[Any, Any, Any],
+    bulk_job_id: FromPath[str],
+    errors_after: Annotated[
+        int, QueryParameter(ge=-1, le=10**9, description="list errors of recipients after it")
+    ] = -1,
+    errors_limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
+) -> BulkProgress:
+    ctx = context(request)
+    job = await ctx.platform.bulk(bulk_job_id)
+    key = api_key(request)
+    if job is None or (key is not None and key.tenant and job.tenant_id != key.tenant):
+        raise NotFoundException(f"no bulk job {bulk_job_id!r}")
+    errors = await ctx.platform.bulk_errors(job.id, errors_after, errors_limit + 1)
+    more = len(errors) > errors_limit
+    return BulkProgress(
+        bulk_job_id=job.id,
+        tenant_id=job.tenant_id,
+        template_id=job.template_id,
+        template_version=job.template_version,
+        status=job.state,
+        accepted=job.total,
+        processed=job.processed,
+        rendered=job.rendered,
+        queued=job.queued,
+        suppressed=job.suppressed,
+        failed=job.failed,
+        created_at=as_datetime(job.created_at),
+        updated_at=as_datetime(job.updated_at),
+        finished_at=None if job.finished_at is None else as_datetime(job.finished_at),
+        errors=errors[:errors_limit],
+        errors_next=errors[errors_limit - 1].index if more else None,
+    )
+
+
+# --------------------------------------------------------------------- the job
+
+
+async def _job(
+    ctx: ApiContext, tenant_id: str, version: TemplateVersion, data: BulkSend
+) -> tuple[BulkJob, bool]:
+    """The job to run: a new one, or the one of the same idempotency key (reused: True)."""
+    fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
+    key = data.idempotency_key or ""
+    if key:
+        found = await ctx.platform.bulk_by_key(tenant_id, key)
+        if found is not None:
+            return _resumable(ctx, found, fingerprint), True
+    now = time.time()
+    job = BulkJob(
+        id=f"bulk_{uuid.uuid4().hex}",
+        tenant_id=tenant_id,
+        template_id=version.id,
+        template_version=version.version,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+        total=len(data.recipients),
+        created_at=now,
+        updated_at=now,
+    )
+    return await ctx.platform.create_bulk(job), False  # AlreadyExists: a 409 (a race)
+
+
+def _resumable(ctx: ApiContext, job: BulkJob, fingerprint: str) -> BulkJob:
+    if job.fingerprint != fingerprint:
+        raise HTTPException(
+            "this idempotency_key was used with a different request", status_code=409
+        )
+    running = job.state is BulkState.RUNNING
+    here = (job.tenant_id, f"bulk:{job.id}") in ctx.idempotency_in_flight
+    if running and (here or time.time() - job.updated_at < STALE_JOB):
+        raise HTTPException(
+            f"bulk job {job.id} is still being processed: GET /bulk/{job.id} shows its progress",
+            status_code=409,
+        )
+    return job  # done: answered as it was; cut short: picked up where it stopped
+
+
+class _Run:
+    """Renders, spools and counts the job's recipients, one group at a time."""
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        job: BulkJob,
+        data: BulkSend,
+        composer: Composer,
+        base: dict[str, Any],
+        version: TemplateVersion,
+    ) -> None:
+        self.ctx, self.job, self.data, self.composer = ctx, job, data, composer
+        self.base, self.version = base, version
+
+    async def all(self) -> BulkJob:
+        batch = self.ctx.settings.api.spool_batch
+        for start in range(self.job.processed, self.job.total, batch):
+            await self._group(start, self.data.recipients[start : start + batch])
+        now = time.time()
+        self.job = msgspec.structs.replace(
+            self.job, state=BulkState.DONE, updated_at=now, finished_at=now
+        )
+        await self.ctx.platform.save_progress(self.job, [], [])
+        return self.job
+
+    async def _group(self, start: int, recipients: list[BulkRecipient]) -> None:
+        items: list[tuple[MessageMeta, bytes]] = []
+        emails: list[Email] = []
+        errors: list[BulkError] = []
+        for index, recipient in enumerate(recipients, start):
+            try:
+                meta, body = self._message(index, recipient)
+            except ComposeError as exc:
+                error = f"{exc.field}: {exc}"
+                errors.append(BulkError(index=index, email=recipient.email, error=error))
+                continue
+            items.append((meta, body))
+            emails.append(self._email(meta, recipient))
+            if len(items) % RENDER_CHUNK == 0:
+                await asyncio.sleep(0)  # let SMTP sessions and other requests run
+        suppressed = await self.ctx.inject_many(items) if items else []
+        job = self.job
+        self.job = msgspec.structs.replace(
+            job,
+            processed=start + len(recipients),
+            rendered=job.rendered + len(items),
+            queued=job.queued + len(items) - len({r.message_id for r in suppressed}),
+            suppressed=job.suppressed + len(suppressed),
+            failed=job.failed + len(errors),
+            updated_at=time.time(),
+        )
+        await self.ctx.platform.save_progress(self.job, errors, emails)
+
+    def _message(self, index: int, recipient: BulkRecipient) -> tuple[MessageMeta, bytes]:
+        address = checked_address(f"recipients[{index}].email", recipient.email)
+        rendered = self.composer.render(
+            address, to_header(address, recipient.name), self._values(address, recipient)
+        )
+        meta = MessageMeta(
+            id=new_message_id(),
+            sender=self.composer.envelope_sender,
+            recipients=[address],
+            size=len(rendered.body),
+            smtputf8=rendered.smtputf8,
+            body_8bit=not rendered.body.isascii(),
+            metadata=message_metadata(self._metadata(recipient)),
+            **self.base,
+        )
+        return meta, rendered.body
+
+    def _values(self, address: str, recipient: BulkRecipient) -> Mapping[str, Any]:
+        return {
+            **self.data.shared_variables,
+            "recipient": {"email": address, "name": recipient.name},
+            **recipient.variables,
+        }
+
+    def _metadata(self, recipient: BulkRecipient) -> dict[str, Any]:
+        if not recipient.metadata:
+            return self.data.metadata
+        return {**self.data.metadata, **recipient.metadata}
+
+    def _email(self, meta: MessageMeta, recipient: BulkRecipient) -> Email:
+        return Email(
+            id=meta.id,
+            tenant_id=self.job.tenant_id,
+            recipient=meta.recipients[0],
+            recipient_name=recipient.name,
+            template_id=self.version.id,
+            template_version=self.version.version,
+            bulk_job_id=self.job.id,
+            metadata=self._metadata(recipient) or None,
+            status="scheduled" if self.base["due"] else "queued",
+            created_at=meta.received_at,
+            updated_at=meta.received_at,
+        )
+
+
+def _accepted(job: BulkJob, reused: bool) -> BulkAccepted:
+    return BulkAccepted(
+        bulk_job_id=job.id,
+        status=job.state,
+        total=job.total,
+        queued=job.queued,
+        suppressed=job.suppressed,
+        failed=job.failed,
+        template_id=job.template_id,
+        template_version=job.template_version,
+        idempotency_reused=reused,
+    )

@@ -1,0 +1,290 @@
+"""``/send/bulk``, ``/bulk/{id}``, ``/emails/{id}`` and ``/analytics`` over HTTP, on SQLite and
+on the machine's PostgreSQL (issue 15): a bulk send of 10,000 recipients delivered to a real
+sink, emails followed through delivered, bounced, opened, clicked and complained, and the
+hourly rollups counting them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+from epoxi.api_types import BulkSend
+from epoxi.events.records import RecordType
+from epoxi.store import KeyStore, store_path
+from epoxi.store.keys import Scope
+from epoxi.store.platform import BulkJob
+from tests.e2e.conftest import SEND, Api, World, seeded
+
+PROVIDER_SECRET = "whsec_platform-test"
+PROVIDERS = {"provider_webhooks": {"secrets": {"mock": PROVIDER_SECRET}}}
+
+
+def _bulk(template_id: str, count: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "tenant_id": "tenant-1",
+        "template_id": template_id,
+        "recipients": [
+            {"email": f"r{i}@a.test", "variables": {"name": f"R{i}"}} for i in range(count)
+        ],
+        "shared_variables": {"code": "B1"},
+        "metadata": {"campaign": "winter"},
+        "idempotency_key": "bulk-001",
+        **fields,
+    }
+
+
+async def test_bulk_send_of_10000_recipients_spools_delivers_and_reports(
+    platform_api: Api,
+) -> None:
+    world, client = await platform_api()
+    template_id = await seeded(client)
+    body = _bulk(template_id, 10_000)
+    recipients = body["recipients"]
+    recipients[3] = {"email": "not an address", "variables": {"name": "X"}}
+    recipients[7] = {"email": "r7@a.test"}  # no name: the template needs one
+    recipients[9]["metadata"] = {"row": 9}
+    await client.post("/suppressions", json={"address": "r11@a.test", "tenant": "tenant-1"})
+
+    answer = await client.post("/send/bulk", json=body)
+    assert answer.status_code == 202, answer.text
+    accepted = answer.json()
+    assert (accepted["status"], accepted["total"], accepted["idempotency_reused"]) == (
+        "done",
+        10_000,
+        False,
+    )
+    assert (accepted["queued"], accepted["suppressed"], accepted["failed"]) == (9_997, 1, 2)
+
+    job_id = accepted["bulk_job_id"]
+    progress = (await client.get(f"/bulk/{job_id}")).json()
+    assert (progress["accepted"], progress["processed"], progress["rendered"]) == (
+        10_000,
+        10_000,
+        9_998,
+    )
+    assert progress["finished_at"] is not None and progress["errors_next"] is None
+    bad_address, no_name = progress["errors"]
+    assert (bad_address["index"], bad_address["email"]) == (3, "not an address")
+    assert "recipients[3].email" in bad_address["error"]
+    assert no_name["index"] == 7 and "name" in no_name["error"]
+    paged = (await client.get(f"/bulk/{job_id}", params={"errors_limit": 1})).json()
+    assert [e["index"] for e in paged["errors"]] == [3] and paged["errors_next"] == 3
+
+    again = await client.post("/send/bulk", json=body)
+    assert again.status_code == 202
+    assert (again.json()["bulk_job_id"], again.json()["idempotency_reused"]) == (job_id, True)
+    changed = await client.post("/send/bulk", json={**body, "shared_variables": {"code": "B2"}})
+    assert changed.status_code == 409 and "different request" in changed.json()["detail"]
+
+    delivered = await world.wait_records(
+        RecordType.DELIVERY, 9_997, timeout=120, where=lambda r: r.tenant == "tenant-1"
+    )
+    assert {r.template for r in delivered} == {template_id}
+    assert len({r.recipient for r in delivered}) == 9_997  # each once: the replay sent none
+    item = next(
+        m for sink in world.sinks.values() for m in sink.messages if m.rcpt_tos == ["r9@a.test"]
+    )
+    assert b"Subject: Welcome R9" in item.data and b"Your code: B1" in item.data
+
+    r9 = next(r for r in delivered if r.recipient == "r9@a.test")
+    shown = (await client.get(f"/emails/{r9.message_id}", params={"tenant_id": "tenant-1"})).json()
+    assert (shown["status"], shown["bulk_job_id"], shown["template_id"]) == (
+        "delivered",
+        job_id,
+        template_id,
+    )
+    assert shown["metadata"] == {"campaign": "winter", "row": 9}
+    day = (await client.get("/analytics", params={"tenant_id": "tenant-1"})).json()
+    assert (day["totals"]["accepted"], day["totals"]["delivered"]) == (9_997, 9_997)
+    assert day["totals"]["suppressed"] == 1 and day["rates"]["delivery"] == 1.0
+
+
+async def test_a_bulk_job_cut_short_is_picked_up_where_it_stopped(platform_api: Api) -> None:
+    world, client = await platform_api(api={"spool_batch": 10})
+    template_id = await seeded(client)
+    body = _bulk(template_id, 35)
+    # the job as a node that died after spooling two groups of ten left it
+    request = msgspec.json.decode(json.dumps(body), type=BulkSend)
+    now = time.time()
+    job = BulkJob(
+        id="bulk_cut",
+        tenant_id="tenant-1",
+        template_id=template_id,
+        template_version=1,
+        idempotency_key="bulk-001",
+        fingerprint=hashlib.sha256(msgspec.json.encode(request)).hexdigest(),
+        total=35,
+        processed=20,
+        rendered=20,
+        queued=20,
+        created_at=now,
+        updated_at=now,
+    )
+    store = world.app.platform
+    await store.create_bulk(job)
+    busy = await client.post("/send/bulk", json=body)  # it could still be running
+    assert busy.status_code == 409 and "GET /bulk/bulk_cut" in busy.json()["detail"]
+
+    await store.save_progress(msgspec.structs.replace(job, updated_at=now - 60), [], [])
+    resumed = await client.post("/send/bulk", json=body)
+    assert resumed.status_code == 202, resumed.text
+    assert (resumed.json()["bulk_job_id"], resumed.json()["queued"]) == ("bulk_cut", 35)
+    # every Reception is recorded before the 202: only the last fifteen were spooled now
+    spooled = [r.recipients[0] for r in world.records if r.type is RecordType.RECEPTION]
+    assert spooled == [f"r{i}@a.test" for i in range(20, 35)]
+    delivered = await world.wait_records(RecordType.DELIVERY, 15)
+    assert {r.recipient for r in delivered} == set(spooled)
+
+
+async def test_emails_follow_their_records_and_analytics_add_them_up(platform_api: Api) -> None:
+    world, client = await platform_api(**PROVIDERS)
+    template_id = await seeded(client)
+    other = await client.post(
+        "/templates",
+        json={
+            "tenant_id": "tenant-1",
+            "name": "other",
+            "subject_template": "Hi",
+            "text_template": "Hi.",
+        },
+    )
+    other_id = other.json()["id"]
+    sent = (await client.post("/send", json={**SEND, "template_id": template_id})).json()
+    bounced = (
+        await client.post(
+            "/send",
+            json={
+                **SEND,
+                "template_id": template_id,
+                "recipient": {"email": "reject@a.test"},
+                "idempotency_key": "mail-002",
+            },
+        )
+    ).json()
+    later = (
+        await client.post(
+            "/send",
+            json={
+                **SEND,
+                "template_id": template_id,
+                "idempotency_key": "mail-003",
+                "send_at": "2099-01-01T00:00:00Z",
+            },
+        )
+    ).json()
+    await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.tenant == "tenant-1")
+    await world.wait_records(RecordType.BOUNCE, 1, where=lambda r: r.tenant == "tenant-1")
+
+    email_id = sent["email_id"]
+    shown = (await client.get(f"/emails/{email_id}", params={"tenant_id": "tenant-1"})).json()
+    assert (shown["status"], shown["recipient"], shown["template_version"]) == (
+        "delivered",
+        {"email": "alice@a.test", "name": "Alice"},
+        1,
+    )
+    assert shown["metadata"] == {"source": "api", "order": 42}  # as given: 42 stays a number
+    assert [(e["type"], e.get("status")) for e in shown["events"]] == [
+        ("Reception", "queued"),
+        ("Delivery", "delivered"),
+    ]
+    failed = (await client.get(f"/emails/{bounced['email_id']}")).json()
+    assert failed["status"] == "bounced" and "550" in failed["last_error"]
+    assert (await client.get(f"/emails/{later['email_id']}")).json()["status"] == "scheduled"
+    assert (await client.delete(f"/messages/{later['email_id']}")).status_code == 200
+    await world.wait_records(RecordType.CANCELLED, 1)
+    assert (await client.get(f"/emails/{later['email_id']}")).json()["status"] == "cancelled"
+
+    # the provider reports opens (twice), a click and a complaint: each moves the status on
+    events = [
+        {"id": "e1", "type": "opened", "email_id": email_id, "recipient": "alice@a.test"},
+        {"id": "e2", "type": "opened", "email_id": email_id, "recipient": "alice@a.test"},
+        {"id": "e3", "type": "clicked", "email_id": email_id, "recipient": "alice@a.test"},
+    ]
+    assert (await _provider_post(client, events)).status_code == 200
+    assert (await client.get(f"/emails/{email_id}")).json()["status"] == "clicked"
+    complaint = [
+        {"id": "e4", "type": "complained", "email_id": email_id, "recipient": "alice@a.test"}
+    ]
+    assert (await _provider_post(client, complaint)).status_code == 200
+    shown = (await client.get(f"/emails/{email_id}")).json()
+    assert shown["status"] == "complained"
+    assert [e["type"] for e in shown["events"]][-4:] == ["Open", "Open", "Click", "Feedback"]
+
+    for group_by in ("hour", "day"):
+        report = (
+            await client.get(
+                "/analytics",
+                params={"tenant_id": "tenant-1", "group_by": group_by, "template_id": template_id},
+            )
+        ).json()
+        assert len(report["buckets"]) == 1 and report["group_by"] == group_by
+        totals = report["totals"]
+        assert {k: totals[k] for k in ("accepted", "delivered", "bounced", "cancelled")} == {
+            "accepted": 3,
+            "delivered": 1,
+            "bounced": 1,
+            "cancelled": 1,
+        }
+        assert (totals["opened"], totals["clicked"], totals["complained"]) == (1, 1, 1)
+        assert report["rates"] == {
+            "delivery": 0.3333,
+            "bounce": 0.3333,
+            "complaint": 1.0,
+            "open": 1.0,
+            "click": 1.0,
+        }
+        bucket = report["buckets"][0]
+        start = bucket["start"]
+        assert start.endswith(":00:00Z") and (group_by == "hour" or "T00:00:00" in start)
+    none = (
+        await client.get("/analytics", params={"tenant_id": "tenant-1", "template_id": other_id})
+    ).json()
+    assert none["buckets"] == [] and none["totals"]["accepted"] == 0
+    past = await client.get(
+        "/analytics",
+        params={"tenant_id": "tenant-1", "from": "2020-01-02T00:00:00Z", "to": "2020-01-01"},
+    )
+    assert past.status_code == 422 and past.json()["errors"][0]["field"] == "from"
+    assert (await client.get("/analytics")).status_code == 422  # whose?
+
+
+async def test_one_tenant_never_reads_anothers_emails_jobs_or_analytics(
+    platform_node: tuple[World, httpx.AsyncClient],
+) -> None:
+    world, client = platform_node
+    template_id = await seeded(client)
+    sent = (await client.post("/send", json={**SEND, "template_id": template_id})).json()
+    job = (await client.post("/send/bulk", json=_bulk(template_id, 3))).json()
+    await client.post("/tenants", json={"id": "tenant-2", "name": "Tenant 2"})
+    keys = KeyStore(store_path(world.app.settings.data_dir))
+    _, theirs = keys.create("tenant-2", {Scope.SEND, Scope.READ}, tenant="tenant-2")
+    _, admin = keys.create("admin", {Scope.ADMIN, Scope.SEND, Scope.READ})
+    client.headers["Authorization"] = f"Bearer {theirs}"
+    assert (await client.get(f"/emails/{sent['email_id']}")).status_code == 404
+    assert (await client.get(f"/bulk/{job['bulk_job_id']}")).status_code == 404
+    asked = await client.get("/analytics", params={"tenant_id": "tenant-1"})
+    assert asked.status_code == 403
+    own = (await client.get("/analytics")).json()  # its own: nothing sent
+    assert own["tenant_id"] == "tenant-2" and own["totals"]["accepted"] == 0
+    bulk = await client.post("/send/bulk", json={**_bulk(template_id, 1), "tenant_id": None})
+    assert bulk.status_code == 404  # tenant-1's template is not tenant-2's
+    client.headers["Authorization"] = f"Bearer {admin}"
+    shown = await client.get(f"/emails/{sent['email_id']}", params={"tenant_id": "tenant-2"})
+    assert shown.status_code == 404  # named for the wrong tenant: not found
+    assert (await client.get(f"/emails/{sent['email_id']}")).status_code == 200
+
+
+async def _provider_post(client: httpx.AsyncClient, events: list[dict[str, Any]]) -> httpx.Response:
+    body = json.dumps({"events": events}).encode()
+    stamp = int(time.time())
+    digest = hmac.new(
+        PROVIDER_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    headers = {"Webhook-Signature": f"t={stamp},v1={digest}", "Content-Type": "application/json"}
+    return await client.post("/webhooks/mock", content=body, headers=headers)
