@@ -18,6 +18,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -161,8 +162,19 @@ def _resumable(ctx: ApiContext, job: BulkJob, fingerprint: str) -> BulkJob:
     return job  # done: answered as it was; cut short: picked up where it stopped
 
 
+@dataclass
+class _Group:
+    """One group of recipients, rendered, on its way to the spool."""
+
+    end: int  # the index after its last recipient
+    items: list[tuple[MessageMeta, bytes]] = field(default_factory=list)
+    emails: list[Email] = field(default_factory=list)
+    errors: list[BulkError] = field(default_factory=list)
+
+
 class _Run:
-    """Renders, spools and counts the job's recipients, one group at a time."""
+    """Renders, spools and counts the job's recipients, a group at a time: a group is
+    rendered while the one before it is committed (two at most are held)."""
 
     def __init__(
         self,
@@ -178,42 +190,52 @@ class _Run:
 
     async def all(self) -> BulkJob:
         batch = self.ctx.settings.api.spool_batch
-        for start in range(self.job.processed, self.job.total, batch):
-            await self._group(start, self.data.recipients[start : start + batch])
-        now = time.time()
-        self.job = msgspec.structs.replace(
-            self.job, state=BulkState.DONE, updated_at=now, finished_at=now
-        )
-        await self.ctx.platform.save_progress(self.job, [], [])
+        committing: asyncio.Task[None] | None = None
+        try:
+            for start in range(self.job.processed, self.job.total, batch):
+                group = await self._render(start, self.data.recipients[start : start + batch])
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._commit(group))
+        finally:
+            if committing is not None:
+                await committing  # a group being committed is finished, whatever happened
+        if self.job.state is not BulkState.DONE:  # nothing was left to send
+            await self._commit(_Group(end=self.job.total))
         return self.job
 
-    async def _group(self, start: int, recipients: list[BulkRecipient]) -> None:
-        items: list[tuple[MessageMeta, bytes]] = []
-        emails: list[Email] = []
-        errors: list[BulkError] = []
+    async def _render(self, start: int, recipients: list[BulkRecipient]) -> _Group:
+        group = _Group(end=start + len(recipients))
         for index, recipient in enumerate(recipients, start):
             try:
                 meta, body = self._message(index, recipient)
             except ComposeError as exc:
                 error = f"{exc.field}: {exc}"
-                errors.append(BulkError(index=index, email=recipient.email, error=error))
+                group.errors.append(BulkError(index=index, email=recipient.email, error=error))
                 continue
-            items.append((meta, body))
-            emails.append(self._email(meta, recipient))
-            if len(items) % RENDER_CHUNK == 0:
+            group.items.append((meta, body))
+            group.emails.append(self._email(meta, recipient))
+            if len(group.items) % RENDER_CHUNK == 0:
                 await asyncio.sleep(0)  # let SMTP sessions and other requests run
-        suppressed = await self.ctx.inject_many(items) if items else []
-        job = self.job
+        return group
+
+    async def _commit(self, group: _Group) -> None:
+        """Spool the group (one transaction), then save the job's progress and its emails."""
+        suppressed = await self.ctx.inject_many(group.items) if group.items else []
+        job, now = self.job, time.time()
+        done = group.end >= job.total
         self.job = msgspec.structs.replace(
             job,
-            processed=start + len(recipients),
-            rendered=job.rendered + len(items),
-            queued=job.queued + len(items) - len({r.message_id for r in suppressed}),
+            processed=group.end,
+            rendered=job.rendered + len(group.items),
+            queued=job.queued + len(group.items) - len({r.message_id for r in suppressed}),
             suppressed=job.suppressed + len(suppressed),
-            failed=job.failed + len(errors),
-            updated_at=time.time(),
+            failed=job.failed + len(group.errors),
+            state=BulkState.DONE if done else BulkState.RUNNING,
+            updated_at=now,
+            finished_at=now if done else None,
         )
-        await self.ctx.platform.save_progress(self.job, errors, emails)
+        await self.ctx.platform.save_progress(self.job, group.errors, group.emails)
 
     def _message(self, index: int, recipient: BulkRecipient) -> tuple[MessageMeta, bytes]:
         address = checked_address(f"recipients[{index}].email", recipient.email)
