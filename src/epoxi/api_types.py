@@ -829,3 +829,35 @@ class Analytics(msgspec.Struct, kw_only=True):
     totals: AnalyticsCounts
     rates: AnalyticsRates
     buckets: list[AnalyticsBucket]  # periods with no events are left out
+
+
+class DeadLetterView(msgspec.Struct, kw_only=True):
+    """A recipient that failed for good, with its last error."""
+
+    email_id: str
+    recipient: str
+    tenant_id: str
+    template_id: str | None  # None: not made from a template (it cannot be re-sent)
+    reason: str  # bounced, failed
+    last_error: str
+    failed_at: datetime
+    resent_as: str | None  # the email that re-sent it
+
+
+class DeadLetterList(msgspec.Struct, kw_only=True):
+    dead_letters: list[DeadLetterView]  # newest first
+    next_before: str | None  # pass as ``before`` for the next page; None: no more
+
+
+class ResendIn(Strict):
+    """``POST /dead-letters/{id}/resend``: ``{}``, or the tenant it is for."""
+
+    tenant_id: Label | None = None
+
+
+class Resent(msgspec.Struct, kw_only=True):
+    email_id: str  # the new email
+    resent_from: str  # the dead letter's
+    status: Literal["queued", "scheduled", "suppressed"]
+    template_id: str
+    template_version: int

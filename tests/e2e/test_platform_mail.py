@@ -19,7 +19,7 @@ from epoxi.events.records import RecordType
 from epoxi.store import KeyStore, store_path
 from epoxi.store.keys import Scope
 from epoxi.store.platform import BulkJob
-from tests.e2e.conftest import SEND, Api, World, seeded
+from tests.e2e.conftest import SEND, Api, World, message_request, seeded
 
 PROVIDER_SECRET = "whsec_platform-test"
 PROVIDERS = {"provider_webhooks": {"secrets": {"mock": PROVIDER_SECRET}}}
@@ -288,3 +288,66 @@ async def _provider_post(client: httpx.AsyncClient, events: list[dict[str, Any]]
     ).hexdigest()
     headers = {"Webhook-Signature": f"t={stamp},v1={digest}", "Content-Type": "application/json"}
     return await client.post("/webhooks/mock", content=body, headers=headers)
+
+
+async def test_dead_letters_are_kept_listed_and_re_sent_once(platform_api: Api) -> None:
+    world, client = await platform_api()
+    template_id = await seeded(client)
+    body = {**SEND, "template_id": template_id}
+    bounced = (
+        await client.post("/send", json={**body, "recipient": {"email": "reject@a.test"}})
+    ).json()
+    later = (
+        await client.post(
+            "/send",
+            json={**body, "idempotency_key": "mail-002", "send_at": "2099-01-01T00:00:00Z"},
+        )
+    ).json()
+    await world.wait_records(RecordType.BOUNCE, 1)
+    operator = await client.post(
+        "/admin/bounce", json={"id": later["email_id"], "reason": "wrong list"}
+    )
+    assert operator.json()["bounced"] == 1
+
+    listed = (await client.get("/dead-letters", params={"tenant_id": "tenant-1"})).json()
+    assert [(d["email_id"], d["reason"]) for d in listed["dead_letters"]] == [
+        (later["email_id"], "failed"),
+        (bounced["email_id"], "bounced"),
+    ]
+    assert "550" in listed["dead_letters"][1]["last_error"]
+    assert "wrong list" in listed["dead_letters"][0]["last_error"]
+    paged = (await client.get("/dead-letters", params={"limit": 1})).json()
+    assert len(paged["dead_letters"]) == 1 and paged["next_before"] is not None
+    rest = (await client.get("/dead-letters", params={"before": paged["next_before"]})).json()
+    assert [d["email_id"] for d in rest["dead_letters"]] == [bounced["email_id"]]
+
+    again = await client.post(f"/dead-letters/{later['email_id']}/resend", json={})
+    assert again.status_code == 202, again.text
+    resent = again.json()
+    assert (resent["resent_from"], resent["status"], resent["template_version"]) == (
+        later["email_id"],
+        "queued",
+        1,
+    )
+    await world.wait_records(
+        RecordType.DELIVERY, 1, where=lambda r: r.message_id == resent["email_id"]
+    )
+    shown = (await client.get(f"/dead-letters/{later['email_id']}")).json()
+    assert shown["resent_as"] == resent["email_id"]
+    twice = await client.post(f"/dead-letters/{later['email_id']}/resend", json={})
+    assert twice.status_code == 409 and resent["email_id"] in twice.json()["detail"]
+    # a hard bounce put the address on the tenant's suppression list: its re-send is held
+    held = (await client.post(f"/dead-letters/{bounced['email_id']}/resend", json={})).json()
+    assert held["status"] == "suppressed"
+    assert (await client.get("/dead-letters/nope")).status_code == 404
+
+    # mail not made from a template is a dead letter too, but is not re-sent from here
+    raw = await client.post(
+        "/messages", json={**message_request(to=["reject@b.test"]), "tenant": "tenant-1"}
+    )
+    raw_id = raw.json()["messages"][0]["id"]
+    await world.wait_records(RecordType.BOUNCE, 1, where=lambda r: r.message_id == raw_id)
+    plain = (await client.get(f"/dead-letters/{raw_id}")).json()
+    assert plain["template_id"] is None and plain["reason"] == "bounced"
+    refused = await client.post(f"/dead-letters/{raw_id}/resend", json={})
+    assert refused.status_code == 409 and "stored template" in refused.json()["detail"]

@@ -83,6 +83,9 @@ def test_a_permanent_oob_bounces_a_delivered_email_and_a_temporary_one_changes_n
     assert known["m1"].status is EmailStatus.BOUNCED
     assert known["m1"].last_error == "550 5.1.1 gone"
     assert result.counts == {("shop", "tpl", int(T0)): {"bounced": 1}}
+    (dead,) = result.dead  # failed for good: a dead letter, under the email's template
+    assert (dead.email_id, dead.reason, dead.template_id) == ("m1", "bounced", "tpl")
+    assert tally([soft], known).dead == []  # a 4xx report is no failure for good
 
 
 def test_mail_without_a_template_is_counted_under_the_empty_template() -> None:

@@ -16,6 +16,7 @@ from epoxi.api.admin_routes import admin_router
 from epoxi.api.auth import authorize
 from epoxi.api.bulk_routes import bulk_progress, send_bulk
 from epoxi.api.context import ApiContext, context
+from epoxi.api.dead_letter_routes import dead_letter, dead_letters, resend
 from epoxi.api.email_routes import analytics, email
 from epoxi.api.messages import cancel, send, send_raw, status
 from epoxi.api.platform_routes import template_router, tenant_router
@@ -125,6 +126,9 @@ def build_app(ctx: ApiContext) -> Litestar:
             bulk_progress,
             email,
             analytics,
+            dead_letters,
+            dead_letter,
+            resend,
         ],
         guards=[authorize],
         before_request=_require_json_body,

@@ -255,11 +255,13 @@ class _Run:
         return meta, rendered.body
 
     def _values(self, address: str, recipient: BulkRecipient) -> Mapping[str, Any]:
-        return {
-            **self.data.shared_variables,
-            "recipient": {"email": address, "name": recipient.name},
-            **recipient.variables,
-        }
+        recipient_values = {"recipient": {"email": address, "name": recipient.name}}
+        return {**self.data.shared_variables, **recipient_values, **recipient.variables}
+
+    def _variables(self, recipient: BulkRecipient) -> dict[str, Any]:
+        if not recipient.variables:
+            return self.data.shared_variables
+        return {**self.data.shared_variables, **recipient.variables}
 
     def _metadata(self, recipient: BulkRecipient) -> dict[str, Any]:
         if not recipient.metadata:
@@ -276,6 +278,8 @@ class _Run:
             template_version=self.version.version,
             bulk_job_id=self.job.id,
             metadata=self._metadata(recipient) or None,
+            variables=self._variables(recipient) or None,
+            sender=self.composer.draft.sender,
             status="scheduled" if self.base["due"] else "queued",
             created_at=meta.received_at,
             updated_at=meta.received_at,

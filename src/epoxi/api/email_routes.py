@@ -95,8 +95,8 @@ async def analytics(
     tenant = acting_tenant(request, tenant_id, "reads")
     if not tenant:
         raise InvalidField("tenant_id", "name the tenant whose analytics to show")
-    end = _moment("to", to) if to is not None else datetime.now(UTC)
-    start = _moment("from", from_) if from_ is not None else end - DEFAULT_SPAN
+    end = moment("to", to) if to is not None else datetime.now(UTC)
+    start = moment("from", from_) if from_ is not None else end - DEFAULT_SPAN
     if not start < end:
         raise InvalidField("from", "'from' must be before 'to'")
     if end - start > MAX_SPAN:
@@ -208,7 +208,7 @@ def _ratio(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
 
 
-def _moment(field: str, value: str) -> datetime:
+def moment(field: str, value: str) -> datetime:
     """A date ("2026-12-01") or a time ("2026-12-01T10:00:00Z"); UTC unless it says."""
     try:
         moment = datetime.fromisoformat(value)

@@ -33,48 +33,56 @@ async def send_template(
     request: Request[Any, Any, Any], data: JSONBody[TemplateSend]
 ) -> Response[TemplateSent]:
     async def queue(ctx: ApiContext, tenant_id: str) -> TemplateSent:
-        tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
-        recipient = data.recipient
-        values = {"recipient": {"email": recipient.email, "name": recipient.name}, **data.variables}
-        draft = stored_draft(version, sender, [to_header(recipient.email, recipient.name)])
-        composer = template_composer(ctx, draft)
-        ((address, header),) = composer.recipients
-        try:
-            rendered = composer.render(address, header, values)
-        except MessageTooLarge:
-            raise
-        except ComposeError as exc:  # the template compiled when stored: the data is wrong
-            raise InvalidField("variables", str(exc)) from exc
-        base["metadata"] = message_metadata(data.metadata)
-        queued, suppressed = await spool(ctx, composer.envelope_sender, [rendered], base)
-        email_id = queued[0].id if queued else suppressed[0].id
-        status: Literal["queued", "scheduled", "suppressed"] = (
-            "suppressed" if suppressed else "scheduled" if base["due"] else "queued"
-        )
-        await ctx.platform.add_emails(
-            [
-                Email(
-                    id=email_id,
-                    tenant_id=tenant.id,
-                    recipient=rendered.recipient,
-                    recipient_name=recipient.name,
-                    template_id=version.id,
-                    template_version=version.version,
-                    metadata=data.metadata or None,
-                    status=status,
-                    created_at=base["received_at"],
-                    updated_at=base["received_at"],
-                )
-            ]
-        )
-        return TemplateSent(
-            email_id=email_id,
-            status=status,
-            template_id=version.id,
-            template_version=version.version,
-        )
+        return await send_one(ctx, request, tenant_id, data)
 
     return await once(request, data, data.tenant_id, data.idempotency_key, queue, TemplateSent)
+
+
+async def send_one(
+    ctx: ApiContext,
+    request: Request[Any, Any, Any],
+    tenant_id: str,
+    data: TemplateSend,
+    resent_from: str = "",
+) -> TemplateSent:
+    """Render the template for the recipient, spool the message and keep its email row."""
+    tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
+    recipient = data.recipient
+    values = {"recipient": {"email": recipient.email, "name": recipient.name}, **data.variables}
+    draft = stored_draft(version, sender, [to_header(recipient.email, recipient.name)])
+    composer = template_composer(ctx, draft)
+    ((address, header),) = composer.recipients
+    try:
+        rendered = composer.render(address, header, values)
+    except MessageTooLarge:
+        raise
+    except ComposeError as exc:  # the template compiled when stored: the data is wrong
+        raise InvalidField("variables", str(exc)) from exc
+    base["metadata"] = message_metadata(data.metadata)
+    queued, suppressed = await spool(ctx, composer.envelope_sender, [rendered], base)
+    email_id = queued[0].id if queued else suppressed[0].id
+    status: Literal["queued", "scheduled", "suppressed"] = (
+        "suppressed" if suppressed else "scheduled" if base["due"] else "queued"
+    )
+    email = Email(
+        id=email_id,
+        tenant_id=tenant.id,
+        recipient=rendered.recipient,
+        recipient_name=recipient.name,
+        template_id=version.id,
+        template_version=version.version,
+        metadata=data.metadata or None,
+        variables=data.variables or None,
+        resent_from=resent_from,
+        sender=sender,
+        status=status,
+        created_at=base["received_at"],
+        updated_at=base["received_at"],
+    )
+    await ctx.platform.add_emails([email])
+    return TemplateSent(
+        email_id=email_id, status=status, template_id=version.id, template_version=version.version
+    )
 
 
 async def stored_send(

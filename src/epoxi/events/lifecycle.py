@@ -191,13 +191,32 @@ class EmailState:
 
 Key = tuple[str, str, int]  # (tenant, template, hour start as unix time)
 
+# The records of a recipient that failed for good: its dead letter
+_FOR_GOOD = frozenset(
+    {RecordType.BOUNCE, RecordType.OOB, RecordType.EXPIRATION, RecordType.ADMIN_BOUNCE}
+)
+
+
+@dataclass(frozen=True)
+class Dead:
+    """A recipient that failed for good: a dead letter to keep."""
+
+    email_id: str
+    recipient: str
+    tenant_id: str
+    template_id: str
+    reason: str  # the status it ended in: bounced or failed
+    last_error: str
+    at: float
+
 
 @dataclass
 class Tally:
-    """The outcome of a batch: rows to write and counts to add."""
+    """The outcome of a batch: rows to write, counts to add, dead letters to keep."""
 
     changed: dict[str, EmailState] = field(default_factory=dict)
     counts: dict[Key, dict[str, int]] = field(default_factory=dict)
+    dead: list[Dead] = field(default_factory=list)
 
     def add(self, key: Key, counter: str, amount: int = 1) -> None:
         bucket = self.counts.setdefault(key, {})
@@ -225,6 +244,20 @@ def tally(records: list[Record], known: dict[str, EmailState]) -> Tally:
             result.add((record.tenant, template, _hour(record.timestamp)), counter, amount)
         if state is not None and _apply(record, state):
             result.changed[state.id] = state
+        status = status_of(record)
+        if record.type in _FOR_GOOD and status is not None:
+            error = error_of(record) or record.reason
+            result.dead.append(
+                Dead(
+                    record.message_id,
+                    record.recipient,
+                    record.tenant,
+                    template,
+                    status.value,
+                    error,
+                    record.timestamp,
+                )
+            )
     return result
 
 

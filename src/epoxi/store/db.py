@@ -31,8 +31,23 @@ ACTIVITY_TABLES = [
         last_error TEXT NOT NULL DEFAULT '',
         counted TEXT NOT NULL DEFAULT '',
         created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL
+        updated_at DOUBLE PRECISION NOT NULL,
+        variables TEXT,
+        resent_from TEXT NOT NULL DEFAULT '',
+        sender TEXT NOT NULL DEFAULT ''
     )""",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        email_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        last_error TEXT NOT NULL,
+        failed_at DOUBLE PRECISION NOT NULL,
+        resent_as TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (email_id, recipient)
+    )""",
+    "CREATE INDEX IF NOT EXISTS dead_letters_by_tenant ON dead_letters (tenant_id, failed_at)",
     f"""CREATE TABLE IF NOT EXISTS analytics_hourly (
         tenant_id TEXT NOT NULL,
         template_id TEXT NOT NULL,

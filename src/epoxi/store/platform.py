@@ -94,10 +94,27 @@ class Email(msgspec.Struct, kw_only=True, frozen=True):
     template_version: int = 0
     bulk_job_id: str = ""
     metadata: dict[str, Any] | None = None  # as the request gave it
+    variables: dict[str, Any] | None = None  # what it was rendered with: a re-send's again
+    resent_from: str = ""  # the dead letter this email re-sends
+    sender: str = ""  # its From, as the request or the tenant gave it
     status: str = "queued"  # an EmailStatus (events/lifecycle.py)
     last_error: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, frozen=True):
+    """A recipient of a tenant's message that failed for good (bounced, expired, or bounced
+    by an operator), with its last error; ``resent_as`` once it was sent again."""
+
+    email_id: str
+    recipient: str
+    tenant_id: str
+    template_id: str = ""  # "" for mail not made from a template (it cannot be re-sent)
+    reason: str  # the email status it ended in: bounced or failed
+    last_error: str
+    failed_at: float
+    resent_as: str = ""
 
 
 class BulkState(enum.StrEnum):
@@ -205,6 +222,19 @@ class PlatformStore(Protocol):
         self, tenant_id: str, start: float, end: float, template_id: str | None
     ) -> list[HourCounts]:
         """The counts of the hours in [start, end), oldest first; hours with none left out."""
+        ...
+
+    async def dead_letters(
+        self, tenant_id: str | None, before: float | None, limit: int
+    ) -> list[DeadLetter]:
+        """A tenant's dead letters (None: every tenant's), newest first, failed before
+        ``before``."""
+        ...
+
+    async def dead_letter(self, email_id: str) -> DeadLetter | None: ...
+
+    async def mark_resent(self, email_id: str, resent_as: str) -> bool:
+        """Link the dead letter to its re-send; False when it was re-sent already."""
         ...
 
     # ----------------------------------------------------------------- bulk jobs

@@ -21,6 +21,7 @@ from epoxi.store import platform_sql as sql
 from epoxi.store.platform import (
     BulkError,
     BulkJob,
+    DeadLetter,
     Email,
     HourCounts,
     TemplateSummary,
@@ -193,11 +194,13 @@ class PostgresPlatformStore:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_EMAIL_STATES, list({r.message_id for r in kept}))
             known = {row[0]: sql.state_of(row) for row in rows}
-            emails, counts = sql.tally_rows(tally(kept, known))
+            emails, counts, dead = sql.tally_rows(tally(kept, known))
             if emails:
                 await conn.executemany(_Q["SAVE_EMAIL_STATE"], emails)
             if counts:
                 await conn.executemany(_Q["ADD_COUNTS"], counts)
+            if dead:
+                await conn.executemany(_Q["ADD_DEAD_LETTER"], dead)
 
     async def hourly_counts(
         self, tenant_id: str, start: float, end: float, template_id: str | None
@@ -210,6 +213,25 @@ class PostgresPlatformStore:
                 _Q["SELECT_TEMPLATE_HOURLY"], tenant_id, int(start), int(end), template_id
             )
         return [sql.hour_counts_of(row) for row in rows]
+
+    async def dead_letters(
+        self, tenant_id: str | None, before: float | None, limit: int
+    ) -> list[DeadLetter]:
+        until = float("inf") if before is None else before
+        rows: list[Any]
+        if tenant_id is None:
+            rows = await self.pool.fetch(_Q["SELECT_DEAD"], until, limit)
+        else:
+            rows = await self.pool.fetch(_Q["SELECT_TENANT_DEAD"], until, tenant_id, limit)
+        return [sql.dead_letter_of(row) for row in rows]
+
+    async def dead_letter(self, email_id: str) -> DeadLetter | None:
+        row = await self.pool.fetchrow(_Q["SELECT_DEAD_LETTER"], email_id)
+        return sql.dead_letter_of(row) if row else None
+
+    async def mark_resent(self, email_id: str, resent_as: str) -> bool:
+        status: str = await self.pool.execute(_Q["MARK_RESENT"], resent_as, email_id)
+        return status != "UPDATE 0"
 
     # ----------------------------------------------------------------- bulk jobs
 

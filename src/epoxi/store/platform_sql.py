@@ -19,6 +19,7 @@ from epoxi.store.platform import (
     BulkError,
     BulkJob,
     BulkState,
+    DeadLetter,
     Email,
     HourCounts,
     TemplateSummary,
@@ -59,19 +60,38 @@ SELECT_TENANT_SUMMARIES = _SUMMARIES.format(where="WHERE tenant_id = ?")
 
 EMAIL_COLUMNS = (
     "id, tenant_id, recipient, recipient_name, template_id, template_version, bulk_job_id,"
-    " metadata, status, last_error, counted, created_at, updated_at"
+    " metadata, status, last_error, counted, created_at, updated_at, variables, resent_from,"
+    " sender"
 )
-_EMAIL_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_EMAIL_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # at send time: a row the records made first (a quick delivery) keeps its status
 INSERT_EMAIL = f"""INSERT INTO emails ({EMAIL_COLUMNS}) VALUES {_EMAIL_VALUES}
     ON CONFLICT (id) DO UPDATE SET recipient_name = excluded.recipient_name,
         template_version = excluded.template_version, bulk_job_id = excluded.bulk_job_id,
-        metadata = excluded.metadata, created_at = excluded.created_at"""
+        metadata = excluded.metadata, created_at = excluded.created_at,
+        variables = excluded.variables, resent_from = excluded.resent_from,
+        sender = excluded.sender"""
 # from the records: the status, error and counts made; the rest stays as sent
 SAVE_EMAIL_STATE = f"""INSERT INTO emails ({EMAIL_COLUMNS}) VALUES {_EMAIL_VALUES}
     ON CONFLICT (id) DO UPDATE SET status = excluded.status, last_error = excluded.last_error,
         counted = excluded.counted, updated_at = excluded.updated_at"""
 SELECT_EMAIL = f"SELECT {EMAIL_COLUMNS} FROM emails WHERE id = ?"
+
+DEAD_COLUMNS = (
+    "email_id, recipient, tenant_id, template_id, reason, last_error, failed_at, resent_as"
+)
+# the first failure of a recipient is its dead letter; a later report changes nothing
+ADD_DEAD_LETTER = (
+    f"INSERT INTO dead_letters ({DEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (email_id, recipient) DO NOTHING"
+)
+_DEAD = f"SELECT {DEAD_COLUMNS} FROM dead_letters WHERE failed_at < ? {{tenant}}"
+SELECT_DEAD = _DEAD.format(tenant="") + " ORDER BY failed_at DESC LIMIT ?"
+SELECT_TENANT_DEAD = _DEAD.format(tenant="AND tenant_id = ?") + " ORDER BY failed_at DESC LIMIT ?"
+SELECT_DEAD_LETTER = (
+    f"SELECT {DEAD_COLUMNS} FROM dead_letters WHERE email_id = ? ORDER BY recipient LIMIT 1"
+)
+MARK_RESENT = "UPDATE dead_letters SET resent_as = ? WHERE email_id = ? AND resent_as = ''"
 EMAIL_STATE_COLUMNS = "id, tenant_id, template_id, status, counted, last_error, updated_at"
 
 _ADDED = ", ".join(f"{c} = analytics_hourly.{c} + excluded.{c}" for c in COUNTERS)
@@ -250,8 +270,11 @@ def activated(row: Row) -> TemplateVersion:
 # --------------------------------------------------------------------- emails
 
 
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
 def email_values(email: Email) -> tuple[Any, ...]:
-    metadata = None if email.metadata is None else msgspec.json.encode(email.metadata).decode()
     return (
         email.id,
         email.tenant_id,
@@ -260,12 +283,15 @@ def email_values(email: Email) -> tuple[Any, ...]:
         email.template_id,
         email.template_version,
         email.bulk_job_id,
-        metadata,
+        _json(email.metadata),
         email.status,
         email.last_error,
         "",
         email.created_at,
         email.updated_at,
+        _json(email.variables),
+        email.resent_from,
+        email.sender,
     )
 
 
@@ -283,6 +309,9 @@ def email_of(row: Row) -> Email:
         last_error=row[9],
         created_at=float(row[11]),
         updated_at=float(row[12]),
+        variables=None if row[13] is None else msgspec.json.decode(row[13]),
+        resent_from=row[14],
+        sender=row[15],
     )
 
 
@@ -315,17 +344,40 @@ def state_values(state: EmailState) -> tuple[Any, ...]:
         ",".join(sorted(state.counted)),
         state.updated_at,
         state.updated_at,
+        None,
+        "",
+        "",
     )
 
 
-def tally_rows(result: Tally) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """The rows a tally writes: (emails, counts)."""
+TallyRows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def tally_rows(result: Tally) -> TallyRows:
+    """The rows a tally writes: (emails, counts, dead letters)."""
     emails = [state_values(state) for state in result.changed.values()]
     counts = [
         (tenant, template, hour, *(bucket.get(c, 0) for c in COUNTERS))
         for (tenant, template, hour), bucket in result.counts.items()
     ]
-    return emails, counts
+    dead = [
+        (d.email_id, d.recipient, d.tenant_id, d.template_id, d.reason, d.last_error, d.at, "")
+        for d in result.dead
+    ]
+    return emails, counts, dead
+
+
+def dead_letter_of(row: Row) -> DeadLetter:
+    return DeadLetter(
+        email_id=row[0],
+        recipient=row[1],
+        tenant_id=row[2],
+        template_id=row[3],
+        reason=row[4],
+        last_error=row[5],
+        failed_at=float(row[6]),
+        resent_as=row[7],
+    )
 
 
 def hour_counts_of(row: Row) -> HourCounts:

@@ -13,6 +13,7 @@ from epoxi.store import platform_sql as sql
 from epoxi.store.platform import (
     BulkError,
     BulkJob,
+    DeadLetter,
     Email,
     HourCounts,
     TemplateSummary,
@@ -165,9 +166,10 @@ class SqlitePlatformStore(StoreThread):
         def run(conn: sqlite3.Connection) -> None:
             with immediate(conn):
                 known = _known_emails(conn, list({r.message_id for r in kept}))
-                emails, counts = sql.tally_rows(tally(kept, known))
+                emails, counts, dead = sql.tally_rows(tally(kept, known))
                 conn.executemany(sql.SAVE_EMAIL_STATE, emails)
                 conn.executemany(sql.ADD_COUNTS, counts)
+                conn.executemany(sql.ADD_DEAD_LETTER, dead)
 
         await self.call(run)
 
@@ -184,6 +186,32 @@ class SqlitePlatformStore(StoreThread):
             return [sql.hour_counts_of(row) for row in rows]
 
         return await self.call(run)
+
+    async def dead_letters(
+        self, tenant_id: str | None, before: float | None, limit: int
+    ) -> list[DeadLetter]:
+        until = float("inf") if before is None else before
+
+        def run(conn: sqlite3.Connection) -> list[DeadLetter]:
+            if tenant_id is None:
+                rows = conn.execute(sql.SELECT_DEAD, (until, limit))
+            else:
+                rows = conn.execute(sql.SELECT_TENANT_DEAD, (until, tenant_id, limit))
+            return [sql.dead_letter_of(row) for row in rows]
+
+        return await self.call(run)
+
+    async def dead_letter(self, email_id: str) -> DeadLetter | None:
+        def run(conn: sqlite3.Connection) -> DeadLetter | None:
+            row = conn.execute(sql.SELECT_DEAD_LETTER, (email_id,)).fetchone()
+            return sql.dead_letter_of(row) if row else None
+
+        return await self.call(run)
+
+    async def mark_resent(self, email_id: str, resent_as: str) -> bool:
+        return await self.call(
+            lambda conn: conn.execute(sql.MARK_RESENT, (resent_as, email_id)).rowcount > 0
+        )
 
     # ----------------------------------------------------------------- bulk jobs
 
