@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from epoxi.admin import Admin
 from epoxi.api.app import build_app
 from epoxi.api.context import ApiContext
+from epoxi.api.limits import SendLimits
 from epoxi.api.peers import Peers
 from epoxi.api.server import HttpServer
 from epoxi.api_types import Pipelines
@@ -338,12 +339,19 @@ class Epoxi:
             provider_events=self.provider_events,
             platform=self.platform,
             activity=self.activity,
+            limits=SendLimits(self.placement.count, self._accepted_today),
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
             sinks=self.sinks,
             quarantine=self.ingest.feedback.quarantine if self.ingest.feedback else None,
         )
+
+    async def _accepted_today(self, tenant_id: str, start: float, end: float) -> int:
+        """Recipients of the tenant the platform counted from ``start`` (its daily limit)."""
+        await self.activity.flush()  # this worker's latest sends are in the count
+        hours = await self.platform.hourly_counts(tenant_id, start, end, None)
+        return sum(hour.counts["accepted"] for hour in hours)
 
     def _node_gauges(self) -> dict[str, tuple[str, float]]:
         return {

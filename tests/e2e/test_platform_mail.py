@@ -351,3 +351,34 @@ async def test_dead_letters_are_kept_listed_and_re_sent_once(platform_api: Api) 
     assert plain["template_id"] is None and plain["reason"] == "bounced"
     refused = await client.post(f"/dead-letters/{raw_id}/resend", json={})
     assert refused.status_code == 409 and "stored template" in refused.json()["detail"]
+
+
+async def test_a_tenant_over_its_limits_gets_429_and_nothing_is_queued(
+    platform_node: tuple[World, httpx.AsyncClient],
+) -> None:
+    world, client = platform_node
+    template_id = await seeded(client)
+    await client.patch("/tenants/tenant-1", json={"recipients_per_day": 3})
+    body = {**SEND, "template_id": template_id, "idempotency_key": None}
+    bulk = await client.post("/send/bulk", json={**_bulk(template_id, 2), "idempotency_key": None})
+    assert bulk.status_code == 202, bulk.text
+    assert (await client.post("/send", json=body)).status_code == 202
+    over = await client.post("/send", json=body)
+    assert over.status_code == 429
+    assert "3 recipients a day and has 0 left" in over.json()["detail"]
+    assert 0 < int(over.headers["Retry-After"]) <= 86400
+    too_many = await client.post(
+        "/messages", json={**message_request(to=["x@a.test"]), "tenant": "tenant-1"}
+    )
+    assert too_many.status_code == 429
+    receptions = [r for r in world.records if r.type is RecordType.RECEPTION]
+    assert len(receptions) == 3  # the refused sends queued nothing
+
+    await client.patch(
+        "/tenants/tenant-1", json={"recipients_per_day": 0, "requests_per_second": 0.01}
+    )
+    first = await client.post("/send", json={**body, "idempotency_key": "r1"})
+    assert first.status_code == 202, first.text
+    second = await client.post("/send", json={**body, "idempotency_key": "r2"})
+    assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 90
+    assert "0.01 send requests a second" in second.json()["detail"]

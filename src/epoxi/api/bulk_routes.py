@@ -40,7 +40,8 @@ from epoxi.api.send_routes import (
 from epoxi.api.sending import (
     RENDER_CHUNK,
     SENDING,
-    refuse_suspended,
+    admit,
+    count_recipients,
 )
 from epoxi.api_types import BulkAccepted, BulkProgress, BulkRecipient, BulkSend
 from epoxi.compose import ComposeError, Composer, checked_address
@@ -55,19 +56,20 @@ STALE_JOB = 30.0  # seconds without progress after which a running job is taken 
 @post(
     "/send/bulk",
     summary="Send a stored template to many recipients (Mailsystem's /send/bulk)",
-    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)},
+    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)},
 )
 async def send_bulk(
     request: Request[Any, Any, Any], data: JSONBody[BulkSend]
 ) -> Response[BulkAccepted]:
     ctx = context(request)
     tenant_id = acting_tenant(request, data.tenant_id, "sends for")
-    await refuse_suspended(ctx, tenant_id)
+    platform_tenant = await admit(ctx, tenant_id)
     tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
     # each copy's To is its recipient's; the draft's only shapes the headers
     composer = template_composer(ctx, stored_draft(version, sender, [sender]))
     job, reused = await _job(ctx, tenant.id, version, data)
     if job.state is not BulkState.DONE:
+        await count_recipients(ctx, platform_tenant, job.total - job.processed)
         slot = (tenant.id, f"bulk:{job.id}")
         ctx.idempotency_in_flight.add(slot)
         try:

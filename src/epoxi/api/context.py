@@ -9,6 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 
 from epoxi.admin import Admin
+from epoxi.api.limits import SendLimits
 from epoxi.api.peers import Peers
 from epoxi.config import Settings
 from epoxi.events.records import Record
@@ -16,7 +17,7 @@ from epoxi.ingest.feedback import Quarantine
 from epoxi.message import MessageMeta
 from epoxi.sinks.sink import BrokerSink
 from epoxi.store.keys import KeyStore
-from epoxi.store.platform import ActivityFeed, PlatformStore, TenantStatus
+from epoxi.store.platform import ActivityFeed, PlatformStore, Tenant
 from epoxi.store.status import StatusStore
 from epoxi.store.suppressions import Suppressions
 from epoxi.webhooks.outbox import Webhooks
@@ -38,14 +39,15 @@ class ApiContext:
     suppressions: Suppressions
     platform: PlatformStore  # tenants, templates, emails, bulk jobs, analytics
     activity: ActivityFeed  # records on their way to the platform store: flush before reads
+    limits: SendLimits  # tenants' send rates and daily recipients
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
     sinks: list[BrokerSink] = field(default_factory=list)  # GET /admin/sinks
     quarantine: Quarantine | None = None  # the feedback mailbox's (a bounce domain is set)
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
-    # tenant -> (when read, its status; None: not a platform tenant), for api/sending.py
-    tenant_states: dict[str, tuple[float, TenantStatus | None]] = field(default_factory=dict)
+    # tenant -> (when read, the tenant; None: not a platform tenant), for api/sending.py
+    tenant_states: dict[str, tuple[float, Tenant | None]] = field(default_factory=dict)
 
 
 def context(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiContext:

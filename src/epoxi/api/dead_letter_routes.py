@@ -19,7 +19,7 @@ from epoxi.api.context import ApiContext, context
 from epoxi.api.email_routes import TenantQuery, as_datetime, moment
 from epoxi.api.problems import problem_responses
 from epoxi.api.send_routes import send_one
-from epoxi.api.sending import refuse_suspended
+from epoxi.api.sending import admit, count_recipients
 from epoxi.api_types import (
     DeadLetterList,
     DeadLetterView,
@@ -82,7 +82,7 @@ async def dead_letter(
     "/dead-letters/{email_id:str}/resend",
     status_code=202,
     opt={"scope": Scope.SEND},
-    responses=problem_responses(401, 403, 404, 409, 413, 422, 503),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
     summary="Send a dead letter again, as a new email linked to it",
     tags=["messages"],
 )
@@ -101,7 +101,7 @@ async def resend(
             " can be re-sent (send it again the way it was sent)",
             status_code=409,
         )
-    await refuse_suspended(ctx, email.tenant_id)
+    await count_recipients(ctx, await admit(ctx, email.tenant_id), 1)
     again = TemplateSend(
         tenant_id=email.tenant_id,
         recipient=RecipientIn(email=email.recipient, name=email.recipient_name),

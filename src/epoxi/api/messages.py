@@ -68,7 +68,9 @@ async def send(
         queued, suppressed = await spool(ctx, composer.envelope_sender, rendered, base)
         return SendResponse(count=len(queued), messages=queued, suppressed=suppressed)
 
-    return await once(request, data, data.tenant, idempotency_key, queue, SendResponse)
+    message = data.message
+    count = len(message.to) + len(message.cc) + len(message.bcc)
+    return await once(request, data, data.tenant, idempotency_key, queue, SendResponse, count)
 
 
 @post("/messages/raw", summary="Send an RFC 5322 message with an explicit envelope", **SENDING)
@@ -107,7 +109,9 @@ async def send_raw(
             suppressed=suppressed_of(suppressed),
         )
 
-    return await once(request, data, data.tenant, idempotency_key, queue, SendResponse)
+    return await once(
+        request, data, data.tenant, idempotency_key, queue, SendResponse, len(data.to)
+    )
 
 
 @get(

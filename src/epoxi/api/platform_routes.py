@@ -101,8 +101,8 @@ async def update_tenant(
     )
     if changed is None:
         raise NotFoundException(f"no tenant {tenant_id!r}")
+    ctx.tenant_states.pop(tenant_id, None)  # this worker's sends see its status and limits now
     if data.status is not None:
-        ctx.tenant_states.pop(tenant_id, None)  # this worker's sends see it at once
         ctx.admin.hold_tenant(changed.id, held=changed.status is TenantStatus.SUSPENDED)
         if not forwarded:
             await ctx.peers.ask(request, Tenant)  # every worker holds (or releases) its mail

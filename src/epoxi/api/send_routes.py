@@ -27,7 +27,7 @@ from epoxi.store.platform import Email, TemplateVersion, Tenant
 @post(
     "/send",
     summary="Send one message from a stored template (Mailsystem's /send)",
-    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)},
+    **{**SENDING, "responses": problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)},
 )
 async def send_template(
     request: Request[Any, Any, Any], data: JSONBody[TemplateSend]

@@ -27,7 +27,7 @@ from epoxi.events.records import Record
 from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.store.keys import Scope
-from epoxi.store.platform import TenantStatus
+from epoxi.store.platform import Tenant, TenantStatus
 
 TENANT_STATE_TTL = 1.0  # seconds a tenant's status is taken as read
 
@@ -41,7 +41,7 @@ A = TypeVar("A", bound=Answer)
 SENDING: dict[str, Any] = {  # what both sending routes declare
     "status_code": 202,
     "opt": {"scope": Scope.SEND},
-    "responses": problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
+    "responses": problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503),
     "tags": ["messages"],
 }
 
@@ -56,33 +56,47 @@ async def once(
     idempotency_key: str | None,
     queue: Callable[[ApiContext, str], Awaitable[A]],
     answer: type[A],
+    recipients: int = 1,
 ) -> Response[A]:
-    """Queue the request, unless its idempotency key was seen: then answer as the first time."""
+    """Queue the request, unless its idempotency key was seen: then answer as the first time.
+    ``recipients`` count against the tenant's daily limit when it is queued."""
     ctx = context(request)
     tenant = acting_tenant(request, asked_tenant, "sends for")
-    await refuse_suspended(ctx, tenant)
+    platform_tenant = await admit(ctx, tenant)
     fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
     async with _idempotent(ctx, tenant, idempotency_key, fingerprint, answer) as remembered:
         if remembered.response is None:
+            await count_recipients(ctx, platform_tenant, recipients)
             remembered.response = await queue(ctx, tenant)
         return Response(remembered.response, status_code=202)
 
 
-async def refuse_suspended(ctx: ApiContext, tenant: str) -> None:
-    """403 when ``tenant`` is a suspended tenant of the platform. Statuses are read at most
-    once a second per tenant (a send a moment after a suspension is held, not lost)."""
-    if not tenant:
-        return
+async def admit(ctx: ApiContext, tenant_id: str) -> Tenant | None:
+    """The platform tenant a send is for (None: a label only, no limits), once it is let in:
+    a suspended one is a 403, one over its request rate a 429. Tenants are read at most once
+    a second (a send a moment after a suspension is held, not lost)."""
+    if not tenant_id:
+        return None
     now = time.monotonic()
-    cached = ctx.tenant_states.get(tenant)
+    cached = ctx.tenant_states.get(tenant_id)
     if cached is None or now - cached[0] > TENANT_STATE_TTL:
-        found = await ctx.platform.tenant(tenant)
-        cached = ctx.tenant_states[tenant] = (now, found.status if found else None)
-    if cached[1] is TenantStatus.SUSPENDED:
+        cached = ctx.tenant_states[tenant_id] = (now, await ctx.platform.tenant(tenant_id))
+    tenant = cached[1]
+    if tenant is None:
+        return None
+    if tenant.status is TenantStatus.SUSPENDED:
         raise PermissionDeniedException(
-            f"tenant {tenant!r} is suspended: its sends are refused until it is active again"
-            f' (PATCH /tenants/{tenant} {{"status": "active"}})'
+            f"tenant {tenant_id!r} is suspended: its sends are refused until it is active again"
+            f' (PATCH /tenants/{tenant_id} {{"status": "active"}})'
         )
+    ctx.limits.check_request(tenant)
+    return tenant
+
+
+async def count_recipients(ctx: ApiContext, tenant: Tenant | None, count: int) -> None:
+    """Count a send's recipients against its tenant's daily limit (a 429 over it)."""
+    if tenant is not None:
+        await ctx.limits.check_recipients(tenant, count)
 
 
 class _Remembered(Generic[A]):
