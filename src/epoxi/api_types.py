@@ -546,6 +546,7 @@ class TenantIn(Strict):
     sender: Address | None = None  # the From of its /send mail when a request names none
     requests_per_second: Rate = 0.0
     recipients_per_day: DailyRecipients = 0
+    tracking: bool = False  # opens, clicks and one-click unsubscribe on its mail by default
 
 
 class TenantPatch(Strict):
@@ -560,6 +561,7 @@ class TenantPatch(Strict):
     sender: Address | None = None
     requests_per_second: Rate | None = None
     recipients_per_day: DailyRecipients | None = None
+    tracking: bool | None = None
 
 
 class TenantList(msgspec.Struct, kw_only=True):
@@ -676,6 +678,7 @@ class TemplateSend(Strict, kw_only=True):
     from_: Address | None = msgspec.field(default=None, name="from")  # else the tenant's sender
     campaign: Label | None = None
     ip_pool: Label | None = None  # else the tenant's default pool
+    tracking: bool | None = None  # opens and clicks; None: the tenant's setting
 
 
 class TemplateSent(msgspec.Struct, kw_only=True):
@@ -721,6 +724,8 @@ class BulkSend(Strict, kw_only=True):
     from_: Address | None = msgspec.field(default=None, name="from")  # else the tenant's sender
     campaign: Label | None = None
     ip_pool: Label | None = None  # else the tenant's default pool
+    # opens, clicks and a one-click unsubscribe link; None: the tenant's setting
+    tracking: bool | None = None
 
 
 class BulkAccepted(msgspec.Struct, kw_only=True):

@@ -27,6 +27,7 @@ from epoxi.api_types import Pipelines
 from epoxi.bounce.classify import Classifier
 from epoxi.bounce.verp import Verp
 from epoxi.bounce.verp import load_key as load_verp_key
+from epoxi.compose.tracking import Tracker
 from epoxi.config import DeliverySettings, DkimSettings, parse_hostport
 from epoxi.delivery.automation import Automation
 from epoxi.delivery.dispatcher import Dispatcher
@@ -340,12 +341,20 @@ class Epoxi:
             platform=self.platform,
             activity=self.activity,
             limits=SendLimits(self.placement.count, self._accepted_today),
+            records=self.records,
+            tracker=self._tracker(),
             readiness=self.readiness,
             metrics_text=metrics.text,
             suppressions=self.suppressions,
             sinks=self.sinks,
             quarantine=self.ingest.feedback.quarantine if self.ingest.feedback else None,
         )
+
+    def _tracker(self) -> Tracker | None:
+        tracking = self.settings.tracking
+        if not tracking.base_url:
+            return None
+        return Tracker.load(tracking.base_url, tracking.secret, self.settings.data_dir)
 
     async def _accepted_today(self, tenant_id: str, start: float, end: float) -> int:
         """Recipients of the tenant the platform counted from ``start`` (its daily limit)."""

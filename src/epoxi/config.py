@@ -635,6 +635,16 @@ class ProviderWebhookSettings(_Model):
     keep: Duration = 7 * 86400.0  # how long an applied event id is remembered (dedupe)
 
 
+class TrackingSettings(_Model):
+    """Open and click tracking and one-click unsubscribe, for tenants and sends that ask for
+    it (docs/platform.md)."""
+
+    # where recipients' mail programs reach this node's HTTP listener, e.g.
+    # https://t.example.com; empty: no tracking (a send that asks for it is a 422)
+    base_url: str = Field("", pattern=r"^(https?://[^/?#\s]+(/[^?#\s]*)?)?$")
+    secret: str = Field("", repr=False)  # signs the links; empty: made once, data_dir/tracking.key
+
+
 class DatabaseSettings(_Model):
     """Where the sending platform keeps tenants and templates (docs/platform.md)."""
 
@@ -671,6 +681,7 @@ class Settings(_Model):
     webhooks: WebhookSettings = WebhookSettings()
     provider_webhooks: ProviderWebhookSettings = ProviderWebhookSettings()
     database: DatabaseSettings = DatabaseSettings()
+    tracking: TrackingSettings = TrackingSettings()
     events: EventsSettings = EventsSettings()
     # Shaping files (epoxi.shaping.files), layered in this order after Epoxi's shipped one
     # (which speaks for MX-routed sites only; shaping_default = false leaves it out). The

@@ -5,9 +5,14 @@ hourly rollups counting them."""
 
 from __future__ import annotations
 
+import asyncio
+import email
+import email.message
+import email.policy
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any
 
@@ -381,4 +386,99 @@ async def test_a_tenant_over_its_limits_gets_429_and_nothing_is_queued(
     assert first.status_code == 202, first.text
     second = await client.post("/send", json={**body, "idempotency_key": "r2"})
     assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 90
+    await client.patch("/tenants/tenant-1", json={"requests_per_second": 0})
+    lenient = await client.patch("/tenants/tenant-1", json={"tracking": 0})
+    assert lenient.status_code == 422 and lenient.json()["errors"][0]["field"] == "tracking"
+    untracked = await client.post("/send", json={**body, "tracking": True})
+    assert untracked.status_code == 422  # this node has no [tracking] base_url
+    assert untracked.json()["errors"][0]["field"] == "tracking"
     assert "0.01 send requests a second" in second.json()["detail"]
+
+
+async def test_tracked_mail_records_opens_clicks_and_one_click_unsubscribes(
+    platform_api: Api,
+) -> None:
+    world, client = await platform_api(tracking={"base_url": "https://t.shop.test"})
+    await seeded(client)
+    assert (await client.patch("/tenants/tenant-1", json={"tracking": True})).status_code == 200
+    made = await client.post(
+        "/templates",
+        json={
+            "tenant_id": "tenant-1",
+            "name": "offer",
+            "subject_template": "For {{ name }}",
+            "html_template": '<p>Hi {{ name }}, <a href="https://shop.test/o?a=1&amp;b=2">see</a>'
+            "</p></body>",
+        },
+    )
+    offer = made.json()["id"]
+    sent = (await client.post("/send", json={**SEND, "template_id": offer})).json()
+    await world.wait_records(
+        RecordType.DELIVERY, 1, where=lambda r: r.message_id == sent["email_id"]
+    )
+    message = _delivered(world, "alice@a.test")
+    assert message["List-Unsubscribe"] is None  # a transactional send: no unsubscribe link
+    html_part = message.get_body(("html",))
+    text_part = message.get_body(("plain",))
+    assert html_part is not None and text_part is not None
+    html = html_part.get_content()
+    assert "https://shop.test/o" in text_part.get_content()  # the text keeps the real link
+    click, pixel = re.findall(r"https://t\.shop\.test(/t/[A-Za-z0-9_.-]+)", html)
+    assert html.index(pixel) < html.index("</body>")
+
+    followed = await client.get(click)
+    assert followed.status_code == 302
+    assert followed.headers["Location"] == "https://shop.test/o?a=1&b=2"
+    opened = await client.get(pixel)
+    assert opened.status_code == 200 and opened.headers["Content-Type"] == "image/gif"
+    forged = click[:-3] + ("AAA" if not click.endswith("AAA") else "BBB")
+    assert (await client.get(forged)).status_code == 404
+    assert (await client.get("/t/not-a-token")).status_code == 404
+    click_record, open_record = await world.wait_records(
+        RecordType.CLICK, 1
+    ) + await world.wait_records(RecordType.OPEN, 1)
+    assert (click_record.url, click_record.tenant) == ("https://shop.test/o?a=1&b=2", "tenant-1")
+    assert open_record.message_id == sent["email_id"]
+    shown = (await client.get(f"/emails/{sent['email_id']}")).json()
+    assert shown["status"] == "clicked"
+    totals = (await client.get("/analytics", params={"tenant_id": "tenant-1"})).json()["totals"]
+    assert (totals["opened"], totals["clicked"]) == (1, 1)
+
+    bulk = _bulk(offer, 1, idempotency_key="bulk-track")
+    assert (await client.post("/send/bulk", json=bulk)).status_code == 202
+    await world.wait_records(RecordType.DELIVERY, 1, where=lambda r: r.recipient == "r0@a.test")
+    listed = _delivered(world, "r0@a.test")
+    assert listed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    (link,) = re.findall(r"<https://t\.shop\.test(/u/[^>]+)>", str(listed["List-Unsubscribe"]))
+    page = await client.get(link)
+    assert page.status_code == 200 and "r0@a.test" in page.text and "<form" in page.text
+    one_click = await client.post(
+        link,
+        content=b"List-Unsubscribe=One-Click",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert one_click.status_code == 200, one_click.text
+    (unsubscribed,) = await world.wait_records(RecordType.UNSUBSCRIBE, 1)
+    assert unsubscribed.recipient == "r0@a.test"
+    suppressed = await _wait_suppressed(client, "r0@a.test")
+    assert suppressed["reason"] == "unsubscribe"
+    assert (await client.post(link[:-2] + "xx", content=b"")).status_code == 404
+
+
+def _delivered(world: World, recipient: str) -> email.message.EmailMessage:
+    item = next(
+        m for sink in world.sinks.values() for m in sink.messages if m.rcpt_tos == [recipient]
+    )
+    parsed = email.message_from_bytes(item.data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+async def _wait_suppressed(client: httpx.AsyncClient, address: str) -> dict[str, Any]:
+    for _ in range(200):
+        listed = (await client.get("/suppressions", params={"tenant": "tenant-1"})).json()
+        found = [s for s in listed["suppressions"] if s["address"] == address]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{address} was not suppressed")

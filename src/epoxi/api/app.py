@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import ClientException
@@ -26,8 +27,10 @@ from epoxi.api.quarantine_routes import admin_quarantine_router
 from epoxi.api.send_routes import send_template
 from epoxi.api.sink_routes import admin_sink_router
 from epoxi.api.suppressions import suppressions_router
+from epoxi.api.tracking_routes import track, unsubscribe, unsubscribe_page
 from epoxi.api.webhook_routes import admin_webhook_router, webhook_router
 from epoxi.api_types import ReadyStatus, Strict
+from epoxi.errors import InvalidField
 from epoxi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from epoxi.metrics import sum_metrics
 from epoxi.store.keys import Scope
@@ -89,8 +92,8 @@ async def _require_json_body(request: Request[Any, Any, Any]) -> None:
     without asking first, which keeps web pages from sending mail through a keyless API)."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return
-    if request.route_handler.opt.get("body") == "text/csv":
-        return  # a route that takes CSV checks its own body
+    if request.route_handler.opt.get("body") in ("text/csv", "form"):
+        return  # a route that takes CSV or a form checks its own body
     if not await request.body():
         raise ClientException("the request body is empty: send a JSON object", status_code=400)
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -99,6 +102,25 @@ async def _require_json_body(request: Request[Any, Any, Any]) -> None:
             f"send the body as Content-Type: application/json (got {media_type or 'none'!r})",
             status_code=415,
         )
+    _check_types(request.route_handler, await request.body())
+
+
+def _check_types(handler: Any, body: bytes) -> None:
+    """Litestar converts bodies leniently: that is meant for numbers (``send_at`` in Unix
+    seconds, a duration as ``"5"``), not for true and false, so a 0 or a "yes" where the schema
+    says boolean is a 422 here, naming the field."""
+    data = handler.parsed_fn_signature.parameters.get("data")
+    kind = data.annotation if data is not None else None
+    if not (isinstance(kind, type) and issubclass(kind, Strict)):
+        return
+    try:
+        msgspec.json.decode(body, type=kind, strict=True)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$.")
+        if message.startswith("Expected `bool"):
+            raise InvalidField(where.rstrip("`") or "body", message) from exc
+    except msgspec.DecodeError:
+        return  # not JSON at all: Litestar's own answer (400) says so
 
 
 def build_app(ctx: ApiContext) -> Litestar:
@@ -129,6 +151,9 @@ def build_app(ctx: ApiContext) -> Litestar:
             dead_letters,
             dead_letter,
             resend,
+            track,
+            unsubscribe_page,
+            unsubscribe,
         ],
         guards=[authorize],
         before_request=_require_json_body,

@@ -24,8 +24,8 @@ async def authorize(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     """The app-wide guard; a route names the scope it needs in ``opt["scope"]``."""
-    if handler.opt.get("signed"):
-        return  # a provider's webhook: its signature, checked by the handler, is the key
+    if handler.opt.get("signed") or handler.opt.get("public"):
+        return  # a provider's webhook, a tracked link: a signature the handler checks is the key
     keys = context(connection).keys
     scope: Scope | None = handler.opt.get("scope")
     if scope is None:  # health, ping and the API docs: open, unless only loopback is served

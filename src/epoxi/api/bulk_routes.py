@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any
 
 import msgspec
@@ -42,9 +43,11 @@ from epoxi.api.sending import (
     SENDING,
     admit,
     count_recipients,
+    tracker_for,
 )
 from epoxi.api_types import BulkAccepted, BulkProgress, BulkRecipient, BulkSend
 from epoxi.compose import ComposeError, Composer, checked_address
+from epoxi.compose.tracking import Tracker
 from epoxi.ids import new_message_id
 from epoxi.message import MessageMeta
 from epoxi.store.keys import Scope
@@ -67,13 +70,14 @@ async def send_bulk(
     tenant, version, sender, base = await stored_send(ctx, request, tenant_id, data)
     # each copy's To is its recipient's; the draft's only shapes the headers
     composer = template_composer(ctx, stored_draft(version, sender, [sender]))
+    tracker = tracker_for(ctx, tenant, data.tracking)
     job, reused = await _job(ctx, tenant.id, version, data)
     if job.state is not BulkState.DONE:
         await count_recipients(ctx, platform_tenant, job.total - job.processed)
         slot = (tenant.id, f"bulk:{job.id}")
         ctx.idempotency_in_flight.add(slot)
         try:
-            job = await _Run(ctx, job, data, composer, base, version).all()
+            job = await _Run(ctx, job, data, composer, base, version, tracker).all()
         finally:
             ctx.idempotency_in_flight.discard(slot)
     return Response(_accepted(job, reused), status_code=202)
@@ -186,9 +190,10 @@ class _Run:
         composer: Composer,
         base: dict[str, Any],
         version: TemplateVersion,
+        tracker: Tracker | None,
     ) -> None:
         self.ctx, self.job, self.data, self.composer = ctx, job, data, composer
-        self.base, self.version = base, version
+        self.base, self.version, self.tracker = base, version, tracker
 
     async def all(self) -> BulkJob:
         batch = self.ctx.settings.api.spool_batch
@@ -241,20 +246,30 @@ class _Run:
 
     def _message(self, index: int, recipient: BulkRecipient) -> tuple[MessageMeta, bytes]:
         address = checked_address(f"recipients[{index}].email", recipient.email)
-        rendered = self.composer.render(
-            address, to_header(address, recipient.name), self._values(address, recipient)
+        message_id = new_message_id()
+        tracker = self.tracker
+        tracked = (
+            None
+            if tracker is None
+            else partial(tracker.html, message_id=message_id, recipient=address)
         )
+        rendered = self.composer.render(
+            address, to_header(address, recipient.name), self._values(address, recipient), tracked
+        )
+        body = rendered.body
+        if tracker is not None:  # bulk mail: one-click unsubscribe (RFC 8058)
+            body = tracker.unsubscribe_headers(message_id, address) + body
         meta = MessageMeta(
-            id=new_message_id(),
+            id=message_id,
             sender=self.composer.envelope_sender,
             recipients=[address],
-            size=len(rendered.body),
+            size=len(body),
             smtputf8=rendered.smtputf8,
-            body_8bit=not rendered.body.isascii(),
+            body_8bit=not body.isascii(),
             metadata=message_metadata(self._metadata(recipient)),
             **self.base,
         )
-        return meta, rendered.body
+        return meta, body
 
     def _values(self, address: str, recipient: BulkRecipient) -> Mapping[str, Any]:
         recipient_values = {"recipient": {"email": address, "name": recipient.name}}

@@ -11,8 +11,10 @@ from litestar.connection import ASGIConnection
 from epoxi.admin import Admin
 from epoxi.api.limits import SendLimits
 from epoxi.api.peers import Peers
+from epoxi.compose.tracking import Tracker
 from epoxi.config import Settings
 from epoxi.events.records import Record
+from epoxi.events.sink import EventSink
 from epoxi.ingest.feedback import Quarantine
 from epoxi.message import MessageMeta
 from epoxi.sinks.sink import BrokerSink
@@ -40,10 +42,12 @@ class ApiContext:
     platform: PlatformStore  # tenants, templates, emails, bulk jobs, analytics
     activity: ActivityFeed  # records on their way to the platform store: flush before reads
     limits: SendLimits  # tenants' send rates and daily recipients
+    records: EventSink  # where the API's own records go (opens, clicks, unsubscribes)
     webhooks: Webhooks | None = None  # event webhooks: endpoints and their outbox
     provider_events: ProviderEvents | None = None  # POST /webhooks/{provider}
     sinks: list[BrokerSink] = field(default_factory=list)  # GET /admin/sinks
     quarantine: Quarantine | None = None  # the feedback mailbox's (a bounce domain is set)
+    tracker: Tracker | None = None  # [tracking] base_url is set: tracked links can be made
     peers: Peers = field(default_factory=Peers)  # the other workers of this machine, if any
     idempotency_in_flight: set[tuple[str, str]] = field(default_factory=set)
     # tenant -> (when read, the tenant; None: not a platform tenant), for api/sending.py

@@ -58,6 +58,7 @@ async def create_tenant(request: Request[Any, Any, Any], data: JSONBody[TenantIn
         sender=data.sender or "",
         requests_per_second=data.requests_per_second,
         recipients_per_day=data.recipients_per_day,
+        tracking=data.tracking,
         created_at=now,
         updated_at=now,
     )

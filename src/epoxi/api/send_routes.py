@@ -8,6 +8,7 @@ tenant's. The ``idempotency_key`` in the body works as the ``Idempotency-Key`` h
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import msgspec
@@ -17,10 +18,11 @@ from litestar.params import JSONBody
 
 from epoxi.api.context import ApiContext
 from epoxi.api.problems import problem_responses
-from epoxi.api.sending import SENDING, once, sending_fields, spool, valid_pool
+from epoxi.api.sending import SENDING, once, sending_fields, spool, tracker_for, valid_pool
 from epoxi.api_types import BulkSend, TemplateSend, TemplateSent
 from epoxi.compose import ComposeError, Composer, Draft, MessageTooLarge
 from epoxi.errors import InvalidField
+from epoxi.ids import new_message_id
 from epoxi.store.platform import Email, TemplateVersion, Tenant
 
 
@@ -52,14 +54,21 @@ async def send_one(
     draft = stored_draft(version, sender, [to_header(recipient.email, recipient.name)])
     composer = template_composer(ctx, draft)
     ((address, header),) = composer.recipients
+    message_id = new_message_id()
+    tracker = tracker_for(ctx, tenant, data.tracking)
+    tracked = (
+        None if tracker is None else partial(tracker.html, message_id=message_id, recipient=address)
+    )
     try:
-        rendered = composer.render(address, header, values)
+        rendered = composer.render(address, header, values, tracked)
     except MessageTooLarge:
         raise
     except ComposeError as exc:  # the template compiled when stored: the data is wrong
         raise InvalidField("variables", str(exc)) from exc
     base["metadata"] = message_metadata(data.metadata)
-    queued, suppressed = await spool(ctx, composer.envelope_sender, [rendered], base)
+    queued, suppressed = await spool(
+        ctx, composer.envelope_sender, [rendered], base, ids=[message_id]
+    )
     email_id = queued[0].id if queued else suppressed[0].id
     status: Literal["queued", "scheduled", "suppressed"] = (
         "suppressed" if suppressed else "scheduled" if base["due"] else "queued"

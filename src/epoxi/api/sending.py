@@ -22,6 +22,7 @@ from epoxi.api.context import ApiContext, context
 from epoxi.api.problems import problem_responses
 from epoxi.api_types import Queued, Suppressed
 from epoxi.compose import Composer, Rendered
+from epoxi.compose.tracking import Tracker
 from epoxi.errors import InvalidField
 from epoxi.events.records import Record
 from epoxi.ids import new_message_id
@@ -91,6 +92,17 @@ async def admit(ctx: ApiContext, tenant_id: str) -> Tenant | None:
         )
     ctx.limits.check_request(tenant)
     return tenant
+
+
+def tracker_for(ctx: ApiContext, tenant: Tenant, asked: bool | None) -> Tracker | None:
+    """The tracker when the send is tracked (``asked``, else the tenant's setting)."""
+    if not (tenant.tracking if asked is None else asked):
+        return None
+    if ctx.tracker is None:
+        raise InvalidField(
+            "tracking", "this node does not track: set [tracking] base_url to its public address"
+        )
+    return ctx.tracker
 
 
 async def count_recipients(ctx: ApiContext, tenant: Tenant | None, count: int) -> None:
@@ -165,18 +177,23 @@ async def render_all(composer: Composer) -> list[Rendered]:
 
 
 async def spool(
-    ctx: ApiContext, sender: str, rendered: list[Rendered], base: dict[str, Any]
+    ctx: ApiContext,
+    sender: str,
+    rendered: list[Rendered],
+    base: dict[str, Any],
+    ids: list[str] | None = None,
 ) -> tuple[list[Queued], list[Suppressed]]:
-    """Commit the messages to the spool in groups; returns once all are durable, with the
-    recipients that were suppressed (their messages are not spooled)."""
+    """Commit the messages to the spool in groups (with ``ids``, else new ones); returns once
+    all are durable, with the recipients that were suppressed (their messages are not
+    spooled)."""
     queued: list[Queued] = []
     suppressed: list[Suppressed] = []
     batch = ctx.settings.api.spool_batch
     for start in range(0, len(rendered), batch):
         items = []
-        for message in rendered[start : start + batch]:
+        for index, message in enumerate(rendered[start : start + batch], start):
             meta = MessageMeta(
-                id=new_message_id(),
+                id=ids[index] if ids is not None else new_message_id(),
                 sender=sender,
                 recipients=[message.recipient],
                 size=len(message.body),

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -200,9 +200,14 @@ class Composer:
         return copies
 
     def render(
-        self, address: str, to_header: str, values: Mapping[str, Any] | None = None
+        self,
+        address: str,
+        to_header: str,
+        values: Mapping[str, Any] | None = None,
+        html_filter: Callable[[str], str] | None = None,
     ) -> Rendered:
-        """The message for one recipient, with ``values`` (else the draft's data for it)."""
+        """The message for one recipient, with ``values`` (else the draft's data for it);
+        ``html_filter`` changes the rendered HTML (tracking), after the text is made from it."""
         if values is None:
             values = self._data_for(address)
         limit = self.max_size
@@ -218,6 +223,8 @@ class Composer:
         html = _render(self._html, "message.html", address, values, limit)
         if text is None and html is not None and self.draft.text_from_html:
             text = html_to_text(html)
+        if html is not None and html_filter is not None:
+            html = html_filter(html)
         smtputf8 = not (address.isascii() and self.envelope_sender.isascii())
         if not smtputf8:
             body = self._skeleton.fill(to_header, subject, text, html)

@@ -261,7 +261,8 @@ _STEPS: dict[int, list[str]] = {
         # a name once per tenant: every template has a version 1 while it exists
         "CREATE UNIQUE INDEX template_names ON templates (tenant_id, name) WHERE version = 1",
     ],
-    7: ACTIVITY_TABLES,  # the platform's emails, hourly counts and bulk jobs
+    # the platform's emails, hourly counts, bulk jobs and dead letters; tenants' tracking
+    7: [*ACTIVITY_TABLES, "ALTER TABLE tenants ADD COLUMN tracking INTEGER NOT NULL DEFAULT 0"],
 }
 
 

@@ -43,6 +43,7 @@ class Tenant(msgspec.Struct, kw_only=True, frozen=True):
     sender: str = ""  # the From of its /send mail when a request names none
     requests_per_second: float = 0.0  # API calls; 0: no limit
     recipients_per_day: int = 0  # 0: no limit
+    tracking: bool = False  # opens, clicks and one-click unsubscribe on its mail by default
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -57,6 +58,7 @@ TENANT_CHANGEABLE = frozenset(
         "sender",
         "requests_per_second",
         "recipients_per_day",
+        "tracking",
     }
 )
 

@@ -30,14 +30,14 @@ from epoxi.store.platform import (
 
 TENANT_COLUMNS = (
     "id, name, status, default_pool, dkim_domain, sender, requests_per_second,"
-    " recipients_per_day, created_at, updated_at"
+    " recipients_per_day, created_at, updated_at, tracking"
 )
 TEMPLATE_COLUMNS = (
     "id, version, tenant_id, name, subject_template, html_template, text_template, is_active,"
     " created_at"
 )
 
-INSERT_TENANT = f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_TENANT = f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 SELECT_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?"
 SELECT_TENANTS = f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY id"
 
@@ -153,6 +153,7 @@ POSTGRES_SCHEMA = [
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS template_names ON templates (tenant_id, name)"
     " WHERE version = 1",
+    "ALTER TABLE tenants ADD COLUMN IF NOT EXISTS tracking BOOLEAN NOT NULL DEFAULT FALSE",
     *ACTIVITY_TABLES,
 ]
 
@@ -199,6 +200,7 @@ def tenant_values(tenant: Tenant) -> tuple[Any, ...]:
         tenant.recipients_per_day,
         tenant.created_at,
         tenant.updated_at,
+        tenant.tracking,
     )
 
 
@@ -214,6 +216,7 @@ def tenant_of(row: Row) -> Tenant:
         recipients_per_day=int(row[7]),
         created_at=float(row[8]),
         updated_at=float(row[9]),
+        tracking=bool(row[10]),
     )
 
 
