@@ -46,7 +46,7 @@ from epoxi.ingest.feedback import FeedbackMailbox, Quarantine
 from epoxi.ingest.loader import SpoolLoader
 from epoxi.metrics import Metrics
 from epoxi.outcomes import Disposition
-from epoxi.queue.model import Job
+from epoxi.queue.model import HeldBodies, Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.scheduled import Scheduler
 from epoxi.queue.suspensions import SuspensionRegistry
@@ -127,6 +127,7 @@ class Epoxi:
             sign_threads=settings.dkim.threads,
             known_pool=self.pools.known,
             suppressions=self.suppressions.list,
+            bodies=HeldBodies(settings.spool.held_bodies),
         )
         self.router = Router(settings, self.resolver)
         self.outcomes = Disposition(
@@ -139,6 +140,7 @@ class Epoxi:
             hostname=settings.hostname,
             dsn_wanted=self._dsn_wanted,
             retry_for=self._retry_for,
+            bodies=self.ingest.bodies,
         )
         self.scheduler.on_hold = self.outcomes.held
         self.dispatcher = Dispatcher(

@@ -147,6 +147,9 @@ class SpoolSettings(_Model):
     max_batch: int = Field(512, ge=1)
     checkpoint_interval: Duration = 1.0  # WAL checkpoint period; keeps the WAL small
     journal_size_limit: Size = 64 * 1024 * 1024  # the WAL is truncated to this after checkpoints
+    # bodies of messages not yet tried kept in memory for their first attempt, in all (past
+    # it, a first attempt reads its body from the spool): bounds memory under a backlog
+    held_bodies: Size = 64 * 1024 * 1024
 
 
 TlsMode = Literal["opportunistic", "required", "disabled", "implicit"]  # of a connection

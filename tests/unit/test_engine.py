@@ -26,7 +26,7 @@ from epoxi.ids import new_message_id
 from epoxi.ingest import Ingest
 from epoxi.message import MessageMeta
 from epoxi.outcomes import Disposition, Synthetic
-from epoxi.queue.model import Job
+from epoxi.queue.model import HeldBodies, Job
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension, SuspensionRegistry
 from epoxi.shaping.files import ShapingFiles, parse
@@ -51,6 +51,7 @@ class Engine:
     transport: FakeTransport = field(default_factory=FakeTransport)
     rescheduled: list[Job] = field(default_factory=list)
     slots: ConnectionSlots | None = None
+    held_bodies: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         delivery = self.settings.delivery
@@ -62,6 +63,7 @@ class Engine:
             schedule=self.submit,
             max_hops=5,
             known_pool=self.pools.known,
+            bodies=HeldBodies(self.held_bodies),
         )
         self.outcomes = Disposition(
             classifier=Classifier.from_files([]),
@@ -74,6 +76,7 @@ class Engine:
             inject=self.ingest.inject,
             hostname="mx.sender.test",
             clock=self.clock,
+            bodies=self.ingest.bodies,
         )
         self.dispatcher = Dispatcher(
             router=Router(self.settings, Resolver(nameservers=[("127.0.0.1", 53)])),
@@ -139,6 +142,26 @@ async def test_delivered_recipients_leave_the_spool(engine: Engine) -> None:
     assert await engine.outcome("two@b.test") is RecordType.DELIVERY
     assert message_id not in engine.spool.messages
     assert engine.records.of(RecordType.RECEPTION)[0].origin == "smtp"
+
+
+async def test_bodies_past_the_held_limit_are_read_from_the_spool_when_sent() -> None:
+    spool, loaded = MemorySpool(), []
+    load = spool.load_body
+
+    async def load_body(message_id: str) -> bytes:
+        loaded.append(message_id)
+        return await load(message_id)
+
+    spool.load_body = load_body  # type: ignore[method-assign]
+    limit = 2 * len(BODY)
+    engine = Engine(settings(defaults={"idle_timeout": 0.01}), spool=spool, held_bodies=limit)
+    bodies = engine.ingest.bodies
+    ids = [await engine.send(f"r{i}@a.test", "x@b.test") for i in range(3)]
+    await engine.records.wait(lambda r: r.type is RecordType.DELIVERY, 6)
+    assert loaded == [ids[2], ids[2]]  # each of its two jobs (a.test, b.test) read it
+    assert {sent.body for sent in engine.transport.sent} == {BODY}
+    assert (bodies.held, bodies.limit) == (0, 2 * len(BODY))  # every kept body let go
+    await engine.close()
 
 
 async def test_one_connection_carries_several_jobs() -> None:

@@ -37,11 +37,13 @@ from epoxi.ingest.control import checked_controls, parse_priority, take_control_
 from epoxi.ingest.feedback import FeedbackMailbox
 from epoxi.message import MessageMeta
 from epoxi.outcomes.synthetic import Synthetic
-from epoxi.queue.model import Job, Message, queue_name, split_by_domain
+from epoxi.queue.model import HeldBodies, Job, queue_name, split_by_domain
 from epoxi.spool.port import SpoolPort
 from epoxi.store.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
+
+DEFAULT_HELD_BODIES = 64 * 1024 * 1024  # [spool] held_bodies
 
 
 class IngestHook(Protocol):
@@ -67,8 +69,11 @@ class Ingest:
         known_pool: Callable[[str], bool] = lambda pool: True,
         feedback: FeedbackMailbox | None = None,
         suppressions: SuppressionList | None = None,
+        bodies: HeldBodies | None = None,
     ) -> None:
         self.spool = spool
+        # bodies kept for first attempts (a limit shared with the outcomes, which drop them)
+        self.bodies = HeldBodies(DEFAULT_HELD_BODIES) if bodies is None else bodies
         self.feedback = feedback  # bounce domain and FBL addresses: read, never queued
         self.signer = signer  # None: no DKIM keys; a reload may set or clear it
         self.sign_threads = sign_threads
@@ -233,7 +238,7 @@ class Ingest:
 
     def enqueue(self, meta: MessageMeta, body: bytes | None) -> None:
         """Split a spooled message into one job per recipient domain and schedule them."""
-        message = Message(meta, body)
+        message = self.bodies.message(meta, body)
         groups = split_by_domain(meta.recipients)
         message.open_jobs = len(groups)
         if not groups:

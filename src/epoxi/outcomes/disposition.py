@@ -36,7 +36,7 @@ from epoxi.outcomes.synthetic import (
     routing_failure,
     transaction_failure,
 )
-from epoxi.queue.model import Job
+from epoxi.queue.model import HeldBodies, Job, Message
 from epoxi.queue.retry import RetryPolicy
 from epoxi.queue.suspensions import Suspension
 from epoxi.smtp.replies import Reply
@@ -79,6 +79,7 @@ class Disposition:
         dsn_wanted: Callable[[Job], bool] = lambda job: True,
         retry_for: Callable[[Job, RetryPolicy], RetryPolicy] | None = None,
         clock: Callable[[], float] = time.time,
+        bodies: HeldBodies | None = None,
     ) -> None:
         # The retries of a job's destination (its shaping), given the configured ones
         self.retry_for = retry_for or (lambda job, configured: configured)
@@ -91,6 +92,7 @@ class Disposition:
         self.hostname = hostname
         self.dsn_wanted = dsn_wanted
         self._clock = clock
+        self.bodies = bodies  # the ingest's: a body is dropped once tried (None: no limit kept)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def stop(self) -> None:
@@ -183,6 +185,7 @@ class Disposition:
             delayed = [f for f in deferred if _asked_for_delays(job, f.recipient)]
             self._report(job, delayed, "delayed")
         meta.attempts, meta.due, meta.last_response = attempt, job.due, str(deferred[0].reply)
+        self._release_body(job.message)
         job.message.body = None  # re-read from the spool at the next attempt
         self.spool.update(meta)
         self.reschedule(job)
@@ -336,10 +339,15 @@ class Disposition:
 
     # ----------------------------------------------------------------- bookkeeping
 
+    def _release_body(self, message: Message) -> None:
+        if self.bodies is not None:
+            self.bodies.release(message)
+
     def _job_done(self, job: Job) -> None:
         message = job.message
         message.open_jobs -= 1
         if message.open_jobs <= 0 or not message.meta.recipients:
+            self._release_body(message)  # a DSN being written may still read it
             self.spool.remove(message.meta.id)
         else:
             self.spool.update(message.meta)

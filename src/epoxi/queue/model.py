@@ -20,6 +20,30 @@ class Message:
     meta: MessageMeta
     body: bytes | None  # kept until the first attempt; re-read from the spool after that
     open_jobs: int = 0
+    held: int = 0  # octets of its body counted in the HeldBodies limit
+
+
+class HeldBodies:
+    """The bodies of messages not yet tried, kept in memory for their first attempt, up to
+    ``limit`` octets in all. Past it (a backlog: a campaign larger than its destination takes
+    at once), a message keeps no body and its first attempt reads it from the spool, so memory
+    stays bounded while the spool holds the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # octets kept now
+
+    def message(self, meta: MessageMeta, body: bytes | None) -> Message:
+        """The message as the queues hold it: with its body if it fits under the limit."""
+        if body is None or self.held + len(body) > self.limit:
+            return Message(meta, None)
+        self.held += len(body)
+        return Message(meta, body, held=len(body))
+
+    def release(self, message: Message) -> None:
+        """Stop counting the message's body (tried, or finished: it goes with the message)."""
+        self.held -= message.held
+        message.held = 0
 
 
 @dataclass(eq=False, slots=True)
