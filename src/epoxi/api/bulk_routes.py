@@ -74,6 +74,8 @@ async def send_bulk(
     job, reused = await _job(ctx, tenant.id, version, data)
     if job.state is not BulkState.DONE:
         await count_recipients(ctx, platform_tenant, job.total - job.processed)
+        if not reused:
+            await ctx.platform.create_bulk(job)  # AlreadyExists: a 409 (the same key, a race)
         slot = (tenant.id, f"bulk:{job.id}")
         ctx.idempotency_in_flight.add(slot)
         try:
@@ -131,7 +133,8 @@ async def bulk_progress(
 async def _job(
     ctx: ApiContext, tenant_id: str, version: TemplateVersion, data: BulkSend
 ) -> tuple[BulkJob, bool]:
-    """The job to run: a new one, or the one of the same idempotency key (reused: True)."""
+    """The job to run: a new one (not stored yet), or the one of the same idempotency key
+    (reused: True)."""
     fingerprint = hashlib.sha256(msgspec.json.encode(data)).hexdigest()
     key = data.idempotency_key or ""
     if key:
@@ -150,7 +153,7 @@ async def _job(
         created_at=now,
         updated_at=now,
     )
-    return await ctx.platform.create_bulk(job), False  # AlreadyExists: a 409 (a race)
+    return job, False
 
 
 def _resumable(ctx: ApiContext, job: BulkJob, fingerprint: str) -> BulkJob:
