@@ -34,6 +34,7 @@ class BufferedWriter(Generic[T]):
         self._retry_on = retry_on
         self._pending: list[T] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -55,17 +56,20 @@ class BufferedWriter(Generic[T]):
                 raise
 
     async def stop(self) -> None:
-        """End the loop and write what is left."""
+        """End the loop and write what is left. The loop is asked to end, not cancelled: a
+        write cancelled while its thread goes on would be put back and written twice."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            await self._task
         await self.flush()
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
             try:
                 await self.flush()
             except self._retry_on as exc:
                 log.warning("%s: cannot write (%s); will retry", self.name, exc)
+                if self._stopping.is_set():
+                    return  # stop's own flush tries once more and says why it cannot
