@@ -109,7 +109,6 @@ class ReadyQueue:
         self.connections = 0
         self.deliveries = 0
         self.attempts_last_minute = RateMeter(60)  # attempts made, whatever their outcome
-        self.created = time.monotonic()
         self.connects = 0
         self._transport = transport
         self._outcomes = outcomes
@@ -132,14 +131,6 @@ class ReadyQueue:
 
     def __len__(self) -> int:
         return len(self.jobs)
-
-    def drain_time(self) -> float:
-        """Seconds the jobs here need to go at the pace of the last minute (0: none went)."""
-        attempts = self.attempts_last_minute.count()
-        span = max(
-            1.0, min(float(self.attempts_last_minute.window), time.monotonic() - self.created)
-        )
-        return len(self) * span / attempts if attempts else 0.0
 
     def put(self, job: Job) -> None:
         """Queue ``job``: hand it to an idle connection, or open one if allowed."""
