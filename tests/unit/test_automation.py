@@ -395,10 +395,14 @@ async def test_a_reload_of_the_files_ends_adaptive_rates(tmp_path: Path) -> None
         assert auto.rate_override("ip1", SITE) is None
 
 
-def test_a_full_suspended_queue_sends_jobs_back_until_its_suspension_ends() -> None:
+def test_a_full_queue_sends_jobs_back_for_part_of_its_drain_time_or_its_suspension() -> None:
     now = time.time()
-    running = SimpleNamespace(suspension=None)
+    running = SimpleNamespace(suspension=None, drain_time=lambda: 0.0)
     assert 1.0 <= _back_off(running) <= 3.0  # type: ignore[arg-type]
+    backlog = SimpleNamespace(suspension=None, drain_time=lambda: 100.0)  # 10,000 at 100/s
+    assert 1.0 + 25 <= _back_off(backlog) <= 3.0 + 75  # type: ignore[arg-type]
+    huge = SimpleNamespace(suspension=None, drain_time=lambda: 10_000.0)
+    assert 301.0 <= _back_off(huge) <= 303.0  # type: ignore[arg-type]
     soon = SimpleNamespace(suspension=Suspension("source", "ip1", "TS04", now + 60, site=SITE))
     assert 60 - 1 <= _back_off(soon) <= 60 + 3  # type: ignore[arg-type]
     later = SimpleNamespace(suspension=Suspension("source", "ip1", "TS04", now + 3600))

@@ -381,16 +381,20 @@ def _every(job: Job) -> bool:
     return True
 
 
+MAX_BACK_OFF = 300.0  # seconds a job held back from a full ready queue waits at most
+
+
 def _back_off(ready: ReadyQueue) -> float:
-    """How long a job waits before it tries a full ready queue again: a few seconds, or while
-    the queue is suspended, until the suspension ends (at most 5 minutes, in case it is
-    lifted early), rather than coming back every few seconds for an hour."""
+    """How long a job waits before it tries a full ready queue again: a few seconds and about
+    half the time the queue needs to empty at its recent pace (a backlog of 100,000 for a site
+    that takes 100 a second comes back now and then, not every few seconds: each return costs
+    a routing); while the queue is suspended, until the suspension ends. At most 5 minutes."""
     jitter = random.uniform(1.0, 3.0)
     suspension = ready.suspension
     if suspension is None:
-        return jitter
+        return jitter + min(ready.drain_time() / 2 * random.uniform(0.5, 1.5), MAX_BACK_OFF)
     left = (suspension.until or float("inf")) - time.time()
-    return min(max(left, 0.0), 300.0) + jitter
+    return min(max(left, 0.0), MAX_BACK_OFF) + jitter
 
 
 def _whole_source(suspension: Suspension) -> bool:

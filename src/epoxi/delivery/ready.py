@@ -56,6 +56,10 @@ class SourceWatch(Protocol):
         ...
 
 
+TRUSTED_AFTER = 10.0  # seconds of history before a queue's pace is taken as its drain rate
+TRUSTED_ATTEMPTS = 50
+
+
 class RateMeter:
     """Events in the last ``window`` seconds, counted in one-second buckets."""
 
@@ -109,6 +113,7 @@ class ReadyQueue:
         self.connections = 0
         self.deliveries = 0
         self.attempts_last_minute = RateMeter(60)  # attempts made, whatever their outcome
+        self.created = time.monotonic()
         self.connects = 0
         self._transport = transport
         self._outcomes = outcomes
@@ -131,6 +136,17 @@ class ReadyQueue:
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+    def drain_time(self) -> float:
+        """Seconds the jobs here need to go at the pace of the last minute; 0 while the
+        queue has less than ``TRUSTED_AFTER`` seconds or ``TRUSTED_ATTEMPTS`` attempts of
+        history (its first connections are still opening: the pace would be guessed low)."""
+        attempts = self.attempts_last_minute.count()
+        age = time.monotonic() - self.created
+        if age < TRUSTED_AFTER or attempts < TRUSTED_ATTEMPTS:
+            return 0.0
+        span = min(float(self.attempts_last_minute.window), age)
+        return len(self) * span / attempts
 
     def put(self, job: Job) -> None:
         """Queue ``job``: hand it to an idle connection, or open one if allowed."""
