@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import ClientException
@@ -111,8 +113,8 @@ def _check_types(handler: Any, body: bytes) -> None:
     says boolean is a 422 here, naming the field."""
     data = handler.parsed_fn_signature.parameters.get("data")
     kind = data.annotation if data is not None else None
-    if not (isinstance(kind, type) and issubclass(kind, Strict)):
-        return
+    if not (isinstance(kind, type) and issubclass(kind, Strict) and _has_booleans(kind)):
+        return  # nothing to check: the body is not decoded a second time
     try:
         msgspec.json.decode(body, type=kind, strict=True)
     except msgspec.ValidationError as exc:
@@ -121,6 +123,30 @@ def _check_types(handler: Any, body: bytes) -> None:
             raise InvalidField(where.rstrip("`") or "body", message) from exc
     except msgspec.DecodeError:
         return  # not JSON at all: Litestar's own answer (400) says so
+
+
+@functools.cache
+def _has_booleans(kind: type) -> bool:
+    """Whether a body type has a boolean anywhere in it (then ``_check_types`` reads it)."""
+    seen: set[int] = set()
+
+    def walk(info: msgspec.inspect.Type) -> bool:
+        if isinstance(info, msgspec.inspect.BoolType):
+            return True
+        if id(info) in seen:
+            return False
+        seen.add(id(info))
+        if isinstance(info, msgspec.inspect.StructType):
+            return any(walk(f.type) for f in info.fields)
+        if isinstance(info, msgspec.inspect.UnionType):
+            return any(walk(t) for t in info.types)
+        if isinstance(info, msgspec.inspect.ListType | msgspec.inspect.SetType):
+            return walk(info.item_type)
+        if isinstance(info, msgspec.inspect.DictType):
+            return walk(info.value_type)
+        return False
+
+    return walk(msgspec.inspect.type_info(kind))
 
 
 def build_app(ctx: ApiContext) -> Litestar:

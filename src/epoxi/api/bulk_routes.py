@@ -269,7 +269,7 @@ class _Run:
             size=len(body),
             smtputf8=rendered.smtputf8,
             body_8bit=not body.isascii(),
-            metadata=message_metadata(self._metadata(recipient)),
+            metadata=message_metadata(_over(self.data.metadata, recipient.metadata)),
             **self.base,
         )
         return meta, body
@@ -277,16 +277,6 @@ class _Run:
     def _values(self, address: str, recipient: BulkRecipient) -> Mapping[str, Any]:
         recipient_values = {"recipient": {"email": address, "name": recipient.name}}
         return {**self.data.shared_variables, **recipient_values, **recipient.variables}
-
-    def _variables(self, recipient: BulkRecipient) -> dict[str, Any]:
-        if not recipient.variables:
-            return self.data.shared_variables
-        return {**self.data.shared_variables, **recipient.variables}
-
-    def _metadata(self, recipient: BulkRecipient) -> dict[str, Any]:
-        if not recipient.metadata:
-            return self.data.metadata
-        return {**self.data.metadata, **recipient.metadata}
 
     def _email(self, meta: MessageMeta, recipient: BulkRecipient) -> Email:
         return Email(
@@ -297,13 +287,18 @@ class _Run:
             template_id=self.version.id,
             template_version=self.version.version,
             bulk_job_id=self.job.id,
-            metadata=self._metadata(recipient) or None,
-            variables=self._variables(recipient) or None,
+            metadata=_over(self.data.metadata, recipient.metadata) or None,
+            variables=_over(self.data.shared_variables, recipient.variables) or None,
             sender=self.composer.draft.sender,
             status="scheduled" if self.base["due"] else "queued",
             created_at=meta.received_at,
             updated_at=meta.received_at,
         )
+
+
+def _over(shared: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A recipient's own values over the request's (the request's dict itself when none)."""
+    return {**shared, **own} if own else shared
 
 
 def _accepted(job: BulkJob, reused: bool) -> BulkAccepted:

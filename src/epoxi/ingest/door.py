@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from epoxi.config import SpoolSettings
 from epoxi.dkim import Signer
 from epoxi.errors import MessageRefused
 from epoxi.events.records import Record, RecordType
@@ -42,8 +43,6 @@ from epoxi.spool.port import SpoolPort
 from epoxi.store.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
-
-DEFAULT_HELD_BODIES = 64 * 1024 * 1024  # [spool] held_bodies
 
 
 class IngestHook(Protocol):
@@ -73,7 +72,7 @@ class Ingest:
     ) -> None:
         self.spool = spool
         # bodies kept for first attempts (a limit shared with the outcomes, which drop them)
-        self.bodies = HeldBodies(DEFAULT_HELD_BODIES) if bodies is None else bodies
+        self.bodies = HeldBodies(SpoolSettings().held_bodies) if bodies is None else bodies
         self.feedback = feedback  # bounce domain and FBL addresses: read, never queued
         self.signer = signer  # None: no DKIM keys; a reload may set or clear it
         self.sign_threads = sign_threads
